@@ -1,0 +1,1 @@
+"""Apprentice eval stage (see ARCHITECTURE.md); not built yet."""

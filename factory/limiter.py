@@ -1,0 +1,360 @@
+"""Rate limits, retries and concurrency for one teacher.
+
+- Token buckets for requests and tokens (combined, input and output separately where the provider
+  splits them), sized from the recipe's caps and re-sized from every response's headers
+  (`x-ratelimit-*`, `anthropic-ratelimit-*`).
+- A token reservation is the estimated input plus max_tokens; the unused part is refunded from the
+  returned usage, and the chars→tokens estimate calibrates itself from returned usage.
+- A 429 pauses every request until `retry-after` (or a backoff) has passed, and halves concurrency
+  (AIMD: +1 per window of successes, ×0.5 on a 429).
+- 5xx, timeouts and dropped connections back off exponentially with full jitter.
+- After `breaker_threshold` consecutive failures the circuit opens: all requests pause for a cooldown,
+  then one probe goes through (half-open); a success closes it.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Awaitable, Callable, Mapping
+
+from .teachers.base import TeacherError, TeacherResponse, parse_retry_after
+
+
+class Bucket:
+    """Leaky token bucket: `capacity` per `window` seconds, refilled continuously."""
+
+    def __init__(self, capacity: float, window: float = 60.0) -> None:
+        self.capacity = capacity
+        self.rate = capacity / window
+        self.level = capacity
+        self.stamp = time.monotonic()
+
+    def _refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, amount: float, now: float) -> float:
+        """Seconds until `amount` is available (0 when it is now)."""
+        self._refill(now)
+        amount = min(amount, self.capacity)
+        if self.level >= amount:
+            return 0.0
+        return (amount - self.level) / self.rate
+
+    def take(self, amount: float) -> None:
+        self.level -= min(amount, self.capacity)
+
+    def give(self, amount: float) -> None:
+        self.level = min(self.capacity, self.level + amount)
+
+    def observe(self, limit: float | None, remaining: float | None, reset_s: float | None) -> None:
+        """Adopt the server's view: its limit, and never more left than it says remain."""
+        if limit is not None and limit > 0 and limit != self.capacity:
+            self.capacity = limit
+            window = 60.0
+            self.rate = limit / window
+            self.level = min(self.level, limit)
+        if remaining is not None:
+            self.level = min(self.level, remaining)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str | None) -> float | None:
+    """OpenAI's reset format ('1s', '6m0s', '120ms', '1h2m3.5s') or an RFC 3339 time (Anthropic)."""
+    if not value:
+        return None
+    parts = _DURATION.findall(value)
+    if parts and "".join(a + b for a, b in parts) == value.strip():
+        return sum(float(num) * _UNITS[unit] for num, unit in parts)
+    try:
+        return max(0.0, datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() - time.time())
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _number(headers: Mapping[str, str], name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+# bucket name → (limit header, remaining header, reset header), for each provider's header family
+HEADER_FAMILIES: dict[str, tuple[str, str, str]] = {
+    "requests": ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
+    "tokens": ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+    "a_requests": (
+        "anthropic-ratelimit-requests-limit",
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+    ),
+    "a_tokens": (
+        "anthropic-ratelimit-tokens-limit",
+        "anthropic-ratelimit-tokens-remaining",
+        "anthropic-ratelimit-tokens-reset",
+    ),
+    "input_tokens": (
+        "anthropic-ratelimit-input-tokens-limit",
+        "anthropic-ratelimit-input-tokens-remaining",
+        "anthropic-ratelimit-input-tokens-reset",
+    ),
+    "output_tokens": (
+        "anthropic-ratelimit-output-tokens-limit",
+        "anthropic-ratelimit-output-tokens-remaining",
+        "anthropic-ratelimit-output-tokens-reset",
+    ),
+}
+# Anthropic's request and combined-token families feed the same buckets as OpenAI's.
+_BUCKET_OF = {"a_requests": "requests", "a_tokens": "tokens"}
+
+
+@dataclass(slots=True)
+class Reservation:
+    input_tokens: float
+    output_tokens: float
+
+
+@dataclass(slots=True)
+class LimiterStats:
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    server_errors: int = 0
+    breaker_opened: int = 0
+    waited_s: float = 0.0
+
+
+class Limiter:
+    def __init__(
+        self,
+        *,
+        max_concurrency: int,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        max_retries: int = 8,
+        base_backoff_s: float = 0.5,
+        max_backoff_s: float = 60.0,
+        breaker_threshold: int = 8,
+        breaker_cooldown_s: float = 5.0,
+        chars_per_token: float = 4.0,
+    ) -> None:
+        self.max_concurrency = max_concurrency
+        self.limit = float(max_concurrency)  # AIMD window
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.buckets: dict[str, Bucket] = {}
+        self._caps = {"requests": rpm, "tokens": tpm}
+        if rpm:
+            self.buckets["requests"] = Bucket(rpm)
+        if tpm:
+            self.buckets["tokens"] = Bucket(tpm)
+        self.max_retries = max_retries
+        self.base_backoff_s = base_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.breaker_threshold = breaker_threshold
+        self.breaker_cooldown_s = breaker_cooldown_s
+        self.consecutive_failures = 0
+        self.breaker_open = False
+        self.pause_until = 0.0
+        self._last_decrease = 0.0
+        self.tokens_per_char = 1.0 / chars_per_token
+        self.stats = LimiterStats()
+
+    # ---- token estimate -------------------------------------------------------------------------
+    def estimate_tokens(self, chars: int) -> int:
+        return int(chars * self.tokens_per_char) + 4
+
+    def calibrate(self, chars: int, input_tokens: int) -> None:
+        if chars > 0 and input_tokens > 0:
+            self.tokens_per_char += 0.1 * (input_tokens / chars - self.tokens_per_char)
+
+    # ---- concurrency (AIMD) ---------------------------------------------------------------------
+    def _window(self) -> int:
+        return 1 if self.breaker_open else max(1, int(self.limit))
+
+    async def _enter(self) -> None:
+        while self.in_flight >= self._window():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                raise
+        self.in_flight += 1
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        free = self._window() - self.in_flight
+        while free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+    def _increase(self) -> None:
+        if self.limit < self.max_concurrency:
+            self.limit = min(float(self.max_concurrency), self.limit + 1.0 / self.limit)
+
+    def _decrease(self, now: float) -> None:
+        # At most one halving per second: a burst of 429s from one overload counts once.
+        if now - self._last_decrease >= 1.0:
+            self.limit = max(1.0, self.limit / 2)
+            self._last_decrease = now
+
+    # ---- rate buckets ---------------------------------------------------------------------------
+    def _needs(self, reservation: Reservation) -> list[tuple[Bucket, float]]:
+        needs = []
+        total = reservation.input_tokens + reservation.output_tokens
+        for name, amount in (
+            ("requests", 1.0),
+            ("tokens", total),
+            ("input_tokens", reservation.input_tokens),
+            ("output_tokens", reservation.output_tokens),
+        ):
+            bucket = self.buckets.get(name)
+            if bucket is not None:
+                needs.append((bucket, amount))
+        return needs
+
+    async def _admit(self, reservation: Reservation) -> None:
+        while True:
+            now = time.monotonic()
+            wait = self.pause_until - now
+            if wait <= 0:
+                needs = self._needs(reservation)
+                wait = max((bucket.wait_for(amount, now) for bucket, amount in needs), default=0.0)
+                if wait <= 0:
+                    for bucket, amount in needs:
+                        bucket.take(amount)
+                    return
+            self.stats.waited_s += wait
+            await asyncio.sleep(wait)
+
+    def observe_headers(self, headers: Mapping[str, str]) -> None:
+        if not headers:
+            return
+        for family, (limit_h, remaining_h, reset_h) in HEADER_FAMILIES.items():
+            limit = _number(headers, limit_h)
+            remaining = _number(headers, remaining_h)
+            if limit is None and remaining is None:
+                continue
+            name = _BUCKET_OF.get(family, family)
+            cap = self._caps.get(name)
+            if cap is not None and limit is not None:
+                limit = min(limit, cap)  # the recipe's cap stays a cap
+            bucket = self.buckets.get(name)
+            if bucket is None:
+                if limit is None:
+                    continue
+                bucket = self.buckets[name] = Bucket(limit)
+            bucket.observe(limit, remaining, parse_duration(headers.get(reset_h)))
+
+    def _refund(self, reservation: Reservation, response: TeacherResponse) -> None:
+        unused_in = max(0.0, reservation.input_tokens - response.input_tokens)
+        unused_out = max(0.0, reservation.output_tokens - response.output_tokens)
+        for name, amount in (
+            ("tokens", unused_in + unused_out),
+            ("input_tokens", unused_in),
+            ("output_tokens", unused_out),
+        ):
+            bucket = self.buckets.get(name)
+            if bucket is not None and amount:
+                bucket.give(amount)
+
+    # ---- one request with retries ---------------------------------------------------------------
+    def backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_backoff_s, self.base_backoff_s * (2 ** (attempt - 1))))
+
+    async def run(
+        self,
+        call: Callable[[], Awaitable[TeacherResponse]],
+        *,
+        input_tokens: float,
+        output_tokens: float,
+    ) -> tuple[TeacherResponse, int]:
+        """Send with limits and retries; return the response and the number of attempts, or raise
+        the last TeacherError (with `attempts` set) when it is not retryable or retries ran out."""
+        reservation = Reservation(float(input_tokens), float(output_tokens))
+        attempt = 0
+        while True:
+            attempt += 1
+            await self._enter()
+            try:
+                await self._admit(reservation)
+                self.stats.requests += 1
+                try:
+                    response = await call()
+                except TeacherError as error:
+                    delay = self._on_failure(error, attempt)
+                    if delay is None:
+                        error.attempts = attempt  # type: ignore[attr-defined]
+                        raise
+                else:
+                    self._on_success(reservation, response)
+                    return response, attempt
+            finally:
+                self._leave()
+            self.stats.retries += 1
+            self.stats.waited_s += delay
+            await asyncio.sleep(delay)
+
+    def _on_success(self, reservation: Reservation, response: TeacherResponse) -> None:
+        self.observe_headers(response.headers)
+        self._refund(reservation, response)
+        self.consecutive_failures = 0
+        if self.breaker_open:
+            self.breaker_open = False
+            self._wake()  # the window grew back from 1
+        self._increase()
+
+    def _on_failure(self, error: TeacherError, attempt: int) -> float | None:
+        """Bookkeeping for a failed attempt; the delay before the next, or None to give up."""
+        now = time.monotonic()
+        self.observe_headers(error.headers)
+        if not error.retryable:
+            return None
+        if error.rate_limited:
+            self.stats.rate_limited += 1
+            self._decrease(now)
+            retry_after = error.retry_after
+            if retry_after is None:
+                retry_after = parse_retry_after(error.headers)
+            delay = retry_after if retry_after is not None else self.backoff(attempt)
+            # Everyone waits: the limit is shared, so other requests would hit it too.
+            self.pause_until = max(self.pause_until, now + delay)
+            # A 429 means the bucket is empty, whatever we thought.
+            for name in ("requests",):
+                if name in self.buckets:
+                    self.buckets[name].level = min(self.buckets[name].level, 0.0)
+        else:
+            self.stats.server_errors += 1
+            self.consecutive_failures += 1
+            delay = self.backoff(attempt)
+            if self.consecutive_failures >= self.breaker_threshold and not self.breaker_open:
+                self.breaker_open = True
+                self.stats.breaker_opened += 1
+                cooldown = min(self.max_backoff_s, self.breaker_cooldown_s)
+                self.pause_until = max(self.pause_until, now + cooldown)
+        if attempt > self.max_retries:
+            return None
+        return delay

@@ -1,0 +1,442 @@
+"""The flow of one run: prompts → requests → cache or teacher → checks → store.
+
+Prompts stream from disk through a bounded queue to a fixed pool of workers, so memory does not grow
+with the number of prompts. A response is committed to the cache before its records are written,
+and a record id is skipped when it is already on disk: a run killed at any moment and started again
+finishes with no duplicate and no request paid twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from quality_checks import build_checks
+
+from . import __version__
+from .cache import ResponseCache, cache_key
+from .limiter import Limiter
+from .pricing import Pricer, lookup
+from .progress import Counters, ProgressView, summary_line
+from .prompts import PromptItem, check_prompts, iter_prompts
+from .recipe import FactoryConfig, RecipeError
+from .records import CheckResult, Failure, Sample, canonical_json, sample_id, stable_hash
+from .store import ACCEPTED, CACHE, FAILED, REJECTED, Store, read_manifest, write_manifest
+from .teachers import Teacher, TeacherError, TeacherResponse, make_teacher
+
+# Errors that no retry will mend and that every later request would hit too: stop the run.
+FATAL_STATUS = {401: "the API key was rejected", 403: "access denied", 404: "model or endpoint not found"}
+MANIFEST_EVERY_S = 10.0
+
+
+@dataclass(slots=True)
+class WorkItem:
+    prompt: PromptItem
+    indices: list[int]  # sample slots this one request answers
+    body: dict[str, Any]
+
+
+@dataclass
+class RunResult:
+    status: str  # complete | interrupted | budget_exhausted | stopped
+    counters: Counters
+    rejected_by: Counter = field(default_factory=Counter)
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "complete"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "apprentice": __version__}
+    for name in ("openai", "anthropic", "transformers", "torch", "pydantic", "rich"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def check_compatible(run_dir: Path, config: FactoryConfig) -> dict[str, Any] | None:
+    """Refuse to mix samples of a different teacher or settings into an existing run directory."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        return None
+    before = manifest.get("fingerprint", {})
+    now = config.fingerprint()
+    changed = [key for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+    if changed:
+        diffs = "\n".join(f"  {key}: was {before.get(key)!r}, now {now.get(key)!r}" for key in changed)
+        raise RecipeError(
+            f"{run_dir} holds samples made with other settings; mixing them would mix incompatible samples:\n"
+            f"{diffs}\nUse a new output directory (--set factory.output_dir={run_dir}-2), "
+            f"or delete {run_dir} to start over."
+        )
+    return manifest
+
+
+class Run:
+    def __init__(
+        self,
+        config: FactoryConfig,
+        *,
+        limit: int | None = None,
+        console: Console | None = None,
+        teacher: Teacher | None = None,
+    ) -> None:
+        self.config = config
+        self.limit = limit
+        self.console = console or Console(stderr=True)
+        self._teacher = teacher
+        self.stopping = False
+        self.stop_reason = ""
+        self.fatal: str | None = None
+        self.budget_hit = False
+        self.rejected_by: Counter = Counter()
+        self.reserved_usd = 0.0
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _pricer(self) -> Pricer:
+        teacher = self.config.teacher
+        if teacher.price is not None:
+            return Pricer((teacher.price.input, teacher.price.output))
+        if teacher.provider == "local":
+            return Pricer((0.0, 0.0))
+        price = lookup(teacher.model)
+        if price is None:
+            if self.config.budget_usd is not None:
+                raise RecipeError(
+                    f"factory.budget_usd is set but no price is known for model {teacher.model!r}: "
+                    "set factory.teacher.price: {input: USD per 1M, output: USD per 1M}"
+                )
+            if teacher.base_url is None:
+                self.console.print(
+                    f"[yellow]no price known for {teacher.model!r}; cost is shown as $0. "
+                    "Set factory.teacher.price to track it.[/]"
+                )
+        return Pricer(price)
+
+    def _manifest(self, status: str, counters: Counters, previous: dict[str, Any] | None) -> dict[str, Any]:
+        prev_cost = float((previous or {}).get("totals", {}).get("cost_usd", 0.0)) if previous else 0.0
+        prev_elapsed = float((previous or {}).get("totals", {}).get("elapsed_s", 0.0)) if previous else 0.0
+        limiter = self.limiter.stats
+        return {
+            "status": status,
+            "recipe": self.config.model_dump(mode="json"),
+            "fingerprint": self.config.fingerprint(),
+            "fingerprint_hash": self.config.fingerprint_hash(),
+            "versions": package_versions(),
+            "counts": {
+                "total": counters.total,
+                "accepted": self.store.resumed_accepted + counters.accepted,
+                "rejected": self.store.resumed_rejected + counters.rejected,
+                "failed": counters.failed,
+                "rejected_by": dict(self.resumed_rejected_by + self.rejected_by),
+            },
+            "this_run": {
+                "started_at": self.started_at,
+                "elapsed_s": round(counters.elapsed, 3),
+                "requests": counters.requests,
+                "cache_hits": counters.cache_hits,
+                "resumed_records": counters.resumed,
+                "repaired_bytes": self.store.repaired,
+                "input_tokens": counters.input_tokens,
+                "output_tokens": counters.output_tokens,
+                "cost_usd": round(counters.cost_usd, 6),
+                "requests_per_s": round(counters.requests / counters.elapsed, 3),
+                "output_tokens_per_s": round(counters.output_tokens / counters.elapsed, 3),
+                "retries": limiter.retries,
+                "rate_limited": limiter.rate_limited,
+                "server_errors": limiter.server_errors,
+                "breaker_opened": limiter.breaker_opened,
+            },
+            "totals": {
+                "cost_usd": round(prev_cost + counters.cost_usd, 6),
+                "elapsed_s": round(prev_elapsed + counters.elapsed, 3),
+            },
+        }
+
+    # ---- the run --------------------------------------------------------------------------------
+    async def execute(self) -> RunResult:
+        config = self.config
+        count = check_prompts(config.prompts.path, config.prompts.system)
+        if self.limit is not None:
+            count = min(count, self.limit)
+        run_dir = config.output_dir
+        previous = check_compatible(run_dir, config)
+        pricer = self._pricer()
+        checks = build_checks(config.checks)
+        teacher = self._teacher or make_teacher(config.teacher)
+        concurrency = config.teacher.max_concurrency
+        if teacher.max_useful_concurrency:
+            concurrency = min(concurrency, teacher.max_useful_concurrency)
+        self.limiter = Limiter(
+            max_concurrency=concurrency,
+            rpm=config.teacher.rpm,
+            tpm=config.teacher.tpm,
+            max_retries=config.teacher.max_retries,
+        )
+        self.store = Store(run_dir)
+        self.resumed_rejected_by = _count_rejected(run_dir / REJECTED) if self.store.resumed_rejected else Counter()
+        cache = ResponseCache(run_dir / CACHE)
+        counters = self.counters = Counters(total=count * config.samples_per_prompt)
+        self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_manifest(run_dir, self._manifest("running", counters, previous))
+        if self.store.resumed_accepted or self.store.resumed_rejected or self.store.previous_failures:
+            self.console.print(
+                f"resuming {run_dir}: {self.store.resumed_accepted} accepted and "
+                f"{self.store.resumed_rejected} rejected records kept, "
+                f"{self.store.previous_failures} earlier failure(s) will be retried"
+            )
+
+        view = ProgressView(counters, self.console)
+        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=2 * concurrency)
+        context = _Context(teacher, cache, pricer, checks, counters)
+
+        async def produce() -> None:
+            sent = 0
+            for prompt in iter_prompts(config.prompts.path, config.prompts.system):
+                if self.stopping or (self.limit is not None and sent >= self.limit):
+                    break
+                sent += 1
+                for item in self._work_items(teacher, prompt):
+                    await queue.put(item)
+            for _ in range(concurrency):
+                await queue.put(None)
+
+        async def work() -> None:
+            while (item := await queue.get()) is not None:
+                await self._process(item, context)
+
+        async def refresh() -> None:
+            last_manifest = time.monotonic()
+            while True:
+                await asyncio.sleep(0.25)
+                view.refresh()
+                if time.monotonic() - last_manifest >= MANIFEST_EVERY_S:
+                    last_manifest = time.monotonic()
+                    write_manifest(run_dir, self._manifest("running", counters, previous))
+
+        loop = asyncio.get_running_loop()
+        interrupts = 0
+
+        def on_interrupt() -> None:
+            nonlocal interrupts
+            interrupts += 1
+            if interrupts == 1:
+                self._stop("interrupted")
+                self.console.print("[yellow]stopping: finishing the requests in flight (Ctrl-C again to quit now)[/]")
+            else:
+                for task in tasks:
+                    task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, on_interrupt)
+            except (NotImplementedError, RuntimeError):
+                pass
+        view.start()
+        refresher = asyncio.create_task(refresh())
+        tasks = [asyncio.create_task(produce())] + [asyncio.create_task(work()) for _ in range(concurrency)]
+        try:
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            self._stop("interrupted")
+        finally:
+            refresher.cancel()
+            view.stop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.remove_signal_handler(sig)
+                except (NotImplementedError, RuntimeError):
+                    pass
+            # The producer can be parked on a full queue after the workers stopped.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._teacher is None:
+                await teacher.aclose()
+            status = self._status()
+            write_manifest(run_dir, self._manifest(status, counters, previous))
+            self.store.close()
+            cache.close()
+        return RunResult(status, counters, self.rejected_by, self._message(status, counters))
+
+    def _status(self) -> str:
+        if self.fatal:
+            return "stopped"
+        if self.budget_hit:
+            return "budget_exhausted"
+        if self.stopping:
+            return "interrupted"
+        return "complete"
+
+    def _message(self, status: str, counters: Counters) -> str:
+        resume = "run the same command again to resume; nothing done so far is lost or paid twice"
+        if status == "stopped":
+            return f"stopped: {self.fatal}. Fix it, then {resume}."
+        if status == "budget_exhausted":
+            return (
+                f"budget_usd={self.config.budget_usd} reached: no new requests were sent. "
+                f"Raise factory.budget_usd (--set factory.budget_usd=...) and {resume}."
+            )
+        if status == "interrupted":
+            return f"interrupted: {resume}."
+        return "complete"
+
+    def _stop(self, reason: str) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.stop_reason = reason
+
+    def _work_items(self, teacher: Teacher, prompt: PromptItem) -> list[WorkItem]:
+        n = self.config.samples_per_prompt
+        if teacher.supports_n:
+            return [WorkItem(prompt, list(range(n)), teacher.build_request(prompt.messages, n))]
+        body = teacher.build_request(prompt.messages, 1)
+        return [WorkItem(prompt, [i], body) for i in range(n)]
+
+    async def _process(self, item: WorkItem, ctx: "_Context") -> None:
+        store = self.store
+        counters = ctx.counters
+        body_json = canonical_json(item.body)
+        request_key = stable_hash(body_json)
+        prompt = item.prompt
+        ids = [sample_id(prompt.id, index, request_key) for index in item.indices]
+        pending = [(pos, record_id) for pos, record_id in enumerate(ids) if not store.is_done(record_id)]
+        counters.resumed += len(ids) - len(pending)
+        if not pending:
+            return
+        key = cache_key(body_json, item.indices[0])
+        cached = ctx.cache.get(key)
+        if cached is not None:
+            response = TeacherResponse.from_cache(cached[0])
+            cost = cached[1]
+            counters.cache_hits += 1
+        else:
+            if self.stopping:
+                return
+            chars = sum(len(m["content"]) for m in prompt.messages)
+            est_in = self.limiter.estimate_tokens(chars)
+            max_out = self.config.teacher.max_tokens * len(item.indices)
+            worst = ctx.pricer.cost(est_in, max_out)
+            budget = self.config.budget_usd
+            if budget is not None and counters.cost_usd + self.reserved_usd + worst > budget:
+                self.budget_hit = True
+                self._stop("budget")
+                return
+            self.reserved_usd += worst
+            try:
+                response, _ = await self.limiter.run(
+                    lambda: ctx.teacher.complete(item.body), input_tokens=est_in, output_tokens=max_out
+                )
+            except TeacherError as error:
+                self._fail(item, pending, ids, error, getattr(error, "attempts", 1))
+                return
+            finally:
+                self.reserved_usd -= worst
+            cost = ctx.pricer.cost(response.input_tokens, response.output_tokens)
+            ctx.cache.put(key, response.to_cache(), cost)
+            self.limiter.calibrate(chars, response.input_tokens)
+            counters.requests += 1
+            counters.input_tokens += response.input_tokens
+            counters.output_tokens += response.output_tokens
+            counters.cost_usd += cost
+
+        shared_by = len(item.indices)
+        if len(response.choices) < shared_by:
+            error = TeacherError(
+                f"teacher returned {len(response.choices)} choices, expected {shared_by}", retryable=False
+            )
+            self._fail(item, pending, ids, error, 1)
+            return
+        usage = {
+            "input_tokens": response.input_tokens,
+            "output_tokens": response.output_tokens,
+            "cost_usd": cost,
+            "shared_by": shared_by,
+        }
+        teacher_meta = {"provider": ctx.teacher.provider, "model": ctx.teacher.model, "params": self.config.teacher.params}
+        for pos, record_id in pending:
+            choice = response.choices[pos]
+            sample = Sample(
+                id=record_id,
+                prompt=prompt.messages,
+                completion=[{"role": "assistant", "content": choice.text}],
+                teacher=teacher_meta,
+                attributes=prompt.attributes,
+                usage=usage,
+                finish_reason=choice.finish_reason,
+                prompt_id=prompt.id,
+                sample_index=item.indices[pos],
+            )
+            for check in ctx.checks:
+                verdict = check(sample)
+                sample.checks.append(CheckResult(check.name, verdict.passed, verdict.reason, verdict.score))
+                if not verdict.passed:
+                    sample.rejected_by = check.name
+                    break
+            if sample.rejected_by is None:
+                store.write(ACCEPTED, sample.to_json())
+                counters.accepted += 1
+            else:
+                store.write(REJECTED, sample.to_json())
+                counters.rejected += 1
+                self.rejected_by[sample.rejected_by] += 1
+
+    def _fail(self, item: WorkItem, pending: list[tuple[int, str]], ids: list[str], error: TeacherError, attempts: int) -> None:
+        if error.status in FATAL_STATUS:
+            self.fatal = f"{FATAL_STATUS[error.status]} ({error})"
+            self._stop("fatal")
+            return  # not recorded: the run stops, and the same command retries these
+        for pos, record_id in pending:
+            failure = Failure(
+                id=record_id,
+                prompt_id=item.prompt.id,
+                sample_index=item.indices[pos],
+                prompt=item.prompt.messages,
+                error=str(error),
+                status=error.status,
+                attempts=attempts,
+                attributes=item.prompt.attributes,
+            )
+            self.store.write(FAILED, failure.to_json())
+            self.counters.failed += 1
+
+
+@dataclass(slots=True)
+class _Context:
+    teacher: Teacher
+    cache: ResponseCache
+    pricer: Pricer
+    checks: list
+    counters: Counters
+
+
+def _count_rejected(path: Path) -> Counter:
+    import json
+
+    counts: Counter = Counter()
+    with path.open("r", encoding="utf-8") as handle:
+        for line in handle:
+            counts[json.loads(line).get("rejected_by")] += 1
+    return counts
+
+
+def print_result(result: RunResult, console: Console, run_dir: Path) -> None:
+    console.print(summary_line(result.counters), highlight=False)
+    if result.rejected_by:
+        reasons = ", ".join(f"{name}: {n}" for name, n in result.rejected_by.most_common())
+        console.print(f"rejected by: {reasons}", highlight=False)
+    console.print(f"records in {run_dir}/ ({ACCEPTED}, {REJECTED}, {FAILED}, manifest.json)", highlight=False)
+    if not result.ok:
+        console.print(f"[yellow]{result.message}[/]")

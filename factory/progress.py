@@ -1,0 +1,120 @@
+"""The live view of a run: a rich progress bar on a terminal, a log line every few seconds elsewhere."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.text import Text
+
+
+@dataclass(slots=True)
+class Counters:
+    total: int = 0
+    resumed: int = 0  # records already on disk when the run started
+    accepted: int = 0
+    rejected: int = 0
+    failed: int = 0
+    requests: int = 0
+    cache_hits: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def written(self) -> int:
+        return self.accepted + self.rejected + self.failed
+
+    @property
+    def done(self) -> int:
+        return self.resumed + self.written
+
+    @property
+    def elapsed(self) -> float:
+        return max(1e-9, time.monotonic() - self.started)
+
+    def eta(self) -> float | None:
+        remaining = self.total - self.done
+        if remaining <= 0:
+            return 0.0
+        if self.written == 0:
+            return None
+        return remaining * self.elapsed / self.written
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--:--"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def summary_line(c: Counters) -> str:
+    judged = c.accepted + c.rejected
+    accepted_pct = 100.0 * c.accepted / judged if judged else 0.0
+    return (
+        f"{c.done}/{c.total} samples · accepted {accepted_pct:.0f}% · rejected {c.rejected} · failed {c.failed}"
+        f" · {c.requests / c.elapsed:.1f} req/s · {c.output_tokens / c.elapsed:.0f} tok/s"
+        f" · ${c.cost_usd:.4f} · ETA {fmt_duration(c.eta())}"
+    )
+
+
+class _StatsColumn(ProgressColumn):
+    def __init__(self, counters: Counters) -> None:
+        super().__init__()
+        self.counters = counters
+
+    def render(self, task: Task) -> Text:
+        c = self.counters
+        judged = c.accepted + c.rejected
+        pct = 100.0 * c.accepted / judged if judged else 0.0
+        return Text.assemble(
+            (f"acc {pct:3.0f}%", "green"),
+            (f"  rej {c.rejected}", "yellow"),
+            (f"  fail {c.failed}", "red" if c.failed else "dim"),
+            f"  {c.requests / c.elapsed:6.1f} req/s",
+            f"  {c.output_tokens / c.elapsed:7.0f} tok/s",
+            (f"  ${c.cost_usd:.4f}", "cyan"),
+            f"  cache {c.cache_hits}",
+            f"  ETA {fmt_duration(c.eta())}",
+        )
+
+
+class ProgressView:
+    def __init__(self, counters: Counters, console: Console, *, log_every_s: float = 10.0) -> None:
+        self.counters = counters
+        self.console = console
+        self.live = console.is_terminal
+        self.log_every_s = log_every_s
+        self._last_log = time.monotonic()
+        self._progress: Progress | None = None
+        self._task = None
+
+    def start(self) -> None:
+        if not self.live:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]generate"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _StatsColumn(self.counters),
+            console=self.console,
+            refresh_per_second=4,
+        )
+        self._task = self._progress.add_task("generate", total=self.counters.total, completed=self.counters.done)
+        self._progress.start()
+
+    def refresh(self) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=self.counters.done)
+        elif time.monotonic() - self._last_log >= self.log_every_s:
+            self._last_log = time.monotonic()
+            self.console.print(summary_line(self.counters), highlight=False)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=self.counters.done)
+            self._progress.stop()
+            self._progress = None

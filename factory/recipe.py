@@ -1,0 +1,163 @@
+"""The `factory:` section of a recipe: pydantic models, loading, `--set` overrides, fingerprint.
+
+Every model forbids unknown keys, and every error of a recipe is reported at once with its key path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(Exception):
+    """A recipe that cannot be used; the message names the file, the keys and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptsConfig(Strict):
+    path: Path = Field(description="JSONL file, one prompt a line: {id?, prompt: str | [messages], attributes?}")
+    system: str | None = Field(default=None, description="system message prepended to prompts that have none")
+
+
+class Price(Strict):
+    input: float = Field(ge=0, description="USD per 1M input tokens")
+    output: float = Field(ge=0, description="USD per 1M output tokens")
+
+
+class TeacherConfig(Strict):
+    provider: Literal["openai", "anthropic", "local"] = "local"
+    model: str = "builtin:smollm2-135m-instruct"
+    base_url: str | None = None
+    api_key_env: str | None = Field(
+        default=None, description="environment variable holding the API key (default by provider)"
+    )
+    params: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.8, "max_tokens": 512})
+    max_concurrency: int = Field(default=64, ge=1, le=4096)
+    rpm: float | None = Field(default=None, gt=0, description="requests per minute cap; headers rule otherwise")
+    tpm: float | None = Field(default=None, gt=0, description="tokens per minute cap; headers rule otherwise")
+    timeout_s: float = Field(default=600.0, gt=0)
+    max_retries: int = Field(default=8, ge=0, description="retries per request for 429, 5xx, timeouts")
+    price: Price | None = Field(default=None, description="overrides the built-in price table")
+    batch_size: int = Field(default=8, ge=1, description="provider local: prompts per generate() call")
+    device: str | None = Field(default=None, description="provider local: cpu, cuda, …; default picks")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "TeacherConfig":
+        if self.api_key_env is None:
+            self.api_key_env = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}.get(self.provider)
+        if self.max_tokens < 1:
+            raise ValueError("params.max_tokens must be at least 1")
+        return self
+
+    @property
+    def max_tokens(self) -> int:
+        value = self.params.get("max_tokens", self.params.get("max_new_tokens", 512))
+        return int(value)
+
+
+class FactoryConfig(Strict):
+    output_dir: Path = Path("runs/demo")
+    prompts: PromptsConfig
+    samples_per_prompt: int = Field(default=1, ge=1, le=128)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    checks: list[str] = Field(
+        default_factory=lambda: ["empty", "truncated", "refusal"],
+        description="quality checks in order, cheapest first",
+    )
+    budget_usd: float | None = Field(default=None, ge=0)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the content of a sample. Two runs may share a directory only if these agree."""
+        teacher = self.teacher
+        return {
+            "provider": teacher.provider,
+            "model": teacher.model,
+            "base_url": teacher.base_url,
+            "params": teacher.params,
+            "samples_per_prompt": self.samples_per_prompt,
+            "system": self.prompts.system,
+            "checks": self.checks,
+        }
+
+    def fingerprint_hash(self) -> str:
+        blob = json.dumps(self.fingerprint(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Recipe(Strict):
+    """A whole recipe file. Each command validates only its own section; the others pass through."""
+
+    model_config = ConfigDict(extra="forbid")
+    factory: FactoryConfig | None = None
+    sft: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, raw_value: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {dotted}={raw_value}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw_value) if raw_value != "" else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected dotted.key=value, e.g. --set factory.samples_per_prompt=4")
+        key, value = item.split("=", 1)
+        _set_dotted(data, key.strip(), value)
+
+
+def format_validation_error(path: Path | str, error: ValidationError) -> str:
+    lines = [f"{path}: {error.error_count()} problem(s) in the recipe:"]
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the README for the keys of each section)"
+        elif item["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe_data(path: Path | str, overrides: list[str] | None = None) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the recipe must be a mapping with factory:, sft: and/or eval: sections")
+    apply_overrides(data, overrides or [])
+    return data
+
+
+def load_factory_config(path: Path | str, overrides: list[str] | None = None) -> FactoryConfig:
+    data = load_recipe_data(path, overrides)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(path, exc)) from None
+    if recipe.factory is None:
+        raise RecipeError(f"{path}: no `factory:` section; add one (see data/recipes/demo.yaml)")
+    config = recipe.factory
+    # Relative prompt paths are relative to the current directory, as the user typed the command there.
+    return config

@@ -1,0 +1,81 @@
+"""The one record that flows through the factory, the trainer and the review tools.
+
+A Sample is one line of accepted.jsonl or rejected.jsonl, in TRL's conversational prompt–completion
+format (so `datasets.load_dataset("json", ...)` feeds SFTTrainer directly) plus its metadata.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def stable_hash(*parts: str, length: int = 24) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()[:length]
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sample_id(prompt_id: str, sample_index: int, request_key: str) -> str:
+    """Stable across runs: the same prompt, sample slot and teacher request give the same id."""
+    return stable_hash(prompt_id, str(sample_index), request_key)
+
+
+@dataclass(slots=True)
+class CheckResult:
+    name: str
+    passed: bool
+    reason: str | None = None
+    score: float | None = None
+
+
+@dataclass(slots=True)
+class Sample:
+    id: str
+    prompt: list[dict[str, str]]
+    completion: list[dict[str, str]]
+    teacher: dict[str, Any]
+    attributes: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str | None = None
+    checks: list[CheckResult] = field(default_factory=list)
+    rejected_by: str | None = None
+    prompt_id: str | None = None
+    sample_index: int = 0
+
+    @property
+    def text(self) -> str:
+        return self.completion[0]["content"] if self.completion else ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Sample":
+        data = dict(data)
+        data["checks"] = [CheckResult(**c) for c in data.get("checks", [])]
+        return cls(**data)
+
+
+@dataclass(slots=True)
+class Failure:
+    """A prompt × sample slot that got no answer after all retries: a record, not a stack trace."""
+
+    id: str
+    prompt_id: str
+    sample_index: int
+    prompt: list[dict[str, str]]
+    error: str
+    status: int | None
+    attempts: int
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)

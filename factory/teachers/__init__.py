@@ -1,0 +1,27 @@
+"""Teacher backends. `make_teacher` imports only the backend a recipe asks for."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import Choice, Teacher, TeacherError, TeacherResponse
+
+if TYPE_CHECKING:
+    from ..recipe import TeacherConfig
+
+__all__ = ["Choice", "Teacher", "TeacherError", "TeacherResponse", "make_teacher"]
+
+
+def make_teacher(config: "TeacherConfig") -> Teacher:
+    if config.provider == "openai":
+        from .openai import OpenAITeacher
+
+        return OpenAITeacher(config)
+    if config.provider == "anthropic":
+        from .anthropic import AnthropicTeacher
+
+        return AnthropicTeacher(config)
+    if config.provider == "local":
+        from .local import LocalTeacher
+
+        return LocalTeacher(config)
+    raise ValueError(f"unknown teacher provider {config.provider!r}")

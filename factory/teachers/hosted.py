@@ -1,0 +1,72 @@
+"""What the OpenAI and Anthropic backends share: the API key, the SDK client, error mapping."""
+from __future__ import annotations
+
+import json
+import os
+from types import ModuleType
+from typing import Any, Mapping
+
+from .base import TeacherError, parse_retry_after
+
+
+class MissingKeyError(Exception):
+    pass
+
+
+def api_key(env_name: str | None, provider: str, base_url: str | None) -> str:
+    key = os.environ.get(env_name or "")
+    if key:
+        return key
+    if base_url:
+        # Self-hosted OpenAI-compatible servers (vLLM, llama.cpp, Ollama) usually want no key.
+        return "EMPTY"
+    raise MissingKeyError(
+        f"{env_name} is not set: export it (export {env_name}=...), set teacher.api_key_env to the variable "
+        f"that holds your {provider} key, or use provider: local"
+    )
+
+
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+
+
+def lower_headers(headers: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()} if headers is not None else {}
+
+
+def map_sdk_error(exc: Exception, sdk: ModuleType) -> TeacherError:
+    """Turn an SDK exception into a TeacherError that says whether to retry."""
+    if isinstance(exc, sdk.APIStatusError):
+        status = exc.status_code
+        headers = lower_headers(exc.response.headers)
+        message = f"HTTP {status}: {_short(exc.message)}"
+        return TeacherError(
+            message,
+            retryable=status in RETRYABLE_STATUS,
+            status=status,
+            retry_after=parse_retry_after(headers),
+            rate_limited=status == 429,
+            headers=headers,
+        )
+    if isinstance(exc, sdk.APITimeoutError):
+        return TeacherError("timeout: no answer within teacher.timeout_s", retryable=True)
+    if isinstance(exc, sdk.APIConnectionError):
+        return TeacherError(f"connection error: {_short(str(exc.__cause__ or exc))}", retryable=True)
+    return TeacherError(f"{type(exc).__name__}: {_short(str(exc))}", retryable=False)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def parse_json_body(content: bytes, provider: str) -> Mapping[str, Any]:
+    try:
+        data = json.loads(content)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TeacherError(
+            f"{provider} answered 200 with a body that is not JSON: {_short(content[:200].decode('utf-8', 'replace'))}",
+            retryable=True,
+        ) from None
+    if not isinstance(data, dict):
+        raise TeacherError(f"{provider} answered 200 with JSON that is not an object", retryable=True)
+    return data

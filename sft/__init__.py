@@ -1,0 +1,1 @@
+"""Apprentice sft stage (see ARCHITECTURE.md); not built yet."""

@@ -1,0 +1,177 @@
+"""Store repair and resume index; limiter buckets, header parsing, AIMD, breaker, retries."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from factory.limiter import Bucket, Limiter, parse_duration
+from factory.store import ACCEPTED, FAILED, FAILED_HISTORY, Store, StoreError, repair_tail
+from factory.teachers.base import Choice, TeacherError, TeacherResponse, parse_retry_after
+
+
+def test_repair_tail_cuts_only_a_partial_last_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"id": "1"}\n{"id": "2"}\n{"id": "3", "pro')
+    assert repair_tail(path) == len(b'{"id": "3", "pro')
+    assert path.read_bytes() == b'{"id": "1"}\n{"id": "2"}\n'
+    assert repair_tail(path) == 0
+    path.write_bytes(b'{"partial')
+    assert repair_tail(path) == 9 and path.read_bytes() == b""
+
+
+def test_store_indexes_done_ids_and_rotates_failures(tmp_path):
+    (tmp_path / ACCEPTED).write_text('{"id": "aaaaaaaaaaaaaaaaaaaaaaaa", "x": 1}\n{"id": "bbbbbbbbbbbbbbbb')
+    (tmp_path / FAILED).write_text('{"id": "cccccccccccccccccccccccc"}\n')
+    store = Store(tmp_path)
+    assert store.is_done("aaaaaaaaaaaaaaaaaaaaaaaa")
+    assert not store.is_done("bbbbbbbbbbbbbbbbbbbbbbbb")
+    assert not store.is_done("cccccccccccccccccccccccc")  # failures are retried
+    assert store.resumed_accepted == 1 and store.previous_failures == 1
+    assert store.repaired == {ACCEPTED: len('{"id": "bbbbbbbbbbbbbbbb')}
+    assert (tmp_path / FAILED).read_text() == ""
+    assert "cccc" in (tmp_path / FAILED_HISTORY).read_text()
+    store.close()
+
+
+def test_store_refuses_a_foreign_line_with_its_location(tmp_path):
+    (tmp_path / ACCEPTED).write_text("hello\n")
+    with pytest.raises(StoreError, match=r"accepted.jsonl:1"):
+        Store(tmp_path)
+
+
+def test_parse_durations_and_retry_after():
+    assert parse_duration("1s") == 1.0
+    assert parse_duration("6m0s") == 360.0
+    assert parse_duration("120ms") == pytest.approx(0.12)
+    assert parse_duration("1h2m3.5s") == pytest.approx(3723.5)
+    assert parse_duration(None) is None
+    assert parse_retry_after({"retry-after": "2"}) == 2.0
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert parse_retry_after({}) is None
+
+
+def test_bucket_refills_over_time_and_adopts_server_view():
+    bucket = Bucket(60)  # 1 per second
+    now = time.monotonic()
+    assert bucket.wait_for(60, now) == 0
+    bucket.take(60)
+    assert bucket.wait_for(1, now) == pytest.approx(1.0, rel=0.05)
+    bucket.observe(limit=120, remaining=5, reset_s=None)
+    assert bucket.capacity == 120 and bucket.rate == 2.0 and bucket.level <= 5
+
+
+def test_headers_create_buckets_and_recipe_caps_stay_caps():
+    limiter = Limiter(max_concurrency=8, rpm=30)
+    limiter.observe_headers({
+        "x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499",
+        "x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": "100",
+        "anthropic-ratelimit-output-tokens-limit": "8000", "anthropic-ratelimit-output-tokens-remaining": "7000",
+    })
+    assert limiter.buckets["requests"].capacity == 30  # the recipe's rpm stays the cap
+    assert limiter.buckets["tokens"].capacity == 30000 and limiter.buckets["tokens"].level <= 100
+    assert limiter.buckets["output_tokens"].level <= 7000
+
+
+def ok_response(input_tokens=10, output_tokens=5, headers=None):
+    return TeacherResponse([Choice("ok", "stop")], input_tokens, output_tokens, headers or {})
+
+
+def test_token_reservation_is_refunded_from_usage():
+    async def main():
+        limiter = Limiter(max_concurrency=4, tpm=6000)
+        bucket = limiter.buckets["tokens"]
+        before = bucket.level
+
+        async def call():
+            assert bucket.level == pytest.approx(before - 1010, abs=2)
+            return ok_response(10, 5)
+
+        await limiter.run(call, input_tokens=10, output_tokens=1000)
+        assert bucket.level == pytest.approx(before - 15, abs=2)
+
+    asyncio.run(main())
+
+
+def test_429_pauses_everyone_halves_concurrency_and_obeys_retry_after():
+    async def main():
+        limiter = Limiter(max_concurrency=16, max_retries=3)
+        calls = []
+
+        async def call():
+            calls.append(time.monotonic())
+            if len(calls) == 1:
+                raise TeacherError("429", retryable=True, status=429, retry_after=0.3, rate_limited=True)
+            return ok_response()
+
+        start = time.monotonic()
+        response, attempts = await limiter.run(call, input_tokens=1, output_tokens=1)
+        assert attempts == 2 and response.choices[0].text == "ok"
+        assert calls[1] - start >= 0.29
+        assert limiter.limit < 16 and limiter.stats.rate_limited == 1
+
+    asyncio.run(main())
+
+
+def test_non_retryable_errors_are_raised_at_once_and_retries_are_bounded():
+    async def main():
+        limiter = Limiter(max_concurrency=2, max_retries=2, base_backoff_s=0.001)
+        count = 0
+
+        async def bad_request():
+            nonlocal count
+            count += 1
+            raise TeacherError("400", retryable=False, status=400)
+
+        with pytest.raises(TeacherError) as info:
+            await limiter.run(bad_request, input_tokens=1, output_tokens=1)
+        assert count == 1 and info.value.attempts == 1
+
+        async def always_500():
+            nonlocal count
+            count += 1
+            raise TeacherError("500", retryable=True, status=500)
+
+        count = 0
+        with pytest.raises(TeacherError) as info:
+            await limiter.run(always_500, input_tokens=1, output_tokens=1)
+        assert count == 3 and info.value.attempts == 3
+
+    asyncio.run(main())
+
+
+def test_breaker_opens_after_consecutive_failures_and_lets_one_probe_through():
+    async def main():
+        limiter = Limiter(max_concurrency=8, max_retries=50, base_backoff_s=0.001, breaker_threshold=3,
+                          breaker_cooldown_s=0.05)
+        in_flight = peak_while_open = 0
+        failures = 0
+
+        async def flaky():
+            nonlocal in_flight, peak_while_open, failures
+            in_flight += 1
+            if limiter.breaker_open:
+                peak_while_open = max(peak_while_open, in_flight)
+            await asyncio.sleep(0.001)
+            in_flight -= 1
+            if failures < 12:  # every first attempt fails, then four probes
+                failures += 1
+                raise TeacherError("503", retryable=True, status=503)
+            return ok_response()
+
+        results = await asyncio.gather(*(limiter.run(flaky, input_tokens=1, output_tokens=1) for _ in range(8)))
+        assert len(results) == 8
+        assert limiter.stats.breaker_opened >= 1 and not limiter.breaker_open
+        assert peak_while_open == 1
+
+    asyncio.run(main())
+
+
+def test_aimd_grows_back_after_a_decrease():
+    limiter = Limiter(max_concurrency=8)
+    limiter._decrease(time.monotonic())
+    assert limiter.limit == 4
+    for _ in range(200):
+        limiter._increase()
+    assert limiter.limit == 8
