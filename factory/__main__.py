@@ -17,7 +17,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .store import StoreError
     from .teachers.hosted import MissingKeyError
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         config = load_factory_config(args.recipe, args.set)
         if args.limit is not None and args.limit < 1:

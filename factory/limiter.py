@@ -5,8 +5,10 @@
   (`x-ratelimit-*`, `anthropic-ratelimit-*`).
 - A token reservation is the estimated input plus max_tokens; the unused part is refunded from the
   returned usage, and the chars→tokens estimate calibrates itself from returned usage.
-- A 429 pauses every request until `retry-after` (or a backoff) has passed, and halves concurrency
-  (AIMD: +1 per window of successes, ×0.5 on a 429).
+- Concurrency starts small and doubles every round trip (slow start) until it reaches the recipe's
+  max_concurrency: the first responses bring the provider's limits before a burst can exceed them.
+  A 429 pauses every request until `retry-after` (or a backoff) has passed and halves concurrency;
+  after that it grows by one per window of successes (AIMD).
 - 5xx, timeouts and dropped connections back off exponentially with full jitter.
 - After `breaker_threshold` consecutive failures the circuit opens: all requests pause for a cooldown,
   then one probe goes through (half-open); a success closes it.
@@ -152,9 +154,11 @@ class Limiter:
         breaker_threshold: int = 8,
         breaker_cooldown_s: float = 5.0,
         chars_per_token: float = 4.0,
+        initial_concurrency: int = 8,
     ) -> None:
         self.max_concurrency = max_concurrency
-        self.limit = float(max_concurrency)  # AIMD window
+        self.limit = float(min(max_concurrency, initial_concurrency))  # AIMD window
+        self.slow_start = True  # until the first 429: +1 per success, i.e. doubling per round trip
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.buckets: dict[str, Bucket] = {}
@@ -213,10 +217,13 @@ class Limiter:
 
     def _increase(self) -> None:
         if self.limit < self.max_concurrency:
-            self.limit = min(float(self.max_concurrency), self.limit + 1.0 / self.limit)
+            step = 1.0 if self.slow_start else 1.0 / self.limit
+            self.limit = min(float(self.max_concurrency), self.limit + step)
+            self._wake()
 
     def _decrease(self, now: float) -> None:
         # At most one halving per second: a burst of 429s from one overload counts once.
+        self.slow_start = False
         if now - self._last_decrease >= 1.0:
             self.limit = max(1.0, self.limit / 2)
             self._last_decrease = now

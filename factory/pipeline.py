@@ -95,7 +95,7 @@ class Run:
     ) -> None:
         self.config = config
         self.limit = limit
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self._teacher = teacher
         self.stopping = False
         self.stop_reason = ""
@@ -433,10 +433,15 @@ def _count_rejected(path: Path) -> Counter:
 
 
 def print_result(result: RunResult, console: Console, run_dir: Path) -> None:
-    console.print(summary_line(result.counters), highlight=False)
-    if result.rejected_by:
-        reasons = ", ".join(f"{name}: {n}" for name, n in result.rejected_by.most_common())
-        console.print(f"rejected by: {reasons}", highlight=False)
-    console.print(f"records in {run_dir}/ ({ACCEPTED}, {REJECTED}, {FAILED}, manifest.json)", highlight=False)
+    console.print(f"this run: {summary_line(result.counters)}", highlight=False)
+    counts = (read_manifest(run_dir) or {}).get("counts", {})
+    by = counts.get("rejected_by") or {}
+    reasons = ", ".join(f"{name} {n}" for name, n in sorted(by.items(), key=lambda kv: -kv[1]))
+    console.print(
+        f"{run_dir}: {counts.get('accepted', 0)} accepted, {counts.get('rejected', 0)} rejected"
+        + (f" ({reasons})" if reasons else "")
+        + f", {counts.get('failed', 0)} failed — {ACCEPTED}, {REJECTED}, {FAILED}, manifest.json",
+        highlight=False,
+    )
     if not result.ok:
         console.print(f"[yellow]{result.message}[/]")

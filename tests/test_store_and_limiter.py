@@ -169,9 +169,21 @@ def test_breaker_opens_after_consecutive_failures_and_lets_one_probe_through():
 
 
 def test_aimd_grows_back_after_a_decrease():
-    limiter = Limiter(max_concurrency=8)
+    limiter = Limiter(max_concurrency=8, initial_concurrency=8)
     limiter._decrease(time.monotonic())
     assert limiter.limit == 4
     for _ in range(200):
         limiter._increase()
     assert limiter.limit == 8
+
+
+def test_slow_start_doubles_per_round_trip_until_the_first_429():
+    limiter = Limiter(max_concurrency=64, initial_concurrency=8)
+    assert limiter.limit == 8
+    for _ in range(8):  # one round trip of 8 successes
+        limiter._increase()
+    assert limiter.limit == 16
+    limiter._decrease(time.monotonic())
+    assert limiter.limit == 8 and not limiter.slow_start
+    limiter._increase()
+    assert limiter.limit == pytest.approx(8.125)
