@@ -46,7 +46,7 @@ class WorkItem:
 
 @dataclass
 class RunResult:
-    status: str  # complete | interrupted | budget_exhausted | stopped
+    status: str  # complete | complete_with_failures | interrupted | budget_exhausted | stopped
     counters: Counters
     rejected_by: Counter = field(default_factory=Counter)
     message: str = ""
@@ -278,6 +278,8 @@ class Run:
             return "budget_exhausted"
         if self.stopping:
             return "interrupted"
+        if self.counters.failed:
+            return "complete_with_failures"
         return "complete"
 
     def _message(self, status: str, counters: Counters) -> str:
@@ -291,6 +293,11 @@ class Run:
             )
         if status == "interrupted":
             return f"interrupted: {resume}."
+        if status == "complete_with_failures":
+            return (
+                f"{counters.failed} sample(s) failed after retries; their errors are in failed.jsonl. "
+                "Run the same command again to retry them."
+            )
         return "complete"
 
     def _stop(self, reason: str) -> None:

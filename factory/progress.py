@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass, field
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task
 from rich.text import Text
 
 
@@ -71,15 +71,22 @@ class _StatsColumn(ProgressColumn):
         judged = c.accepted + c.rejected
         pct = 100.0 * c.accepted / judged if judged else 0.0
         return Text.assemble(
-            (f"acc {pct:3.0f}%", "green"),
-            (f"  rej {c.rejected}", "yellow"),
-            (f"  fail {c.failed}", "red" if c.failed else "dim"),
-            f"  {c.requests / c.elapsed:6.1f} req/s",
-            f"  {c.output_tokens / c.elapsed:7.0f} tok/s",
-            (f"  ${c.cost_usd:.4f}", "cyan"),
-            f"  cache {c.cache_hits}",
-            f"  ETA {fmt_duration(c.eta())}",
+            (f"acc {pct:.0f}%", "green"),
+            (f" rej {c.rejected}", "yellow"),
+            (f" fail {c.failed}" if c.failed else "", "red"),
+            f" {c.requests / c.elapsed:.1f} req/s",
+            f" {_si(c.output_tokens / c.elapsed)} tok/s",
+            (f" ${c.cost_usd:.4f}", "cyan"),
+            f" ETA {fmt_duration(c.eta())}",
         )
+
+
+def _si(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.1f}M"
+    if value >= 1e4:
+        return f"{value / 1e3:.0f}k"
+    return f"{value:.0f}"
 
 
 class ProgressView:
@@ -96,8 +103,7 @@ class ProgressView:
         if not self.live:
             return
         self._progress = Progress(
-            TextColumn("[bold]generate"),
-            BarColumn(),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
             _StatsColumn(self.counters),
             console=self.console,
