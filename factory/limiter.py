@@ -27,6 +27,10 @@ from typing import Awaitable, Callable, Mapping
 from .teachers.base import TeacherError, TeacherResponse, parse_retry_after
 
 
+class LimiterClosed(Exception):
+    """The run is stopping: this request was not sent."""
+
+
 class Bucket:
     """Leaky token bucket: `capacity` per `window` seconds, refilled continuously."""
 
@@ -178,6 +182,27 @@ class Limiter:
         self._last_decrease = 0.0
         self.tokens_per_char = 1.0 / chars_per_token
         self.stats = LimiterStats()
+        self.closed = False
+        self._closed_event: asyncio.Event | None = None
+
+    def close(self) -> None:
+        """Send nothing more: waiting requests raise LimiterClosed; those in flight finish."""
+        self.closed = True
+        if self._closed_event is not None:
+            self._closed_event.set()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when the limiter closes."""
+        if self._closed_event is None:
+            self._closed_event = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._closed_event.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
     # ---- token estimate -------------------------------------------------------------------------
     def estimate_tokens(self, chars: int) -> int:
@@ -192,7 +217,7 @@ class Limiter:
         return 1 if self.breaker_open else max(1, int(self.limit))
 
     async def _enter(self) -> None:
-        while self.in_flight >= self._window():
+        while self.in_flight >= self._window() and not self.closed:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -244,7 +269,7 @@ class Limiter:
         return needs
 
     async def _admit(self, reservation: Reservation) -> None:
-        while True:
+        while not self.closed:
             now = time.monotonic()
             wait = self.pause_until - now
             if wait <= 0:
@@ -255,7 +280,7 @@ class Limiter:
                         bucket.take(amount)
                     return
             self.stats.waited_s += wait
-            await asyncio.sleep(wait)
+            await self._sleep(wait)
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         if not headers:
@@ -300,7 +325,8 @@ class Limiter:
         output_tokens: float,
     ) -> tuple[TeacherResponse, int]:
         """Send with limits and retries; return the response and the number of attempts, or raise
-        the last TeacherError (with `attempts` set) when it is not retryable or retries ran out."""
+        the last TeacherError (with `attempts` set) when it is not retryable or retries ran out, or
+        LimiterClosed when the limiter closed before the request could be sent."""
         reservation = Reservation(float(input_tokens), float(output_tokens))
         attempt = 0
         while True:
@@ -308,6 +334,8 @@ class Limiter:
             await self._enter()
             try:
                 await self._admit(reservation)
+                if self.closed:
+                    raise LimiterClosed()
                 self.stats.requests += 1
                 try:
                     response = await call()
@@ -323,7 +351,7 @@ class Limiter:
                 self._leave()
             self.stats.retries += 1
             self.stats.waited_s += delay
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
 
     def _on_success(self, reservation: Reservation, response: TeacherResponse) -> None:
         self.observe_headers(response.headers)

@@ -23,7 +23,7 @@ from quality_checks import build_checks
 
 from . import __version__
 from .cache import ResponseCache, cache_key
-from .limiter import Limiter
+from .limiter import Limiter, LimiterClosed
 from .pricing import Pricer, lookup
 from .progress import Counters, ProgressView, summary_line
 from .prompts import PromptItem, check_prompts, iter_prompts
@@ -304,6 +304,7 @@ class Run:
         if not self.stopping:
             self.stopping = True
             self.stop_reason = reason
+            self.limiter.close()
 
     def _work_items(self, teacher: Teacher, prompt: PromptItem) -> list[WorkItem]:
         n = self.config.samples_per_prompt
@@ -349,6 +350,8 @@ class Run:
             except TeacherError as error:
                 self._fail(item, pending, ids, error, getattr(error, "attempts", 1))
                 return
+            except LimiterClosed:
+                return  # the run is stopping; the same command sends it later
             finally:
                 self.reserved_usd -= worst
             cost = ctx.pricer.cost(response.input_tokens, response.output_tokens)

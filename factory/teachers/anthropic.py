@@ -5,7 +5,7 @@ from typing import Any
 
 from ..recipe import TeacherConfig
 from .base import Choice, TeacherError, TeacherResponse
-from .hosted import api_key, lower_headers, map_sdk_error, parse_json_body
+from .hosted import api_key, sdk_call_args, lower_headers, map_sdk_error, parse_json_body
 
 
 # Anthropic's stop reasons in the OpenAI vocabulary the checks use; others (refusal, tool_use) pass as they are.
@@ -37,6 +37,9 @@ class AnthropicTeacher:
             max_retries=0,
             timeout=config.timeout_s,
         )
+        self._create = self.client.messages.with_raw_response.create
+        # The signature of the typed method (create), not of its raw-response wrapper.
+        self._signature = self.client.messages.create
 
     def build_request(self, messages: list[dict[str, str]], n: int) -> dict[str, Any]:
         if n != 1:
@@ -53,10 +56,10 @@ class AnthropicTeacher:
 
     async def complete(self, body: dict[str, Any]) -> TeacherResponse:
         try:
-            raw = await self.client.messages.with_raw_response.create(**body)
+            raw = await self._create(**sdk_call_args(self._signature, body))
         except self._sdk.AnthropicError as exc:
             raise map_sdk_error(exc, self._sdk) from None
-        data = parse_json_body(raw.content, "Anthropic")
+        data = parse_json_body(await raw.read(), "Anthropic")
         try:
             text = "".join(part.get("text", "") for part in data["content"] if part.get("type") == "text")
             usage = data.get("usage") or {}

@@ -54,6 +54,31 @@ def map_sdk_error(exc: Exception, sdk: ModuleType) -> TeacherError:
     return TeacherError(f"{type(exc).__name__}: {_short(str(exc))}", retryable=False)
 
 
+def sdk_call_args(method: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """The body as keyword arguments for an SDK method: keys the method does not declare (sampling
+    parameters that a newer SDK dropped from its signature, provider extensions such as vLLM's
+    `top_k`) travel in `extra_body`, so the JSON on the wire is the body the cache keyed on."""
+    known = _known_params(method)
+    kwargs = {key: value for key, value in body.items() if key in known}
+    extra = {key: value for key, value in body.items() if key not in known}
+    if extra:
+        kwargs["extra_body"] = extra
+    return kwargs
+
+
+_KNOWN: dict[Any, frozenset[str]] = {}
+
+
+def _known_params(method: Any) -> frozenset[str]:
+    key = getattr(method, "__func__", method)
+    known = _KNOWN.get(key)
+    if known is None:
+        import inspect
+
+        known = _KNOWN[key] = frozenset(inspect.signature(method).parameters) - {"extra_body"}
+    return known
+
+
 def _short(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit] + "…"

@@ -5,7 +5,7 @@ from typing import Any
 
 from ..recipe import TeacherConfig
 from .base import Choice, TeacherError, TeacherResponse
-from .hosted import api_key, lower_headers, map_sdk_error, parse_json_body
+from .hosted import api_key, sdk_call_args, lower_headers, map_sdk_error, parse_json_body
 
 
 class OpenAITeacher:
@@ -27,6 +27,9 @@ class OpenAITeacher:
             max_retries=0,  # the limiter owns retries
             timeout=config.timeout_s,
         )
+        self._create = self.client.chat.completions.with_raw_response.create
+        # The signature of the typed method (create), not of its raw-response wrapper.
+        self._signature = self.client.chat.completions.create
 
     def build_request(self, messages: list[dict[str, str]], n: int) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": messages, **self.params}
@@ -36,7 +39,7 @@ class OpenAITeacher:
 
     async def complete(self, body: dict[str, Any]) -> TeacherResponse:
         try:
-            raw = await self.client.chat.completions.with_raw_response.create(**body)
+            raw = await self._create(**sdk_call_args(self._signature, body))
         except self._sdk.OpenAIError as exc:
             raise map_sdk_error(exc, self._sdk) from None
         # Read the JSON directly: building the SDK's pydantic objects costs more CPU than the rest.

@@ -1,0 +1,905 @@
+"""A loopback fake of the OpenAI chat-completions and Anthropic Messages APIs, for tests and benchmarks.
+
+Pure asyncio (an `asyncio.Protocol`, HTTP/1.1 with keep-alive), stdlib only, bound to 127.0.0.1 only.
+It answers with deterministic text, enforces optional rate limits with the providers' headers, and
+injects faults on chosen requests, while counting what it answered so that a test can check that
+no successful (paid) request body was answered twice.
+
+    from factory.fakeserver import FakeServer
+
+    with FakeServer(latency_s=0.01, rpm=600, api_key="sk-test") as server:
+        client = openai.AsyncOpenAI(base_url=server.openai_base_url, api_key="sk-test")
+        ...                                   # anthropic.AsyncAnthropic(base_url=server.anthropic_base_url)
+        server.config.faults[5] = "drop"      # the 5th request (all endpoints together) gets no answer
+        assert max(server.stats.answered.values()) == 1
+
+    python -m factory.fakeserver --port 0 --latency 0.2 [--rpm N --tpm N --api-key K --fault 3=429
+                                 --fault-rate 500=0.1]       # prints "PORT <n>", serves until SIGTERM
+
+Endpoints: POST to any path ending in `/chat/completions` (OpenAI) or `/messages` (Anthropic); any
+other path is a 404 with an OpenAI-shaped JSON error.
+
+Token counts are approximate: a text of `c` characters is `max(1, c // 4)` tokens. Input tokens are
+counted over the text of every message (plus `system` for Anthropic); an answer longer than
+`max_tokens` (`max_completion_tokens` for OpenAI) is cut to `max_tokens * 4` characters and ends with
+finish_reason "length" / stop_reason "max_tokens".
+
+Rate limits (`rpm`, `tpm`, and for Anthropic also `input_tpm`, `output_tpm`) are per server, shared by
+both endpoints, over `rate_window_s` (60 s). `rate_mode="bucket"` (default) refills continuously like
+the providers' token buckets (reset = time until full again); `rate_mode="sliding"` admits a request
+only if the last window's admitted cost plus its own stays within the limit (never more than the
+limit in any window). A request's token cost is its input tokens plus `n * max_tokens` (0 when it
+sends no max_tokens); input-tokens cost the input, output-tokens cost `max_tokens`. Nothing is
+refunded. Only requests that reach the model are charged (not 401/404/400 or injected faults).
+
+Order of decisions for one request: the lifetime `max_requests` bound (503), the path (404), the JSON
+body (400), the API key (401), an injected fault, the rate limits (429), then the answer. Every
+response, errors included, is sent `latency_s` after the request arrived ("slow" adds `slow_s`).
+
+Faults: `config.faults` maps the 1-based sequence number of a request (all endpoints together; it
+restarts at `reset_stats()`) to a kind; `config.fault_rates` maps kinds to probabilities, drawn from a
+`random.Random(seed)` once per request (explicit `faults` win). Kinds: "drop" (close the connection,
+no response), "malformed" (200 with a body that is not JSON), "slow" / "timeout" (answer normally,
+`slow_s` later), or an HTTP status as digits ("429" with `retry-after`, "500", "503", "529", ...) with
+a provider-shaped error body.
+
+The config is read on every request, so tests may change it while the server runs
+(`server.config.faults[5] = "drop"`, `server.config.responder = fn`, `server.config.rpm = 10`).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+HOST = "127.0.0.1"
+MAX_HEADER_BYTES = 64 * 1024
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+Responder = Callable[[list, int, dict], str]
+
+REASONS = {
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 529: "Overloaded",
+}
+# status → (OpenAI error type, Anthropic error type)
+ERROR_TYPES = {
+    400: ("invalid_request_error", "invalid_request_error"),
+    401: ("authentication_error", "authentication_error"),
+    403: ("permission_error", "permission_error"),
+    404: ("invalid_request_error", "not_found_error"),
+    405: ("invalid_request_error", "invalid_request_error"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limit_error"),
+    503: ("server_error", "overloaded_error"),
+    529: ("server_error", "overloaded_error"),
+}
+MALFORMED_BODY = b'{"id": "broken", "choices": [{"index": 0, "message": {"role": "assis'
+
+
+def count_tokens(text: str) -> int:
+    """The fake's token count: one token per 4 characters, at least 1."""
+    return max(1, len(text) // 4)
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's content: a string, or a list of parts (`{"type": "text", "text": ...}`)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text") or "" if isinstance(part, dict) else str(part) for part in content
+        )
+    return "" if content is None else str(content)
+
+
+def default_responder(messages: list, index: int, body: dict) -> str:
+    """`Answer <index>: <last user message>`: deterministic, and distinct for each of the n choices."""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return f"Answer {index}: {content_text(message.get('content'))}"
+    return f"Answer {index}: "
+
+
+@dataclass
+class FakeConfig:
+    port: int = 0                                  # 0: any free port
+    latency_s: float = 0.0                         # before every response
+    api_key: str | None = None                     # required when set (Bearer / x-api-key)
+    rpm: int | None = None
+    tpm: int | None = None                         # combined tokens (OpenAI tokens, anthropic-ratelimit-tokens)
+    input_tpm: int | None = None                   # Anthropic input tokens
+    output_tpm: int | None = None                  # Anthropic output tokens
+    rate_window_s: float = 60.0
+    rate_mode: str = "bucket"                      # "bucket" or "sliding"
+    faults: dict[int, str] = field(default_factory=dict)
+    fault_rates: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    retry_after: float = 1.0                       # seconds, for injected 429s
+    slow_s: float = 5.0                            # extra delay of "slow" / "timeout"
+    max_requests: int = 200_000                    # lifetime bound: past it every request gets 503
+    responder: Responder | None = None             # (messages, index, body) -> text
+    keep_bodies: int = 1000                        # how many request bodies `stats.bodies` keeps
+
+
+class FakeStats:
+    """What the server saw. Updated on the server's thread under `lock`; `snapshot()` copies it safely.
+
+    total: requests received since the last reset (their sequence numbers are 1..total).
+    by_status: responses sent, by HTTP status (int), plus "drop" for dropped connections.
+    rate_limited: 429 responses sent (enforced or injected).
+    answered: for real 200 answers, sha256 of `json.dumps(body, sort_keys=True)` → times answered.
+    bodies: the last `keep_bodies` parsed JSON request bodies, any outcome.
+    faults: injected faults by kind.
+    over_max_requests: requests refused because the lifetime `max_requests` was passed.
+    client_gone: responses not sent because the client had closed the connection first.
+    """
+
+    def __init__(self, keep_bodies: int = 1000) -> None:
+        self.lock = threading.Lock()
+        self.total = 0
+        self.by_status: Counter = Counter()
+        self.rate_limited = 0
+        self.answered: Counter = Counter()
+        self.bodies: deque = deque(maxlen=keep_bodies)
+        self.faults: Counter = Counter()
+        self.over_max_requests = 0
+        self.client_gone = 0
+
+    def reset(self) -> None:
+        with self.lock:
+            self.total = 0
+            self.by_status.clear()
+            self.rate_limited = 0
+            self.answered.clear()
+            self.bodies.clear()
+            self.faults.clear()
+            self.over_max_requests = 0
+            self.client_gone = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "total": self.total,
+                "by_status": dict(self.by_status),
+                "rate_limited": self.rate_limited,
+                "answered": dict(self.answered),
+                "bodies": list(self.bodies),
+                "faults": dict(self.faults),
+                "over_max_requests": self.over_max_requests,
+                "client_gone": self.client_gone,
+            }
+
+    def duplicates(self) -> dict[str, int]:
+        """Request bodies (by hash) that were answered 200 more than once."""
+        with self.lock:
+            return {digest: count for digest, count in self.answered.items() if count > 1}
+
+    def __repr__(self) -> str:
+        return (f"FakeStats(total={self.total}, by_status={dict(self.by_status)}, "
+                f"rate_limited={self.rate_limited}, answered={len(self.answered)})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# rate limits
+
+
+class _Bucket:
+    """Continuously refilled: `capacity` per `window` seconds."""
+
+    def __init__(self, capacity: float, window: float, now: float) -> None:
+        self.capacity = capacity
+        self.window = window
+        self.level = float(capacity)
+        self.stamp = now
+
+    def resize(self, capacity: float, window: float) -> None:
+        self.capacity, self.window = capacity, window
+        self.level = min(self.level, capacity)
+
+    def wait(self, cost: float, now: float) -> float:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.capacity / self.window)
+        self.stamp = now
+        if cost > self.capacity:
+            return math.inf
+        return 0.0 if self.level >= cost else (cost - self.level) * self.window / self.capacity
+
+    def take(self, cost: float) -> None:
+        self.level -= cost
+
+    def remaining(self) -> int:
+        return max(0, int(self.level))
+
+    def reset_s(self) -> float:
+        return max(0.0, (self.capacity - self.level) * self.window / self.capacity)
+
+
+class _Sliding:
+    """Sliding log: the admitted cost of the last `window` seconds never exceeds `capacity`."""
+
+    def __init__(self, capacity: float, window: float, now: float) -> None:
+        self.capacity = capacity
+        self.window = window
+        self.log: deque = deque()
+        self.used = 0.0
+        self.now = now
+
+    def resize(self, capacity: float, window: float) -> None:
+        self.capacity, self.window = capacity, window
+
+    def wait(self, cost: float, now: float) -> float:
+        self.now = now
+        log, horizon = self.log, now - self.window
+        while log and log[0][0] <= horizon:
+            self.used -= log.popleft()[1]
+        if cost > self.capacity:
+            return math.inf
+        excess = self.used + cost - self.capacity
+        if excess <= 0:
+            return 0.0
+        freed = 0.0
+        for stamp, amount in log:
+            freed += amount
+            if freed >= excess:
+                return stamp + self.window - now
+        return self.window
+
+    def take(self, cost: float) -> None:
+        if cost:
+            self.log.append((self.now, cost))
+            self.used += cost
+
+    def remaining(self) -> int:
+        return max(0, int(self.capacity - self.used))
+
+    def reset_s(self) -> float:
+        return max(0.0, self.log[-1][0] + self.window - self.now) if self.log else 0.0
+
+
+def openai_duration(seconds: float) -> str:
+    """OpenAI's reset format: '120ms', '1s', '1.5s', '6m0s', '1h2m3s'."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    secs_text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{int(hours)}h{int(minutes)}m{secs_text}"
+    if minutes:
+        return f"{int(minutes)}m{secs_text}"
+    return secs_text
+
+
+def rfc3339_after(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + math.ceil(seconds)))
+
+
+# bucket name → config attribute, OpenAI header family ("" = none), Anthropic header family
+_LIMITS = (
+    ("requests", "rpm", "requests", "requests"),
+    ("tokens", "tpm", "tokens", "tokens"),
+    ("input_tokens", "input_tpm", "", "input-tokens"),
+    ("output_tokens", "output_tpm", "", "output-tokens"),
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the server
+
+
+class _Reply:
+    __slots__ = ("data", "status", "close", "digest")
+
+    def __init__(self, data: bytes | None, status: int | str, close: bool = False, digest: str | None = None):
+        self.data = data          # None: drop the connection
+        self.status = status
+        self.close = close
+        self.digest = digest      # set on real 200 answers
+
+
+class FakeServer:
+    """The fake. `FakeServer(FakeConfig(...))` or `FakeServer(latency_s=..., rpm=...)`.
+
+    Threaded: `start()` / `stop()` or `with FakeServer(...) as server:`.
+    In a running loop: `await listen()` / `await aclose()`, `async with`, or `await serve()` (until stopped).
+    """
+
+    def __init__(self, config: FakeConfig | None = None, **options: Any) -> None:
+        config = config if config is not None else FakeConfig()
+        self.config = replace(config, **options) if options else config
+        self.stats = FakeStats(self.config.keep_bodies)
+        self.port: int | None = None
+        self._rng = random.Random(self.config.seed)
+        self._lifetime = 0
+        self._limits: dict[str, Any] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conns: set[_Connection] = set()
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+        self._warned = False
+
+    # -- addresses -----------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the fake server is not listening yet")
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def anthropic_base_url(self) -> str:
+        return self.url
+
+    def reset_stats(self) -> None:
+        """Clear the stats; request sequence numbers (for `faults`) start again at 1."""
+        self.stats.reset()
+
+    # -- lifecycle in a running loop ---------------------------------------------------------------
+
+    async def listen(self) -> None:
+        """Start listening in the running loop; returns once the port is bound."""
+        if self._server is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._server = await self._loop.create_server(
+            lambda: _Connection(self), HOST, self.config.port, reuse_address=True, backlog=1024,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def serve(self) -> None:
+        """Listen (if not yet) and serve until `stop()` is called or this task is cancelled."""
+        await self.listen()
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for conn in list(self._conns):
+            conn.abort()
+        await asyncio.sleep(0)
+        try:
+            await asyncio.wait_for(server.wait_closed(), 2)
+        except asyncio.TimeoutError:
+            pass
+
+    async def __aenter__(self) -> "FakeServer":
+        await self.listen()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    # -- lifecycle in a thread of its own ----------------------------------------------------------
+
+    def start(self) -> "FakeServer":
+        """Serve from a daemon thread with its own event loop; returns once listening."""
+        if self._thread is not None:
+            raise RuntimeError("already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                try:
+                    loop.run_until_complete(self.listen())
+                except BaseException as exc:  # noqa: BLE001 - handed to start()
+                    failure.append(exc)
+                    return
+                finally:
+                    ready.set()
+                loop.run_until_complete(self.serve())
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="fakeserver", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (from any thread): drops open connections and, if threaded, joins the thread."""
+        loop, stopped = self._loop, self._stopped
+        if loop is not None and stopped is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stopped.set)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def __enter__(self) -> "FakeServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- one request -----------------------------------------------------------------------------------
+
+    def handle(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> tuple[float, _Reply]:
+        """Decide the answer to one request: (delay in seconds, reply)."""
+        config, stats = self.config, self.stats
+        with stats.lock:
+            stats.total += 1
+            seq = stats.total
+        self._lifetime += 1
+        delay = config.latency_s
+        route = path.split("?", 1)[0].rstrip("/")
+        provider = "openai" if route.endswith("/chat/completions") else "anthropic" if route.endswith("/messages") else ""
+
+        if self._lifetime > config.max_requests:
+            with stats.lock:
+                stats.over_max_requests += 1
+            if not self._warned:
+                self._warned = True
+                print(f"fakeserver: more than max_requests={config.max_requests} requests; answering 503",
+                      file=sys.stderr, flush=True)
+            return delay, self.error(provider or "openai", 503, "fake server: max_requests exceeded")
+        if not provider:
+            return delay, self.error("openai", 404, f"Unknown request URL: {method} {route}")
+        if method != "POST":
+            return delay, self.error(provider, 405, f"method {method} not allowed on {route}")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return delay, self.error(provider, 400, "request body is not valid JSON")
+        if not isinstance(body, dict):
+            return delay, self.error(provider, 400, "request body must be a JSON object")
+        with stats.lock:
+            stats.bodies.append(body)
+
+        if config.api_key is not None and not self._authorized(provider, headers, config.api_key):
+            return delay, self.error(provider, 401, "Incorrect API key provided" if provider == "openai"
+                                     else "invalid x-api-key")
+
+        fault = config.faults.get(seq)
+        if fault is None and config.fault_rates:
+            draw, edge = self._rng.random(), 0.0
+            for kind, rate in list(config.fault_rates.items()):
+                edge += rate
+                if draw < edge:
+                    fault = kind
+                    break
+        if fault is not None:
+            with stats.lock:
+                stats.faults[fault] += 1
+            if fault == "drop":
+                return delay, _Reply(None, "drop")
+            if fault == "malformed":
+                return delay, self._send(200, MALFORMED_BODY, ())
+            if fault in ("slow", "timeout"):
+                delay += config.slow_s
+            elif fault.isdigit() and 400 <= int(fault) <= 599:
+                status = int(fault)
+                extra = self._retry_headers(config.retry_after) if status == 429 else ()
+                return delay, self.error(provider, status, f"fake server: injected {status}", extra)
+            else:
+                return delay, self.error(provider, 500, f"fake server: unknown fault kind {fault!r}")
+
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return delay, self.error(provider, 400, "messages: a list is required")
+        if provider == "openai":
+            return delay, self._openai(body, messages, seq)
+        return delay, self._anthropic(body, messages, seq)
+
+    @staticmethod
+    def _authorized(provider: str, headers: dict[str, str], key: str) -> bool:
+        if headers.get("authorization") == "Bearer " + key:
+            return True
+        return provider == "anthropic" and headers.get("x-api-key") == key
+
+    def _openai(self, body: dict, messages: list, seq: int) -> _Reply:
+        n = body.get("n") or 1
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not isinstance(n, int) or n < 1 or not (max_tokens is None or isinstance(max_tokens, int)):
+            return self.error("openai", 400, "n and max_tokens must be positive integers")
+        input_tokens = count_tokens("".join(content_text(m.get("content")) for m in messages if isinstance(m, dict)))
+        admitted, headers = self._admit("openai", input_tokens, n * (max_tokens or 0))
+        if not admitted:
+            return headers
+        choices, completion_tokens = [], 0
+        for index in range(n):
+            text, reason, tokens = self._answer(messages, index, body, max_tokens)
+            if text is None:
+                return self.error("openai", 500, reason, headers)
+            completion_tokens += tokens
+            choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                            "finish_reason": reason, "logprobs": None})
+        answer = {
+            "id": f"chatcmpl-fake{seq:08d}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", "fake"), "choices": choices,
+            "usage": {"prompt_tokens": input_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": input_tokens + completion_tokens},
+        }
+        return self._success(body, answer, headers)
+
+    def _anthropic(self, body: dict, messages: list, seq: int) -> _Reply:
+        max_tokens = body.get("max_tokens")
+        if max_tokens is not None and not isinstance(max_tokens, int):
+            return self.error("anthropic", 400, "max_tokens: an integer is required")
+        chars = "".join(content_text(m.get("content")) for m in messages if isinstance(m, dict))
+        input_tokens = count_tokens(content_text(body.get("system")) + chars)
+        admitted, headers = self._admit("anthropic", input_tokens, max_tokens or 0)
+        if not admitted:
+            return headers
+        text, reason, tokens = self._answer(messages, 0, body, max_tokens)
+        if text is None:
+            return self.error("anthropic", 500, reason, headers)
+        answer = {
+            "id": f"msg_fake{seq:016x}", "type": "message", "role": "assistant",
+            "content": [{"type": "text", "text": text}], "model": body.get("model", "fake"),
+            "stop_reason": "max_tokens" if reason == "length" else "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": tokens},
+        }
+        return self._success(body, answer, headers)
+
+    def _answer(self, messages: list, index: int, body: dict, max_tokens: int | None):
+        """(text, finish_reason, tokens), or (None, error message, 0) when the responder raised."""
+        try:
+            text = (self.config.responder or default_responder)(messages, index, body)
+            text = "" if text is None else str(text)
+        except Exception as exc:  # noqa: BLE001 - a test's responder bug becomes a 500
+            return None, f"fake server: responder raised {type(exc).__name__}: {exc}", 0
+        tokens = count_tokens(text)
+        if max_tokens is not None and tokens > max_tokens:
+            return text[: max_tokens * 4], "length", max_tokens
+        return text, "stop", tokens
+
+    def _success(self, body: dict, answer: dict, headers: list) -> _Reply:
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        reply = self._send(200, json.dumps(answer, separators=(",", ":")).encode(), headers)
+        reply.digest = digest
+        return reply
+
+    def _admit(self, provider: str, input_tokens: int, output_tokens: int):
+        """(True, rate-limit headers) or (False, a 429 reply)."""
+        config = self.config
+        active = []
+        now = time.monotonic()
+        for name, attr, openai_family, anthropic_family in _LIMITS:
+            limit = getattr(config, attr)
+            family = openai_family if provider == "openai" else anthropic_family
+            if not limit or not family:
+                continue
+            kind = _Sliding if config.rate_mode == "sliding" else _Bucket
+            bucket = self._limits.get(name)
+            if type(bucket) is not kind:
+                bucket = self._limits[name] = kind(limit, config.rate_window_s, now)
+            elif bucket.capacity != limit or bucket.window != config.rate_window_s:
+                bucket.resize(limit, config.rate_window_s)
+            cost = (1 if name == "requests" else input_tokens + output_tokens if name == "tokens"
+                    else input_tokens if name == "input_tokens" else output_tokens)
+            active.append((name, family, limit, bucket, cost, bucket.wait(cost, now)))
+        if not active:
+            return True, ()
+        worst = max(active, key=lambda item: item[5])
+        if worst[5] <= 0:
+            for _, _, _, bucket, cost, _ in active:
+                bucket.take(cost)
+        headers = []
+        for name, family, limit, bucket, _, _ in active:
+            if provider == "openai":
+                headers += [(f"x-ratelimit-limit-{family}", str(limit)),
+                            (f"x-ratelimit-remaining-{family}", str(bucket.remaining())),
+                            (f"x-ratelimit-reset-{family}", openai_duration(bucket.reset_s()))]
+            else:
+                headers += [(f"anthropic-ratelimit-{family}-limit", str(limit)),
+                            (f"anthropic-ratelimit-{family}-remaining", str(bucket.remaining())),
+                            (f"anthropic-ratelimit-{family}-reset", rfc3339_after(bucket.reset_s()))]
+        if worst[5] <= 0:
+            return True, headers
+        name, _, limit, _, cost, wait = worst
+        if wait == math.inf:
+            wait = config.rate_window_s
+            message = f"Request too large: {name} limit {limit} per {config.rate_window_s:g}s, requested {cost}."
+        else:
+            message = (f"Rate limit reached for {name}: limit {limit} per {config.rate_window_s:g}s, "
+                       f"requested {cost}. Please try again in {wait:.3f}s.")
+        return False, self.error(provider, 429, message, headers + self._retry_headers(wait))
+
+    @staticmethod
+    def _retry_headers(seconds: float) -> list:
+        return [("retry-after", str(max(1, math.ceil(seconds)))),
+                ("retry-after-ms", str(max(1, math.ceil(seconds * 1000))))]
+
+    def error(self, provider: str, status: int, message: str, headers=()) -> _Reply:
+        openai_type, anthropic_type = ERROR_TYPES.get(status, ("server_error", "api_error"))
+        if provider == "anthropic":
+            payload = {"type": "error", "error": {"type": anthropic_type, "message": message}}
+        else:
+            code = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded"}.get(status)
+            payload = {"error": {"message": message, "type": openai_type, "param": None, "code": code}}
+        return self._send(status, json.dumps(payload).encode(), headers)
+
+    @staticmethod
+    def _send(status: int, payload: bytes, headers) -> _Reply:
+        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n"]
+        for name, value in headers:
+            head.append(f"{name}: {value}\r\n")
+        head.append("\r\n")
+        return _Reply("".join(head).encode("latin-1") + payload, status)
+
+    def record(self, reply: _Reply, delivered: bool) -> None:
+        stats = self.stats
+        with stats.lock:
+            if not delivered:
+                stats.client_gone += 1
+                return
+            stats.by_status[reply.status] += 1
+            if reply.status == 429:
+                stats.rate_limited += 1
+            if reply.digest is not None:
+                stats.answered[reply.digest] += 1
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection. Requests are answered one at a time, in order."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.head: tuple | None = None     # (method, path, headers, body start, length or -1 for chunked, keep-alive)
+        self.pending: _Reply | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.continued = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server._conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pending is not None:
+            self.server.record(self.pending, delivered=False)
+            self.pending = None
+        self.server._conns.discard(self)
+
+    def abort(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pending = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.pending is None:
+            self._pump()
+
+    def _pump(self) -> None:
+        while self.pending is None and not self.closed:
+            request = self._next_request()
+            if request is None:
+                return
+            method, path, headers, body, keep_alive = request
+            delay, reply = self.server.handle(method, path, headers, body)
+            reply.close = reply.close or not keep_alive
+            if delay > 0:
+                self.pending = reply
+                self.timer = asyncio.get_running_loop().call_later(delay, self._fire)
+                return
+            self._deliver(reply)
+
+    def _fire(self) -> None:
+        self.timer = None
+        reply, self.pending = self.pending, None
+        if reply is not None and not self.closed:
+            self._deliver(reply)
+            self._pump()
+
+    def _deliver(self, reply: _Reply) -> None:
+        if reply.data is None:  # "drop"
+            self.server.record(reply, delivered=True)
+            self.closed = True
+            self.transport.abort()
+            return
+        if self.transport.is_closing():
+            self.server.record(reply, delivered=False)
+            self.closed = True
+            return
+        data = reply.data
+        if reply.close:
+            end = data.index(b"\r\n\r\n")
+            data = data[:end] + b"\r\nconnection: close" + data[end:]
+        self.transport.write(data)
+        self.server.record(reply, delivered=True)
+        if reply.close:
+            self.closed = True
+            self.transport.close()
+
+    def _reject(self, status: int, message: str) -> None:
+        reply = self.server.error("openai", status, message)
+        reply.close = True
+        self._deliver(reply)
+
+    def _next_request(self):
+        """(method, path, headers, body, keep_alive) when a whole request is buffered, else None."""
+        buffer = self.buffer
+        if self.head is None:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEADER_BYTES:
+                    self._reject(431, "request headers too large")
+                return None
+            lines = buffer[:end].decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ")
+            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+                self._reject(400, "malformed request line")
+                return None
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            connection = headers.get("connection", "").lower()
+            keep_alive = "close" not in connection if parts[2] == "HTTP/1.1" else "keep-alive" in connection
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                length = -1
+            else:
+                try:
+                    length = int(headers.get("content-length") or 0)
+                except ValueError:
+                    self._reject(400, "bad content-length")
+                    return None
+                if length < 0 or length > MAX_BODY_BYTES:
+                    self._reject(413, "request body too large")
+                    return None
+            self.head = (parts[0], parts[1], headers, end + 4, length, keep_alive)
+            self.continued = False
+        method, path, headers, start, length, keep_alive = self.head
+        if length >= 0:
+            if len(buffer) - start < length:
+                self._maybe_continue(headers)
+                return None
+            body = bytes(buffer[start:start + length])
+            consumed = start + length
+        else:
+            parsed = self._dechunk(start)
+            if parsed is None:
+                self._maybe_continue(headers)
+                return None
+            body, consumed = parsed
+        del buffer[:consumed]
+        self.head = None
+        return method, path, headers, body, keep_alive
+
+    def _maybe_continue(self, headers: dict) -> None:
+        if not self.continued and headers.get("expect", "").lower() == "100-continue":
+            self.continued = True
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _dechunk(self, pos: int):
+        """A chunked body from `pos`: (body, end offset), or None if it is not all here yet."""
+        buffer, chunks = self.buffer, []
+        while True:
+            eol = buffer.find(b"\r\n", pos)
+            if eol < 0:
+                return None
+            try:
+                size = int(bytes(buffer[pos:eol]).split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self._reject(400, "bad chunk size")
+                return None
+            pos = eol + 2
+            if size == 0:
+                while True:  # trailers, up to the empty line
+                    eol = buffer.find(b"\r\n", pos)
+                    if eol < 0:
+                        return None
+                    if eol == pos:
+                        return b"".join(chunks), eol + 2
+                    pos = eol + 2
+            if len(buffer) < pos + size + 2:
+                return None
+            chunks.append(bytes(buffer[pos:pos + size]))
+            pos += size + 2
+            if sum(map(len, chunks)) > MAX_BODY_BYTES:
+                self._reject(413, "request body too large")
+                return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line
+
+
+def _pairs(values: list[str], key: Callable, value: Callable, flag: str) -> dict:
+    out = {}
+    for item in values:
+        left, sep, right = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} wants KEY=VALUE, got {item!r}")
+        try:
+            out[key(left.strip())] = value(right.strip())
+        except ValueError:
+            raise SystemExit(f"{flag}: cannot read {item!r}") from None
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> FakeConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m factory.fakeserver",
+        description="Loopback fake OpenAI + Anthropic server. Prints 'PORT <n>' once listening on 127.0.0.1.",
+    )
+    parser.add_argument("--port", type=int, default=0, help="0: any free port (default)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before every response")
+    parser.add_argument("--rpm", type=int)
+    parser.add_argument("--tpm", type=int)
+    parser.add_argument("--input-tpm", type=int, help="Anthropic input tokens per minute")
+    parser.add_argument("--output-tpm", type=int, help="Anthropic output tokens per minute")
+    parser.add_argument("--rate-mode", choices=("bucket", "sliding"), default="bucket")
+    parser.add_argument("--api-key")
+    parser.add_argument("--fault", action="append", default=[], metavar="SEQ=KIND",
+                        help="e.g. 3=429, 7=drop (repeatable)")
+    parser.add_argument("--fault-rate", action="append", default=[], metavar="KIND=P",
+                        help="e.g. 500=0.1 (repeatable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--retry-after", type=float, default=1.0, help="seconds, for injected 429s")
+    parser.add_argument("--slow", type=float, default=5.0, help="extra seconds of a 'slow' fault")
+    parser.add_argument("--max-requests", type=int, default=200_000)
+    args = parser.parse_args(argv)
+    return FakeConfig(
+        port=args.port, latency_s=args.latency, api_key=args.api_key, rpm=args.rpm, tpm=args.tpm,
+        input_tpm=args.input_tpm, output_tpm=args.output_tpm, rate_mode=args.rate_mode,
+        faults=_pairs(args.fault, int, str, "--fault"),
+        fault_rates=_pairs(args.fault_rate, str, float, "--fault-rate"),
+        seed=args.seed, retry_after=args.retry_after, slow_s=args.slow, max_requests=args.max_requests,
+    )
+
+
+async def _main(config: FakeConfig) -> FakeServer:
+    server = FakeServer(config)
+    await server.listen()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server._stopped.set)
+    print(f"PORT {server.port}", flush=True)
+    await server.serve()
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    server = asyncio.run(_main(parse_args(argv)))
+    snap = server.stats.snapshot()
+    print(f"fakeserver: {snap['total']} requests, by status {snap['by_status']}", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

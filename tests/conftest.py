@@ -1,0 +1,68 @@
+"""Shared fixtures: a loopback fake OpenAI/Anthropic server, recipe and prompt writers."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "sk-test-0123456789abcdef-SECRET"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def server():
+    from factory.fakeserver import FakeConfig, FakeServer
+
+    fake = FakeServer(FakeConfig(api_key=API_KEY))
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+def write_prompts(path: Path, count: int, *, prefix: str = "question") -> Path:
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(count):
+            handle.write(json.dumps({"id": f"p{i}", "prompt": f"{prefix} {i}", "attributes": {"k": i % 3}}) + "\n")
+    return path
+
+
+def write_recipe(path: Path, *, output_dir: Path, prompts: Path, provider: str, base_url: str,
+                 model: str = "gpt-4o-mini", n: int = 1, extra_teacher: str = "", extra: str = "") -> Path:
+    path.write_text(
+        "factory:\n"
+        f"  output_dir: {output_dir}\n"
+        f"  prompts: {{path: {prompts}}}\n"
+        f"  samples_per_prompt: {n}\n"
+        "  teacher:\n"
+        f"    provider: {provider}\n"
+        f"    model: {model}\n"
+        f"    base_url: {base_url}\n"
+        "    api_key_env: APPRENTICE_TEST_KEY\n"
+        "    params: {temperature: 0.8, max_tokens: 64}\n"
+        f"{extra_teacher}"
+        f"{extra}",
+        encoding="utf-8",
+    )
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture
+def env_key(monkeypatch):
+    monkeypatch.setenv("APPRENTICE_TEST_KEY", API_KEY)
+    return API_KEY
+
+
+PYTHON = sys.executable
