@@ -135,6 +135,16 @@ class Reservation:
     output_tokens: float
 
 
+def _amount(bucket: str, reservation: Reservation) -> float:
+    if bucket == "requests":
+        return 1.0
+    if bucket == "input_tokens":
+        return reservation.input_tokens
+    if bucket == "output_tokens":
+        return reservation.output_tokens
+    return reservation.input_tokens + reservation.output_tokens
+
+
 @dataclass(slots=True)
 class LimiterStats:
     requests: int = 0
@@ -255,18 +265,7 @@ class Limiter:
 
     # ---- rate buckets ---------------------------------------------------------------------------
     def _needs(self, reservation: Reservation) -> list[tuple[Bucket, float]]:
-        needs = []
-        total = reservation.input_tokens + reservation.output_tokens
-        for name, amount in (
-            ("requests", 1.0),
-            ("tokens", total),
-            ("input_tokens", reservation.input_tokens),
-            ("output_tokens", reservation.output_tokens),
-        ):
-            bucket = self.buckets.get(name)
-            if bucket is not None:
-                needs.append((bucket, amount))
-        return needs
+        return [(bucket, _amount(name, reservation)) for name, bucket in self.buckets.items()]
 
     async def _admit(self, reservation: Reservation) -> None:
         while not self.closed:
@@ -282,9 +281,13 @@ class Limiter:
             self.stats.waited_s += wait
             await self._sleep(wait)
 
-    def observe_headers(self, headers: Mapping[str, str]) -> None:
+    def observe_headers(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:
+        """Adopt the limits a response reports. A bucket made here starts from the reported remainder
+        less what the other requests in flight will take: they were sent before the bucket existed,
+        so nothing was taken for them, and the server had not counted them yet when it answered."""
         if not headers:
             return
+        others = max(0, self.in_flight - 1)
         for family, (limit_h, remaining_h, reset_h) in HEADER_FAMILIES.items():
             limit = _number(headers, limit_h)
             remaining = _number(headers, remaining_h)
@@ -299,6 +302,10 @@ class Limiter:
                 if limit is None:
                     continue
                 bucket = self.buckets[name] = Bucket(limit)
+                bucket.observe(limit, remaining, parse_duration(headers.get(reset_h)))
+                if reservation is not None:
+                    bucket.take(others * _amount(name, reservation))
+                continue
             bucket.observe(limit, remaining, parse_duration(headers.get(reset_h)))
 
     def _refund(self, reservation: Reservation, response: TeacherResponse) -> None:
@@ -354,7 +361,7 @@ class Limiter:
             await self._sleep(delay)
 
     def _on_success(self, reservation: Reservation, response: TeacherResponse) -> None:
-        self.observe_headers(response.headers)
+        self.observe_headers(response.headers, reservation)
         self._refund(reservation, response)
         self.consecutive_failures = 0
         if self.breaker_open:
@@ -365,7 +372,7 @@ class Limiter:
     def _on_failure(self, error: TeacherError, attempt: int) -> float | None:
         """Bookkeeping for a failed attempt; the delay before the next, or None to give up."""
         now = time.monotonic()
-        self.observe_headers(error.headers)
+        self.observe_headers(error.headers, None)
         if not error.retryable:
             return None
         if error.rate_limited:
