@@ -272,3 +272,54 @@ def test_enforced_rate_limit_gives_few_429s_and_uses_most_of_the_limit(tmp_path,
     allowed_s = (total - 300) / 5
     assert elapsed >= allowed_s * 0.8  # the limit was obeyed...
     assert elapsed <= allowed_s * 1.6 + 3  # ...and mostly used
+
+
+def test_slow_answer_times_out_and_is_retried(tmp_path, server, env_key):
+    server.config.faults[1] = "slow"
+    server.config.slow_s = 3.0
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", 2),
+                          provider="openai", base_url=server.openai_base_url,
+                          extra_teacher="    timeout_s: 0.5\n")
+    assert generate(recipe) == 0
+    assert len(read_jsonl(run / "accepted.jsonl")) == 2
+    assert manifest(run)["this_run"]["retries"] == 1
+
+
+def test_budget_without_a_known_price_is_refused(tmp_path, server, env_key, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=tmp_path / "run",
+                          prompts=write_prompts(tmp_path / "p.jsonl", 2), provider="openai",
+                          base_url=server.openai_base_url, model="my-own-model", extra="  budget_usd: 1\n")
+    assert generate(recipe) == 2
+    assert "factory.teacher.price" in capsys.readouterr().err
+    assert server.stats.total == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_writes_in_flight_and_says_how_to_resume(tmp_path, server, env_key):
+    server.config.latency_s = 0.05
+    total = 300
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", total),
+                          provider="openai", base_url=server.openai_base_url,
+                          extra_teacher="    max_concurrency: 8\n")
+    env = dict(os.environ, APPRENTICE_TEST_KEY=API_KEY)
+    proc = subprocess.Popen([PYTHON, "-m", "factory", "generate", str(recipe)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    accepted = run / "accepted.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (accepted.exists() and accepted.read_bytes().count(b"\n") >= 30):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err[-2000:]
+    assert "run the same command again to resume" in err
+    assert manifest(run)["status"] == "interrupted"
+    kept = read_jsonl(accepted)
+    assert 30 <= len(kept) < total
+    # every answer received before the stop was written: the cache holds no answer without its record
+    with sqlite3.connect(run / "cache.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == len(kept)
+    server.reset_stats()
+    assert generate(recipe) == 0
+    assert len(read_jsonl(accepted)) == total and server.stats.total == total - len(kept)
