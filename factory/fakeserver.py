@@ -710,7 +710,10 @@ class _Connection(asyncio.Protocol):
             if request is None:
                 return
             method, path, headers, body, keep_alive = request
-            delay, reply = self.server.handle(method, path, headers, body)
+            try:
+                delay, reply = self.server.handle(method, path, headers, body)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not kill the connection silently
+                delay, reply = 0.0, self.server.error("openai", 500, f"fake server bug: {type(exc).__name__}: {exc}")
             reply.close = reply.close or not keep_alive
             if delay > 0:
                 self.pending = reply
@@ -739,8 +742,9 @@ class _Connection(asyncio.Protocol):
         if reply.close:
             end = data.index(b"\r\n\r\n")
             data = data[:end] + b"\r\nconnection: close" + data[end:]
-        self.transport.write(data)
+        # Count before writing: once a client holds the response, the stats already show it.
         self.server.record(reply, delivered=True)
+        self.transport.write(data)
         if reply.close:
             self.closed = True
             self.transport.close()
@@ -767,7 +771,7 @@ class _Connection(asyncio.Protocol):
             headers = {}
             for line in lines[1:]:
                 name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
+                headers[name.lower()] = value.strip()
             connection = headers.get("connection", "").lower()
             keep_alive = "close" not in connection if parts[2] == "HTTP/1.1" else "keep-alive" in connection
             if "chunked" in headers.get("transfer-encoding", "").lower():

@@ -1,0 +1,414 @@
+"""The loopback fake OpenAI + Anthropic server, driven through the real SDKs (max_retries=0)."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import subprocess
+import time
+
+import anthropic
+import openai
+import pytest
+
+from conftest import API_KEY, PYTHON, REPO
+from factory.fakeserver import FakeConfig, FakeServer, count_tokens, openai_duration
+from factory.limiter import parse_duration
+
+pytestmark = pytest.mark.timeout(60)
+
+USER = [{"role": "user", "content": "hello there, teacher"}]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def oai(server: FakeServer, key: str = API_KEY, **kw) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.openai_base_url, api_key=key, max_retries=0, **kw)
+
+
+def ant(server: FakeServer, key: str = API_KEY, **kw) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=server.anthropic_base_url, api_key=key, max_retries=0, **kw)
+
+
+@pytest.fixture
+def fake():
+    """A server without an API key, for tests that set their own options."""
+    servers = []
+
+    def make(**options) -> FakeServer:
+        server = FakeServer(FakeConfig(**options)).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def test_openai_n_choices_usage_and_stats(server):
+    async def go():
+        async with oai(server) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=[{"role": "system", "content": "Be brief."}, *USER], n=3, max_tokens=50)
+            return raw.http_response.status_code, json.loads(raw.content), raw.parse()
+
+    status, data, parsed = run(go())
+    assert status == 200 and data["object"] == "chat.completion" and data["model"] == "gpt-4o-mini"
+    assert [c["index"] for c in data["choices"]] == [0, 1, 2]
+    assert [c["message"]["content"] for c in data["choices"]] == [f"Answer {i}: hello there, teacher" for i in range(3)]
+    assert {c["finish_reason"] for c in data["choices"]} == {"stop"} and data["choices"][0]["logprobs"] is None
+    usage = data["usage"]
+    assert usage["prompt_tokens"] == count_tokens("Be brief." + USER[0]["content"])
+    assert usage["completion_tokens"] == 3 * count_tokens("Answer 0: hello there, teacher")
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert parsed.choices[2].message.content.startswith("Answer 2:")
+
+    snap = server.stats.snapshot()
+    assert snap["total"] == 1 and snap["by_status"] == {200: 1} and snap["bodies"][0]["n"] == 3
+    [(digest, count)] = snap["answered"].items()
+    assert count == 1 and digest == hashlib.sha256(json.dumps(snap["bodies"][0], sort_keys=True).encode()).hexdigest()
+    server.reset_stats()
+    assert server.stats.total == 0 and not server.stats.answered and not server.stats.bodies
+
+
+def test_anthropic_message_shape_system_and_list_content(server):
+    async def go():
+        async with ant(server) as client:
+            raw = await client.messages.with_raw_response.create(
+                model="claude-haiku-4-5", max_tokens=100, system="Be brief.",
+                messages=[{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "you"}]}])
+            return json.loads(await raw.read()), await raw.parse()
+
+    data, parsed = run(go())
+    assert data["type"] == "message" and data["role"] == "assistant" and data["id"].startswith("msg_")
+    assert data["content"] == [{"type": "text", "text": "Answer 0: hi you"}]
+    assert data["stop_reason"] == "end_turn" and data["stop_sequence"] is None
+    assert data["usage"] == {"input_tokens": count_tokens("Be brief.hi you"), "output_tokens": count_tokens("Answer 0: hi you")}
+    assert parsed.content[0].text == "Answer 0: hi you"
+    assert server.stats.bodies[0]["system"] == "Be brief."
+
+
+def test_length_truncation_both_providers(server):
+    server.config.responder = lambda messages, index, body: "word " * 100  # 500 chars, 125 tokens
+
+    async def go():
+        async with oai(server) as o, ant(server) as a:
+            first = await o.chat.completions.create(model="m", messages=USER, max_completion_tokens=10)
+            second = await a.messages.create(model="m", max_tokens=10, messages=USER)
+            third = await o.chat.completions.create(model="m", messages=USER, max_tokens=1000)
+            return first, second, third
+
+    first, second, third = run(go())
+    assert first.choices[0].finish_reason == "length" and len(first.choices[0].message.content) == 40
+    assert first.usage.completion_tokens == 10
+    assert second.stop_reason == "max_tokens" and len(second.content[0].text) == 40 and second.usage.output_tokens == 10
+    assert third.choices[0].finish_reason == "stop" and third.usage.completion_tokens == 125
+
+
+def test_injected_faults_by_sequence_number_across_endpoints(server):
+    server.config.faults.update({1: "429", 2: "429", 3: "500", 4: "503", 5: "drop", 6: "malformed", 7: "529"})
+    server.config.retry_after = 2.5
+
+    async def go():
+        errors = []
+        async with oai(server) as o, ant(server) as a:
+            calls = [
+                lambda: o.chat.completions.create(model="m", messages=USER),
+                lambda: a.messages.create(model="m", max_tokens=5, messages=USER),
+                lambda: o.chat.completions.create(model="m", messages=USER),
+                lambda: a.messages.create(model="m", max_tokens=5, messages=USER),
+                lambda: o.chat.completions.create(model="m", messages=USER),
+                lambda: o.chat.completions.with_raw_response.create(model="m", messages=USER),
+                lambda: a.messages.create(model="m", max_tokens=5, messages=USER),
+                lambda: o.chat.completions.create(model="m", messages=USER),
+            ]
+            for call in calls:
+                try:
+                    errors.append(await call())
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+        return errors
+
+    e429o, e429a, e500, e503, drop, malformed, e529, ok = run(go())
+    assert isinstance(e429o, openai.RateLimitError) and isinstance(e429a, anthropic.RateLimitError)
+    for exc in (e429o, e429a):
+        assert exc.response.headers["retry-after"] == "3" and exc.response.headers["retry-after-ms"] == "2500"
+    assert e429o.body["type"] == "rate_limit_error" and e429o.body["code"] == "rate_limit_exceeded"
+    assert e429a.body == {"type": "error", "error": {"type": "rate_limit_error", "message": "fake server: injected 429"}}
+    assert isinstance(e500, openai.InternalServerError) and e500.status_code == 500
+    assert isinstance(e503, anthropic.InternalServerError) and e503.status_code == 503
+    assert e503.body["error"]["type"] == "overloaded_error"
+    assert isinstance(drop, openai.APIConnectionError) and not isinstance(drop, openai.APITimeoutError)
+    assert malformed.http_response.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(malformed.content)
+    assert isinstance(e529, anthropic.APIStatusError) and e529.status_code == 529
+    assert ok.choices[0].message.content.startswith("Answer 0")
+
+    snap = server.stats.snapshot()
+    assert snap["total"] == 8 and snap["rate_limited"] == 2
+    assert snap["by_status"] == {429: 2, 500: 1, 503: 1, "drop": 1, 200: 2, 529: 1}
+    assert len(snap["answered"]) == 1  # the malformed 200 is not a real answer
+    assert snap["faults"] == {"429": 2, "500": 1, "503": 1, "drop": 1, "malformed": 1, "529": 1}
+
+
+def test_fault_rates_are_seeded_and_reproducible(fake):
+    def outcomes(seed):
+        server = fake(fault_rates={"500": 0.3, "drop": 0.2}, seed=seed)
+
+        async def go():
+            out = []
+            async with oai(server, "k") as client:
+                for _ in range(30):
+                    try:
+                        await client.chat.completions.create(model="m", messages=USER)
+                        out.append("ok")
+                    except openai.InternalServerError:
+                        out.append("500")
+                    except openai.APIConnectionError:
+                        out.append("drop")
+            return out
+
+        return run(go())
+
+    first, second = outcomes(7), outcomes(7)
+    assert first == second
+    assert {"ok", "500", "drop"} <= set(first)
+
+
+def test_slow_fault_times_out_the_client_and_is_not_counted_as_answered(fake):
+    server = fake(faults={1: "slow"}, slow_s=0.5)
+
+    async def go():
+        async with oai(server, "k", timeout=0.15) as client:
+            with pytest.raises(openai.APITimeoutError):
+                await client.chat.completions.create(model="m", messages=USER)
+            start = time.perf_counter()
+            await client.chat.completions.create(model="m", messages=USER)
+            return time.perf_counter() - start
+
+    assert run(go()) < 0.15
+    deadline = time.monotonic() + 2
+    while server.stats.client_gone == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    snap = server.stats.snapshot()
+    assert snap["client_gone"] == 1 and snap["by_status"] == {200: 1} and len(snap["answered"]) == 1
+
+
+def test_rpm_limit_headers_count_down_then_429(fake):
+    server = fake(rpm=3)
+
+    async def go():
+        remaining, resets = [], []
+        async with oai(server, "k") as client:
+            for _ in range(3):
+                raw = await client.chat.completions.with_raw_response.create(model="m", messages=USER, max_tokens=5)
+                assert raw.headers["x-ratelimit-limit-requests"] == "3"
+                remaining.append(raw.headers["x-ratelimit-remaining-requests"])
+                resets.append(raw.headers["x-ratelimit-reset-requests"])
+                assert "x-ratelimit-limit-tokens" not in raw.headers  # no tpm set
+            with pytest.raises(openai.RateLimitError) as caught:
+                await client.chat.completions.create(model="m", messages=USER, max_tokens=5)
+        async with ant(server, "k") as client:
+            with pytest.raises(anthropic.RateLimitError) as caught_a:
+                await client.messages.create(model="m", max_tokens=5, messages=USER)
+        return remaining, resets, caught.value, caught_a.value
+
+    remaining, resets, exc, exc_a = run(go())
+    assert remaining == ["2", "1", "0"]
+    # a bucket refilled over 60 s: time until full again is 20 s per request used
+    assert [round(parse_duration(r)) for r in resets] == [20, 40, 60]
+    headers = exc.response.headers
+    assert int(headers["retry-after"]) >= 19 and headers["x-ratelimit-remaining-requests"] == "0"
+    assert exc.body["type"] == "rate_limit_error"
+    headers_a = exc_a.response.headers
+    assert headers_a["anthropic-ratelimit-requests-limit"] == "3"
+    assert headers_a["anthropic-ratelimit-requests-remaining"] == "0"
+    assert headers_a["anthropic-ratelimit-requests-reset"].endswith("Z") and int(headers_a["retry-after"]) >= 1
+    assert exc_a.body["error"]["type"] == "rate_limit_error"
+    snap = server.stats.snapshot()
+    assert snap["rate_limited"] == 2 and snap["by_status"] == {200: 3, 429: 2}
+
+
+def test_tpm_counts_input_plus_max_tokens_and_anthropic_families(fake):
+    server = fake(tpm=100, input_tpm=1000, output_tpm=50, rate_window_s=60)
+
+    async def go():
+        async with oai(server, "k") as o, ant(server, "k") as a:
+            raw = await o.chat.completions.with_raw_response.create(model="m", messages=USER, max_tokens=20, n=2)
+            tokens_left = int(raw.headers["x-ratelimit-remaining-tokens"])
+            raw_a = await a.messages.with_raw_response.create(model="m", max_tokens=30, messages=USER)
+            with pytest.raises(anthropic.RateLimitError) as caught:  # output tokens: 30 used of 50
+                await a.messages.create(model="m", max_tokens=30, messages=USER)
+            return tokens_left, raw_a.headers, caught.value
+
+    tokens_left, headers, exc = run(go())
+    cost = count_tokens(USER[0]["content"]) + 2 * 20
+    assert tokens_left == 100 - cost
+    assert headers["anthropic-ratelimit-tokens-remaining"] == str(100 - cost - count_tokens(USER[0]["content"]) - 30)
+    assert headers["anthropic-ratelimit-input-tokens-limit"] == "1000"
+    assert headers["anthropic-ratelimit-output-tokens-remaining"] == "20"
+    assert exc.body["error"]["message"].startswith("Rate limit reached for output_tokens")
+
+
+def test_sliding_window_mode_and_runtime_limit_change(fake):
+    server = fake(rpm=2, rate_mode="sliding", rate_window_s=0.3)
+
+    async def go():
+        async with oai(server, "k") as client:
+            create = lambda: client.chat.completions.create(model="m", messages=USER)  # noqa: E731
+            await create()
+            await create()
+            with pytest.raises(openai.RateLimitError):
+                await create()
+            await asyncio.sleep(0.35)
+            await create()  # the window slid past the first two
+            server.config.rpm = None  # limits are read on every request
+            raw = await client.chat.completions.with_raw_response.create(model="m", messages=USER)
+            return raw.headers
+
+    headers = run(go())
+    assert "x-ratelimit-limit-requests" not in headers
+    assert server.stats.by_status == {200: 4, 429: 1}
+
+
+def test_wrong_or_missing_key_is_401_provider_shaped(server):
+    async def go():
+        async with oai(server, "sk-wrong") as o, ant(server, "sk-wrong") as a:
+            with pytest.raises(openai.AuthenticationError) as e1:
+                await o.chat.completions.create(model="m", messages=USER)
+            with pytest.raises(anthropic.AuthenticationError) as e2:
+                await a.messages.create(model="m", max_tokens=5, messages=USER)
+        return e1.value, e2.value
+
+    e1, e2 = run(go())
+    assert e1.status_code == 401 and e1.body["code"] == "invalid_api_key"
+    assert e2.body["type"] == "error" and e2.body["error"]["type"] == "authentication_error"
+    assert server.stats.by_status == {401: 2} and not server.stats.answered
+
+
+def test_responder_errors_and_max_requests_bound(fake):
+    server = fake(max_requests=3)
+
+    def responder(messages, index, body):
+        raise ValueError("boom")
+
+    async def go():
+        async with oai(server, "k") as client:
+            await client.chat.completions.create(model="m", messages=USER)
+            server.config.responder = responder
+            with pytest.raises(openai.InternalServerError) as caught:
+                await client.chat.completions.create(model="m", messages=USER)
+            server.config.responder = None
+            await client.chat.completions.create(model="m", messages=USER)
+            with pytest.raises(openai.InternalServerError) as over:
+                await client.chat.completions.create(model="m", messages=USER)
+        return caught.value, over.value
+
+    boom, over = run(go())
+    assert "ValueError: boom" in boom.message
+    assert over.status_code == 503 and "max_requests" in over.message
+    assert server.stats.over_max_requests == 1
+
+
+def _raw_exchange(port: int, payload: bytes, responses: int) -> list[tuple[bytes, dict, bytes]]:
+    """Send raw bytes on one connection; read `responses` Content-Length responses back."""
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(payload)
+        buffer = b""
+        while len(out) < responses:
+            while b"\r\n\r\n" not in buffer:
+                chunk = sock.recv(65536)
+                assert chunk, "server closed early"
+                buffer += chunk
+            head, buffer = buffer.split(b"\r\n\r\n", 1)
+            lines = head.split(b"\r\n")
+            headers = dict(line.decode().lower().split(": ", 1) for line in lines[1:])
+            length = int(headers["content-length"])
+            while len(buffer) < length:
+                buffer += sock.recv(65536)
+            out.append((lines[0], headers, buffer[:length]))
+            buffer = buffer[length:]
+    return out
+
+
+def test_keep_alive_pipelining_chunked_body_and_404(fake):
+    server = fake(latency_s=0.01)
+    body = json.dumps({"model": "m", "messages": USER}).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7]) for i in range(0, len(body), 7)) + b"0\r\n\r\n"
+    payload = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        + b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+        + b"POST /v1/unknown HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+        + b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    replies = _raw_exchange(server.port, payload, 4)
+    statuses = [line.split()[1] for line, _, _ in replies]
+    assert statuses == [b"200", b"200", b"404", b"200"]
+    assert json.loads(replies[0][2])["choices"][0]["message"]["content"] == json.loads(replies[1][2])["choices"][0]["message"]["content"]
+    assert json.loads(replies[2][2])["error"]["code"] == "not_found"
+    assert json.loads(replies[3][2])["type"] == "message"
+    # the same body answered three times (both endpoints, by design here): the stats show it
+    assert list(server.stats.duplicates().values()) == [3]
+
+
+def test_async_serve_in_a_running_loop():
+    async def go():
+        server = FakeServer(latency_s=0.05)
+        task = asyncio.create_task(server.serve())
+        while server.port is None:
+            await asyncio.sleep(0.001)
+        async with oai(server, "k") as client:
+            start = time.perf_counter()
+            results = await asyncio.gather(*(
+                client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"q{i}"}])
+                for i in range(20)))
+            elapsed = time.perf_counter() - start
+        server.stop()
+        await asyncio.wait_for(task, 5)
+        return results, elapsed
+
+    results, elapsed = run(go())
+    assert [r.choices[0].message.content for r in results] == [f"Answer 0: q{i}" for i in range(20)]
+    assert 0.05 <= elapsed < 1.0  # latency applies concurrently, not one after another
+
+
+def test_openai_duration_format():
+    assert openai_duration(0.12) == "120ms"
+    assert openai_duration(1) == "1s"
+    assert openai_duration(1.5) == "1.5s"
+    assert openai_duration(360) == "6m0s"
+    assert openai_duration(3723) == "1h2m3s"
+
+
+def test_cli_subprocess_serves_until_sigterm():
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "factory.fakeserver", "--port", "0", "--latency", "0.01", "--api-key", "cli-key",
+         "--rpm", "100", "--fault", "2=503", "--fault-rate", "500=0"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stdout.readline().split()
+        assert line[0] == "PORT" and int(line[1]) > 0
+        port = int(line[1])
+
+        async def go():
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0)
+            async with client:
+                raw = await client.chat.completions.with_raw_response.create(model="m", messages=USER)
+                with pytest.raises(openai.InternalServerError):
+                    await client.chat.completions.create(model="m", messages=USER)
+                return raw.headers, raw.parse()
+
+        headers, answer = run(go())
+        assert answer.choices[0].message.content == "Answer 0: hello there, teacher"
+        assert headers["x-ratelimit-remaining-requests"] == "99"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "2 requests" in err
