@@ -20,6 +20,16 @@ def generate(recipe: Path, *extra: str) -> int:
     return main(["generate", str(recipe), *extra])
 
 
+def start_generate(recipe: Path, accepted: Path, lines: int, **popen) -> subprocess.Popen:
+    """Start `python -m factory generate` in a subprocess; return once `accepted` has `lines` lines."""
+    env = dict(os.environ, APPRENTICE_TEST_KEY=API_KEY)
+    proc = subprocess.Popen([PYTHON, "-m", "factory", "generate", str(recipe)], cwd=REPO, env=env, **popen)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (accepted.exists() and accepted.read_bytes().count(b"\n") >= lines):
+        time.sleep(0.01)
+    return proc
+
+
 def manifest(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())
 
@@ -220,15 +230,8 @@ def test_kill_9_mid_run_then_resume_loses_nothing_and_pays_nothing_twice(tmp_pat
     recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", total),
                           provider="openai", base_url=server.openai_base_url,
                           extra_teacher="    max_concurrency: 16\n")
-    env = dict(os.environ, APPRENTICE_TEST_KEY=API_KEY)
-    proc = subprocess.Popen([PYTHON, "-m", "factory", "generate", str(recipe)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     accepted = run / "accepted.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if accepted.exists() and accepted.read_bytes().count(b"\n") >= 100:
-            break
-        time.sleep(0.01)
+    proc = start_generate(recipe, accepted, 100, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     lines_at_kill = accepted.read_bytes().count(b"\n")
@@ -241,6 +244,7 @@ def test_kill_9_mid_run_then_resume_loses_nothing_and_pays_nothing_twice(tmp_pat
     assert paid_before >= lines_at_kill
 
     server.reset_stats()
+    env = dict(os.environ, APPRENTICE_TEST_KEY=API_KEY)
     done = subprocess.run([PYTHON, "-m", "factory", "generate", str(recipe)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -303,13 +307,8 @@ def test_ctrl_c_finishes_writes_in_flight_and_says_how_to_resume(tmp_path, serve
     recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", total),
                           provider="openai", base_url=server.openai_base_url,
                           extra_teacher="    max_concurrency: 8\n")
-    env = dict(os.environ, APPRENTICE_TEST_KEY=API_KEY)
-    proc = subprocess.Popen([PYTHON, "-m", "factory", "generate", str(recipe)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     accepted = run / "accepted.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (accepted.exists() and accepted.read_bytes().count(b"\n") >= 30):
-        time.sleep(0.01)
+    proc = start_generate(recipe, accepted, 30, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err[-2000:]
