@@ -74,7 +74,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen(
-        [PY, "-m", "factory.fakeserver", "--port", "0", "--latency", str(latency)],
+        [PY, "-m", "factory.fakeserver", "--port", "0", "--latency", str(latency), "--max-requests", "1000000"],
         stdout=subprocess.PIPE, text=True, cwd=REPO,
     )
     line = server.stdout.readline().split()
