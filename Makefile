@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# generate resumes (a second run sends nothing); the student is retrained from scratch each time.
 demo: install
 	$(PY) -m factory generate data/recipes/demo.yaml
+	rm -rf runs/sft-demo
+	$(PY) -m sft train data/recipes/demo.yaml
 
 # pytest exits 5 when it collected no tests: that is a failure here, never a pass.
 test: install

@@ -1,0 +1,92 @@
+"""The `sft:` section of a recipe: pydantic models and loading.
+
+`factory.recipe.Recipe` keeps `sft` as a plain mapping, so this module validates it and reports every
+problem at once with its `sft.` key path, reusing the factory's loader, `--set` overrides and error format.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from factory.recipe import RecipeError, format_validation_error, load_recipe_data
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(Strict):
+    r: int = Field(default=16, ge=1, description="LoRA rank")
+    alpha: int = Field(default=32, ge=1, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field(
+        default="all-linear", description="'all-linear' or module names such as [q_proj, v_proj]"
+    )
+    modules_to_save: list[str] | None = Field(
+        default=None, description="modules trained in full and saved with the adapter, e.g. [lm_head]"
+    )
+
+
+class SFTConfig(Strict):
+    student: str = Field(
+        default="meta-llama/Llama-3.2-3B-Instruct",
+        description="HF id, local folder, or builtin:smollm2-135m-instruct",
+    )
+    data: list[Path] = Field(min_length=1, description="factory run directories, each with accepted.jsonl")
+    held_out: float = Field(default=0.1, ge=0, lt=1, description="fraction of samples kept for evaluation")
+    seed: int = 0
+    output_dir: Path = Path("runs/sft-demo")
+    max_length: int = Field(default=1024, ge=8, description="tokens per example; longer ones are truncated")
+    packing: bool = False
+    completion_only_loss: bool = Field(default=True, description="loss on the completion tokens only")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    qlora: bool = Field(default=False, description="load the base in 4-bit NF4 (bitsandbytes, CUDA GPU only)")
+    learning_rate: float = Field(default=2e-5, gt=0)
+    epochs: float = Field(default=3, gt=0)
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    per_device_batch_size: int = Field(default=8, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    eval_every_steps: int = Field(default=50, ge=1, description="evaluate and checkpoint every N steps")
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="stop after N evaluations without improvement; null = off"
+    )
+    gradient_checkpointing: bool = Field(
+        default=True, description="recompute activations in backward: less memory, about a third slower"
+    )
+    max_steps: int | None = Field(default=None, ge=1, description="stop after N optimizer steps (smoke runs)")
+    logging_steps: int = Field(default=10, ge=1)
+
+
+def _with_prefix(error: ValidationError) -> ValidationError:
+    """The same errors with `sft.` in front of each key path, so they read like the recipe file."""
+    errors = []
+    for item in error.errors():
+        item = dict(item)
+        item["loc"] = ("sft", *item["loc"])
+        errors.append(item)
+    return ValidationError.from_exception_data(error.title, errors)  # type: ignore[arg-type]
+
+
+def validate_sft_section(section: object, path: Path | str = "<recipe>") -> SFTConfig:
+    if not isinstance(section, dict):
+        raise RecipeError(f"{path}: `sft:` must be a mapping of keys (see data/recipes/demo.yaml)")
+    try:
+        return SFTConfig.model_validate(section)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(path, _with_prefix(exc))) from None
+
+
+def load_sft_config(path: Path | str, overrides: list[str] | None = None) -> SFTConfig:
+    """The validated `sft:` section of a recipe file, after `--set sft.key=value` overrides."""
+    data = load_recipe_data(path, overrides)
+    unknown = sorted(set(data) - {"factory", "sft", "eval"})
+    if unknown:
+        raise RecipeError(f"{path}: unknown top-level section(s) {', '.join(unknown)}; expected factory, sft, eval")
+    if data.get("sft") is None:
+        raise RecipeError(f"{path}: no `sft:` section; add one (see data/recipes/demo.yaml)")
+    return validate_sft_section(data["sft"], path)

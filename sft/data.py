@@ -1,0 +1,89 @@
+"""Factory runs → `datasets.Dataset` train/eval splits in TRL's conversational prompt–completion format."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KEEP = ("id", "prompt", "completion", "attributes")
+
+
+class DataError(Exception):
+    """Training data that cannot be used; the message names the path and the fix."""
+
+
+@dataclass
+class RunInfo:
+    path: str
+    samples: int
+    fingerprint_hash: str | None
+
+
+def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], RunInfo]:
+    """The accepted samples of one run, reduced to what training needs, and the run's lineage."""
+    run_dir = Path(run_dir)
+    accepted = run_dir / "accepted.jsonl"
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: run directory not found (sft.data lists factory output_dir folders)")
+    if not accepted.is_file():
+        raise DataError(
+            f"{accepted}: no accepted.jsonl in this run directory; run `python -m factory generate` first"
+        )
+    rows: list[dict[str, Any]] = []
+    with accepted.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{accepted}:{number}: not valid JSON: {exc}") from None
+            if not isinstance(record.get("prompt"), list) or not isinstance(record.get("completion"), list):
+                raise DataError(f"{accepted}:{number}: expected conversational `prompt` and `completion` lists")
+            rows.append({
+                "id": str(record.get("id", f"{run_dir.name}:{number}")),
+                "prompt": [_message(m) for m in record["prompt"]],
+                "completion": [_message(m) for m in record["completion"]],
+                # JSON text: attributes differ between runs and Arrow needs one schema for the column
+                "attributes": json.dumps(record.get("attributes") or {}, sort_keys=True),
+            })
+    return rows, RunInfo(str(run_dir), len(rows), _fingerprint(run_dir))
+
+
+def _message(message: dict[str, Any]) -> dict[str, str]:
+    return {"role": str(message["role"]), "content": str(message.get("content") or "")}
+
+
+def _fingerprint(run_dir: Path) -> str | None:
+    manifest = run_dir / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint_hash")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def load_splits(run_dirs: list[Path], held_out: float, seed: int):
+    """(train, eval or None, [RunInfo]) from the accepted samples of all runs, split by a seeded shuffle."""
+    from datasets import Dataset
+
+    rows: list[dict[str, Any]] = []
+    runs: list[RunInfo] = []
+    for run_dir in run_dirs:
+        run_rows, info = read_run(run_dir)
+        rows.extend(run_rows)
+        runs.append(info)
+    if not rows:
+        raise DataError(f"no accepted samples in {', '.join(str(p) for p in run_dirs)}: nothing to train on")
+    dataset = Dataset.from_list(rows)
+    if held_out <= 0:
+        return dataset, None, runs
+    n_eval = max(1, round(len(rows) * held_out))
+    if n_eval >= len(rows):
+        raise DataError(
+            f"sft.held_out={held_out} leaves no training sample out of {len(rows)}; lower it or add data"
+        )
+    split = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return split["train"], split["test"], runs

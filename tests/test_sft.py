@@ -1,0 +1,265 @@
+"""sft: recipe section, run loading, and LoRA training of a tiny random Llama on the CPU (offline)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from factory.recipe import RecipeError
+from sft.config import SFTConfig, load_sft_config
+from sft.data import DataError, load_splits, read_run
+
+REPO = Path(__file__).resolve().parents[1]
+LETTERS = "abcdefghijklmnop"
+SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+def write_run(run_dir: Path, pairs: list[tuple[str, str]], *, fingerprint: str = "fp-test") -> Path:
+    """A factory-format run directory: accepted.jsonl with full Sample records, and a manifest."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "accepted.jsonl").open("w", encoding="utf-8") as handle:
+        for i, (question, answer) in enumerate(pairs):
+            handle.write(json.dumps({
+                "id": f"s{i}", "prompt_id": f"p{i}", "sample_index": 0,
+                "prompt": [{"role": "system", "content": "answer"}, {"role": "user", "content": question}],
+                "completion": [{"role": "assistant", "content": answer}],
+                "teacher": {"provider": "local", "model": "builtin:x", "params": {}},
+                "attributes": {"i": i} if i % 2 else {"topic": "letters"},
+                "usage": {"input_tokens": 3, "output_tokens": 1, "cost_usd": 0.0},
+                "finish_reason": "stop", "checks": [], "rejected_by": None,
+            }) + "\n")
+    (run_dir / "manifest.json").write_text(json.dumps({"fingerprint_hash": fingerprint}), encoding="utf-8")
+    return run_dir
+
+
+def upper_task(count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """'x y' → 'X': answer the first letter in upper case; the second letter is noise."""
+    rng = random.Random(seed)
+    pairs = [(f"{a} {b}", a.upper()) for a in LETTERS for b in LETTERS]
+    rng.shuffle(pairs)
+    return pairs[:count]
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with a word-level tokenizer and a chat template, saved as an HF folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = SPECIAL + ["system", "user", "assistant", "answer"] + list(LETTERS) + list(LETTERS.upper())
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+        bos_token="<|im_start|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sft_section(student: Path, runs: list[Path], output_dir: Path, **extra) -> dict:
+    section = {
+        "student": str(student), "data": [str(r) for r in runs], "output_dir": str(output_dir),
+        "held_out": 0.25, "seed": 0, "max_length": 32, "learning_rate": 1e-2, "per_device_batch_size": 8,
+        "eval_every_steps": 2, "max_steps": 4, "logging_steps": 1,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    }
+    section.update(extra)
+    return section
+
+
+def write_recipe(path: Path, section: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"sft": section}), encoding="utf-8")
+    return path
+
+
+def greedy_answers(model_dir: Path, questions: list[str]) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    answers = []
+    for question in questions:
+        messages = [{"role": "system", "content": "answer"}, {"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+# ---- config ------------------------------------------------------------------------------------------
+def test_defaults_are_the_production_defaults():
+    config = SFTConfig(data=["runs/demo"])
+    assert config.student == "meta-llama/Llama-3.2-3B-Instruct"
+    assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (16, 32, 0.05)
+    assert config.lora.target_modules == "all-linear" and config.lora.modules_to_save is None
+    assert (config.learning_rate, config.epochs, config.lr_scheduler, config.held_out) == (2e-5, 3, "cosine", 0.1)
+    assert config.packing is False and config.completion_only_loss is True and config.qlora is False
+    assert config.early_stopping_patience is None and config.max_steps is None
+
+
+def test_config_errors_are_listed_at_once_with_their_key_paths(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "data": [], "held_out": 1.5, "lr_scheduler": "wavy", "bogus": 1,
+        "lora": {"r": 0, "alpah": 3},
+    })
+    with pytest.raises(RecipeError) as info:
+        load_sft_config(recipe, ["sft.epochs=soon"])
+    message = str(info.value)
+    for key in ("sft.data", "sft.held_out", "sft.lr_scheduler", "sft.bogus", "sft.lora.r", "sft.lora.alpah",
+                "sft.epochs"):
+        assert f"  {key}:" in message, key
+    assert "7 problem(s)" in message and str(recipe) in message
+
+
+def test_missing_sft_section_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("factory: {prompts: {path: x.jsonl}}\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match="no `sft:` section"):
+        load_sft_config(recipe)
+    config = load_sft_config(recipe, ["sft.data=[runs/a, runs/b]", "sft.lora.r=8", "sft.qlora=true"])
+    assert config.data == [Path("runs/a"), Path("runs/b")] and config.lora.r == 8 and config.qlora
+
+
+def test_recipes_with_an_sft_section_parse():
+    import yaml
+
+    parsed = [load_sft_config(path) for path in sorted((REPO / "data" / "recipes").glob("*.yaml"))
+              if (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("sft") is not None]
+    assert parsed, "no recipe in data/recipes/ has an sft: section"
+
+
+# ---- data --------------------------------------------------------------------------------------------
+def test_runs_load_into_a_seeded_split(tmp_path):
+    one = write_run(tmp_path / "one", upper_task(30, seed=1), fingerprint="aaa")
+    two = write_run(tmp_path / "two", upper_task(10, seed=2), fingerprint="bbb")
+    train, held, runs = load_splits([one, two], held_out=0.1, seed=7)
+    assert (len(train), len(held)) == (36, 4)
+    assert set(train.column_names) == {"id", "prompt", "completion", "attributes"}
+    assert train[0]["completion"][0]["role"] == "assistant"
+    assert [(r.samples, r.fingerprint_hash) for r in runs] == [(30, "aaa"), (10, "bbb")]
+    _, again, _ = load_splits([one, two], held_out=0.1, seed=7)
+    assert held["id"] == again["id"]
+    _, other, _ = load_splits([one, two], held_out=0.1, seed=8)
+    assert held["id"] != other["id"]
+
+
+def test_a_run_without_accepted_jsonl_is_refused_by_path(tmp_path):
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(DataError, match=r"empty-run/accepted\.jsonl.*factory generate"):
+        read_run(tmp_path / "empty-run")
+    with pytest.raises(DataError, match="nowhere.*not found"):
+        read_run(tmp_path / "nowhere")
+
+
+def test_cli_bad_recipe_exits_2(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {"data": ["x"], "lora": {"rank": 4}})
+    result = subprocess.run([sys.executable, "-m", "sft", "train", str(recipe)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "sft.lora.rank" in result.stderr and "unknown key" in result.stderr
+
+
+def test_entry_point_is_thin():
+    code = ("import sys; import sft.__main__, sft.train, sft.data; "
+            "from sft.config import SFTConfig; SFTConfig(data=['x']); "
+            "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_qlora_on_cpu_is_refused_naming_the_key(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; QLoRA may run here")
+    from sft.train import detect_hardware
+
+    with pytest.raises(RecipeError, match=r"sft\.qlora.*CUDA GPU"):
+        detect_hardware(SFTConfig(data=["x"], qlora=True))
+
+
+# ---- training ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_writes_adapter_merged_model_and_lineage_then_resumes(tmp_path, tiny_student):
+    from sft.__main__ import main
+
+    run = write_run(tmp_path / "run", upper_task(40))
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", sft_section(tiny_student, [run], out))
+    assert main(["train", str(recipe)]) == 0
+
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "merged" / "model.safetensors").is_file()
+    assert "chat_template" in (out / "merged" / "tokenizer_config.json").read_text() or \
+        (out / "merged" / "chat_template.jinja").is_file()
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["data"] == [{"path": str(run), "samples": 40, "fingerprint_hash": "fp-test"}]
+    assert lineage["splits"] == {"train": 30, "eval": 10, "held_out": 0.25, "seed": 0}
+    assert lineage["sft"]["lora"]["r"] == 4 and lineage["base_model"]["name"] == str(tiny_student)
+    assert lineage["versions"]["trl"] and lineage["versions"]["peft"] and lineage["global_step"] == 4
+    assert lineage["hardware"]["device"] in ("cpu", "cuda") and "eval_loss" in lineage["metrics"]
+    assert "git_commit" in lineage
+
+    answers = greedy_answers(out / "merged", ["a b"])  # the merged model loads and generates
+    assert isinstance(answers[0], str)
+
+    # The checkpoints of that run are refused without --resume, and continued with it.
+    assert main(["train", str(recipe), "--set", "sft.max_steps=6"]) == 2
+    assert main(["train", str(recipe), "--set", "sft.max_steps=6", "--resume"]) == 0
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["global_step"] == 6 and lineage["resumed_from"].endswith("checkpoint-4")
+
+
+# ---- the issue's learning test: opt-in, it needs the embedded SmolLM2 and about a minute or more ----------
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(not os.environ.get("APPRENTICE_LEARNING_TEST"),
+                    reason="opt-in: set APPRENTICE_LEARNING_TEST=1 (converts builtin:smollm2-135m-instruct once)")
+def test_the_embedded_student_learns_a_small_task(tmp_path):
+    """'x y' → 'X' on held-out letter pairs: about 0 before, at least 0.9 after ten LoRA steps."""
+    from factory.builtin import resolve_model
+    from sft.train import train
+
+    student = "builtin:smollm2-135m-instruct"
+    run = write_run(tmp_path / "run", upper_task(96))
+    config = SFTConfig(**sft_section(
+        student, [run], tmp_path / "out", held_out=0.2, max_steps=10, eval_every_steps=100,
+        learning_rate=2e-3, warmup_ratio=0.1, max_length=64, lora={"r": 16, "alpha": 32, "dropout": 0.0},
+    ))
+    _, held, _ = load_splits(config.data, config.held_out, config.seed)
+    questions = [prompt[-1]["content"] for prompt in held["prompt"]]
+    gold = [completion[0]["content"] for completion in held["completion"]]
+
+    def accuracy(model_dir) -> float:
+        return sum(a == g for a, g in zip(greedy_answers(Path(model_dir), questions), gold)) / len(gold)
+
+    assert accuracy(resolve_model(student)) <= 0.2
+    result = train(config)
+    assert accuracy(result.merged_dir) >= 0.9
