@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,6 @@ class WorkItem:
 class RunResult:
     status: str  # complete | complete_with_failures | interrupted | budget_exhausted | stopped
     counters: Counters
-    rejected_by: Counter = field(default_factory=Counter)
     message: str = ""
 
     @property
@@ -98,7 +97,6 @@ class Run:
         self.console = console or Console(stderr=True, soft_wrap=True)
         self._teacher = teacher
         self.stopping = False
-        self.stop_reason = ""
         self.fatal: str | None = None
         self.budget_hit = False
         self.rejected_by: Counter = Counter()
@@ -126,8 +124,9 @@ class Run:
         return Pricer(price)
 
     def _manifest(self, status: str, counters: Counters, previous: dict[str, Any] | None) -> dict[str, Any]:
-        prev_cost = float((previous or {}).get("totals", {}).get("cost_usd", 0.0)) if previous else 0.0
-        prev_elapsed = float((previous or {}).get("totals", {}).get("elapsed_s", 0.0)) if previous else 0.0
+        totals = (previous or {}).get("totals", {})
+        prev_cost = float(totals.get("cost_usd", 0.0))
+        prev_elapsed = float(totals.get("elapsed_s", 0.0))
         limiter = self.limiter.stats
         return {
             "status": status,
@@ -233,7 +232,7 @@ class Run:
             nonlocal interrupts
             interrupts += 1
             if interrupts == 1:
-                self._stop("interrupted")
+                self._stop()
                 self.console.print("[yellow]stopping: finishing the requests in flight (Ctrl-C again to quit now)[/]")
             else:
                 for task in tasks:
@@ -250,7 +249,7 @@ class Run:
         try:
             await asyncio.gather(*tasks)
         except asyncio.CancelledError:
-            self._stop("interrupted")
+            self._stop()
         finally:
             refresher.cancel()
             view.stop()
@@ -269,7 +268,7 @@ class Run:
             write_manifest(run_dir, self._manifest(status, counters, previous))
             self.store.close()
             cache.close()
-        return RunResult(status, counters, self.rejected_by, self._message(status, counters))
+        return RunResult(status, counters, self._message(status, counters))
 
     def _status(self) -> str:
         if self.fatal:
@@ -300,10 +299,9 @@ class Run:
             )
         return "complete"
 
-    def _stop(self, reason: str) -> None:
+    def _stop(self) -> None:
         if not self.stopping:
             self.stopping = True
-            self.stop_reason = reason
             self.limiter.close()
 
     def _work_items(self, teacher: Teacher, prompt: PromptItem) -> list[WorkItem]:
@@ -340,7 +338,7 @@ class Run:
             budget = self.config.budget_usd
             if budget is not None and counters.cost_usd + self.reserved_usd + worst > budget:
                 self.budget_hit = True
-                self._stop("budget")
+                self._stop()
                 return
             self.reserved_usd += worst
             try:
@@ -406,7 +404,7 @@ class Run:
     def _fail(self, item: WorkItem, pending: list[tuple[int, str]], ids: list[str], error: TeacherError, attempts: int) -> None:
         if error.status in FATAL_STATUS:
             self.fatal = f"{FATAL_STATUS[error.status]} ({error})"
-            self._stop("fatal")
+            self._stop()
             return  # not recorded: the run stops, and the same command retries these
         for pos, record_id in pending:
             failure = Failure(
