@@ -307,8 +307,8 @@ class Run:
     def _work_items(self, teacher: Teacher, prompt: PromptItem) -> list[WorkItem]:
         n = self.config.samples_per_prompt
         if teacher.supports_n:
-            return [WorkItem(prompt, list(range(n)), teacher.build_request(prompt.messages, n))]
-        body = teacher.build_request(prompt.messages, 1)
+            return [WorkItem(prompt, list(range(n)), teacher.build_request(self.config.teacher.with_context(prompt.messages), n))]
+        body = teacher.build_request(self.config.teacher.with_context(prompt.messages), 1)
         return [WorkItem(prompt, [i], body) for i in range(n)]
 
     async def _process(self, item: WorkItem, ctx: "_Context") -> None:
@@ -332,6 +332,7 @@ class Run:
             if self.stopping:
                 return
             chars = sum(len(m["content"]) for m in prompt.messages)
+            chars += sum(len(m["content"]) for m in self.config.teacher.context or ())
             est_in = self.limiter.estimate_tokens(chars)
             max_out = self.config.teacher.max_tokens * len(item.indices)
             worst = ctx.pricer.cost(est_in, max_out)

@@ -47,6 +47,11 @@ class TeacherConfig(Strict):
     price: Price | None = Field(default=None, description="overrides the built-in price table")
     batch_size: int = Field(default=8, ge=1, description="provider local: prompts per generate() call")
     device: str | None = Field(default=None, description="provider local: cpu, cuda, …; default picks")
+    context: list[dict[str, str]] | None = Field(
+        default=None,
+        description="messages (instructions, few-shot turns) sent to the teacher before every prompt and NOT "
+        "stored in the records: the student learns to behave as if it had this context",
+    )
 
     @model_validator(mode="after")
     def _defaults(self) -> "TeacherConfig":
@@ -54,7 +59,22 @@ class TeacherConfig(Strict):
             self.api_key_env = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}.get(self.provider)
         if self.max_tokens < 1:
             raise ValueError("params.max_tokens must be at least 1")
+        for i, message in enumerate(self.context or []):
+            if set(message) != {"role", "content"} or message["role"] not in ("system", "user", "assistant"):
+                raise ValueError(f"context[{i}] must be {{role: system|user|assistant, content: ...}}")
         return self
+
+    def with_context(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The messages the teacher sees: its context, then the prompt (one system message, merged)."""
+        if not self.context:
+            return messages
+        context = list(self.context)
+        if messages and messages[0]["role"] == "system":
+            if context[0]["role"] == "system":
+                merged = context[0]["content"] + "\n\n" + messages[0]["content"]
+                return [{"role": "system", "content": merged}] + context[1:] + messages[1:]
+            return [messages[0]] + context + messages[1:]
+        return context + messages
 
     @property
     def max_tokens(self) -> int:
@@ -84,6 +104,7 @@ class FactoryConfig(Strict):
             "samples_per_prompt": self.samples_per_prompt,
             "system": self.prompts.system,
             "checks": self.checks,
+            **({"context": teacher.context} if teacher.context else {}),
         }
 
     def fingerprint_hash(self) -> str:
