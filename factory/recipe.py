@@ -142,6 +142,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
         _set_dotted(data, key.strip(), value)
 
 
+def with_section_prefix(error: ValidationError, section: str) -> ValidationError:
+    """The same errors with `section.` in front of each key path, so they read like the recipe file."""
+    errors = []
+    for item in error.errors():
+        item = dict(item)
+        item["loc"] = (section, *item["loc"])
+        errors.append(item)
+    return ValidationError.from_exception_data(error.title, errors)  # type: ignore[arg-type]
+
+
 def format_validation_error(path: Path | str, error: ValidationError) -> str:
     lines = [f"{path}: {error.error_count()} problem(s) in the recipe:"]
     for item in error.errors():

@@ -1,0 +1,215 @@
+"""Get every model's answers to the golden prompts, with what it costs to get them.
+
+Local models (provider local) run in-process: one load, batched greedy answers, the mean token logprob
+of each answer (the student's confidence for the cascade), then a timing pass one prompt at a time
+(time to first token, total latency, output tokens/s) and the model's size. Hosted models go through
+the factory pipeline into `OUTPUT/answers/NAME/`, so they get its cache (a second eval pays nothing),
+rate limits, retries and cost accounting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+from .golden import GoldenItem
+
+
+@dataclass
+class Answer:
+    text: str
+    output_tokens: int = 0
+    finish_reason: str | None = None
+    confidence: float | None = None  # mean log-probability of the answer's tokens (local models)
+    cost_usd: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class ModelRun:
+    config: ModelConfig
+    answers: dict[str, Answer]
+    perf: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] | None = None
+    # Kept for the figures that need two local models at once (divergence, speculative decoding).
+    model: Any = None
+    tokenizer: Any = None
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss / 2**20
+
+
+def size_on_disk(path: str) -> int | None:
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
+
+
+def find_lineage(path: str) -> dict[str, Any] | None:
+    """A trained student's lineage.json sits beside its merged/ folder (sft train writes both)."""
+    for candidate in (Path(path) / "lineage.json", Path(path).parent / "lineage.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text(encoding="utf-8"))
+    return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    low, high = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
+
+
+# ---- local ------------------------------------------------------------------------------------------
+def answer_logprobs(model: Any, rows: list[list[int]], answers: list[list[int]]) -> list[list[float]]:
+    """Per-token log-probabilities of each answer given its prompt, by one forward pass per row."""
+    import torch
+
+    out: list[list[float]] = []
+    with torch.inference_mode():
+        for prompt, answer in zip(rows, answers):
+            if not answer:
+                out.append([])
+                continue
+            ids = torch.tensor([prompt + answer], device=model.device)
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            out.append(logp.gather(1, torch.tensor(answer, device=model.device)[:, None])[:, 0].tolist())
+    return out
+
+
+def run_local(config: ModelConfig, items: list[GoldenItem], *, perf_prompts: int, progress: Any) -> ModelRun:
+    import torch
+
+    from factory.builtin import resolve_model
+    from factory.teachers.local import encode_chat, generate_ids, load_model, normalize_params
+
+    params = normalize_params(config.params)
+    before = _rss_mib()
+    start = time.perf_counter()
+    model, tokenizer = load_model(config.model, config.device)
+    load_s = time.perf_counter() - start
+    loaded_mib = _rss_mib() - before
+    rows = [encode_chat(tokenizer, config.with_context(item.messages)) for item in items]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    task = progress.add_task(f"{config.name}: answering", total=len(rows))
+    completions: dict[int, Any] = {}
+    token_ids: dict[int, list[int]] = {}
+    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+              else [model.generation_config.eos_token_id])
+    for begin in range(0, len(order), config.batch_size):
+        chunk = order[begin:begin + config.batch_size]
+        outs = generate_ids(model, tokenizer, [rows[i] for i in chunk], max_new_tokens=params["max_tokens"],
+                            temperature=params["temperature"], top_p=params["top_p"],
+                            top_k=params.get("top_k", 0), seed=params.get("seed"))
+        for i, completion in zip(chunk, outs):
+            completions[i] = completion
+            ids = tokenizer(completion.text, add_special_tokens=False)["input_ids"]
+            token_ids[i] = [t for t in ids if t not in eos]
+        progress.advance(task, len(chunk))
+    logprobs = answer_logprobs(model, rows, [token_ids[i] for i in range(len(rows))])
+    answers = {}
+    for i, item in enumerate(items):
+        completion = completions[i]
+        values = logprobs[i]
+        answers[item.key] = Answer(completion.text, completion.output_tokens, completion.finish_reason,
+                                  confidence=sum(values) / len(values) if values else None)
+    progress.update(task, description=f"{config.name}: timing")
+    perf = _time_local(model, tokenizer, [rows[i] for i in range(min(perf_prompts, len(rows)))], params)
+    path = resolve_model(config.model)
+    perf.update(
+        load_s=round(load_s, 2),
+        loaded_mib=round(loaded_mib, 1),
+        parameters=sum(p.numel() for p in model.parameters()),
+        disk_bytes=size_on_disk(path),
+        device=str(model.device),
+        threads=torch.get_num_threads(),
+    )
+    if torch.cuda.is_available() and str(model.device).startswith("cuda"):
+        perf["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    progress.update(task, description=f"{config.name}: done")
+    return ModelRun(config, answers, perf, find_lineage(path), model, tokenizer)
+
+
+def _time_local(model: Any, tokenizer: Any, rows: list[list[int]], params: dict[str, Any]) -> dict[str, Any]:
+    """One prompt at a time, as a user waits for it: time to first token and total latency."""
+    from factory.teachers.local import generate_ids
+
+    if not rows:
+        return {}
+    ttft, total, tokens = [], [], []
+    generate_ids(model, tokenizer, rows[:1], max_new_tokens=2)  # warm-up, not counted
+    for row in rows:
+        start = time.perf_counter()
+        generate_ids(model, tokenizer, [row], max_new_tokens=1)
+        ttft.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        out = generate_ids(model, tokenizer, [row], max_new_tokens=params["max_tokens"])
+        total.append(time.perf_counter() - start)
+        tokens.append(out[0].output_tokens)
+    return {
+        "timed_prompts": len(rows),
+        "ttft_p50_s": round(percentile(ttft, 0.5), 4),
+        "ttft_p99_s": round(percentile(ttft, 0.99), 4),
+        "latency_p50_s": round(percentile(total, 0.5), 4),
+        "latency_p99_s": round(percentile(total, 0.99), 4),
+        "latency_mean_s": round(statistics.fmean(total), 4),
+        "latencies_s": [round(t, 4) for t in total],
+        "output_tokens_per_s": round(sum(tokens) / sum(total), 2) if sum(total) > 0 else None,
+    }
+
+
+# ---- hosted -----------------------------------------------------------------------------------------
+def run_hosted(config: ModelConfig, items: list[GoldenItem], output_dir: Path, console: Any) -> ModelRun:
+    """Answers through the factory pipeline: cached, rate-limited, priced; failures stay failures."""
+    import asyncio
+
+    from factory.pipeline import Run
+    from factory.recipe import FactoryConfig, PromptsConfig
+
+    folder = output_dir / "answers"
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = folder / f"{config.name}.prompts.jsonl"
+    with prompts.open("w", encoding="utf-8") as handle:
+        for item in items:
+            handle.write(json.dumps({"id": item.key, "prompt": item.messages}) + "\n")
+    teacher = config.model_dump(exclude={"name", "role"})
+    factory = FactoryConfig(output_dir=folder, prompts=PromptsConfig(path=prompts), samples_per_prompt=1,
+                            teacher=teacher, checks=[])
+    # One directory per model settings: changing them starts a new cache instead of being refused.
+    run_dir = factory.output_dir = folder / f"{config.name}-{factory.fingerprint_hash()[:10]}"
+    result = asyncio.run(Run(factory, console=console).execute())
+    answers: dict[str, Answer] = {}
+    for name in ("accepted.jsonl", "rejected.jsonl"):
+        path = run_dir / name
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                answers[record["prompt_id"]] = Answer(
+                    record["completion"][0]["content"], record["usage"].get("output_tokens", 0),
+                    record.get("finish_reason"), cost_usd=record["usage"].get("cost_usd", 0.0),
+                )
+    failed = run_dir / "failed.jsonl"
+    if failed.exists():
+        for line in failed.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            answers.setdefault(record["prompt_id"], Answer("", error=record["error"]))
+    for item in items:  # a stopped run (budget, Ctrl-C) leaves some unanswered: they score 0, and say so
+        answers.setdefault(item.key, Answer("", error=f"no answer ({result.status})"))
+    cost = sum(a.cost_usd for a in answers.values())
+    answered = sum(1 for a in answers.values() if a.error is None)
+    perf = {"cost_usd": round(cost, 6), "usd_per_1k_answers": round(1000 * cost / answered, 4) if answered else None,
+            "status": result.status}
+    return ModelRun(config, answers, perf)
+

@@ -1,0 +1,105 @@
+"""The `eval:` section of a recipe: which models answer which golden sets, how they are scored, the gate.
+
+`factory.recipe.Recipe` keeps `eval` as a plain mapping; this module validates it and reports every
+problem at once with its `eval.` key path, reusing the factory's loader, `--set` overrides and error format.
+A model is a factory teacher (any backend: local, openai, anthropic) with a name; local models run
+in-process, hosted ones go through the factory pipeline (cache, rate limits, cost).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from factory.recipe import RecipeError, TeacherConfig, format_validation_error, load_recipe_data, with_section_prefix
+
+from .metrics import METRICS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(TeacherConfig):
+    name: str = Field(min_length=1, description="how the model is called in tables and in the gate")
+    role: str | None = Field(default=None, description="teacher | student | baseline (for the report; optional)")
+
+
+class JudgeConfig(TeacherConfig):
+    rubric: str | None = Field(
+        default=None, description="score each answer 1-10 against this rubric (adds the `judge` metric)"
+    )
+    pairwise: bool = Field(default=True, description="judge the student against the reference model, both orders")
+
+
+class GateConfig(Strict):
+    min_retention: float = Field(default=0.95, gt=0, description="student score ÷ reference score, overall")
+    min_score: float | None = Field(default=None, ge=0, le=1, description="and/or an absolute floor")
+
+
+class EvalConfig(Strict):
+    output_dir: Path = Path("runs/eval-demo")
+    golden: list[Path] = Field(min_length=1, description="golden JSONL files: {id?, prompt, reference?, metric?, tags?}")
+    models: list[ModelConfig] = Field(min_length=1)
+    reference: str | None = Field(
+        default=None, description="the model retention is measured against (default: the one with role teacher)"
+    )
+    student: str | None = Field(
+        default=None, description="the model the gate judges (default: the one with role student, else the last)"
+    )
+    metrics: list[str] = Field(
+        default_factory=lambda: ["normalized"], description="metrics for golden lines that name none"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=lambda: {"temperature": 0.0, "max_tokens": 256},
+        description="sampling settings for models that set no params of their own (greedy by default)",
+    )
+    verifier: str | None = Field(default=None, description="module:function for the `verifier` metric")
+    judge: JudgeConfig | None = None
+    gate: GateConfig | None = None
+    perf_prompts: int = Field(default=8, ge=0, description="local models: prompts timed one at a time for latency")
+    bootstrap: int = Field(default=1000, ge=100, description="bootstrap resamples for confidence intervals")
+    seed: int = 0
+    cascade: bool = Field(default=True, description="simulate student → teacher routing by student confidence")
+    speculative: bool = Field(
+        default=True, description="local student and teacher with one tokenizer: assisted-generation speed-up"
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> "EvalConfig":
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {duplicates}")
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(sorted(METRICS))}")
+        for key in ("reference", "student"):
+            value = getattr(self, key)
+            if value is not None and value not in names:
+                raise ValueError(f"{key}: {value!r} is not one of the models {names}")
+        return self
+
+    def reference_name(self) -> str | None:
+        if self.reference:
+            return self.reference
+        return next((m.name for m in self.models if m.role == "teacher"), None)
+
+    def student_name(self) -> str:
+        if self.student:
+            return self.student
+        return next((m.name for m in self.models if m.role == "student"), self.models[-1].name)
+
+
+def load_eval_config(path: Path | str, overrides: list[str] | None = None) -> EvalConfig:
+    data = load_recipe_data(path, overrides)
+    section = data.get("eval")
+    if section is None:
+        raise RecipeError(f"{path}: no `eval:` section; add one (see data/recipes/demo.yaml)")
+    if not isinstance(section, dict):
+        raise RecipeError(f"{path}: `eval:` must be a mapping of keys (see data/recipes/demo.yaml)")
+    try:
+        return EvalConfig.model_validate(section)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(path, with_section_prefix(exc, "eval"))) from None

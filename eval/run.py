@@ -1,0 +1,192 @@
+"""`eval run`: answer, score, compare with the reference model, gate, report."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from factory.recipe import RecipeError
+
+from . import distill
+from .answer import ModelRun, run_hosted, run_local
+from .config import EvalConfig
+from .golden import GoldenItem, load_golden
+from .metrics import METRICS, as_score, bootstrap_mean, bootstrap_ratio, load_function
+
+
+@dataclass
+class Gate:
+    passed: bool
+    reason: str
+
+
+def score_runs(config: EvalConfig, items: list[GoldenItem], runs: dict[str, ModelRun],
+               judged: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
+    """model → metric → item key → score in [0, 1]; `overall` is the mean of an item's metrics."""
+    verifier = None
+    if any("verifier" in item.metrics for item in items):
+        if not config.verifier:
+            raise RecipeError("a golden item asks for metric `verifier`: set eval.verifier to package.module:function")
+        verifier = load_function(config.verifier, "eval.verifier")
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for name, run in runs.items():
+        table: dict[str, dict[str, float]] = {"overall": {}}
+        for item in items:
+            answer = run.answers[item.key].text
+            values = []
+            for metric in item.metrics + (["judge"] if name in judged else []):
+                if metric == "verifier":
+                    value = as_score(verifier(answer, item))  # type: ignore[misc]
+                elif metric == "judge":
+                    value = judged.get(name, {}).get(item.key, 0.0)
+                else:
+                    value = METRICS[metric](answer, item.reference)
+                table.setdefault(metric, {})[item.key] = value
+                values.append(value)
+            table["overall"][item.key] = sum(values) / len(values)
+        scores[name] = table
+    return scores
+
+
+def summarize(config: EvalConfig, items: list[GoldenItem], runs: dict[str, ModelRun],
+              scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    keys = [item.key for item in items]
+    tags = sorted({tag for item in items for tag in item.tags} | {item.set for item in items})
+    reference = config.reference_name()
+    out: dict[str, Any] = {"models": {}, "reference": reference, "student": config.student_name()}
+    for name, table in scores.items():
+        model: dict[str, Any] = {"metrics": {}, "tags": {}, "perf": runs[name].perf,
+                                 "provider": runs[name].config.provider, "model": runs[name].config.model,
+                                 "role": runs[name].config.role, "lineage": runs[name].lineage}
+        for metric, values in table.items():
+            mean, low, high = bootstrap_mean([values[k] for k in keys if k in values],
+                                             resamples=config.bootstrap, seed=config.seed)
+            model["metrics"][metric] = {"mean": mean, "low": low, "high": high, "n": len(values)}
+        for tag in tags:
+            tagged = [i.key for i in items if tag in i.tags or tag == i.set]
+            model["tags"][tag] = sum(table["overall"][k] for k in tagged) / len(tagged)
+        if reference and name != reference and reference in scores:
+            ref = scores[reference]
+            model["retention"] = {}
+            for metric in table:
+                if metric in ref:
+                    common = [k for k in keys if k in table[metric] and k in ref[metric]]
+                    ratio, low, high = bootstrap_ratio([table[metric][k] for k in common],
+                                                       [ref[metric][k] for k in common],
+                                                       resamples=config.bootstrap, seed=config.seed)
+                    model["retention"][metric] = {"ratio": ratio, "low": low, "high": high}
+            model["retention_by_tag"] = {
+                tag: (model["tags"][tag] / t if (t := sum(ref["overall"][i.key] for i in items if tag in i.tags or tag == i.set)
+                      / max(1, sum(1 for i in items if tag in i.tags or tag == i.set))) else float("nan"))
+                for tag in tags
+            }
+            model["agreement"] = distill.agreement(runs[name], runs[reference], keys)
+        out["models"][name] = model
+    return out
+
+
+def check_gate(config: EvalConfig, summary: dict[str, Any]) -> Gate | None:
+    gate = config.gate
+    if gate is None:
+        return None
+    student = summary["student"]
+    model = summary["models"][student]
+    reasons = []
+    retention = model.get("retention", {}).get("overall", {}).get("ratio")
+    if summary["reference"] is None:
+        reasons.append("no reference model (set eval.reference or give one model role: teacher)")
+    elif retention is None or retention != retention or retention < gate.min_retention:
+        reasons.append(f"retention {retention:.3f} < min_retention {gate.min_retention}" if retention == retention
+                       and retention is not None else "retention undefined (the reference scored 0)")
+    score = model["metrics"]["overall"]["mean"]
+    if gate.min_score is not None and score < gate.min_score:
+        reasons.append(f"score {score:.3f} < min_score {gate.min_score}")
+    if reasons:
+        return Gate(False, f"{student}: " + "; ".join(reasons))
+    detail = f"retention {retention:.3f} ≥ {gate.min_retention}" if retention is not None else ""
+    return Gate(True, f"{student}: {detail}".rstrip(": "))
+
+
+def _default_params(config: EvalConfig) -> None:
+    for model in config.models:
+        if "params" not in model.model_fields_set:
+            model.params = dict(config.params)
+
+
+def evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | None]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    started = time.time()
+    items = load_golden(config.golden, config.metrics)
+    _default_params(config)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"{len(items)} golden item(s) from {', '.join(str(p) for p in config.golden)}; "
+                  f"{len(config.models)} model(s)")
+    runs: dict[str, ModelRun] = {}
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("•"),
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
+    for model in config.models:
+        if model.provider == "local":
+            with progress:
+                runs[model.name] = run_local(model, items, perf_prompts=config.perf_prompts, progress=progress)
+        else:
+            console.print(f"{model.name}: {model.provider} {model.model} through the factory pipeline")
+            runs[model.name] = run_hosted(model, items, config.output_dir, console)
+
+    judged: dict[str, dict[str, float]] = {}
+    judge_result = None
+    if config.judge is not None:
+        from .judge import run_judge
+
+        judge_result = run_judge(config.judge, items, runs, config.student_name(), config.reference_name(),
+                                 config.output_dir, console)
+        judged = judge_result.rubric
+    scores = score_runs(config, items, runs, judged)
+    summary = summarize(config, items, runs, scores)
+    summary["golden"] = [str(p) for p in config.golden]
+    summary["items"] = len(items)
+
+    reference, student = config.reference_name(), config.student_name()
+    extra: dict[str, Any] = {}
+    if judge_result is not None and judge_result.pairwise:
+        mean, low, high = bootstrap_mean(list(judge_result.pairwise.values()), resamples=config.bootstrap, seed=config.seed)
+        extra["pairwise"] = {"student": student, "against": reference, "win_rate": mean, "low": low, "high": high,
+                             "inconsistent_pairs": judge_result.inconsistent, "unparsed": judge_result.unparsed,
+                             "cost_usd": judge_result.cost_usd}
+    if reference in runs and student in runs and reference != student:
+        s_run, t_run = runs[student], runs[reference]
+        if config.cascade and any(a.confidence is not None for a in s_run.answers.values()):
+            extra["cascade"] = distill.cascade({k: a.confidence for k, a in s_run.answers.items()},
+                                               scores[student]["overall"], scores[reference]["overall"])
+        if distill.share_tokenizer(s_run, t_run):
+            extra["divergence_kl"] = distill.divergence(s_run, t_run, items)
+            if config.speculative:
+                extra["speculative"] = distill.speculative(s_run, t_run, items, int(config.params.get("max_tokens", 64)))
+    summary.update(extra)
+    gate = check_gate(config, summary)
+    summary["gate"] = None if gate is None else {"passed": gate.passed, "reason": gate.reason}
+    summary["elapsed_s"] = round(time.time() - started, 1)
+    summary["examples"] = worst_examples(items, runs, scores, student, reference)
+
+    from .report import write_reports
+
+    write_reports(config.output_dir, summary)
+    (config.output_dir / "answers.jsonl").write_text(
+        "".join(json.dumps({"key": item.key, **{name: run.answers[item.key].text for name, run in runs.items()},
+                            "reference": item.reference}) + "\n" for item in items), encoding="utf-8")
+    return summary, gate
+
+
+def worst_examples(items: list[GoldenItem], runs: dict[str, ModelRun], scores: dict[str, Any], student: str,
+                   reference: str | None, count: int = 5) -> list[dict[str, Any]]:
+    """Where the student falls furthest behind the reference (or scores lowest, with no reference)."""
+    def gap(item: GoldenItem) -> float:
+        ref = scores[reference]["overall"][item.key] if reference in scores else 1.0
+        return ref - scores[student]["overall"][item.key]
+
+    chosen = sorted(items, key=gap, reverse=True)[:count]
+    return [{"key": item.key, "prompt": item.prompt_text, "reference": item.reference, "gap": gap(item),
+             "answers": {name: run.answers[item.key].text for name, run in runs.items()}}
+            for item in chosen if gap(item) > 0]

@@ -1,0 +1,232 @@
+"""eval: metrics with hand-computed values, golden-set and recipe errors, the gate's exit code both ways,
+the judge through the real openai SDK against the fake server, HTML escaping, and a local model run."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from eval import metrics
+from eval.__main__ import main
+from eval.config import EvalConfig, load_eval_config
+from eval.distill import cascade
+from eval.golden import load_golden
+from eval.judge import pair_outcome, parse_score, parse_verdict
+from factory.recipe import RecipeError
+from test_sft import tiny_student  # noqa: F401  (a module-scoped fixture: a 2-layer random Llama)
+
+
+# ---- metrics -----------------------------------------------------------------------------------------
+def test_exact_and_normalized():
+    assert metrics.exact(" Paris ", "Paris") == 1.0
+    assert metrics.exact("paris", "Paris") == 0.0
+    assert metrics.normalized("The Paris!", "paris") == 1.0
+    assert metrics.normalized("Paris, France", "Paris") == 0.0
+
+
+def test_token_f1_by_hand():
+    # answer "the cat sat on mat" → cat sat on mat (4); reference "cat on the mat" → cat on mat (3); common 3
+    # precision 3/4, recall 3/3 → F1 = 2·0.75·1 / 1.75 = 0.857142…
+    assert metrics.token_f1("the cat sat on mat", "cat on the mat") == pytest.approx(6 / 7)
+    assert metrics.token_f1("dog", "cat") == 0.0
+    assert metrics.token_f1("", "") == 1.0
+
+
+def test_rouge_l_by_hand():
+    # pred "x y z w", ref "x z w q": LCS = x z w = 3; P = 3/4, R = 3/4 → F1 0.75
+    assert metrics.rouge_l("x y z w", "x z w q") == pytest.approx(0.75)
+    assert metrics.rouge_l("x", "y") == 0.0
+
+
+def test_regex_and_json_metrics():
+    assert metrics.regex("answer: 42", r"\b42\b") == 1.0
+    assert metrics.regex("answer: 421", r"\b42\b") == 0.0
+    assert metrics.json_valid('{"a": 1}') == 1.0
+    assert metrics.json_valid('```json\n{"a": 1}\n```') == 1.0
+    assert metrics.json_valid("{a: 1}") == 0.0
+    schema = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
+    assert metrics.json_schema('{"name": "Ann"}', schema) == 1.0
+    assert metrics.json_schema('{"name": 3}', json.dumps(schema)) == 0.0
+    assert metrics.json_match('{"city": "Rome", "name": "Ann"}', '{"name": "Ann", "city": "Rome"}') == 1.0
+    assert metrics.json_match('{"name": "Ann"}', '{"name": "Ann", "city": "Rome"}') == 0.0
+    assert metrics.json_match("not json", '{"a": 1}') == 0.0
+
+
+def test_bootstrap_intervals():
+    mean, low, high = metrics.bootstrap_mean([1.0] * 10)
+    assert (mean, low, high) == (1.0, 1.0, 1.0)
+    mean, low, high = metrics.bootstrap_mean([0.0, 1.0] * 50, seed=1)
+    assert mean == 0.5 and low < 0.5 < high and high - low < 0.3
+    ratio, low, high = metrics.bootstrap_ratio([1, 0, 1, 1], [1, 1, 1, 1])
+    assert ratio == 0.75 and low <= 0.75 <= high
+    assert math.isnan(metrics.bootstrap_ratio([1], [0])[0])
+
+
+def test_judge_parsing_and_both_orders():
+    assert parse_score("Score: 7/10") == 0.7 and parse_score("10") == 1.0 and parse_score("none") is None
+    assert parse_verdict("A") == "A" and parse_verdict("  b.") == "B" and parse_verdict("Tie") == "tie"
+    assert parse_verdict("I think") is None
+    assert pair_outcome("A", "B") == (1.0, True)   # the student wins in both orders
+    assert pair_outcome("B", "A") == (0.0, True)   # the student loses in both orders
+    assert pair_outcome("A", "A") == (0.5, False)  # position bias: inconsistent → tie
+    assert pair_outcome("tie", "tie") == (0.5, True)
+
+
+def test_cascade_routes_least_confident_first():
+    conf = {"a": -0.1, "b": -2.0, "c": -1.0}
+    student = {"a": 1.0, "b": 0.0, "c": 0.0}
+    teacher = {"a": 1.0, "b": 1.0, "c": 1.0}
+    points = cascade(conf, student, teacher, steps=3)
+    assert [p["quality"] for p in points] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert points[1]["threshold"] == -2.0
+
+
+# ---- golden sets and recipes ------------------------------------------------------------------------
+def test_golden_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"prompt": "ok", "reference": "x"}\n{"prompt": "q", "metric": "exact"}\n'
+                    '{"prompt": "q", "reference": "y", "metric": "bleu"}\nnot json\n{"prompt": "q", "colour": 1}\n')
+    with pytest.raises(RecipeError) as info:
+        load_golden([path], ["normalized"])
+    message = str(info.value)
+    assert "4 problem(s)" in message
+    for line, text in [(2, "need a \"reference\""), (3, "unknown metric"), (4, "not valid JSON"), (5, "colour")]:
+        assert f"g.jsonl:{line}:" in message and text in message
+
+
+def test_eval_section_errors_have_key_paths(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("eval:\n  golden: [g.jsonl]\n  models:\n    - {name: a, provider: nope}\n    - {name: a}\n"
+                      "  gate: {min_retention: 0.9, colour: red}\n")
+    with pytest.raises(RecipeError) as info:
+        load_eval_config(recipe)
+    message = str(info.value)
+    assert "eval.models.0.provider" in message and "eval.gate.colour" in message
+    recipe.write_text("eval:\n  golden: [g.jsonl]\n  models: [{name: a}, {name: a}]\n")
+    with pytest.raises(RecipeError, match="repeated"):
+        load_eval_config(recipe)
+    recipe.write_text("factory: null\n")
+    assert main(["run", str(recipe)]) == 2
+
+
+def test_recipes_with_an_eval_section_parse():
+    for path in sorted(Path("data/recipes").glob("*.yaml")):
+        if "eval:" in path.read_text():
+            config = load_eval_config(path)
+            assert isinstance(config, EvalConfig) and config.models
+
+
+# ---- end to end through the fake server ------------------------------------------------------------
+def _golden(tmp_path: Path, count: int = 6) -> Path:
+    path = tmp_path / "golden.jsonl"
+    with path.open("w") as handle:
+        for i in range(count):
+            handle.write(json.dumps({"id": f"q{i}", "prompt": f"capital {i}", "reference": f"city {i}",
+                                     "tags": ["geo" if i % 2 else "misc"]}) + "\n")
+    return path
+
+
+def _responder(messages, index, body):
+    """teacher: always right; student: right on even items, a <script> on odd ones; judge: prefers A."""
+    model, question = body["model"], messages[-1]["content"]
+    if model == "judge":
+        return "7" if "Rubric" in question else "A"
+    number = question.split()[-1]
+    if model == "teacher-model" or int(number) % 2 == 0:
+        return f"city {number}"
+    return "<script>alert('x')</script>"
+
+
+def _eval_recipe(tmp_path: Path, server, extra: str = "") -> Path:
+    hosted = f"provider: openai, base_url: '{server.openai_base_url}', api_key_env: APPRENTICE_TEST_KEY"
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(
+        "eval:\n"
+        f"  output_dir: {tmp_path / 'out'}\n"
+        f"  golden: [{_golden(tmp_path)}]\n"
+        "  metrics: [normalized, token_f1]\n"
+        "  models:\n"
+        f"    - {{name: teacher, role: teacher, model: teacher-model, {hosted}}}\n"
+        f"    - {{name: student, role: student, model: student-model, {hosted}}}\n"
+        f"{extra}"
+    )
+    return recipe
+
+
+def test_gate_exit_codes_and_escaped_report(tmp_path, server, env_key):
+    server.config.responder = _responder
+    recipe = _eval_recipe(tmp_path, server, "  gate: {min_retention: 0.5}\n")
+    assert main(["run", str(recipe)]) == 0
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    student = results["models"]["student"]
+    assert student["metrics"]["normalized"]["mean"] == pytest.approx(0.5)
+    assert student["retention"]["overall"]["ratio"] == pytest.approx(0.5)
+    assert student["tags"] == {"geo": 0.0, "golden": 0.5, "misc": 1.0}
+    assert results["gate"]["passed"] is True
+    page = (out / "report.html").read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert (out / "report.md").exists() and (out / "scores.png").stat().st_size > 1000
+
+    # The same answers again come from the cache: nothing is sent, and a stricter gate fails with exit 1.
+    server.reset_stats()
+    assert main(["run", str(recipe), "--set", "eval.gate.min_retention=0.9"]) == 1
+    assert server.stats.total == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["gate"] == {"passed": False, "reason": "student: retention 0.500 < min_retention 0.9"}
+
+
+def test_judge_rubric_and_pairwise_through_the_sdk(tmp_path, server, env_key):
+    server.config.responder = _responder
+    judge = (f"  judge: {{provider: openai, model: judge, base_url: '{server.openai_base_url}', "
+             "api_key_env: APPRENTICE_TEST_KEY, rubric: 'correct city', params: {temperature: 0, max_tokens: 4}}\n")
+    recipe = _eval_recipe(tmp_path, server, judge)
+    assert main(["run", str(recipe)]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["models"]["teacher"]["metrics"]["judge"]["mean"] == pytest.approx(0.7)
+    pairwise = results["pairwise"]
+    # The judge always says "A": every pair disagrees with itself across the two orders → all ties.
+    assert pairwise["win_rate"] == 0.5 and pairwise["inconsistent_pairs"] == 6
+    asked = [b for b in server.stats.bodies if b["model"] == "judge"]
+    assert len(asked) == 6 * 2 + 6 * 2  # rubric for 2 models + pairwise in 2 orders, 6 items each
+
+
+def test_missing_golden_file_and_missing_verifier(tmp_path, server, env_key):
+    recipe = _eval_recipe(tmp_path, server)
+    text = recipe.read_text().replace(str(tmp_path / "golden.jsonl"), str(tmp_path / "nope.jsonl"))
+    recipe.write_text(text)
+    assert main(["run", str(recipe)]) == 2
+    golden = _golden(tmp_path)
+    golden.write_text('{"prompt": "q", "metric": "verifier"}\n')
+    recipe.write_text(text.replace(str(tmp_path / "nope.jsonl"), str(golden)))
+    assert main(["run", str(recipe)]) == 2
+
+
+# ---- local models -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_local_models_get_latency_size_confidence_and_divergence(tmp_path, tiny_student):  # noqa: F811
+    golden = tmp_path / "g.jsonl"
+    golden.write_text("".join(json.dumps({"prompt": f"{c} b", "reference": c.upper()}) + "\n" for c in "abcd"))
+    config = EvalConfig.model_validate({
+        "output_dir": tmp_path / "out", "golden": [golden], "perf_prompts": 2,
+        "params": {"temperature": 0, "max_tokens": 4},
+        "models": [
+            {"name": "teacher", "role": "teacher", "model": str(tiny_student),
+             "context": [{"role": "system", "content": "answer"}]},
+            {"name": "student", "role": "student", "model": str(tiny_student)},
+        ],
+    })
+    from rich.console import Console
+
+    from eval.run import evaluate
+
+    summary, gate = evaluate(config, Console(quiet=True))
+    assert gate is None
+    perf = summary["models"]["student"]["perf"]
+    assert perf["parameters"] > 0 and perf["disk_bytes"] > 0 and perf["timed_prompts"] == 2
+    assert perf["latency_p50_s"] > 0 and perf["ttft_p50_s"] > 0
+    assert summary["divergence_kl"] >= 0 and len(summary["cascade"]) == 11
+    assert 0 <= summary["speculative"]["acceptance_rate"] <= 1
+    assert (tmp_path / "out" / "report.html").exists()
