@@ -15,7 +15,6 @@ from typing import Any, Callable, Sequence
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 
 def normalize(text: str) -> str:
@@ -74,15 +73,10 @@ def regex(answer: str, reference: Any) -> float:
 
 
 def parse_json(answer: str) -> Any:
-    """The answer as JSON: the whole text, else a ```json fenced block; raises ValueError."""
-    text = answer.strip()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        fenced = _FENCE.search(text)
-        if fenced:
-            return json.loads(fenced.group(1))
-        raise ValueError("not JSON") from None
+    """The answer as JSON: a ```json fenced block if there is one, else the whole text; raises ValueError."""
+    from quality_checks.structured import extract_json_text
+
+    return json.loads(extract_json_text(answer))
 
 
 def json_valid(answer: str, reference: Any = None) -> float:

@@ -19,6 +19,12 @@ no successful (paid) request body was answered twice.
 Endpoints: POST to any path ending in `/chat/completions` (OpenAI) or `/messages` (Anthropic); any
 other path is a 404 with an OpenAI-shaped JSON error.
 
+Logprobs: an OpenAI request with `logprobs: true` (and `top_logprobs: k`, 0..20) gets
+`choices[i].logprobs.content` like OpenAI's: the answer cut into 4-character tokens, each with a
+deterministic logprob and k alternatives (the token itself first, then "<token>~j" less likely), as
+strings; with vLLM's `return_tokens_as_token_ids: true` every token is written "token_id:<n>" instead
+(n = crc32 of the string mod 50,000).
+
 Token counts are approximate: a text of `c` characters is `max(1, c // 4)` tokens. Input tokens are
 counted over the text of every message (plus `system` for Anthropic); an answer longer than
 `max_tokens` (`max_completion_tokens` for OpenAI) is cut to `max_tokens * 4` characters and ends with
@@ -58,6 +64,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -103,6 +110,25 @@ def content_text(content: Any) -> str:
             part.get("text") or "" if isinstance(part, dict) else str(part) for part in content
         )
     return "" if content is None else str(content)
+
+
+def fake_logprobs(text: str, top_logprobs: int, as_ids: bool = False) -> dict[str, Any]:
+    """The `logprobs` object of one chat-completions choice for `text` (see the module docstring)."""
+
+    def token(piece: str) -> str:
+        return f"token_id:{zlib.crc32(piece.encode('utf-8')) % 50_000}" if as_ids else piece
+
+    content = []
+    for i in range(0, len(text), 4):
+        piece = text[i:i + 4]
+        logprob = -0.05 - 0.1 * ((i // 4) % 5)
+        alternatives = [(piece, logprob)] + [(f"{piece}~{j}", logprob - j) for j in range(1, top_logprobs)]
+        content.append({
+            "token": token(piece), "logprob": logprob, "bytes": list(piece.encode("utf-8")),
+            "top_logprobs": [{"token": token(t), "logprob": v, "bytes": list(t.encode("utf-8"))}
+                             for t, v in alternatives[:top_logprobs]],
+        })
+    return {"content": content, "refusal": None}
 
 
 def default_responder(messages: list, index: int, body: dict) -> str:
@@ -523,6 +549,10 @@ class FakeServer:
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if not isinstance(n, int) or n < 1 or not (max_tokens is None or isinstance(max_tokens, int)):
             return self.error("openai", 400, "n and max_tokens must be positive integers")
+        top_logprobs = body.get("top_logprobs")
+        if top_logprobs is not None and (not body.get("logprobs") or not isinstance(top_logprobs, int)
+                                         or not 0 <= top_logprobs <= 20):
+            return self.error("openai", 400, "top_logprobs must be an integer in [0, 20] and needs logprobs: true")
         input_tokens = count_tokens("".join(content_text(m.get("content")) for m in messages if isinstance(m, dict)))
         admitted, headers = self._admit("openai", input_tokens, n * (max_tokens or 0))
         if not admitted:
@@ -533,8 +563,11 @@ class FakeServer:
             if text is None:
                 return self.error("openai", 500, reason, headers)
             completion_tokens += tokens
+            logprobs = None
+            if body.get("logprobs"):
+                logprobs = fake_logprobs(text, top_logprobs or 0, bool(body.get("return_tokens_as_token_ids")))
             choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                            "finish_reason": reason, "logprobs": None})
+                            "finish_reason": reason, "logprobs": logprobs})
         answer = {
             "id": f"chatcmpl-fake{seq:08d}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "fake"), "choices": choices,

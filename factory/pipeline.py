@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
-from quality_checks import build_checks
+from quality_checks import build_checks, prime
 
 from . import __version__
 from .cache import ResponseCache, cache_key
@@ -101,6 +101,7 @@ class Run:
         self.budget_hit = False
         self.rejected_by: Counter = Counter()
         self.reserved_usd = 0.0
+        self.logprobs = None  # the logprobs sidecar writer, when the recipe asks for teacher.logprobs
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _pricer(self) -> Pricer:
@@ -185,6 +186,14 @@ class Run:
             max_retries=config.teacher.max_retries,
         )
         self.store = Store(run_dir)
+        from .logprobs import open_sidecar
+
+        self.logprobs = await open_sidecar(run_dir, config.teacher, teacher)
+        # Run-wide checks (dedup) learn the samples accepted before a crash; after Store cut any torn line.
+        self.run_wide = [check for check in checks if hasattr(check, "remember")]
+        primed_at = time.monotonic()
+        primed = prime(checks, run_dir / ACCEPTED)
+        primed_s = time.monotonic() - primed_at
         self.resumed_rejected_by = _count_rejected(run_dir / REJECTED) if self.store.resumed_rejected else Counter()
         cache = ResponseCache(run_dir / CACHE)
         counters = self.counters = Counters(total=count * config.samples_per_prompt)
@@ -196,6 +205,8 @@ class Run:
                 f"{self.store.resumed_rejected} rejected records kept, "
                 f"{self.store.previous_failures} earlier failure(s) will be retried"
             )
+        if primed:
+            self.console.print(f"dedup index rebuilt from {primed} accepted samples in {primed_s:.1f} s")
 
         view = ProgressView(counters, self.console)
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=2 * concurrency)
@@ -264,8 +275,13 @@ class Run:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self._teacher is None:
                 await teacher.aclose()
+            if self.logprobs is not None:
+                self.logprobs.close()
             status = self._status()
-            write_manifest(run_dir, self._manifest(status, counters, previous))
+            manifest = self._manifest(status, counters, previous)
+            if status != "interrupted":  # Ctrl-C wants out now; `factory stats` computes them on demand
+                manifest["stats"] = _run_stats(run_dir, manifest, self.console)
+            write_manifest(run_dir, manifest)
             self.store.close()
             cache.close()
         return RunResult(status, counters, self._message(status, counters))
@@ -387,6 +403,7 @@ class Run:
                 finish_reason=choice.finish_reason,
                 prompt_id=prompt.id,
                 sample_index=item.indices[pos],
+                reference=prompt.reference,
             )
             for check in ctx.checks:
                 verdict = check(sample)
@@ -394,8 +411,13 @@ class Run:
                 if not verdict.passed:
                     sample.rejected_by = check.name
                     break
+            if self.logprobs is not None and choice.logprobs is not None:
+                # Before the JSONL line: a record on disk always has its logprobs on disk (factory/logprobs.py).
+                self.logprobs.write(record_id, choice.logprobs)
             if sample.rejected_by is None:
                 store.write(ACCEPTED, sample.to_json())
+                for check in self.run_wide:
+                    check.remember(sample)
                 counters.accepted += 1
             else:
                 store.write(REJECTED, sample.to_json())
@@ -429,6 +451,20 @@ class _Context:
     pricer: Pricer
     checks: list
     counters: Counters
+
+
+def _run_stats(run_dir: Path, manifest: dict[str, Any], console: Console) -> dict[str, Any]:
+    """The `stats` figures for the manifest: one streaming pass over the run files, bounded memory."""
+    from rich.markup import escape
+
+    from .stats import compute_stats
+
+    try:
+        return compute_stats(run_dir, manifest)
+    except Exception as exc:  # noqa: BLE001 - the final manifest matters more than its statistics
+        console.print(f"[yellow]stats not computed ({escape(f'{type(exc).__name__}: {exc}')}); "
+                      "run `python -m factory stats`[/]")
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _count_rejected(path: Path) -> Counter:

@@ -1,4 +1,6 @@
-"""Prompt sources. A JSONL line is {"id"?: str, "prompt": str | [messages], "attributes"?: {}}.
+"""Prompt sources. A JSONL line is {"id"?: str, "prompt": str | [messages], "attributes"?: {}, "reference"?: str}.
+
+`reference` is the known answer, for the `reference` check; it is carried onto each Sample.
 
 Prompts stream: `check_prompts` reads the file once to report every bad line (file:line and the fix)
 before anything is paid, and `iter_prompts` reads it again as the run consumes it.
@@ -26,6 +28,7 @@ class PromptItem:
     messages: list[dict[str, str]]
     attributes: dict[str, Any] = field(default_factory=dict)
     line: int = 0
+    reference: str | None = None
 
 
 def _parse_line(raw: str, system: str | None) -> PromptItem:
@@ -36,9 +39,9 @@ def _parse_line(raw: str, system: str | None) -> PromptItem:
         raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(data, dict):
         raise ValueError('expected an object like {"prompt": "..."}')
-    unknown = set(data) - {"id", "prompt", "attributes"}
+    unknown = set(data) - {"id", "prompt", "attributes", "reference"}
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)}; allowed: id, prompt, attributes")
+        raise ValueError(f"unknown key(s) {sorted(unknown)}; allowed: id, prompt, attributes, reference")
     if "prompt" not in data:
         raise ValueError('missing "prompt" (a string, or a list of {"role", "content"} messages)')
     prompt = data["prompt"]
@@ -70,7 +73,12 @@ def _parse_line(raw: str, system: str | None) -> PromptItem:
     attributes = data.get("attributes") or {}
     if not isinstance(attributes, dict):
         raise ValueError('"attributes" must be an object')
-    return PromptItem(str(prompt_id), messages, attributes)
+    reference = data.get("reference")
+    if reference is not None:
+        if isinstance(reference, bool) or not isinstance(reference, (str, int, float)):
+            raise ValueError('"reference" must be a string (or a number)')
+        reference = str(reference)
+    return PromptItem(str(prompt_id), messages, attributes, reference=reference)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:

@@ -7,10 +7,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
+
+from quality_checks.base import check_fingerprint, duplicate_names, parse_check_item
+
+# One item of `factory.checks`: a bare name (`empty`) or a mapping of options (`{name: regex, pattern: ...}`).
+# Validated by the check's own options model; errors carry the item's key path (factory.checks.2.pattern).
+CheckItem = Annotated[Any, PlainValidator(parse_check_item)]
 
 
 class RecipeError(Exception):
@@ -31,6 +37,25 @@ class Price(Strict):
     output: float = Field(ge=0, description="USD per 1M output tokens")
 
 
+class LogprobsConfig(Strict):
+    """Teacher token logprobs for distillation, written to the run's `logprobs/` sidecar."""
+
+    top_k: int = Field(default=20, ge=1, le=1000, description="alternatives per token (hosted OpenAI: at most 20)")
+    token_ids: bool = Field(
+        default=False,
+        description="provider openai: ask the server for token ids (vLLM's return_tokens_as_token_ids)",
+    )
+    tokenizer: str | None = Field(
+        default=None, description="provider openai: the served model's tokenizer (HF id or folder), to fingerprint"
+    )
+    shard_records: int = Field(
+        default=256, ge=1, description="records per sidecar shard: bounds memory; not part of the fingerprint"
+    )
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"shard_records"})
+
+
 class TeacherConfig(Strict):
     provider: Literal["openai", "anthropic", "local"] = "local"
     model: str = "builtin:smollm2-135m-instruct"
@@ -47,6 +72,9 @@ class TeacherConfig(Strict):
     price: Price | None = Field(default=None, description="overrides the built-in price table")
     batch_size: int = Field(default=8, ge=1, description="provider local: prompts per generate() call")
     device: str | None = Field(default=None, description="provider local: cpu, cuda, …; default picks")
+    logprobs: LogprobsConfig | None = Field(
+        default=None, description="{top_k: 20}: store the teacher's top-k token logprobs for distillation"
+    )
     context: list[dict[str, str]] | None = Field(
         default=None,
         description="messages (instructions, few-shot turns) sent to the teacher before every prompt and NOT "
@@ -59,6 +87,17 @@ class TeacherConfig(Strict):
             self.api_key_env = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}.get(self.provider)
         if self.max_tokens < 1:
             raise ValueError("params.max_tokens must be at least 1")
+        if self.logprobs is not None:
+            if self.provider == "anthropic":
+                raise ValueError(
+                    "logprobs: the Anthropic API returns no token logprobs; remove teacher.logprobs, or use "
+                    "provider: openai (any OpenAI-compatible server) or provider: local"
+                )
+            if self.provider == "local" and (self.logprobs.token_ids or self.logprobs.tokenizer):
+                raise ValueError("logprobs.token_ids and logprobs.tokenizer are for provider openai; the local "
+                                 "teacher always stores token ids with its own tokenizer")
+            if self.provider == "openai" and self.base_url is None and self.logprobs.top_k > 20:
+                raise ValueError(f"logprobs.top_k={self.logprobs.top_k}: the OpenAI API returns at most 20")
         for i, message in enumerate(self.context or []):
             if set(message) != {"role", "content"} or message["role"] not in ("system", "user", "assistant"):
                 raise ValueError(f"context[{i}] must be {{role: system|user|assistant, content: ...}}")
@@ -87,11 +126,19 @@ class FactoryConfig(Strict):
     prompts: PromptsConfig
     samples_per_prompt: int = Field(default=1, ge=1, le=128)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    checks: list[str] = Field(
+    checks: list[CheckItem] = Field(
         default_factory=lambda: ["empty", "truncated", "refusal"],
-        description="quality checks in order, cheapest first",
+        description="quality checks in order, cheapest first: names, or mappings {name: ..., option: ...}",
     )
     budget_usd: float | None = Field(default=None, ge=0)
+
+    @field_validator("checks")
+    @classmethod
+    def _distinct_check_names(cls, checks: list[Any]) -> list[Any]:
+        twice = duplicate_names(checks)
+        if twice:
+            raise ValueError(f"two checks named {twice}; give one a `label:` so rejections say which")
+        return checks
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides the content of a sample. Two runs may share a directory only if these agree."""
@@ -103,8 +150,10 @@ class FactoryConfig(Strict):
             "params": teacher.params,
             "samples_per_prompt": self.samples_per_prompt,
             "system": self.prompts.system,
-            "checks": self.checks,
+            "checks": [check_fingerprint(check) for check in self.checks],
             **({"context": teacher.context} if teacher.context else {}),
+            # Only when set, so that the fingerprints of existing runs stay what they were.
+            **({"logprobs": teacher.logprobs.fingerprint()} if teacher.logprobs is not None else {}),
         }
 
     def fingerprint_hash(self) -> str:

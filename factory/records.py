@@ -49,6 +49,7 @@ class Sample:
     rejected_by: str | None = None
     prompt_id: str | None = None
     sample_index: int = 0
+    reference: str | None = None  # the prompt line's known answer, for the `reference` check
 
     @property
     def text(self) -> str:

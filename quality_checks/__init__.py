@@ -1,4 +1,23 @@
-"""Quality checks: each takes a Sample and returns a Verdict with a reason when it fails."""
-from .base import Check, Verdict, build_checks, register
+"""Quality checks: each takes a Sample and returns a Verdict with a reason when it fails.
 
-__all__ = ["Check", "Verdict", "build_checks", "register"]
+Built-in checks: empty, truncated, refusal, length, regex (rules); json, reference (structured);
+exact_dup, near_dup, contamination (dedup); verifier (a user function).
+"""
+from .base import (
+    PASS,
+    Check,
+    CheckConfigError,
+    CheckOptions,
+    Verdict,
+    available,
+    build_checks,
+    check_fingerprint,
+    parse_check_item,
+    prime,
+    register,
+)
+
+__all__ = [
+    "PASS", "Check", "CheckConfigError", "CheckOptions", "Verdict", "available", "build_checks",
+    "check_fingerprint", "parse_check_item", "prime", "register",
+]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from factory.recipe import RecipeError, format_validation_error, load_recipe_data
 
@@ -27,6 +27,13 @@ class LoraSettings(Strict):
     modules_to_save: list[str] | None = Field(
         default=None, description="modules trained in full and saved with the adapter, e.g. [lm_head]"
     )
+
+
+class DistillSettings(Strict):
+    """Distillation from the teacher's top-k logprobs (the runs' `logprobs/` sidecars); see sft/kd.py."""
+
+    alpha: float = Field(default=0.8, ge=0, le=1, description="weight of the KL term; 1 - alpha weighs the CE")
+    temperature: float = Field(default=2.0, gt=0, description="softens teacher and student; the KL is scaled by T²")
 
 
 class SFTConfig(Strict):
@@ -60,6 +67,16 @@ class SFTConfig(Strict):
     )
     max_steps: int | None = Field(default=None, ge=1, description="stop after N optimizer steps (smoke runs)")
     logging_steps: int = Field(default=10, ge=1)
+    distill: DistillSettings | None = Field(
+        default=None, description="{alpha: 0.8, temperature: 2.0}: add a KL term towards the teacher's logprobs"
+    )
+
+    @model_validator(mode="after")
+    def _distill_needs_completions(self) -> "SFTConfig":
+        if self.distill is not None and (self.packing or not self.completion_only_loss):
+            raise ValueError("distill needs packing: false and completion_only_loss: true (the teacher's logprobs "
+                             "are aligned with each sample's completion tokens)")
+        return self
 
 
 def _with_prefix(error: ValidationError) -> ValidationError:

@@ -21,7 +21,11 @@ class RunInfo:
 
 
 def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], RunInfo]:
-    """The accepted samples of one run, reduced to what training needs, and the run's lineage."""
+    """The accepted samples of one run after human review, reduced to what training needs, and the
+    run's lineage. review.jsonl (`python -m factory review --promote/--demote`) decides: demoted accepted
+    samples are left out and promoted rejected samples are taken in."""
+    from factory.review import ReviewError, read_actions
+
     run_dir = Path(run_dir)
     accepted = run_dir / "accepted.jsonl"
     if not run_dir.is_dir():
@@ -30,24 +34,38 @@ def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], RunInfo]:
         raise DataError(
             f"{accepted}: no accepted.jsonl in this run directory; run `python -m factory generate` first"
         )
+    try:
+        actions = read_actions(run_dir)
+    except ReviewError as exc:
+        raise DataError(str(exc)) from None
+    # (file, whether a record of it is kept when review left it alone, the review action that flips that)
+    sources = [(accepted, True, "demote")]
+    if "promote" in actions.values():
+        sources.append((run_dir / "rejected.jsonl", False, "promote"))
     rows: list[dict[str, Any]] = []
-    with accepted.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{accepted}:{number}: not valid JSON: {exc}") from None
-            if not isinstance(record.get("prompt"), list) or not isinstance(record.get("completion"), list):
-                raise DataError(f"{accepted}:{number}: expected conversational `prompt` and `completion` lists")
-            rows.append({
-                "id": str(record.get("id", f"{run_dir.name}:{number}")),
-                "prompt": [_message(m) for m in record["prompt"]],
-                "completion": [_message(m) for m in record["completion"]],
-                # JSON text: attributes differ between runs and Arrow needs one schema for the column
-                "attributes": json.dumps(record.get("attributes") or {}, sort_keys=True),
-            })
+    for path, kept, flip in sources:
+        if not path.is_file():
+            continue
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: not valid JSON: {exc}") from None
+                flipped = actions.get(str(record.get("id"))) == flip
+                if kept == flipped:  # accepted but demoted, or rejected and not promoted
+                    continue
+                if not isinstance(record.get("prompt"), list) or not isinstance(record.get("completion"), list):
+                    raise DataError(f"{path}:{number}: expected conversational `prompt` and `completion` lists")
+                rows.append({
+                    "id": str(record.get("id", f"{run_dir.name}:{number}")),
+                    "prompt": [_message(m) for m in record["prompt"]],
+                    "completion": [_message(m) for m in record["completion"]],
+                    # JSON text: attributes differ between runs and Arrow needs one schema for the column
+                    "attributes": json.dumps(record.get("attributes") or {}, sort_keys=True),
+                })
     return rows, RunInfo(str(run_dir), len(rows), _fingerprint(run_dir))
 
 

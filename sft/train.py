@@ -1,10 +1,18 @@
 """Fine-tune a student on factory runs: TRL `SFTTrainer` + a peft LoRA (or QLoRA) adapter.
 
 The output directory holds, when training ends:
-    checkpoints/   Trainer checkpoints (what `--resume` continues from)
-    adapter/       the LoRA adapter and the tokenizer
-    merged/        base + adapter merged (safetensors) with the tokenizer and its chat template
-    lineage.json   data runs with their fingerprints, the sft section, base model, versions, git commit
+    checkpoints/     Trainer checkpoints (what `--resume` continues from)
+    adapter/         the LoRA adapter and the tokenizer
+    merged/          base + adapter merged (safetensors) with the tokenizer and its chat template
+    loss_curves.png  train and held-out loss against the step
+    lineage.json     data runs with their fingerprints, the sft section, base model, versions, git commit
+
+With `sft.distill`, a `SFTTrainer` subclass adds the KL term of sft/kd.py towards the teacher's top-k
+logprobs (the runs' `logprobs/` sidecars), sample by sample where the student's completion tokens are the
+teacher's sampled tokens. The held-out loss stays plain cross-entropy, so that runs with and without
+distillation, and at different temperatures, are compared on the same number.
+
+Under `accelerate launch` (DDP, FSDP) every process runs this; files are written by the main process.
 """
 from __future__ import annotations
 
@@ -40,12 +48,13 @@ class Hardware:
 class TrainResult:
     output_dir: Path
     adapter_dir: Path
-    merged_dir: Path
+    merged_dir: Path | None
     lineage_path: Path
     train_samples: int
     eval_samples: int
     global_step: int
     metrics: dict[str, float]
+    distill: dict[str, Any] | None = None
 
 
 def detect_hardware(config: SFTConfig) -> Hardware:
@@ -73,7 +82,10 @@ def last_checkpoint(checkpoints: Path) -> Path | None:
     return Path(found) if checkpoints.is_dir() and (found := get_last_checkpoint(str(checkpoints))) else None
 
 
-def train(config: SFTConfig, *, resume: bool = False, console: Any = None) -> TrainResult:
+def train(config: SFTConfig, *, resume: bool = False, console: Any = None, fraction: float = 1.0,
+          export_merged: bool = True) -> TrainResult:
+    """Train, evaluate, save. `fraction` keeps that share of the training split (seeded; the held-out split
+    is unchanged), `export_merged=False` skips the merged model: both for sweeps of short runs."""
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -90,6 +102,14 @@ def train(config: SFTConfig, *, resume: bool = False, console: Any = None) -> Tr
         console.print(f"[yellow]--resume:[/] no checkpoint in {checkpoints}; starting from the beginning")
 
     train_set, eval_set, runs = load_splits(config.data, config.held_out, config.seed)
+    if fraction < 1.0:
+        keep = max(1, round(len(train_set) * fraction))
+        train_set = train_set.shuffle(seed=config.seed).select(range(keep))
+    teacher = None
+    if config.distill is not None:
+        from .kd import TeacherLogprobs
+
+        teacher = TeacherLogprobs(config.data)  # refuses runs without usable logprobs, before any model loads
     console.print(
         f"[bold]data[/] {len(train_set)} train, {len(eval_set) if eval_set is not None else 0} held out "
         f"from {len(runs)} run(s)"
@@ -104,7 +124,21 @@ def train(config: SFTConfig, *, resume: bool = False, console: Any = None) -> Tr
 
     base_path = resolve_model(config.student)
     model, tokenizer = _load_student(base_path, config, hardware)
-    trainer = _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints)
+    if teacher is not None:
+        teacher.check_student(tokenizer, config.student)
+    trainer = _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints, teacher)
+    from .progress import RichProgress
+
+    trainer.add_callback(RichProgress(console))
+    distill_info = None
+    if teacher is not None:
+        distill_info = _align_with_teacher(trainer, teacher)
+        console.print(
+            f"[bold]distill[/] alpha={config.distill.alpha} T={config.distill.temperature} k={teacher.k}: "
+            f"{distill_info['aligned']} of {distill_info['samples']} training samples aligned with the teacher's "
+            f"tokens; {distill_info['fallback']} fall back to cross-entropy "
+            f"({distill_info['mismatched']} tokenized differently, {distill_info['missing']} without logprobs)"
+        )
 
     started = time.time()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -112,15 +146,27 @@ def train(config: SFTConfig, *, resume: bool = False, console: Any = None) -> Tr
         console.print(f"[bold]resuming[/] from {resume_from}")
     outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume and resume_from else None)
     metrics = {k: float(v) for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
+    # Tokens trained on (prompt and completion, padding excluded), as SFTTrainer counts them in its logs.
+    history = trainer.state.log_history
+    tokens = next((entry["num_tokens"] for entry in reversed(history) if "num_tokens" in entry), None)
+    if tokens is not None:
+        metrics["train_tokens"] = float(tokens)
     if eval_set is not None:
         metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
 
     adapter_dir, merged_dir = output_dir / "adapter", output_dir / "merged"
-    trainer.model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    _save_merged(trainer.model, tokenizer, base_path, adapter_dir, merged_dir, config, hardware)
-
+    trainer.save_model(str(adapter_dir))  # every process: under FSDP the adapter is gathered from the shards
     lineage_path = output_dir / "lineage.json"
+    if not trainer.is_world_process_zero():
+        return TrainResult(output_dir, adapter_dir, merged_dir if export_merged else None, lineage_path,
+                           len(train_set), len(eval_set) if eval_set is not None else 0, trainer.state.global_step,
+                           metrics, distill_info)
+    tokenizer.save_pretrained(adapter_dir)
+    if export_merged:
+        distributed = trainer.accelerator.num_processes > 1
+        _save_merged(trainer.model, tokenizer, base_path, adapter_dir, merged_dir, config, hardware, distributed)
+    curves = plot_loss_curves(trainer.state.log_history, output_dir / "loss_curves.png")
+
     lineage = {
         "base_model": {"name": config.student, "path": base_path},
         "data": [asdict(run) for run in runs],
@@ -131,15 +177,20 @@ def train(config: SFTConfig, *, resume: bool = False, console: Any = None) -> Tr
         "resumed_from": str(resume_from) if resume and resume_from else None,
         "global_step": trainer.state.global_step,
         "metrics": metrics,
+        "distill": distill_info,
+        "loss_curves": str(curves) if curves else None,
         "versions": package_versions(),
         "git_commit": git_commit(),
         "started_at": started_at,
         "seconds": round(time.time() - started, 2),
     }
     lineage_path.write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
-    console.print(f"[green]done[/] adapter → {adapter_dir}, merged → {merged_dir}, lineage → {lineage_path}")
-    return TrainResult(output_dir, adapter_dir, merged_dir, lineage_path, len(train_set),
-                       len(eval_set) if eval_set is not None else 0, trainer.state.global_step, metrics)
+    merged_note = f", merged → {merged_dir}" if export_merged else ""
+    console.print(f"[green]done[/] adapter → {adapter_dir}{merged_note}, lineage → {lineage_path}"
+                  + (f", loss curves → {curves}" if curves else ""))
+    return TrainResult(output_dir, adapter_dir, merged_dir if export_merged else None, lineage_path,
+                       len(train_set), len(eval_set) if eval_set is not None else 0, trainer.state.global_step,
+                       metrics, distill_info)
 
 
 def _load_student(base_path: str, config: SFTConfig, hardware: Hardware):
@@ -170,7 +221,7 @@ def _load_student(base_path: str, config: SFTConfig, hardware: Hardware):
     return model, tokenizer
 
 
-def _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints):
+def _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints, teacher=None):
     from peft import LoraConfig
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig as TRLConfig
@@ -218,20 +269,185 @@ def _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, chec
     )
     columns = ["prompt", "completion"]
     callbacks = [EarlyStoppingCallback(config.early_stopping_patience)] if early_stop else []
-    return SFTTrainer(
+    trainer_class, extra = SFTTrainer, {}
+    if teacher is not None:
+        trainer_class, extra = distill_trainer_class(), {"distill": config.distill, "teacher": teacher}
+    return trainer_class(
         model=model,
         args=args,
-        train_dataset=train_set.select_columns(columns),
+        # The record id travels with a distillation sample: it is the sidecar's key.
+        train_dataset=train_set.select_columns(columns + (["id"] if teacher is not None else [])),
         eval_dataset=eval_set.select_columns(columns) if has_eval else None,
         processing_class=tokenizer,
         peft_config=lora,
         callbacks=callbacks,
+        **extra,
     )
 
 
-def _save_merged(model, tokenizer, base_path, adapter_dir, merged_dir, config, hardware) -> None:
-    if config.qlora:
-        # A 4-bit base cannot be merged into exactly; merge into the base loaded in half precision.
+# ---- distillation -------------------------------------------------------------------------------------------
+TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_mask")
+_DISTILL_TRAINER: Any = None
+
+
+def _align_with_teacher(trainer: Any, teacher: Any) -> dict[str, Any]:
+    """Give each prepared training example `kd_len`: how many of its completion tokens take the teacher's
+    distribution (sft/kd.py `align`; 0 = plain CE). Streams the dataset in batches: memory stays flat."""
+    from .kd import align
+
+    dataset = trainer.train_dataset
+    lengths: list[int] = []
+    counts = {"samples": 0, "aligned": 0, "fallback": 0, "mismatched": 0, "missing": 0, "kd_tokens": 0}
+    for batch in dataset.select_columns(["id", "labels"]).iter(batch_size=512):
+        for record_id, labels in zip(batch["id"], batch["labels"]):
+            completion = [token for token in labels if token != -100]
+            found = teacher.get(record_id)
+            n = align(completion, found.sampled_ids.tolist()) if found is not None else 0
+            counts["samples"] += 1
+            if found is None:
+                counts["missing"] += 1
+            elif n == 0:
+                counts["mismatched"] += 1
+            counts["aligned" if n else "fallback"] += 1
+            counts["kd_tokens"] += n
+            lengths.append(n)
+    trainer.train_dataset = dataset.add_column("kd_len", lengths)
+    return {**counts, "teacher_tokenizer": teacher.fingerprint, "top_k": teacher.k}
+
+
+class TeacherCollator:
+    """TRL's collator, plus the teacher's top-k ids and logprobs laid on each example's completion tokens.
+
+    `teacher_*[b, s]` is the teacher's distribution for the token at position s (see sft/kd.py). Examples
+    without `kd_len` (the held-out set) are collated as TRL does, with no teacher tensors.
+    """
+
+    def __init__(self, base: Any, teacher: Any) -> None:
+        self.base = base
+        self.teacher = teacher
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        keys = [(example.get("id"), int(example.get("kd_len") or 0)) for example in examples]
+        batch = self.base([{k: v for k, v in e.items() if k not in ("id", "kd_len")} for e in examples])
+        if "kd_len" not in examples[0]:
+            return batch
+        labels = batch["labels"]
+        size, length = labels.shape
+        k = self.teacher.k
+        ids = torch.full((size, length, k), -1, dtype=torch.long)
+        logprobs = torch.full((size, length, k), -torch.inf, dtype=torch.float32)
+        mask = torch.zeros((size, length), dtype=torch.bool)
+        for row, (record_id, n) in enumerate(keys):
+            if n <= 0:
+                continue
+            found = self.teacher.get(record_id)
+            start = int((labels[row] != -100).nonzero()[0])
+            width = found.top_ids.shape[1]
+            ids[row, start:start + n, :width] = torch.from_numpy(found.top_ids[:n].astype("int64"))
+            logprobs[row, start:start + n, :width] = torch.from_numpy(found.top_logprobs[:n].copy())
+            mask[row, start:start + n] = True
+        batch.update(teacher_ids=ids, teacher_logprobs=logprobs, teacher_mask=mask)
+        return batch
+
+
+def distill_trainer_class() -> Any:
+    """SFTTrainer with the distillation loss; built on first use, so that importing this module stays light."""
+    global _DISTILL_TRAINER
+    if _DISTILL_TRAINER is not None:
+        return _DISTILL_TRAINER
+    import inspect
+
+    from trl import SFTTrainer
+
+    from .kd import distill_loss
+
+    class DistillTrainer(SFTTrainer):
+        def __init__(self, *args: Any, distill: Any, teacher: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.distill = distill
+            self.data_collator = TeacherCollator(self.data_collator, teacher)
+            inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self._logits_to_keep = "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+
+        def _set_signature_columns_if_needed(self) -> None:
+            super()._set_signature_columns_if_needed()
+            self._signature_columns = list(self._signature_columns) + ["id", "kd_len"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            teacher = {key: inputs.pop(key) for key in TEACHER_KEYS if key in inputs}
+            if not teacher or not model.training or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+            model_inputs["use_cache"] = False
+            offset = 0
+            if self._logits_to_keep:
+                # Logits only from the last prompt token on: the prompt's logits would be masked anyway.
+                completion = (labels != -100).any(dim=0).nonzero()
+                first = int(completion[0]) if len(completion) else labels.shape[1] - 1
+                offset = max(0, first - 1)
+                model_inputs["logits_to_keep"] = labels.shape[1] - offset
+            logits = model(**model_inputs).logits
+            result = distill_loss(
+                logits, labels[:, offset:], teacher["teacher_ids"][:, offset:],
+                teacher["teacher_logprobs"][:, offset:], teacher["teacher_mask"][:, offset:],
+                alpha=self.distill.alpha, temperature=self.distill.temperature, num_items=num_items_in_batch,
+            )
+            loss = result.loss
+            # As SFTTrainer: num_items_in_batch counts every rank's tokens and DDP averages the gradients.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            metrics = self._metrics["train"]
+            metrics["ce_loss"].append(result.ce)
+            if result.kd_tokens:
+                metrics["kd_loss"].append(result.kd)
+            if "attention_mask" in inputs:
+                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                self._total_train_tokens += tokens // self._tp_size
+            metrics["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    _DISTILL_TRAINER = DistillTrainer
+    return DistillTrainer
+
+
+# ---- loss curves --------------------------------------------------------------------------------------------
+def plot_loss_curves(log_history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Train and held-out loss against the step, from `trainer.state.log_history`, as a PNG (Agg: no display)."""
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+    held = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+    kd = [(entry["step"], entry["kd_loss"]) for entry in log_history if "kd_loss" in entry]
+    if not train and not held:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        axes.plot(*zip(*train), label="train loss", color="tab:blue")
+    if kd:
+        axes.plot(*zip(*kd), label="train T²·KL (distill)", color="tab:blue", linestyle=":")
+    if held:
+        axes.plot(*zip(*held), label="held-out loss (cross-entropy)", color="tab:orange", marker="o")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def _save_merged(model, tokenizer, base_path, adapter_dir, merged_dir, config, hardware, distributed=False) -> None:
+    if config.qlora or distributed:
+        # A 4-bit base cannot be merged into exactly; merge into the base loaded in half precision. Under
+        # DDP/FSDP the main process merges a fresh copy too: its own model may be a shard.
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -264,3 +480,97 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}-dirty" if dirty else commit or None
+
+
+# ---- sweep and list -------------------------------------------------------------------------------------------
+def sweep(config: SFTConfig, temperatures: list[float], *, fraction: float = 0.1, console: Any = None) -> list[dict]:
+    """One short distillation run per temperature on `fraction` of the training split, compared on the same
+    held-out split by cross-entropy (comparable across temperatures, unlike the KD loss itself).
+
+    Runs go to OUTPUT_DIR/sweep/T<t>/ (adapter, lineage, loss curves; no merged model); the table to
+    OUTPUT_DIR/sweep/sweep.md. A temperature whose run finished before (its lineage.json exists) is not
+    trained again, and one that was interrupted resumes from its checkpoint.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    if config.distill is None:
+        raise RecipeError("sweep compares distillation temperatures: add sft.distill: {alpha: 0.8, temperature: 2.0}")
+    if config.held_out <= 0:
+        raise RecipeError("sweep compares held-out losses: set sft.held_out above 0")
+    root = Path(config.output_dir) / "sweep"
+    rows = []
+    for temperature in temperatures:
+        run_dir = root / f"T{temperature:g}"
+        lineage_path = run_dir / "lineage.json"
+        if lineage_path.is_file():
+            console.print(f"[bold]sweep[/] T={temperature:g}: done before, read from {lineage_path}")
+            lineage = json.loads(lineage_path.read_text(encoding="utf-8"))
+            metrics, steps, seconds = lineage["metrics"], lineage["global_step"], lineage["seconds"]
+        else:
+            console.print(f"[bold]sweep[/] T={temperature:g} → {run_dir}")
+            one = config.model_copy(update={
+                "output_dir": run_dir,
+                "distill": config.distill.model_copy(update={"temperature": temperature}),
+            })
+            started = time.time()
+            resume = last_checkpoint(run_dir / "checkpoints") is not None
+            result = train(one, resume=resume, console=console, fraction=fraction, export_merged=False)
+            metrics, steps, seconds = result.metrics, result.global_step, round(time.time() - started, 2)
+        rows.append({"temperature": temperature, "eval_loss": metrics.get("eval_loss"),
+                     "train_loss": metrics.get("train_loss"), "steps": steps, "seconds": seconds,
+                     "output_dir": str(run_dir)})
+    best = min((r for r in rows if r["eval_loss"] is not None), key=lambda r: r["eval_loss"], default=None)
+
+    def fmt(value: Any) -> str:
+        return "—" if value is None else f"{value:.4f}"
+
+    header = ["T", "held-out loss (CE)", "train loss", "steps", "seconds", "run"]
+    lines = [
+        f"# Temperature sweep: {config.student}, alpha={config.distill.alpha}, {fraction:g} of the training data",
+        "",
+        "Held-out loss is the cross-entropy of the teacher's completions on the held-out split (the same split "
+        "for every run); lower is better. Train loss mixes KL and CE and is not comparable across T.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    table = Table(title=f"sweep: {config.student}, alpha={config.distill.alpha}, fraction={fraction:g}")
+    for name in header:
+        table.add_column(name)
+    for row in rows:
+        mark = " (best)" if row is best else ""
+        cells = [f"{row['temperature']:g}{mark}", fmt(row["eval_loss"]), fmt(row["train_loss"]), str(row["steps"]),
+                 f"{row['seconds']:.0f}", row["output_dir"]]
+        lines.append("| " + " | ".join(cells) + " |")
+        table.add_row(*cells)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    console.print(table)
+    console.print(f"table → {root / 'sweep.md'}")
+    return rows
+
+
+def find_students(directory: Path) -> list[dict[str, Any]]:
+    """Trained students under `directory`: every lineage.json one or two levels down (sweeps included)."""
+    directory = Path(directory)
+    paths = sorted({*directory.glob("lineage.json"), *directory.glob("*/lineage.json"),
+                    *directory.glob("*/sweep/*/lineage.json")})
+    students = []
+    for path in paths:
+        try:
+            lineage = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        distill = (lineage.get("sft") or {}).get("distill")
+        students.append({
+            "output_dir": str(path.parent),
+            "base_model": (lineage.get("base_model") or {}).get("name"),
+            "data": [run.get("path") for run in lineage.get("data") or []],
+            "date": lineage.get("started_at"),
+            "steps": lineage.get("global_step"),
+            "eval_loss": (lineage.get("metrics") or {}).get("eval_loss"),
+            "distill": f"alpha={distill['alpha']} T={distill['temperature']}" if distill else None,
+        })
+    return students

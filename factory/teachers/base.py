@@ -11,9 +11,32 @@ from typing import Any, Mapping, Protocol
 
 
 @dataclass(slots=True)
+class TokenLogprobs:
+    """The teacher's logprobs for one completion: one row per generated token, the stop token included
+    when the teacher emitted one (a student must learn to stop too).
+
+    Arrays are numpy (float32 / int32). `top_*` rows hold the k most likely tokens, best first; a row
+    with fewer than k alternatives is padded with logprob -inf (id -1, token ""). Ids are None where the
+    server returned token strings only (hosted OpenAI); strings are None where the teacher gave ids only
+    (the local provider), because a string is then just `tokenizer.decode([id])`.
+    """
+
+    sampled_logprobs: Any                  # float32 [T]
+    top_logprobs: Any                      # float32 [T, k]
+    sampled_ids: Any = None                # int32 [T]
+    top_ids: Any = None                    # int32 [T, k]
+    tokens: list[str] | None = None        # [T]
+    top_tokens: list[list[str]] | None = None  # [T][k]
+
+    def __len__(self) -> int:
+        return len(self.sampled_logprobs)
+
+
+@dataclass(slots=True)
 class Choice:
     text: str
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None  # only when the recipe asks for teacher.logprobs
 
 
 @dataclass(slots=True)
@@ -25,16 +48,31 @@ class TeacherResponse:
     headers: Mapping[str, str] = field(default_factory=dict)
 
     def to_cache(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "choices": [[c.text, c.finish_reason] for c in self.choices],
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
         }
+        # Logprobs are cached with the answer they belong to: a resumed run that takes the answer from the
+        # cache must still be able to write the record's sidecar entry. Absent when not asked for, so the
+        # cache entries of runs without logprobs stay byte-identical.
+        if any(c.logprobs is not None for c in self.choices):
+            from ..logprobs import logprobs_to_json
+
+            data["logprobs"] = [logprobs_to_json(c.logprobs) if c.logprobs is not None else None
+                                for c in self.choices]
+        return data
 
     @classmethod
     def from_cache(cls, data: Mapping[str, Any]) -> "TeacherResponse":
+        logprobs: list[Any] = list(data.get("logprobs") or [])
+        if logprobs:
+            from ..logprobs import logprobs_from_json
+
+            logprobs = [logprobs_from_json(item) if item is not None else None for item in logprobs]
+        logprobs += [None] * (len(data["choices"]) - len(logprobs))
         return cls(
-            choices=[Choice(text, reason) for text, reason in data["choices"]],
+            choices=[Choice(text, reason, lp) for (text, reason), lp in zip(data["choices"], logprobs)],
             input_tokens=data["input_tokens"],
             output_tokens=data["output_tokens"],
         )

@@ -12,6 +12,13 @@ Sampling follows the OpenAI API, whatever the model's generation_config.json say
 With a seed, torch's generator is seeded before each generate, so a result also depends on which
 requests shared its batch.
 
+Teacher logprobs (`teacher.logprobs: {top_k: k}`): every generated token gets its top-k token ids and
+logprobs and the sampled token's logprob, from the log_softmax of the model's *raw* logits at
+temperature 1 — not of the scores after temperature, top-k or top-p. Those processed scores are the
+sampling distribution (with -inf outside top-p), which would make a KL term infinite or meaningless;
+distillation wants the model's own distribution, and applies its own temperature later. The capture is a
+logits processor that runs before the sampling warpers; it is only installed when logprobs are asked for.
+
 Threads: torch's default (`torch.get_num_threads()`, usually the number of cores) is left alone;
 call `torch.set_num_threads()` before the first request to change it.
 
@@ -26,7 +33,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
-from .base import Choice, TeacherError, TeacherResponse
+from .base import Choice, TeacherError, TeacherResponse, TokenLogprobs
 
 if TYPE_CHECKING:
     from ..recipe import TeacherConfig
@@ -172,11 +179,39 @@ def generate_ids(
 
     `should_stop`, polled after every step, ends the generate early (its answers are then cut short).
     """
+    return _generate(model, tokenizer, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     top_k=top_k, seed=seed, should_stop=should_stop, top_logprobs=0)[0]
+
+
+def generate_with_logprobs(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[Sequence[int]],
+    *,
+    top_logprobs: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[list[Completion], list[TokenLogprobs]]:
+    """`generate_ids`, plus each completion's token logprobs (raw logits at temperature 1, see the module
+    docstring): one row per generated token, the end-of-turn token included when the model stopped."""
+    if top_logprobs < 1:
+        raise ValueError(f"top_logprobs must be at least 1, got {top_logprobs}")
+    return _generate(model, tokenizer, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     top_k=top_k, seed=seed, should_stop=should_stop, top_logprobs=top_logprobs)
+
+
+def _generate(model: Any, tokenizer: Any, rows: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
+              top_p: float, top_k: int, seed: int | None, should_stop: Callable[[], bool] | None,
+              top_logprobs: int) -> tuple[list[Completion], list[TokenLogprobs]]:
     import torch
-    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
     if not rows:
-        return []
+        return [], []
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     width = max(len(r) for r in rows)
@@ -211,13 +246,16 @@ def generate_ids(
 
         criteria = StoppingCriteriaList([_Stop()])
 
+    capture = _CaptureTopLogprobs(top_logprobs) if top_logprobs else None
     with torch.inference_mode():
         if seed is not None:
             torch.manual_seed(seed)
         output = model.generate(
-            input_ids=input_ids, attention_mask=attention, generation_config=config, stopping_criteria=criteria
+            input_ids=input_ids, attention_mask=attention, generation_config=config, stopping_criteria=criteria,
+            logits_processor=LogitsProcessorList([capture]) if capture is not None else None,
         )
-    generated = output[:, width:].tolist()
+    generated_t = output[:, width:]
+    generated = generated_t.tolist()
     eos_set = set(eos)
     results: list[Completion] = []
     for tokens in generated:
@@ -227,7 +265,65 @@ def generate_ids(
         else:
             kept, count, reason = tokens[:end], end + 1, "stop"
         results.append(Completion(tokenizer.decode(kept, skip_special_tokens=True), reason, count))
-    return results
+    if capture is None:
+        return results, []
+    return results, capture.per_row(generated_t, [c.output_tokens for c in results])
+
+
+class _CaptureTopLogprobs:
+    """A logits processor that changes nothing and records, at every step, the top-k logprobs of the
+    scores it is given and the logprob of the token sampled at the previous step.
+
+    generate() runs the processors it builds itself first (none with our GenerationConfig: no repetition
+    penalty, no forced or suppressed tokens, no minimum length), then the ones passed in, then the sampling
+    warpers (temperature, top-k, top-p). So this one sees the model's raw logits.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.top_values: list[Any] = []
+        self.top_ids: list[Any] = []
+        self.sampled: list[Any] = []
+        self._last: Any = None  # the previous step's full log_softmax, for the token sampled from it
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        logprobs = torch.log_softmax(scores.float(), dim=-1)
+        if self._last is not None:
+            self.sampled.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1))
+        values, ids = logprobs.topk(min(self.k, logprobs.shape[-1]), dim=-1)
+        self.top_values.append(values)
+        self.top_ids.append(ids)
+        self._last = logprobs
+        return scores
+
+    def per_row(self, generated: Any, counts: list[int]) -> list[TokenLogprobs]:
+        """One TokenLogprobs per row, cut to that row's `counts[i]` generated tokens."""
+        import numpy as np
+        import torch
+
+        steps = generated.shape[1]
+        if steps == 0 or not self.top_values:
+            empty = [np.zeros(0, np.float32), np.zeros((0, self.k), np.float32), np.zeros(0, np.int32),
+                     np.zeros((0, self.k), np.int32)]
+            return [TokenLogprobs(empty[0], empty[1], empty[2], empty[3]) for _ in counts]
+        # generate() may run a step or two past the end and drop them (deferred stop checks): keep `steps`.
+        if len(self.sampled) < steps:
+            self.sampled.append(self._last.gather(1, generated[:, steps - 1:steps].to(self._last.device)).squeeze(1))
+        sampled = torch.stack(self.sampled[:steps], dim=1).cpu().numpy().astype(np.float32)
+        values = torch.stack(self.top_values[:steps], dim=1).cpu().numpy().astype(np.float32)
+        ids = torch.stack(self.top_ids[:steps], dim=1).cpu().numpy().astype(np.int32)
+        tokens = generated.cpu().numpy().astype(np.int32)
+        if values.shape[-1] < self.k:  # a vocabulary smaller than k
+            pad = self.k - values.shape[-1]
+            values = np.concatenate([values, np.full(values.shape[:2] + (pad,), -np.inf, np.float32)], axis=-1)
+            ids = np.concatenate([ids, np.full(ids.shape[:2] + (pad,), -1, np.int32)], axis=-1)
+        return [
+            TokenLogprobs(sampled_logprobs=sampled[i, :n].copy(), top_logprobs=values[i, :n].copy(),
+                          sampled_ids=tokens[i, :n].copy(), top_ids=ids[i, :n].copy())
+            for i, n in enumerate(counts)
+        ]
 
 
 def generate_batch(
@@ -272,9 +368,10 @@ class _Request:
     key: tuple = ()
     ids: list[int] | None = None
     error: TeacherError | None = field(default=None)
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
-        self.key = tuple(sorted(self.params.items()))
+        self.key = tuple(sorted(self.params.items())) + (("top_logprobs", self.top_logprobs),)
 
 
 class LocalTeacher:
@@ -291,6 +388,7 @@ class LocalTeacher:
         self.max_useful_concurrency = max(4, self.batch_size * 4)
         self.params = normalize_params(dict(config.params), config.max_tokens)
         self.device = config.device
+        self.top_logprobs = config.logprobs.top_k if config.logprobs is not None else 0
         # Seconds the batcher waits for more requests when a batch is not full (requests that arrive
         # together are all queued well within it).
         self.linger_s = 0.002
@@ -316,7 +414,27 @@ class LocalTeacher:
             "n": int(n),
         }
         body.update(self.params)
+        if self.top_logprobs:
+            body["top_logprobs"] = self.top_logprobs
         return body
+
+    def logprobs_meta(self) -> dict[str, Any]:
+        """What the sidecar records about these logprobs: the tokenizer's fingerprint, the ids' meaning."""
+        from ..logprobs import tokenizer_fingerprint
+
+        if self._lm is not None:
+            tokenizer = self._lm[1]
+        else:
+            from transformers import AutoTokenizer
+
+            from ..builtin import resolve_model
+
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.model))
+        return {
+            "token_kind": "ids",
+            "tokenizer": tokenizer_fingerprint(tokenizer, self.model),
+            "source": "log_softmax of the model's raw logits at temperature 1 (before temperature, top-k, top-p)",
+        }
 
     async def complete(self, body: dict[str, Any]) -> TeacherResponse:
         try:
@@ -375,8 +493,11 @@ class LocalTeacher:
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         params = {k: body[k] for k in SUPPORTED_PARAMS if k in body}
+        top_logprobs = _as_int(body.get("top_logprobs", 0), "top_logprobs")
+        if top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
         return _Request(messages=messages, n=n, params=normalize_params(params, self.config.max_tokens),
-                        future=None)  # type: ignore[arg-type]
+                        future=None, top_logprobs=top_logprobs)  # type: ignore[arg-type]
 
     def _ensure_batcher(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._batcher is not None and not self._batcher.done() and self._loop is loop:
@@ -522,20 +643,29 @@ class LocalTeacher:
         params = batch[0].params
         rows = [request.ids for request in batch for _ in range(request.n)]
         self.generate_calls += 1
-        completions = generate_ids(
-            model, tokenizer, rows,  # type: ignore[arg-type]
+        sampling = dict(
             max_new_tokens=params["max_tokens"], temperature=params["temperature"], top_p=params["top_p"],
             top_k=params.get("top_k", 0), seed=params.get("seed"), should_stop=self._stop.is_set,
         )
+        top_logprobs = batch[0].top_logprobs  # part of the batch key: the same for the whole batch
+        logprobs: list[TokenLogprobs | None]
+        if top_logprobs:
+            completions, captured = generate_with_logprobs(model, tokenizer, rows, top_logprobs=top_logprobs,
+                                                           **sampling)  # type: ignore[arg-type]
+            logprobs = list(captured)
+        else:
+            completions = generate_ids(model, tokenizer, rows, **sampling)  # type: ignore[arg-type]
+            logprobs = [None] * len(completions)
         if self._stop.is_set():
             raise RuntimeError("stopped")
         responses = []
         start = 0
         for request in batch:
             mine = completions[start:start + request.n]
+            mine_logprobs = logprobs[start:start + request.n]
             start += request.n
             responses.append(TeacherResponse(
-                choices=[Choice(c.text, c.finish_reason) for c in mine],
+                choices=[Choice(c.text, c.finish_reason, lp) for c, lp in zip(mine, mine_logprobs)],
                 input_tokens=len(request.ids or ()),
                 output_tokens=sum(c.output_tokens for c in mine),
             ))

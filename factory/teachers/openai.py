@@ -1,10 +1,17 @@
-"""OpenAI chat completions, and any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama) via base_url."""
+"""OpenAI chat completions, and any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama) via base_url.
+
+With `teacher.logprobs: {top_k: k}` each request asks for `logprobs: true, top_logprobs: k`. The hosted
+OpenAI API answers with token *strings* only (and their UTF-8 bytes), never ids: the sidecar then holds
+strings, says so in its metadata, and the trainer refuses it for distillation. vLLM answers with ids
+when asked (`logprobs.token_ids: true` sends its `return_tokens_as_token_ids`; tokens come back as
+"token_id:123"); name the served tokenizer in `logprobs.tokenizer` so the sidecar carries its fingerprint.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 from ..recipe import TeacherConfig
-from .base import Choice, TeacherError, TeacherResponse
+from .base import Choice, TeacherError, TeacherResponse, TokenLogprobs
 from .hosted import api_key, sdk_call_args, lower_headers, map_sdk_error, parse_json_body
 
 
@@ -28,6 +35,7 @@ class OpenAITeacher:
             timeout=config.timeout_s,
         )
         self._create = self.client.chat.completions.with_raw_response.create
+        self.logprobs = config.logprobs
         # The signature of the typed method (create), not of its raw-response wrapper.
         self._signature = self.client.chat.completions.create
 
@@ -35,7 +43,37 @@ class OpenAITeacher:
         body: dict[str, Any] = {"model": self.model, "messages": messages, **self.params}
         if n > 1:
             body["n"] = n
+        if self.logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = self.logprobs.top_k
+            if self.logprobs.token_ids:
+                body["return_tokens_as_token_ids"] = True
         return body
+
+    def logprobs_meta(self) -> dict[str, Any]:
+        """What the sidecar records about these logprobs; loads `logprobs.tokenizer` when one is named."""
+        assert self.logprobs is not None
+        tokenizer: dict[str, Any] = {"name": self.logprobs.tokenizer or self.model, "vocab_sha256": None}
+        if self.logprobs.tokenizer:
+            from transformers import AutoTokenizer
+
+            from ..builtin import resolve_model
+            from ..logprobs import tokenizer_fingerprint
+
+            loaded = AutoTokenizer.from_pretrained(resolve_model(self.logprobs.tokenizer))
+            tokenizer = tokenizer_fingerprint(loaded, self.logprobs.tokenizer)
+        meta: dict[str, Any] = {
+            "token_kind": "ids" if self.logprobs.token_ids else "strings",
+            "tokenizer": tokenizer,
+            "source": "as reported by the server (chat completions logprobs)",
+        }
+        if not self.logprobs.token_ids:
+            meta["note"] = (
+                "token strings only: the OpenAI API returns no token ids, so these logprobs cannot be aligned "
+                "with a student's vocabulary for distillation; an OpenAI-compatible server such as vLLM returns "
+                "ids with logprobs.token_ids: true"
+            )
+        return meta
 
     async def complete(self, body: dict[str, Any]) -> TeacherResponse:
         try:
@@ -46,7 +84,8 @@ class OpenAITeacher:
         data = parse_json_body(raw.content, "OpenAI")
         try:
             choices = [
-                Choice((item["message"].get("content") or ""), item.get("finish_reason"))
+                Choice((item["message"].get("content") or ""), item.get("finish_reason"),
+                       self._logprobs(item) if self.logprobs is not None else None)
                 for item in sorted(data["choices"], key=lambda c: c.get("index", 0))
             ]
             usage = data.get("usage") or {}
@@ -59,5 +98,41 @@ class OpenAITeacher:
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise TeacherError(f"OpenAI answer has an unexpected shape ({exc!r})", retryable=True) from None
 
+    def _logprobs(self, item: dict[str, Any]) -> TokenLogprobs:
+        """A choice's `logprobs.content` as arrays; an answer without them is an error, not a silent gap."""
+        from ..logprobs import from_rows
+
+        assert self.logprobs is not None
+        content = (item.get("logprobs") or {}).get("content")
+        if content is None:
+            raise TeacherError(
+                "the server returned no logprobs although the request asked for them; remove teacher.logprobs "
+                "or use a server that supports them", retryable=False,
+            )
+        sampled = [float(entry["logprob"]) for entry in content]
+        tops = [[float(alt["logprob"]) for alt in entry.get("top_logprobs") or []] for entry in content]
+        tokens = [str(entry["token"]) for entry in content]
+        top_tokens = [[str(alt["token"]) for alt in entry.get("top_logprobs") or []] for entry in content]
+        if not self.logprobs.token_ids:
+            return from_rows(sampled, tops, self.logprobs.top_k, tokens=tokens, top_tokens=top_tokens)
+        try:
+            ids = [_token_id(token) for token in tokens]
+            top_ids = [[_token_id(token) for token in row] for row in top_tokens]
+        except ValueError as exc:
+            raise TeacherError(
+                f"logprobs.token_ids is set but the server returned token strings ({exc}); "
+                "return_tokens_as_token_ids is a vLLM option: unset logprobs.token_ids for other servers",
+                retryable=False,
+            ) from None
+        return from_rows(sampled, tops, self.logprobs.top_k, sampled_ids=ids, top_ids=top_ids)
+
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def _token_id(token: str) -> int:
+    """vLLM writes a token as "token_id:123" under return_tokens_as_token_ids."""
+    prefix, _, number = token.partition(":")
+    if prefix != "token_id" or not number.isdigit():
+        raise ValueError(f"{token!r} is not token_id:<n>")
+    return int(number)

@@ -1,0 +1,76 @@
+"""Training progress: a rich bar on a terminal (step, loss, tokens/s, ETA), a log line elsewhere.
+
+The Trainer's own tqdm bar is turned off (`disable_tqdm=True`): it knows neither tokens nor held-out
+loss, and in a log file it is a wall of carriage returns.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from transformers import TrainerCallback
+
+from factory.progress import fmt_duration
+
+LOG_EVERY_S = 10.0
+
+
+class RichProgress(TrainerCallback):
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.progress: Any = None
+        self.task: Any = None
+        self.started = 0.0
+        self.first_step = 0
+        self.loss: float | None = None
+        self.eval_loss: float | None = None
+        self.tokens = 0.0
+        self.last_line = 0.0
+
+    def _stats(self, state: Any) -> str:
+        done = state.global_step - self.first_step
+        elapsed = max(1e-9, time.monotonic() - self.started)
+        remaining = (state.max_steps - state.global_step) * elapsed / done if done else None
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.eval_loss is not None:
+            parts.append(f"held-out {self.eval_loss:.4f}")
+        if self.tokens:
+            parts.append(f"{self.tokens / elapsed:,.0f} tok/s")
+        parts.append(f"ETA {fmt_duration(remaining)}")
+        return " · ".join(parts)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = self.last_line = time.monotonic()
+        self.first_step = state.global_step
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[stats]}"), console=self.console, transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, stats="")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if "loss" in logs:
+            self.loss = float(logs["loss"])
+        if "eval_loss" in logs:
+            self.eval_loss = float(logs["eval_loss"])
+        if "num_tokens" in logs:  # TRL counts the tokens it trained on, since the start of this run
+            self.tokens = float(logs["num_tokens"])
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step, stats=self._stats(state))
+        elif time.monotonic() - self.last_line >= LOG_EVERY_S or state.global_step == state.max_steps:
+            self.last_line = time.monotonic()
+            self.console.print(self._stats(state), highlight=False)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step, stats=self._stats(state))
+            self.progress.stop()
+        else:
+            self.console.print(self._stats(state), highlight=False)
