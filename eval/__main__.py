@@ -30,7 +30,8 @@ def _run(args: argparse.Namespace) -> int:
     except (RecipeError, PromptError, MissingKeyError, BuiltinModelError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
-    print_table(summary, Console(soft_wrap=True))
+    # A pipe or a log file gets the whole table rather than rich's 80-column default.
+    print_table(summary, Console() if sys.stdout.isatty() else Console(width=160))
     console.print(f"report: {config.output_dir / 'report.html'}, {config.output_dir / 'report.md'}, "
                   f"{config.output_dir / 'results.json'}", highlight=False)
     return 1 if gate is not None and not gate.passed else 0

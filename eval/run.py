@@ -129,8 +129,12 @@ def evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | N
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
     for model in config.models:
         if model.provider == "local":
+            began = time.monotonic()
             with progress:
                 runs[model.name] = run_local(model, items, perf_prompts=config.perf_prompts, progress=progress)
+            perf = runs[model.name].perf
+            console.print(f"{model.name}: {len(items)} answers and {perf.get('timed_prompts', 0)} timed prompts in "
+                          f"{time.monotonic() - began:.0f} s", highlight=False)
         else:
             console.print(f"{model.name}: {model.provider} {model.model} through the factory pipeline")
             runs[model.name] = run_hosted(model, items, config.output_dir, console)

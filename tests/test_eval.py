@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from eval import metrics
 from eval.__main__ import main
 from eval.config import EvalConfig, load_eval_config
@@ -112,8 +113,8 @@ def test_eval_section_errors_have_key_paths(tmp_path):
 
 
 def test_recipes_with_an_eval_section_parse():
-    for path in sorted(Path("data/recipes").glob("*.yaml")):
-        if "eval:" in path.read_text():
+    for path in sorted((REPO / "data" / "recipes").glob("*.yaml")):
+        if "\neval:" in path.read_text():
             config = load_eval_config(path)
             assert isinstance(config, EvalConfig) and config.models
 
