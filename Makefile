@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# generate resumes (a second run sends nothing); the student is retrained from scratch each time.
+# generate resumes (a second run sends nothing); the student is retrained from scratch each time; the
+# eval prints the table and exits 1 if the trained student keeps less than 90 % of the teacher's score.
 demo: install
 	$(PY) -m factory generate data/recipes/demo.yaml
 	rm -rf runs/sft-demo
 	$(PY) -m sft train data/recipes/demo.yaml
+	$(PY) -m eval run data/recipes/demo.yaml
 
 # pytest exits 5 when it collected no tests: that is a failure here, never a pass.
 test: install
@@ -34,4 +36,4 @@ test-fast: install
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 clean-demo:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/sft-demo runs/eval-demo

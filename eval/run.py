@@ -125,11 +125,11 @@ def evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | N
     console.print(f"{len(items)} golden item(s) from {', '.join(str(p) for p in config.golden)}; "
                   f"{len(config.models)} model(s)")
     runs: dict[str, ModelRun] = {}
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("•"),
-                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
     for model in config.models:
         if model.provider == "local":
             began = time.monotonic()
+            progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("•"),
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
             with progress:
                 runs[model.name] = run_local(model, items, perf_prompts=config.perf_prompts, progress=progress)
             perf = runs[model.name].perf
