@@ -42,7 +42,12 @@ class SFTConfig(Strict):
         description="HF id, local folder, or builtin:smollm2-135m-instruct",
     )
     data: list[Path] = Field(min_length=1, description="factory run directories, each with accepted.jsonl")
-    held_out: float = Field(default=0.1, ge=0, lt=1, description="fraction of samples kept for evaluation")
+    held_out: float = Field(
+        default=0.1, ge=0, lt=1, description="fraction of prompts whose samples are kept for evaluation"
+    )
+    stratify_by: str | None = Field(
+        default=None, description="an attribute name: each of its values gets its share of held-out prompts"
+    )
     seed: int = 0
     output_dir: Path = Path("runs/sft-demo")
     max_length: int = Field(default=1024, ge=8, description="tokens per example; longer ones are truncated")

@@ -59,8 +59,11 @@ def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], RunInfo]:
                     continue
                 if not isinstance(record.get("prompt"), list) or not isinstance(record.get("completion"), list):
                     raise DataError(f"{path}:{number}: expected conversational `prompt` and `completion` lists")
+                record_id = str(record.get("id", f"{run_dir.name}:{number}"))
                 rows.append({
-                    "id": str(record.get("id", f"{run_dir.name}:{number}")),
+                    "id": record_id,
+                    # The n samples of one prompt stay on one side of the held-out split.
+                    "group": f"{run_dir}:{record.get('prompt_id') or record_id}",
                     "prompt": [_message(m) for m in record["prompt"]],
                     "completion": [_message(m) for m in record["completion"]],
                     # JSON text: attributes differ between runs and Arrow needs one schema for the column
@@ -83,8 +86,13 @@ def _fingerprint(run_dir: Path) -> str | None:
         return None
 
 
-def load_splits(run_dirs: list[Path], held_out: float, seed: int):
-    """(train, eval or None, [RunInfo]) from the accepted samples of all runs, split by a seeded shuffle."""
+def load_splits(run_dirs: list[Path], held_out: float, seed: int, stratify_by: str | None = None):
+    """(train, eval or None, [RunInfo]) from the samples of all runs.
+
+    The held-out split is seeded and made of whole prompts: the n samples a teacher gave for one prompt
+    are all in training or all held out, so held-out loss is not measured on near-copies of training
+    data. With `stratify_by`, each value of that attribute gives its share of held-out prompts.
+    """
     from datasets import Dataset
 
     rows: list[dict[str, Any]] = []
@@ -98,10 +106,34 @@ def load_splits(run_dirs: list[Path], held_out: float, seed: int):
     dataset = Dataset.from_list(rows)
     if held_out <= 0:
         return dataset, None, runs
-    n_eval = max(1, round(len(rows) * held_out))
-    if n_eval >= len(rows):
+    held = held_out_rows(rows, held_out, seed, stratify_by)
+    if len(held) >= len(rows):
         raise DataError(
             f"sft.held_out={held_out} leaves no training sample out of {len(rows)}; lower it or add data"
         )
-    split = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
-    return split["train"], split["test"], runs
+    train = [i for i in range(len(rows)) if i not in held]
+    return dataset.select(train), dataset.select(sorted(held)), runs
+
+
+def held_out_rows(rows: list[dict[str, Any]], held_out: float, seed: int, stratify_by: str | None) -> set[int]:
+    """Indices of the held-out rows: about `held_out` of the prompts (at least one), chosen by a seeded shuffle."""
+    import random
+
+    groups: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(row["group"], []).append(index)
+    strata: dict[str, list[str]] = {}
+    for group, members in groups.items():
+        value = "" if stratify_by is None else str(json.loads(rows[members[0]]["attributes"]).get(stratify_by))
+        strata.setdefault(value, []).append(group)
+    if stratify_by is not None and list(strata) == ["None"]:
+        raise DataError(f"sft.stratify_by={stratify_by!r}: no sample has that attribute; check its name")
+    rng = random.Random(seed)
+    held: set[int] = set()
+    for value in sorted(strata):
+        names = sorted(strata[value])
+        rng.shuffle(names)
+        take = max(1, round(len(names) * held_out)) if stratify_by is None or len(names) > 1 else 0
+        for group in names[:take]:
+            held.update(groups[group])
+    return held

@@ -101,7 +101,7 @@ def train(config: SFTConfig, *, resume: bool = False, console: Any = None, fract
     if resume and resume_from is None:
         console.print(f"[yellow]--resume:[/] no checkpoint in {checkpoints}; starting from the beginning")
 
-    train_set, eval_set, runs = load_splits(config.data, config.held_out, config.seed)
+    train_set, eval_set, runs = load_splits(config.data, config.held_out, config.seed, config.stratify_by)
     if fraction < 1.0:
         keep = max(1, round(len(train_set) * fraction))
         train_set = train_set.shuffle(seed=config.seed).select(range(keep))

@@ -160,13 +160,29 @@ def test_runs_load_into_a_seeded_split(tmp_path):
     two = write_run(tmp_path / "two", upper_task(10, seed=2), fingerprint="bbb")
     train, held, runs = load_splits([one, two], held_out=0.1, seed=7)
     assert (len(train), len(held)) == (36, 4)
-    assert set(train.column_names) == {"id", "prompt", "completion", "attributes"}
+    assert set(train.column_names) == {"id", "group", "prompt", "completion", "attributes"}
     assert train[0]["completion"][0]["role"] == "assistant"
     assert [(r.samples, r.fingerprint_hash) for r in runs] == [(30, "aaa"), (10, "bbb")]
     _, again, _ = load_splits([one, two], held_out=0.1, seed=7)
     assert held["id"] == again["id"]
     _, other, _ = load_splits([one, two], held_out=0.1, seed=8)
     assert held["id"] != other["id"]
+
+
+def test_held_out_split_keeps_the_samples_of_a_prompt_together_and_stratifies(tmp_path):
+    run = write_run(tmp_path / "run", upper_task(60, seed=3))
+    lines = [json.loads(line) for line in (run / "accepted.jsonl").read_text().splitlines()]
+    for i, record in enumerate(lines):  # 20 prompts × 3 samples; attribute `topic` a (12 prompts) or b (8)
+        record["prompt_id"] = f"p{i // 3}"
+        record["attributes"] = {"topic": "a" if i // 3 < 12 else "b"}
+    (run / "accepted.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    train, held, _ = load_splits([run], held_out=0.1, seed=0)
+    assert len(held) == 6 and not set(held["group"]) & set(train["group"])  # 2 whole prompts
+    train, held, _ = load_splits([run], held_out=0.25, seed=0, stratify_by="topic")
+    topics = [json.loads(a)["topic"] for a in held["attributes"]]
+    assert (topics.count("a"), topics.count("b")) == (3 * 3, 2 * 3)  # 25 % of 12 and of 8 prompts
+    with pytest.raises(DataError, match="stratify_by='colour'"):
+        load_splits([run], held_out=0.25, seed=0, stratify_by="colour")
 
 
 def test_a_run_without_accepted_jsonl_is_refused_by_path(tmp_path):
