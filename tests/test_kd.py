@@ -14,7 +14,7 @@ from factory.recipe import RecipeError
 from sft.config import SFTConfig
 from sft.kd import align, distill_loss
 
-from test_logprobs import build_tiny_llama
+from conftest import build_tiny_llama
 
 
 def kl(p: list[float], q: list[float]) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import API_KEY, PYTHON, REPO, read_jsonl, write_prompts, write_recipe
+from conftest import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl, write_prompts, write_recipe
 from factory.__main__ import main as factory_main
 from factory.logprobs import (
     JOURNAL, SIDECAR, LogprobsIndex, LogprobsWriter, read_logprobs, read_meta, tokenizer_fingerprint,
@@ -20,39 +20,6 @@ from factory.logprobs import (
 from factory.recipe import FactoryConfig, RecipeError, load_factory_config
 from factory.teachers.base import Choice, TeacherResponse, TokenLogprobs
 
-WORDS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "answer"] + \
-    list("abcdefghijklmnop") + list("ABCDEFGHIJKLMNOP")
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
-)
-
-
-def build_tiny_llama(folder: Path, extra_words: tuple[str, ...] = (), seed: int = 0) -> Path:
-    """A 2-layer random Llama with a word-level tokenizer and a chat template, saved as an HF folder."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = WORDS + list(extra_words)
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
-        bos_token="<|im_start|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = 3
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

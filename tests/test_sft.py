@@ -10,17 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import build_tiny_llama
 from factory.recipe import RecipeError
 from sft.config import SFTConfig, load_sft_config
 from sft.data import DataError, load_splits, read_run
 
 REPO = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefghijklmnop"
-SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
-)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
@@ -53,28 +49,7 @@ def upper_task(count: int, seed: int = 0) -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def tiny_student(tmp_path_factory) -> Path:
     """A 2-layer random Llama with a word-level tokenizer and a chat template, saved as an HF folder."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = SPECIAL + ["system", "user", "assistant", "answer"] + list(LETTERS) + list(LETTERS.upper())
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
-        bos_token="<|im_start|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def sft_section(student: Path, runs: list[Path], output_dir: Path, **extra) -> dict:
