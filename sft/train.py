@@ -127,8 +127,11 @@ def train(config: SFTConfig, *, resume: bool = False, console: Any = None, fract
     if teacher is not None:
         teacher.check_student(tokenizer, config.student)
     trainer = _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints, teacher)
+    from transformers.trainer_callback import PrinterCallback
+
     from .progress import RichProgress
 
+    trainer.remove_callback(PrinterCallback)  # it prints each log dict raw; the progress line says the same
     trainer.add_callback(RichProgress(console))
     distill_info = None
     if teacher is not None:
