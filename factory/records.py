@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -56,13 +56,20 @@ class Sample:
         return self.completion[0]["content"] if self.completion else ""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        # Shallow, field by field: dataclasses.asdict deep-copies every nested dict and list, which was the
+        # largest share of the factory's own CPU per record in a profile of a 2,000-request run.
+        data = {name: getattr(self, name) for name in _SAMPLE_FIELDS}
+        data["checks"] = [{"name": c.name, "passed": c.passed, "reason": c.reason, "score": c.score} for c in self.checks]
+        return json.dumps(data, ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Sample":
         data = dict(data)
         data["checks"] = [CheckResult(**c) for c in data.get("checks", [])]
         return cls(**data)
+
+
+_SAMPLE_FIELDS = tuple(f.name for f in fields(Sample))
 
 
 @dataclass(slots=True)
