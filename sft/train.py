@@ -60,20 +60,30 @@ class TrainResult:
 def detect_hardware(config: SFTConfig) -> Hardware:
     import torch
 
-    if not torch.cuda.is_available():
-        if config.qlora:
-            raise RecipeError(
-                "sft.qlora: true needs a CUDA GPU (4-bit NF4 via bitsandbytes); no GPU was found. "
-                "Set sft.qlora=false to train a plain LoRA adapter on this machine."
-            )
-        return Hardware(device="cpu", use_cpu=True, bf16=False, fp16=False, dtype="float32")
     if config.qlora:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise RecipeError("sft.qlora: true needs bitsandbytes: pip install bitsandbytes") from None
+        _require_bitsandbytes(cpu=not torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        return Hardware(device="cpu", use_cpu=True, bf16=False, fp16=False, dtype="float32")
     bf16 = torch.cuda.is_bf16_supported()
     return Hardware(device="cuda", use_cpu=False, bf16=bf16, fp16=not bf16, dtype="bfloat16" if bf16 else "float16")
+
+
+def _require_bitsandbytes(cpu: bool) -> None:
+    """QLoRA loads the base in 4-bit NF4 through bitsandbytes; its CPU backend (0.46 and newer) runs it
+    too, slowly: good for smoke runs and tests, a GPU for real ones."""
+    import importlib.metadata
+
+    fix = "pip install 'apprentice[qlora]' (bitsandbytes), or set sft.qlora=false to train a plain LoRA adapter"
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        raise RecipeError(f"sft.qlora: true needs bitsandbytes, which is not installed: {fix}") from None
+    major, minor = (int(part) for part in version.split(".")[:2])
+    if cpu and (major, minor) < (0, 46):
+        raise RecipeError(
+            f"sft.qlora: true on a machine without a CUDA GPU needs bitsandbytes 0.46 or newer (its CPU "
+            f"backend); {version} is installed: pip install -U bitsandbytes, or set sft.qlora=false"
+        )
 
 
 def last_checkpoint(checkpoints: Path) -> Path | None:
@@ -118,6 +128,8 @@ def train(config: SFTConfig, *, resume: bool = False, console: Any = None, fract
         f"[bold]device[/] {hardware.device}: use_cpu={hardware.use_cpu} bf16={hardware.bf16} "
         f"fp16={hardware.fp16} dtype={hardware.dtype}"
         + (" (no CUDA GPU found: full precision on the CPU)" if hardware.use_cpu else "")
+        + (" — QLoRA: 4-bit NF4 base via bitsandbytes" + (" on the CPU (slow: for smoke runs)" if hardware.use_cpu else "")
+           if config.qlora else "")
     )
 
     from factory.builtin import resolve_model

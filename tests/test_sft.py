@@ -184,15 +184,39 @@ def test_entry_point_is_thin():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
-def test_qlora_on_cpu_is_refused_naming_the_key(tmp_path):
-    import torch
+def test_qlora_without_bitsandbytes_is_refused_naming_the_key(monkeypatch):
+    import importlib.metadata
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present; QLoRA may run here")
     from sft.train import detect_hardware
 
-    with pytest.raises(RecipeError, match=r"sft\.qlora.*CUDA GPU"):
+    real = importlib.metadata.version
+
+    def version(name):
+        if name == "bitsandbytes":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    with pytest.raises(RecipeError, match=r"sft\.qlora: true needs bitsandbytes.*sft\.qlora=false"):
         detect_hardware(SFTConfig(data=["x"], qlora=True))
+
+
+@pytest.mark.slow
+def test_qlora_trains_on_the_cpu_resumes_and_merges(tmp_path, tiny_student):
+    """4-bit NF4 base (bitsandbytes' CPU backend) + LoRA: a few steps, --resume, a merged model that loads."""
+    pytest.importorskip("bitsandbytes")
+    from sft.__main__ import main
+
+    run = write_run(tmp_path / "run", upper_task(24))
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", sft_section(tiny_student, [run], out, qlora=True, max_steps=2,
+                                                             eval_every_steps=2, gradient_checkpointing=False))
+    assert main(["train", str(recipe)]) == 0
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["global_step"] == 2
+    assert main(["train", str(recipe), "--set", "sft.max_steps=3", "--resume"]) == 0
+    assert json.loads((out / "lineage.json").read_text())["global_step"] == 3
+    assert isinstance(greedy_answers(out / "merged", ["a b"])[0], str)
 
 
 # ---- training ----------------------------------------------------------------------------------------
