@@ -26,7 +26,7 @@ from .cache import ResponseCache, cache_key
 from .limiter import Limiter, LimiterClosed
 from .pricing import Pricer, lookup
 from .progress import Counters, ProgressView, summary_line
-from .prompts import PromptItem, check_prompts, iter_prompts
+from .prompts import PromptError, PromptItem, check_prompts, iter_prompts
 from .recipe import FactoryConfig, RecipeError
 from .records import CheckResult, Failure, Sample, canonical_json, sample_id, stable_hash
 from .store import ACCEPTED, CACHE, FAILED, REJECTED, Store, read_manifest, write_manifest
@@ -168,7 +168,15 @@ class Run:
     # ---- the run --------------------------------------------------------------------------------
     async def execute(self) -> RunResult:
         config = self.config
-        count = check_prompts(config.prompts.path, config.prompts.system)
+        prompts_path = config.prompts.path
+        if config.prompts.grid is not None:
+            from .grid import write_grid
+
+            try:
+                prompts_path = write_grid(config.prompts.grid, config.output_dir)
+            except ValueError as exc:
+                raise PromptError(f"factory.prompts.{exc}") from None
+        count = check_prompts(prompts_path, config.prompts.system)
         if self.limit is not None:
             count = min(count, self.limit)
         run_dir = config.output_dir
@@ -214,7 +222,7 @@ class Run:
 
         async def produce() -> None:
             sent = 0
-            for prompt in iter_prompts(config.prompts.path, config.prompts.system):
+            for prompt in iter_prompts(prompts_path, config.prompts.system):
                 if self.stopping or (self.limit is not None and sent >= self.limit):
                     break
                 sent += 1

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationErr
 
 from quality_checks.base import check_fingerprint, duplicate_names, parse_check_item
 
+from .grid import GridConfig
+
 # One item of `factory.checks`: a bare name (`empty`) or a mapping of options (`{name: regex, pattern: ...}`).
 # Validated by the check's own options model; errors carry the item's key path (factory.checks.2.pattern).
 CheckItem = Annotated[Any, PlainValidator(parse_check_item)]
@@ -28,8 +30,17 @@ class Strict(BaseModel):
 
 
 class PromptsConfig(Strict):
-    path: Path = Field(description="JSONL file, one prompt a line: {id?, prompt: str | [messages], attributes?}")
+    path: Path | None = Field(
+        default=None, description="JSONL file, one prompt a line: {id?, prompt: str | [messages], attributes?}"
+    )
+    grid: GridConfig | None = Field(default=None, description="prompts from a template × attribute values")
     system: str | None = Field(default=None, description="system message prepended to prompts that have none")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PromptsConfig":
+        if (self.path is None) == (self.grid is None):
+            raise ValueError("give either path: FILE.jsonl or grid: {template, attributes}")
+        return self
 
 
 class Price(Strict):
