@@ -52,6 +52,8 @@ from pathlib import Path
 
 import psutil
 
+from factory_overhead import write_inputs  # the same recipe as that benchmark (this folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 VENVS = HERE / ".venvs"
@@ -288,26 +290,6 @@ class Result:
         return self.server["by_status"].get("429", 0)
 
 
-def write_factory_recipe(workdir: Path, url: str, requests: int, concurrency: int) -> Path:
-    prompts = workdir / "prompts.jsonl"
-    with prompts.open("w") as handle:
-        for i in range(requests):
-            handle.write(json.dumps({"id": str(i), "prompt": f"question number {i}"}) + "\n")
-    recipe = workdir / "recipe.yaml"
-    recipe.write_text(
-        "factory:\n"
-        f"  output_dir: {workdir / 'run'}\n"
-        f"  prompts: {{path: {prompts}}}\n"
-        "  teacher:\n"
-        "    provider: openai\n"
-        "    model: gpt-4o-mini\n"
-        f"    base_url: {url}\n"
-        "    params: {temperature: 0.8, max_tokens: 64}\n"
-        f"    max_concurrency: {concurrency}\n"
-    )
-    return recipe
-
-
 def run_tool(tool: str, requests: int, args: argparse.Namespace, workdir: Path, rpm: int | None) -> Result:
     """One run against a fresh fake server (rate-limited when `rpm` is given)."""
     workdir.mkdir(parents=True)
@@ -320,7 +302,7 @@ def run_tool(tool: str, requests: int, args: argparse.Namespace, workdir: Path, 
     try:
         common = ["--base-url", server.url, "--requests", str(requests), "--concurrency", str(args.concurrency)]
         if tool == "factory":
-            recipe = write_factory_recipe(workdir, server.url, requests, args.concurrency)
+            recipe = write_inputs(workdir, server.url, requests, args.concurrency, "factory")
             m = run_measured([python, "-m", "factory", "generate", str(recipe)], env, log)
         else:
             if tool == "plain":
@@ -337,7 +319,7 @@ def run_tool(tool: str, requests: int, args: argparse.Namespace, workdir: Path, 
     finally:
         seen = server.stop()
     if tool == "factory":
-        manifest = json.loads((workdir / "run" / "manifest.json").read_text())
+        manifest = json.loads((workdir / "run-factory" / "manifest.json").read_text())
         counts = manifest["counts"]
         call_s, ok, failed = manifest["this_run"]["elapsed_s"], counts["accepted"] + counts["rejected"], counts["failed"]
     else:

@@ -14,7 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import ModelConfig
 from .golden import GoldenItem
@@ -63,37 +63,17 @@ def find_lineage(path: str) -> dict[str, Any] | None:
 
 
 def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q
-    low, high = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
+    import numpy as np
+
+    return float(np.percentile(values, 100 * q)) if values else float("nan")
 
 
 # ---- local ------------------------------------------------------------------------------------------
-def answer_logprobs(model: Any, rows: list[list[int]], answers: list[list[int]]) -> list[list[float]]:
-    """Per-token log-probabilities of each answer given its prompt, by one forward pass per row."""
-    import torch
-
-    out: list[list[float]] = []
-    with torch.inference_mode():
-        for prompt, answer in zip(rows, answers):
-            if not answer:
-                out.append([])
-                continue
-            ids = torch.tensor([prompt + answer], device=model.device)
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            out.append(logp.gather(1, torch.tensor(answer, device=model.device)[:, None])[:, 0].tolist())
-    return out
-
-
 def run_local(config: ModelConfig, items: list[GoldenItem], *, perf_prompts: int, progress: Any) -> ModelRun:
     import torch
 
     from factory.builtin import resolve_model
-    from factory.teachers.local import encode_chat, generate_ids, load_model, normalize_params
+    from factory.teachers.local import encode_chat, generate_with_logprobs, load_model, normalize_params
 
     params = normalize_params(config.params)
     before = _rss_mib()
@@ -104,27 +84,22 @@ def run_local(config: ModelConfig, items: list[GoldenItem], *, perf_prompts: int
     rows = [encode_chat(tokenizer, config.with_context(item.messages)) for item in items]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     task = progress.add_task(f"{config.name}: answering", total=len(rows))
-    completions: dict[int, Any] = {}
-    token_ids: dict[int, list[int]] = {}
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-              else [model.generation_config.eos_token_id])
+    answers: dict[str, Answer] = {}
     for begin in range(0, len(order), config.batch_size):
         chunk = order[begin:begin + config.batch_size]
-        outs = generate_ids(model, tokenizer, [rows[i] for i in chunk], max_new_tokens=params["max_tokens"],
-                            temperature=params["temperature"], top_p=params["top_p"],
-                            top_k=params.get("top_k", 0), seed=params.get("seed"))
-        for i, completion in zip(chunk, outs):
-            completions[i] = completion
-            ids = tokenizer(completion.text, add_special_tokens=False)["input_ids"]
-            token_ids[i] = [t for t in ids if t not in eos]
+        # The generate returns each sampled token's logprob (raw logits): the answer's confidence comes
+        # with it, without a second forward pass.
+        outs, logprobs = generate_with_logprobs(
+            model, tokenizer, [rows[i] for i in chunk], top_logprobs=1, max_new_tokens=params["max_tokens"],
+            temperature=params["temperature"], top_p=params["top_p"], top_k=params.get("top_k", 0),
+            seed=params.get("seed"))
+        for i, completion, token_logprobs in zip(chunk, outs, logprobs):
+            values = token_logprobs.sampled_logprobs
+            if completion.finish_reason == "stop":
+                values = values[:-1]  # the end-of-turn token is not part of the answer
+            answers[items[i].key] = Answer(completion.text, completion.output_tokens, completion.finish_reason,
+                                           confidence=float(values.mean()) if len(values) else None)
         progress.advance(task, len(chunk))
-    logprobs = answer_logprobs(model, rows, [token_ids[i] for i in range(len(rows))])
-    answers = {}
-    for i, item in enumerate(items):
-        completion = completions[i]
-        values = logprobs[i]
-        answers[item.key] = Answer(completion.text, completion.output_tokens, completion.finish_reason,
-                                  confidence=sum(values) / len(values) if values else None)
     progress.update(task, description=f"{config.name}: timing")
     perf = _time_local(model, tokenizer, [rows[i] for i in range(min(perf_prompts, len(rows)))], params)
     path = resolve_model(config.model)
@@ -171,6 +146,16 @@ def _time_local(model: Any, tokenizer: Any, rows: list[list[int]], params: dict[
 
 
 # ---- hosted -----------------------------------------------------------------------------------------
+def read_answers(run_dir: Path) -> Iterator[dict[str, Any]]:
+    """The records of a pipeline run with no checks (accepted; rejected only if a check was added)."""
+    for name in ("accepted.jsonl", "rejected.jsonl"):
+        path = run_dir / name
+        if path.exists():
+            with path.open(encoding="utf-8") as handle:
+                for line in handle:
+                    yield json.loads(line)
+
+
 def run_hosted(config: ModelConfig, items: list[GoldenItem], output_dir: Path, console: Any) -> ModelRun:
     """Answers through the factory pipeline: cached, rate-limited, priced; failures stay failures."""
     import asyncio
@@ -190,16 +175,9 @@ def run_hosted(config: ModelConfig, items: list[GoldenItem], output_dir: Path, c
     # One directory per model settings: changing them starts a new cache instead of being refused.
     run_dir = factory.output_dir = folder / f"{config.name}-{factory.fingerprint_hash()[:10]}"
     result = asyncio.run(Run(factory, console=console).execute())
-    answers: dict[str, Answer] = {}
-    for name in ("accepted.jsonl", "rejected.jsonl"):
-        path = run_dir / name
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                record = json.loads(line)
-                answers[record["prompt_id"]] = Answer(
-                    record["completion"][0]["content"], record["usage"].get("output_tokens", 0),
-                    record.get("finish_reason"), cost_usd=record["usage"].get("cost_usd", 0.0),
-                )
+    answers = {record["prompt_id"]: Answer(record["completion"][0]["content"], record["usage"].get("output_tokens", 0),
+                                           record.get("finish_reason"), cost_usd=record["usage"].get("cost_usd", 0.0))
+               for record in read_answers(run_dir)}
     failed = run_dir / "failed.jsonl"
     if failed.exists():
         for line in failed.read_text(encoding="utf-8").splitlines():

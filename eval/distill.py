@@ -2,7 +2,6 @@
 speculative decoding with the student as draft."""
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
@@ -17,15 +16,13 @@ def agreement(student: ModelRun, teacher: ModelRun, keys: list[str]) -> float:
     return same / len(keys) if keys else float("nan")
 
 
-def vocab_fingerprint(tokenizer: Any) -> str:
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256("\n".join(f"{t}\t{i}" for t, i in vocab).encode()).hexdigest()[:16]
-
-
 def share_tokenizer(a: ModelRun, b: ModelRun) -> bool:
+    """The same vocabulary, id by id: the fingerprint the logprob sidecar and the trainer use."""
+    from factory.logprobs import tokenizer_fingerprint
+
     if a.tokenizer is None or b.tokenizer is None:
         return False
-    return vocab_fingerprint(a.tokenizer) == vocab_fingerprint(b.tokenizer)
+    return tokenizer_fingerprint(a.tokenizer)["vocab_sha256"] == tokenizer_fingerprint(b.tokenizer)["vocab_sha256"]
 
 
 def divergence(student: ModelRun, teacher: ModelRun, items: list[GoldenItem], limit: int = 64) -> float:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from factory.prompts import parse_messages
 from factory.recipe import RecipeError
 
 from .metrics import METRICS, NEEDS_REFERENCE
@@ -36,19 +37,6 @@ class GoldenItem:
         return self.messages[-1]["content"]
 
 
-def _messages(prompt: Any) -> list[dict[str, str]]:
-    if isinstance(prompt, str) and prompt.strip():
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt:
-        for i, message in enumerate(prompt):
-            if not isinstance(message, dict) or set(message) != {"role", "content"}:
-                raise ValueError(f'prompt[{i}] must be {{"role": ..., "content": ...}}')
-        if prompt[-1]["role"] != "user":
-            raise ValueError("the last message of a prompt must have role 'user'")
-        return [dict(m) for m in prompt]
-    raise ValueError('"prompt" must be a non-empty string or a list of {"role", "content"} messages')
-
-
 def _item(data: Any, set_name: str, line: int, default_metrics: list[str]) -> GoldenItem:
     if not isinstance(data, dict):
         raise ValueError('expected an object like {"prompt": "...", "reference": "..."}')
@@ -70,7 +58,7 @@ def _item(data: Any, set_name: str, line: int, default_metrics: list[str]) -> Go
     return GoldenItem(
         id=str(data.get("id", f"{set_name}:{line}")),
         set=set_name,
-        messages=_messages(data["prompt"]),
+        messages=parse_messages(data["prompt"]),
         reference=data.get("reference"),
         metrics=metrics,
         tags=tags,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .answer import ModelRun
+from .answer import ModelRun, read_answers
 from .config import JudgeConfig
 from .golden import GoldenItem
 
@@ -45,8 +45,12 @@ def parse_score(text: str) -> float | None:
 
 
 def parse_verdict(text: str) -> str | None:
+    """"A", "B" or "tie" from the judge's first word; None when it said something else."""
     match = _VERDICT.search(text.strip())
-    return match.group(1).upper() if match and match.group(1).lower() != "tie" else ("tie" if match else None)
+    if match is None:
+        return None
+    word = match.group(1)
+    return "tie" if word.lower() == "tie" else word.upper()
 
 
 def pair_outcome(first: str | None, second: str | None) -> tuple[float, bool]:
@@ -96,13 +100,9 @@ def run_judge(config: JudgeConfig, items: list[GoldenItem], runs: dict[str, Mode
     asyncio.run(Run(factory, console=console).execute())
 
     verdicts: dict[str, str] = {}
-    for name in ("accepted.jsonl", "rejected.jsonl"):
-        path = factory.output_dir / name
-        if path.exists():
-            for raw in path.read_text(encoding="utf-8").splitlines():
-                record = json.loads(raw)
-                verdicts[record["prompt_id"]] = record["completion"][0]["content"]
-                result.cost_usd += record["usage"].get("cost_usd", 0.0)
+    for record in read_answers(factory.output_dir):
+        verdicts[record["prompt_id"]] = record["completion"][0]["content"]
+        result.cost_usd += record["usage"].get("cost_usd", 0.0)
     for line in lines:
         kind, part, key = line["id"].split("|", 2)
         text = verdicts.get(line["id"], "")

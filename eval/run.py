@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,19 +55,22 @@ def summarize(config: EvalConfig, items: list[GoldenItem], runs: dict[str, Model
               scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
     keys = [item.key for item in items]
     tags = sorted({tag for item in items for tag in item.tags} | {item.set for item in items})
+    tagged = {tag: [i.key for i in items if tag in i.tags or tag == i.set] for tag in tags}
+
+    def tag_means(overall: dict[str, float]) -> dict[str, float]:
+        return {tag: sum(overall[k] for k in members) / len(members) for tag, members in tagged.items()}
+
     reference = config.reference_name()
     out: dict[str, Any] = {"models": {}, "reference": reference, "student": config.student_name()}
     for name, table in scores.items():
-        model: dict[str, Any] = {"metrics": {}, "tags": {}, "perf": runs[name].perf,
+        model: dict[str, Any] = {"metrics": {}, "perf": runs[name].perf,
                                  "provider": runs[name].config.provider, "model": runs[name].config.model,
                                  "role": runs[name].config.role, "lineage": runs[name].lineage}
         for metric, values in table.items():
             mean, low, high = bootstrap_mean([values[k] for k in keys if k in values],
                                              resamples=config.bootstrap, seed=config.seed)
             model["metrics"][metric] = {"mean": mean, "low": low, "high": high, "n": len(values)}
-        for tag in tags:
-            tagged = [i.key for i in items if tag in i.tags or tag == i.set]
-            model["tags"][tag] = sum(table["overall"][k] for k in tagged) / len(tagged)
+        model["tags"] = tag_means(table["overall"])
         if reference and name != reference and reference in scores:
             ref = scores[reference]
             model["retention"] = {}
@@ -77,11 +81,9 @@ def summarize(config: EvalConfig, items: list[GoldenItem], runs: dict[str, Model
                                                        [ref[metric][k] for k in common],
                                                        resamples=config.bootstrap, seed=config.seed)
                     model["retention"][metric] = {"ratio": ratio, "low": low, "high": high}
-            model["retention_by_tag"] = {
-                tag: (model["tags"][tag] / t if (t := sum(ref["overall"][i.key] for i in items if tag in i.tags or tag == i.set)
-                      / max(1, sum(1 for i in items if tag in i.tags or tag == i.set))) else float("nan"))
-                for tag in tags
-            }
+            ref_tags = tag_means(ref["overall"])
+            model["retention_by_tag"] = {tag: model["tags"][tag] / ref_tags[tag] if ref_tags[tag] else float("nan")
+                                         for tag in tags}
             model["agreement"] = distill.agreement(runs[name], runs[reference], keys)
         out["models"][name] = model
     return out
@@ -97,16 +99,16 @@ def check_gate(config: EvalConfig, summary: dict[str, Any]) -> Gate | None:
     retention = model.get("retention", {}).get("overall", {}).get("ratio")
     if summary["reference"] is None:
         reasons.append("no reference model (set eval.reference or give one model role: teacher)")
-    elif retention is None or retention != retention or retention < gate.min_retention:
-        reasons.append(f"retention {retention:.3f} < min_retention {gate.min_retention}" if retention == retention
-                       and retention is not None else "retention undefined (the reference scored 0)")
+    elif retention is None or math.isnan(retention):
+        reasons.append("retention undefined (the reference scored 0)")
+    elif retention < gate.min_retention:
+        reasons.append(f"retention {retention:.3f} < min_retention {gate.min_retention}")
     score = model["metrics"]["overall"]["mean"]
     if gate.min_score is not None and score < gate.min_score:
         reasons.append(f"score {score:.3f} < min_score {gate.min_score}")
     if reasons:
         return Gate(False, f"{student}: " + "; ".join(reasons))
-    detail = f"retention {retention:.3f} ≥ {gate.min_retention}" if retention is not None else ""
-    return Gate(True, f"{student}: {detail}".rstrip(": "))
+    return Gate(True, f"{student}: retention {retention:.3f} ≥ {gate.min_retention}")
 
 
 def _default_params(config: EvalConfig) -> None:

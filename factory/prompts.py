@@ -31,6 +31,29 @@ class PromptItem:
     reference: str | None = None
 
 
+def parse_messages(prompt: Any) -> list[dict[str, str]]:
+    """A prompt (a string, or a list of {"role", "content"} ending with the user) as chat messages;
+    raises ValueError saying what is wrong. Golden sets (eval) read their prompts with it too."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError('"prompt" is empty')
+        return [{"role": "user", "content": prompt}]
+    if not (isinstance(prompt, list) and prompt):
+        raise ValueError('"prompt" must be a non-empty string or a non-empty list of messages')
+    messages = []
+    for i, message in enumerate(prompt):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise ValueError(f'prompt[{i}] must be {{"role": ..., "content": ...}} and nothing else')
+        if message["role"] not in ROLES:
+            raise ValueError(f"prompt[{i}].role {message['role']!r} must be one of {sorted(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"prompt[{i}].content must be a string")
+        messages.append({"role": message["role"], "content": message["content"]})
+    if messages[-1]["role"] != "user":
+        raise ValueError("the last message of a prompt must have role 'user'")
+    return messages
+
+
 def _parse_line(raw: str, system: str | None) -> PromptItem:
     """Parse one line or raise ValueError saying what is wrong and how to fix it."""
     try:
@@ -44,25 +67,7 @@ def _parse_line(raw: str, system: str | None) -> PromptItem:
         raise ValueError(f"unknown key(s) {sorted(unknown)}; allowed: id, prompt, attributes, reference")
     if "prompt" not in data:
         raise ValueError('missing "prompt" (a string, or a list of {"role", "content"} messages)')
-    prompt = data["prompt"]
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError('"prompt" is empty')
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list) and prompt:
-        messages = []
-        for i, message in enumerate(prompt):
-            if not isinstance(message, dict) or set(message) != {"role", "content"}:
-                raise ValueError(f'prompt[{i}] must be {{"role": ..., "content": ...}} and nothing else')
-            if message["role"] not in ROLES:
-                raise ValueError(f"prompt[{i}].role {message['role']!r} must be one of {sorted(ROLES)}")
-            if not isinstance(message["content"], str):
-                raise ValueError(f"prompt[{i}].content must be a string")
-            messages.append({"role": message["role"], "content": message["content"]})
-        if messages[-1]["role"] != "user":
-            raise ValueError("the last message of a prompt must have role 'user'")
-    else:
-        raise ValueError('"prompt" must be a non-empty string or a non-empty list of messages')
+    messages = parse_messages(data["prompt"])
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
     prompt_id = data.get("id")

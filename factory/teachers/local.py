@@ -149,7 +149,7 @@ def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]
     return [int(i) for i in ids]
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     ids: set[int] = set()
     configured = getattr(model.generation_config, "eos_token_id", None)
     if isinstance(configured, int):
@@ -212,7 +212,7 @@ def _generate(model: Any, tokenizer: Any, rows: Sequence[Sequence[int]], *, max_
 
     if not rows:
         return [], []
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     width = max(len(r) for r in rows)
     input_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
