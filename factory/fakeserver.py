@@ -16,8 +16,20 @@ no successful (paid) request body was answered twice.
     python -m factory.fakeserver --port 0 --latency 0.2 [--rpm N --tpm N --api-key K --fault 3=429
                                  --fault-rate 500=0.1]       # prints "PORT <n>", serves until SIGTERM
 
-Endpoints: POST to any path ending in `/chat/completions` (OpenAI) or `/messages` (Anthropic); any
-other path is a 404 with an OpenAI-shaped JSON error.
+Endpoints: POST to any path ending in `/chat/completions` (OpenAI) or `/messages` (Anthropic); the
+batch APIs (factory/fakebatch.py) below; any other path is a 404 with an OpenAI-shaped JSON error.
+
+Batch APIs, for the real SDKs' `client.files` / `client.batches` and `client.messages.batches`:
+OpenAI `POST /v1/files` (multipart, purpose "batch"; every line is checked, a bad one is a 400 naming
+it), `GET /v1/files/{id}`, `GET /v1/files/{id}/content`, `DELETE /v1/files/{id}`, `POST /v1/batches`
+(endpoint /v1/chat/completions only), `GET /v1/batches[?limit&after]`, `GET /v1/batches/{id}`,
+`POST /v1/batches/{id}/cancel`; Anthropic `POST|GET /v1/messages/batches`, `GET .../{id}`,
+`POST .../{id}/cancel`, `GET .../{id}/results` (JSONL). A batch is in progress for `batch_delay_s`
+(counts rising linearly), then ends with every item answered as the online endpoint would, or as
+`batch_fault(custom_id, attempt)` says: "error" (500), "invalid" (400) or "expired"; attempt is 1 + the
+number of earlier batches on this server that held that custom_id. Results come shuffled. Batch
+requests skip the faults table, rate limits and latency, but need the API key and count towards
+`max_requests` and `stats.total`.
 
 Logprobs: an OpenAI request with `logprobs: true` (and `top_logprobs: k`, 0..20) gets
 `choices[i].logprobs.content` like OpenAI's: the answer cut into 4-character tokens, each with a
@@ -158,6 +170,9 @@ class FakeConfig:
     max_requests: int = 200_000                    # lifetime bound: past it every request gets 503
     responder: Responder | None = None             # (messages, index, body) -> text
     keep_bodies: int = 1000                        # how many request bodies `stats.bodies` keeps
+    batch_delay_s: float = 0.0                     # a batch is in progress this long after creation
+    # asked per batch item as it is processed: (custom_id, attempt) -> None | "error" | "invalid" | "expired"
+    batch_fault: Callable[[str, int], str | None] | None = None
 
 
 class FakeStats:
@@ -171,6 +186,9 @@ class FakeStats:
     faults: injected faults by kind.
     over_max_requests: requests refused because the lifetime `max_requests` was passed.
     client_gone: responses not sent because the client had closed the connection first.
+    batches_created, files_uploaded: batch endpoints' creations (both providers) and accepted uploads.
+    batch_items: custom_id → times it was in a created batch; batch_answered: custom_id → times a batch
+    answered it successfully (batch answers are not in `answered`, which counts online bodies).
     """
 
     def __init__(self, keep_bodies: int = 1000) -> None:
@@ -183,6 +201,10 @@ class FakeStats:
         self.faults: Counter = Counter()
         self.over_max_requests = 0
         self.client_gone = 0
+        self.batches_created = 0
+        self.files_uploaded = 0
+        self.batch_items: Counter = Counter()
+        self.batch_answered: Counter = Counter()
 
     def reset(self) -> None:
         with self.lock:
@@ -194,6 +216,10 @@ class FakeStats:
             self.faults.clear()
             self.over_max_requests = 0
             self.client_gone = 0
+            self.batches_created = 0
+            self.files_uploaded = 0
+            self.batch_items.clear()
+            self.batch_answered.clear()
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
@@ -206,6 +232,10 @@ class FakeStats:
                 "faults": dict(self.faults),
                 "over_max_requests": self.over_max_requests,
                 "client_gone": self.client_gone,
+                "batches_created": self.batches_created,
+                "files_uploaded": self.files_uploaded,
+                "batch_items": dict(self.batch_items),
+                "batch_answered": dict(self.batch_answered),
             }
 
     def duplicates(self) -> dict[str, int]:
@@ -343,6 +373,8 @@ class FakeServer:
     """
 
     def __init__(self, config: FakeConfig | None = None, **options: Any) -> None:
+        from factory.fakebatch import FakeBatches  # here: fakebatch imports this module
+
         config = config if config is not None else FakeConfig()
         self.config = replace(config, **options) if options else config
         self.stats = FakeStats(self.config.keep_bodies)
@@ -356,6 +388,7 @@ class FakeServer:
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
         self._warned = False
+        self.batches = FakeBatches(self)
 
     # -- addresses -----------------------------------------------------------------------------------
 
@@ -480,7 +513,9 @@ class FakeServer:
         self._lifetime += 1
         delay = config.latency_s
         route = path.split("?", 1)[0].rstrip("/")
-        provider = "openai" if route.endswith("/chat/completions") else "anthropic" if route.endswith("/messages") else ""
+        batch_route = self.batches.route(route)
+        provider = (batch_route[0] if batch_route else "openai" if route.endswith("/chat/completions")
+                    else "anthropic" if route.endswith("/messages") else "")
 
         if self._lifetime > config.max_requests:
             with stats.lock:
@@ -490,6 +525,8 @@ class FakeServer:
                 print(f"fakeserver: more than max_requests={config.max_requests} requests; answering 503",
                       file=sys.stderr, flush=True)
             return delay, self.error(provider or "openai", 503, "fake server: max_requests exceeded")
+        if batch_route is not None:  # no latency, faults or rate limits: see factory/fakebatch.py
+            return 0.0, self.batches.handle(batch_route, method, path, headers, raw)
         if not provider:
             return delay, self.error("openai", 404, f"Unknown request URL: {method} {route}")
         if method != "POST":
