@@ -39,6 +39,9 @@ class ResponseCache:
         self.hits += 1
         return json.loads(row[0]), row[1]
 
+    def __contains__(self, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM responses WHERE key = ?", (key,)).fetchone() is not None
+
     def put(self, key: str, response: dict[str, Any], cost_usd: float) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO responses (key, response, cost_usd, created) VALUES (?, ?, ?, ?)",

@@ -102,15 +102,20 @@ class Run:
         self.rejected_by: Counter = Counter()
         self.reserved_usd = 0.0
         self.logprobs = None  # the logprobs sidecar writer, when the recipe asks for teacher.logprobs
+        self.batches = None  # the BatchDriver, in teacher.mode: batch
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _pricer(self) -> Pricer:
         teacher = self.config.teacher
+        # The Batch APIs bill a share of the list price (half, for both providers).
+        scale = teacher.batch.discount if teacher.mode == "batch" else 1.0
         if teacher.price is not None:
-            return Pricer((teacher.price.input, teacher.price.output))
+            return Pricer((teacher.price.input * scale, teacher.price.output * scale))
         if teacher.provider == "local":
             return Pricer((0.0, 0.0))
         price = lookup(teacher.model)
+        if price is not None:
+            price = (price[0] * scale, price[1] * scale)
         if price is None:
             if self.config.budget_usd is not None:
                 raise RecipeError(
@@ -163,6 +168,7 @@ class Run:
                 "cost_usd": round(prev_cost + counters.cost_usd, 6),
                 "elapsed_s": round(prev_elapsed + counters.elapsed, 3),
             },
+            **({"batches": self.batches.summary()} if self.batches is not None else {}),
         }
 
     # ---- the run --------------------------------------------------------------------------------
@@ -216,9 +222,14 @@ class Run:
         if primed:
             self.console.print(f"dedup index rebuilt from {primed} accepted samples in {primed_s:.1f} s")
 
-        view = ProgressView(counters, self.console)
-        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=2 * concurrency)
         context = _Context(teacher, cache, pricer, checks, counters)
+        driver = None
+        if config.teacher.mode == "batch":
+            from .batch import BatchDriver
+
+            driver = BatchDriver(self, context, prompts_path)
+        view = ProgressView(counters, self.console, note=driver.note if driver else None)
+        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=2 * concurrency)
 
         async def produce() -> None:
             sent = 0
@@ -264,7 +275,10 @@ class Run:
                 pass
         view.start()
         refresher = asyncio.create_task(refresh())
-        tasks = [asyncio.create_task(produce())] + [asyncio.create_task(work()) for _ in range(concurrency)]
+        if driver is not None:
+            tasks = [asyncio.create_task(driver.execute())]
+        else:
+            tasks = [asyncio.create_task(produce())] + [asyncio.create_task(work()) for _ in range(concurrency)]
         try:
             await asyncio.gather(*tasks)
         except asyncio.CancelledError:
@@ -315,6 +329,10 @@ class Run:
                 f"Raise factory.budget_usd (--set factory.budget_usd=...) and {resume}."
             )
         if status == "interrupted":
+            running = len(self.batches.summary()["open"]) if self.batches is not None else 0
+            if running:
+                return (f"interrupted: {running} batch(es) keep running at the provider; {resume} "
+                        "(the same command collects them, nothing is submitted twice).")
             return f"interrupted: {resume}."
         if status == "complete_with_failures":
             return (

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task
@@ -62,9 +63,10 @@ def summary_line(c: Counters) -> str:
 
 
 class _StatsColumn(ProgressColumn):
-    def __init__(self, counters: Counters) -> None:
+    def __init__(self, counters: Counters, note: Callable[[], str] | None = None) -> None:
         super().__init__()
         self.counters = counters
+        self.note = note
 
     def render(self, task: Task) -> Text:
         c = self.counters
@@ -78,6 +80,7 @@ class _StatsColumn(ProgressColumn):
             f" {_si(c.output_tokens / c.elapsed)} tok/s",
             (f" ${c.cost_usd:.4f}", "cyan"),
             f" ETA {fmt_duration(c.eta())}",
+            (f" · {self.note()}" if self.note else "", "dim"),
         )
 
 
@@ -90,8 +93,10 @@ def _si(value: float) -> str:
 
 
 class ProgressView:
-    def __init__(self, counters: Counters, console: Console, *, log_every_s: float = 10.0) -> None:
+    def __init__(self, counters: Counters, console: Console, *, log_every_s: float = 10.0,
+                 note: Callable[[], str] | None = None) -> None:
         self.counters = counters
+        self.note = note  # one more line of state (batch mode: batches at the provider, next poll)
         self.console = console
         self.live = console.is_terminal
         self.log_every_s = log_every_s
@@ -105,7 +110,7 @@ class ProgressView:
         self._progress = Progress(
             BarColumn(bar_width=16),
             MofNCompleteColumn(),
-            _StatsColumn(self.counters),
+            _StatsColumn(self.counters, self.note),
             console=self.console,
             refresh_per_second=4,
         )
@@ -117,7 +122,8 @@ class ProgressView:
             self._progress.update(self._task, completed=self.counters.done)
         elif time.monotonic() - self._last_log >= self.log_every_s:
             self._last_log = time.monotonic()
-            self.console.print(summary_line(self.counters), highlight=False)
+            note = f" · {self.note()}" if self.note else ""
+            self.console.print(summary_line(self.counters) + note, highlight=False)
 
     def stop(self) -> None:
         if self._progress is not None:

@@ -67,8 +67,35 @@ class LogprobsConfig(Strict):
         return self.model_dump(exclude={"shard_records"})
 
 
+# The providers' own limits for one batch (requests, bytes of the input), with a margin on the bytes.
+BATCH_LIMITS = {"openai": (50_000, 190_000_000), "anthropic": (100_000, 250_000_000)}
+
+
+class BatchOptions(Strict):
+    """`teacher.mode: batch`: the OpenAI Batch API or Anthropic Message Batches, at the batch price."""
+
+    max_requests: int | None = Field(
+        default=None, ge=1, description="requests per batch; default and cap: OpenAI 50,000, Anthropic 100,000"
+    )
+    max_bytes: int | None = Field(
+        default=None, ge=1024, description="bytes of requests per batch; default and cap: OpenAI 190 MB, Anthropic 250 MB"
+    )
+    poll_s: float = Field(default=30.0, gt=0, description="first wait between polls; grows 1.5× while nothing changes")
+    poll_max_s: float = Field(default=600.0, gt=0, description="longest wait between polls")
+    discount: float = Field(default=0.5, gt=0, le=1, description="batch price as a share of the list price")
+    resend: int = Field(default=2, ge=0, description="rounds that send failed or expired requests again")
+
+    def limits(self, provider: str) -> tuple[int, int]:
+        max_requests, max_bytes = BATCH_LIMITS[provider]
+        return min(self.max_requests or max_requests, max_requests), min(self.max_bytes or max_bytes, max_bytes)
+
+
 class TeacherConfig(Strict):
     provider: Literal["openai", "anthropic", "local"] = "local"
+    mode: Literal["online", "batch"] = Field(
+        default="online", description="online: one request at a time, rate-limited; batch: the providers' Batch APIs"
+    )
+    batch: BatchOptions = Field(default_factory=BatchOptions)
     model: str = "builtin:smollm2-135m-instruct"
     base_url: str | None = None
     api_key_env: str | None = Field(
@@ -96,6 +123,9 @@ class TeacherConfig(Strict):
     def _defaults(self) -> "TeacherConfig":
         if self.api_key_env is None:
             self.api_key_env = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}.get(self.provider)
+        if self.mode == "batch" and self.provider not in BATCH_LIMITS:
+            raise ValueError(f"mode: batch is for provider openai or anthropic, not {self.provider}; "
+                             "a local teacher batches on its own (batch_size)")
         if self.max_tokens < 1:
             raise ValueError("params.max_tokens must be at least 1")
         if self.logprobs is not None:

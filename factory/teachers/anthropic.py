@@ -59,7 +59,10 @@ class AnthropicTeacher:
             raw = await self._create(**sdk_call_args(self._signature, body))
         except self._sdk.AnthropicError as exc:
             raise map_sdk_error(exc, self._sdk) from None
-        data = parse_json_body(await raw.read(), "Anthropic")
+        return self.parse(parse_json_body(await raw.read(), "Anthropic"), lower_headers(raw.headers))
+
+    def parse(self, data: dict[str, Any], headers: dict[str, str] | None = None) -> TeacherResponse:
+        """A Message as JSON (an online answer, or the message of a Message Batches result)."""
         try:
             text = "".join(part.get("text", "") for part in data["content"] if part.get("type") == "text")
             usage = data.get("usage") or {}
@@ -68,7 +71,7 @@ class AnthropicTeacher:
                 choices=[Choice(text, STOP_REASONS.get(reason, reason))],
                 input_tokens=int(usage.get("input_tokens") or 0),
                 output_tokens=int(usage.get("output_tokens") or 0),
-                headers=lower_headers(raw.headers),
+                headers=headers or {},
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise TeacherError(f"Anthropic answer has an unexpected shape ({exc!r})", retryable=True) from None

@@ -81,7 +81,10 @@ class OpenAITeacher:
         except self._sdk.OpenAIError as exc:
             raise map_sdk_error(exc, self._sdk) from None
         # Read the JSON directly: building the SDK's pydantic objects costs more CPU than the rest.
-        data = parse_json_body(raw.content, "OpenAI")
+        return self.parse(parse_json_body(raw.content, "OpenAI"), lower_headers(raw.headers))
+
+    def parse(self, data: dict[str, Any], headers: dict[str, str] | None = None) -> TeacherResponse:
+        """A chat.completion as JSON (an online answer, or one line of a Batch API output file)."""
         try:
             choices = [
                 Choice((item["message"].get("content") or ""), item.get("finish_reason"),
@@ -93,7 +96,7 @@ class OpenAITeacher:
                 choices=choices,
                 input_tokens=int(usage.get("prompt_tokens") or 0),
                 output_tokens=int(usage.get("completion_tokens") or 0),
-                headers=lower_headers(raw.headers),
+                headers=headers or {},
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise TeacherError(f"OpenAI answer has an unexpected shape ({exc!r})", retryable=True) from None
