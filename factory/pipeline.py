@@ -42,6 +42,7 @@ class WorkItem:
     prompt: PromptItem
     indices: list[int]  # sample slots this one request answers
     body: dict[str, Any]
+    params: dict[str, Any] | None = None  # the recipe's params with this sample's drawn param_ranges values
 
 
 @dataclass
@@ -330,9 +331,21 @@ class Run:
 
     def _work_items(self, teacher: Teacher, prompt: PromptItem) -> list[WorkItem]:
         n = self.config.samples_per_prompt
+        messages = self.config.teacher.with_context(prompt.messages)
+        ranges = self.config.teacher.param_ranges
+        if ranges is not None:
+            # Each sample its own draw, hence its own request even where the API has `n`: one temperature
+            # shared by n samples would tie every sample of a prompt to one setting, and quality could not be
+            # told apart from the prompt. The price is the prompt's input tokens paid once per sample.
+            body = teacher.build_request(messages, 1)
+            items = []
+            for i in range(n):
+                drawn = ranges.draw(prompt.id, i)
+                items.append(WorkItem(prompt, [i], {**body, **drawn}, {**self.config.teacher.params, **drawn}))
+            return items
         if teacher.supports_n:
-            return [WorkItem(prompt, list(range(n)), teacher.build_request(self.config.teacher.with_context(prompt.messages), n))]
-        body = teacher.build_request(self.config.teacher.with_context(prompt.messages), 1)
+            return [WorkItem(prompt, list(range(n)), teacher.build_request(messages, n))]
+        body = teacher.build_request(messages, 1)
         return [WorkItem(prompt, [i], body) for i in range(n)]
 
     async def _process(self, item: WorkItem, ctx: "_Context") -> None:
@@ -398,7 +411,8 @@ class Run:
             "cost_usd": cost,
             "shared_by": shared_by,
         }
-        teacher_meta = {"provider": ctx.teacher.provider, "model": ctx.teacher.model, "params": self.config.teacher.params}
+        teacher_meta = {"provider": ctx.teacher.provider, "model": ctx.teacher.model,
+                        "params": item.params if item.params is not None else self.config.teacher.params}
         for pos, record_id in pending:
             choice = response.choices[pos]
             sample = Sample(
