@@ -177,6 +177,10 @@ class Run:
                 prompts_path = write_grid(config.prompts.grid, config.output_dir)
             except ValueError as exc:
                 raise PromptError(f"factory.prompts.{exc}") from None
+        elif config.prompts.dataset is not None:
+            from .prompt_dataset import write_dataset
+
+            prompts_path = write_dataset(config.prompts.dataset, config.output_dir, self.console)
         count = check_prompts(prompts_path, config.prompts.system)
         if self.limit is not None:
             count = min(count, self.limit)

@@ -17,6 +17,7 @@ from pydantic import ValidationInfo
 from quality_checks.base import check_fingerprint, duplicate_names, parse_check_item
 
 from .grid import GridConfig
+from .prompt_dataset import DatasetConfig
 from .records import stable_hash
 
 # One item of `factory.checks`: a bare name (`empty`) or a mapping of options (`{name: regex, pattern: ...}`).
@@ -37,12 +38,17 @@ class PromptsConfig(Strict):
         default=None, description="JSONL file, one prompt a line: {id?, prompt: str | [messages], attributes?}"
     )
     grid: GridConfig | None = Field(default=None, description="prompts from a template × attribute values")
+    dataset: DatasetConfig | None = Field(
+        default=None, description="prompts from a dataset (local file or folder, or Hub id) via `datasets`"
+    )
     system: str | None = Field(default=None, description="system message prepended to prompts that have none")
 
     @model_validator(mode="after")
     def _one_source(self) -> "PromptsConfig":
-        if (self.path is None) == (self.grid is None):
-            raise ValueError("give either path: FILE.jsonl or grid: {template, attributes}")
+        sources = [self.path, self.grid, self.dataset]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError("give one source: either path: FILE.jsonl, grid: {template, attributes} "
+                             "or dataset: {path, column}")
         return self
 
 

@@ -2,11 +2,16 @@
 self-instruct expansion; runs go through the real openai SDK against the fake server."""
 from __future__ import annotations
 
+import json
+
 import pytest
+from pydantic import ValidationError
 
 from conftest import read_jsonl, write_prompts, write_recipe
 from factory.__main__ import main
-from factory.recipe import FactoryConfig, ParamRanges, RecipeError, load_factory_config
+from factory.prompt_dataset import DATASET_FILE, DatasetConfig, write_dataset
+from factory.prompts import PromptError
+from factory.recipe import FactoryConfig, ParamRanges, PromptsConfig, RecipeError, load_factory_config
 
 
 # ---- sampling parameters drawn from ranges ----------------------------------------------------------------
@@ -81,3 +86,89 @@ def test_each_sample_sends_and_records_its_own_draw_and_resumes(tmp_path, server
     (run / "accepted.jsonl").unlink()  # records gone: the cache must still know every drawn body
     assert main(["generate", str(recipe)]) == 0
     assert server.stats.total == 0 and len(read_jsonl(run / "accepted.jsonl")) == 12
+
+
+# ---- prompts from a dataset --------------------------------------------------------------------------------
+def dataset_recipe(path, run, server, dataset: str):
+    path.write_text(
+        "factory:\n"
+        f"  output_dir: {run}\n"
+        f"  prompts: {{dataset: {dataset}}}\n"
+        f"  teacher: {{provider: openai, model: gpt-4o-mini, base_url: '{server.openai_base_url}', "
+        "api_key_env: APPRENTICE_TEST_KEY}\n"
+    )
+    return path
+
+
+def test_a_dataset_run_takes_ids_attributes_and_references_and_resumes(tmp_path, server, env_key):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"uid": f"q{i}", "question": f"What is {i} + {i}?", "answer": 2 * i,
+                                        "level": i % 2, "noise": "x"}) + "\n" for i in range(6)))
+    run = tmp_path / "run"
+    recipe = dataset_recipe(tmp_path / "r.yaml", run, server,
+                            f"{{path: {rows}, column: question, id_column: uid, attribute_columns: [level], "
+                            "reference_column: answer, limit: 4}")
+    assert main(["generate", str(recipe)]) == 0
+    lines = read_jsonl(run / DATASET_FILE)
+    assert lines[0] == {"id": "q0", "prompt": "What is 0 + 0?", "attributes": {"level": 0}, "reference": "0"}
+    records = read_jsonl(run / "accepted.jsonl")
+    assert sorted(r["prompt_id"] for r in records) == ["q0", "q1", "q2", "q3"]
+    assert all(r["attributes"] == {"level": int(r["prompt_id"][1:]) % 2} for r in records)
+    server.reset_stats()
+    assert main(["generate", str(recipe)]) == 0
+    assert server.stats.total == 0
+
+
+def test_csv_parquet_and_saved_folders_with_messages(tmp_path):
+    import datasets
+
+    csv = tmp_path / "rows.csv"
+    csv.write_text("text,topic\nhello there,greet\nname a color,art\n")
+    lines = read_jsonl(write_dataset(DatasetConfig(path=str(csv), column="text", attribute_columns=["topic"]),
+                                     tmp_path / "a"))
+    assert lines == [{"id": "0", "prompt": "hello there", "attributes": {"topic": "greet"}},
+                     {"id": "1", "prompt": "name a color", "attributes": {"topic": "art"}}]
+    chats = {"messages": [
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+         {"role": "assistant", "content": "hello"}],  # the dataset's own answer is left to the teacher
+        [{"role": "user", "content": "one"}, {"role": "assistant", "content": "1"}, {"role": "user", "content": "two"}],
+    ]}
+    table = datasets.Dataset.from_dict(chats)
+    table.to_parquet(str(tmp_path / "chats.parquet"))
+    datasets.DatasetDict({"train": table, "test": table.select([1])}).save_to_disk(str(tmp_path / "saved"))
+    from_parquet = read_jsonl(write_dataset(DatasetConfig(path=str(tmp_path / "chats.parquet"),
+                                                          messages_column="messages"), tmp_path / "b"))
+    assert from_parquet[0]["prompt"] == chats["messages"][0][:2] and from_parquet[1]["prompt"] == chats["messages"][1]
+    from_disk = read_jsonl(write_dataset(DatasetConfig(path=str(tmp_path / "saved"), split="test",
+                                                       messages_column="messages"), tmp_path / "c"))
+    assert from_disk == [{"id": "0", "prompt": chats["messages"][1]}]
+    with pytest.raises(PromptError, match=r"factory.prompts.dataset.split: no split 'dev' .* \['test', 'train'\]"):
+        write_dataset(DatasetConfig(path=str(tmp_path / "saved"), split="dev", messages_column="messages"), tmp_path)
+
+
+def test_dataset_errors_name_the_key_and_the_fix(tmp_path, monkeypatch):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n" + json.dumps({"question": "", "answer": "b"}) + "\n")
+    with pytest.raises(PromptError) as info:
+        write_dataset(DatasetConfig(path=str(rows), column="prompt", attribute_columns=["topic"]), tmp_path)
+    assert "factory.prompts.dataset.column: no column 'prompt'" in str(info.value)
+    assert "factory.prompts.dataset.attribute_columns.0: no column 'topic'" in str(info.value)
+    assert "columns: ['question', 'answer']" in str(info.value)
+    with pytest.raises(PromptError, match=r"1 bad row\(s\).*\n  row 1: \"prompt\" is empty"):
+        write_dataset(DatasetConfig(path=str(rows), column="question"), tmp_path)
+    with pytest.raises(PromptError, match=r"factory.prompts.dataset.path: .*nope.jsonl not found"):
+        write_dataset(DatasetConfig(path=str(tmp_path / "nope.jsonl"), column="q"), tmp_path)
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PromptError) as info:
+        write_dataset(DatasetConfig(path="someone/some-dataset", column="q"), tmp_path)
+    assert str(info.value).startswith("factory.prompts.dataset.path: could not load 'someone/some-dataset' from")
+    assert "give a local file" in str(info.value)
+    assert not (tmp_path / DATASET_FILE).exists()
+    with pytest.raises(ValidationError, match="one source"):
+        PromptsConfig(path="p.jsonl", dataset={"path": str(rows), "column": "question"})
+    with pytest.raises(ValidationError, match="either column"):
+        DatasetConfig(path=str(rows), column="question", messages_column="m")
