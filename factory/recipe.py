@@ -11,14 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
-from pydantic import ValidationInfo
+from pydantic import (
+    BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 from quality_checks.base import check_fingerprint, duplicate_names, parse_check_item
 
 from .grid import GridConfig
 from .prompt_dataset import DatasetConfig
 from .records import stable_hash
+from .self_instruct import SelfInstructConfig
 
 # One item of `factory.checks`: a bare name (`empty`) or a mapping of options (`{name: regex, pattern: ...}`).
 # Validated by the check's own options model; errors carry the item's key path (factory.checks.2.pattern).
@@ -41,14 +43,17 @@ class PromptsConfig(Strict):
     dataset: DatasetConfig | None = Field(
         default=None, description="prompts from a dataset (local file or folder, or Hub id) via `datasets`"
     )
+    self_instruct: SelfInstructConfig | None = Field(
+        default=None, description="new prompts written by the teacher from seed prompts, near-duplicates dropped"
+    )
     system: str | None = Field(default=None, description="system message prepended to prompts that have none")
 
     @model_validator(mode="after")
     def _one_source(self) -> "PromptsConfig":
-        sources = [self.path, self.grid, self.dataset]
+        sources = [self.path, self.grid, self.dataset, self.self_instruct]
         if sum(source is not None for source in sources) != 1:
-            raise ValueError("give one source: either path: FILE.jsonl, grid: {template, attributes} "
-                             "or dataset: {path, column}")
+            raise ValueError("give one source: either path: FILE.jsonl, grid: {template, attributes}, "
+                             "dataset: {path, column} or self_instruct: {seeds, count}")
         return self
 
 

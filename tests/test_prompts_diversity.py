@@ -2,7 +2,9 @@
 self-instruct expansion; runs go through the real openai SDK against the fake server."""
 from __future__ import annotations
 
+import itertools
 import json
+import re
 
 import pytest
 from pydantic import ValidationError
@@ -12,6 +14,7 @@ from factory.__main__ import main
 from factory.prompt_dataset import DATASET_FILE, DatasetConfig, write_dataset
 from factory.prompts import PromptError
 from factory.recipe import FactoryConfig, ParamRanges, PromptsConfig, RecipeError, load_factory_config
+from factory.self_instruct import SelfInstructConfig, Similarity, _Index, parse_prompts
 
 
 # ---- sampling parameters drawn from ranges ----------------------------------------------------------------
@@ -172,3 +175,122 @@ def test_dataset_errors_name_the_key_and_the_fix(tmp_path, monkeypatch):
         PromptsConfig(path="p.jsonl", dataset={"path": str(rows), "column": "question"})
     with pytest.raises(ValidationError, match="either column"):
         DatasetConfig(path=str(rows), column="question", messages_column="m")
+
+
+# ---- self-instruct expansion -------------------------------------------------------------------------------
+def test_answers_are_cut_into_prompts():
+    assert parse_prompts("Here are 3 prompts:\n1. First one\n2) Second\n   goes on\n\n3. **Third**\n\nEnjoy!") == \
+        ["First one", "Second\ngoes on", "Third"]
+    assert parse_prompts("- **Prompt:** a\n* b\n• c\n(4) d\nPrompt 5: e\n### 6. f") == list("abcdef")
+    assert parse_prompts("Sure! Here you go:\nWrite a limerick.\n\"Plan a trip.\"\n") == ["Write a limerick.", "Plan a trip."]
+    assert parse_prompts("") == []
+
+
+@pytest.mark.parametrize("method", ["rouge_l", "minhash"])
+def test_similarity_finds_the_closest_prompt(method):
+    index = _Index(Similarity(method=method))
+    index.add("s1", "Write a short poem about the sea at night", index.prepare("Write a short poem about the sea at night"))
+    index.add("s2", "How do vaccines train the immune system?", index.prepare("How do vaccines train the immune system?"))
+    score, row = index.closest(index.prepare("Write a short poem about the sea at night, please"))
+    assert index.labels[row][0] == "s1" and score > 0.7
+    score, _ = index.closest(index.prepare("List three uses of copper in electronics"))
+    assert score < 0.3
+    assert index.prepare("!!!") is None
+
+
+def test_self_instruct_config_errors(tmp_path, server, env_key, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "factory:\n"
+        f"  output_dir: {tmp_path / 'run'}\n"
+        f"  prompts: {{self_instruct: {{seeds: {tmp_path / 'seeds.jsonl'}, count: 3}}}}\n"
+        f"  teacher: {{provider: openai, base_url: '{server.openai_base_url}', api_key_env: APPRENTICE_TEST_KEY}}\n"
+    )
+    assert main(["generate", str(recipe)]) == 2
+    assert "factory.prompts.self_instruct.seeds: " in capsys.readouterr().err
+    (tmp_path / "seeds.jsonl").write_text('{"prompt": ""}\n')
+    assert main(["generate", str(recipe)]) == 2
+    assert re.search(r"self_instruct.seeds: .*seeds.jsonl:1: \"prompt\" is empty", capsys.readouterr().err, re.DOTALL)
+    assert server.stats.total == 0
+    with pytest.raises(ValidationError, match="must contain {examples}"):
+        SelfInstructConfig(seeds="s.jsonl", count=3, instruction="Write {n} prompts like {these}")
+    with pytest.raises(ValidationError, match="one source"):
+        PromptsConfig(path="p.jsonl", self_instruct={"seeds": "s.jsonl", "count": 3})
+    with pytest.raises(ValidationError, match="similarity.max"):
+        PromptsConfig(self_instruct={"seeds": "s.jsonl", "count": 3, "similarity": {"max": 1.5}})
+
+
+SEEDS = ["Write a haiku about autumn leaves.", "Explain how a refrigerator works.",
+         "Give me three tips for a job interview.", "What causes the seasons on Earth?"]
+
+
+def expansion_responder():
+    fresh = itertools.count()
+
+    def respond(messages, index, body):
+        text = messages[-1]["content"]
+        if "new prompts" not in text:
+            return f"Answer: {text}"
+        shown = re.findall(r"^\d+\. (.*)$", text, re.MULTILINE)
+        k = next(fresh)
+        words = [f"w{k}x{j}" for j in range(6)]
+        return (
+            "Here are some new prompts:\n"
+            f"1. {shown[0]} Please.\n"                                       # a seed, reworded: too similar
+            f"2) Describe {words[0]} {words[1]} {words[2]}.\n"
+            f"3) Describe {words[0]} {words[1]} {words[2]}.\n"               # the one before, again
+            f"- **Prompt:** Compare {words[3]} with {words[4]}\n  across {words[5]} seasons.\n"
+            "\nI hope these help!"
+        )
+
+    return respond
+
+
+def test_self_instruct_expands_drops_near_duplicates_and_resumes(tmp_path, server, env_key, capsys):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"id": f"seed{i}", "prompt": p}) + "\n" for i, p in enumerate(SEEDS)))
+    server.config.responder = expansion_responder()
+    run = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "factory:\n"
+        f"  output_dir: {run}\n"
+        f"  prompts: {{self_instruct: {{seeds: {seeds}, count: 5, per_request: 3}}}}\n"
+        f"  teacher: {{provider: openai, model: gpt-4o-mini, base_url: '{server.openai_base_url}', "
+        "api_key_env: APPRENTICE_TEST_KEY, params: {max_tokens: 256}}\n"
+    )
+    assert main(["generate", str(recipe)]) == 0
+    assert server.stats.total == 3 + 5  # three rounds of two new prompts each, then one answer per prompt
+    prompts = read_jsonl(run / "prompts.self_instruct.jsonl")
+    assert [p["id"] for p in prompts] == [f"si-{i:06d}" for i in range(1, 6)]
+    assert all(p["attributes"] == {"source": "self_instruct"} for p in prompts)
+    assert re.fullmatch(r"Compare w(\d)x3 with w\1x4\nacross w\1x5 seasons\.", prompts[1]["prompt"])  # two lines
+    rejected = read_jsonl(run / "prompts.self_instruct.rejected.jsonl")
+    assert [r["rejected_by"] for r in rejected] == ["similar"] * 5
+    to_seed, to_new = rejected[0], rejected[1]
+    assert to_seed["similar_id"].startswith("seed") and to_seed["prompt"] == to_seed["similar_prompt"] + " Please."
+    assert to_seed["reason"].startswith(f"too similar to {to_seed['similar_id']} (rouge_l 0.9")
+    assert to_new["similar_id"] == "si-000001" and to_new["score"] == 1.0
+    records = read_jsonl(run / "accepted.jsonl")
+    assert sorted(r["prompt_id"] for r in records) == [p["id"] for p in prompts]
+    assert all(r["attributes"] == {"source": "self_instruct"} for r in records)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["self_instruct"]["prompts"] == 5 and manifest["self_instruct"]["requests"] == 3
+    assert "self-instruct: 5 new prompts in 3 round(s), 5 dropped" in capsys.readouterr().err
+
+    server.reset_stats()
+    assert main(["generate", str(recipe)]) == 0  # the finished expansion is reused: nothing to send
+    assert server.stats.total == 0
+    assert "(reused)" in capsys.readouterr().err
+
+    # A run stopped half-way: the prompts come back from the cache, the same, for nothing.
+    (run / "prompts.self_instruct.state.json").unlink()
+    (run / "prompts.self_instruct.jsonl").write_text(json.dumps(prompts[0]) + "\n")
+    assert main(["generate", str(recipe)]) == 0
+    assert server.stats.total == 0 and read_jsonl(run / "prompts.self_instruct.jsonl") == prompts
+
+    # More prompts wanted: the rounds answered before are replayed, then it goes on.
+    assert main(["generate", str(recipe), "--set", "factory.prompts.self_instruct.count=7"]) == 0
+    more = read_jsonl(run / "prompts.self_instruct.jsonl")
+    assert more[:5] == prompts and len(more) == 7
+    assert server.stats.total == 1 + 2  # one new round, and the answers to the two new prompts
