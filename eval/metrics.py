@@ -58,7 +58,11 @@ def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
 
 def rouge_l(answer: str, reference: Any) -> float:
     """ROUGE-L F1 over normalized words (longest common subsequence)."""
-    pred, gold = normalize(answer).split(), normalize(str(reference)).split()
+    return rouge_l_words(normalize(answer).split(), normalize(str(reference)).split())
+
+
+def rouge_l_words(pred: Sequence[str], gold: Sequence[str]) -> float:
+    """ROUGE-L F1 of two word lists already normalized (to compare one text with many, normalize once)."""
     if not pred or not gold:
         return float(pred == gold)
     lcs = _lcs(pred, gold)

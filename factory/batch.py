@@ -283,7 +283,7 @@ class BatchDriver:
     async def _prepare_and_send(self, lines: list[str], worst: float, round_: int) -> None:
         run = self.run
         budget = self.config.budget_usd
-        if budget is not None and run.counters.cost_usd + run.reserved_usd + worst > budget:
+        if budget is not None and run.spent_usd + run.counters.cost_usd + run.reserved_usd + worst > budget:
             run.budget_hit = True
             run._stop()
             raise _Stopped

@@ -42,6 +42,7 @@ class WorkItem:
     prompt: PromptItem
     indices: list[int]  # sample slots this one request answers
     body: dict[str, Any]
+    params: dict[str, Any] | None = None  # the recipe's params with this sample's drawn param_ranges values
 
 
 @dataclass
@@ -103,6 +104,8 @@ class Run:
         self.reserved_usd = 0.0
         self.logprobs = None  # the logprobs sidecar writer, when the recipe asks for teacher.logprobs
         self.batches = None  # the BatchDriver, in teacher.mode: batch
+        self.self_instruct: dict[str, Any] | None = None  # the expansion's figures, with prompts.self_instruct
+        self.spent_usd = 0.0  # paid before the samples (the self-instruct expansion), for the budget
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _pricer(self) -> Pricer:
@@ -164,8 +167,9 @@ class Run:
                 "server_errors": limiter.server_errors,
                 "breaker_opened": limiter.breaker_opened,
             },
+            **({"self_instruct": self.self_instruct} if self.self_instruct is not None else {}),
             "totals": {
-                "cost_usd": round(prev_cost + counters.cost_usd, 6),
+                "cost_usd": round(prev_cost + self.spent_usd + counters.cost_usd, 6),
                 "elapsed_s": round(prev_elapsed + counters.elapsed, 3),
             },
             **({"batches": self.batches.summary()} if self.batches is not None else {}),
@@ -174,17 +178,10 @@ class Run:
     # ---- the run --------------------------------------------------------------------------------
     async def execute(self) -> RunResult:
         config = self.config
-        prompts_path = config.prompts.path
-        if config.prompts.grid is not None:
-            from .grid import write_grid
-
-            try:
-                prompts_path = write_grid(config.prompts.grid, config.output_dir)
-            except ValueError as exc:
-                raise PromptError(f"factory.prompts.{exc}") from None
-        count = check_prompts(prompts_path, config.prompts.system)
-        if self.limit is not None:
-            count = min(count, self.limit)
+        expanding = config.prompts.self_instruct is not None  # the teacher writes the prompts first
+        if not expanding:
+            prompts_path = self._prompts_file()
+            count = check_prompts(prompts_path, config.prompts.system)
         run_dir = config.output_dir
         previous = check_compatible(run_dir, config)
         pricer = self._pricer()
@@ -199,6 +196,16 @@ class Run:
             tpm=config.teacher.tpm,
             max_retries=config.teacher.max_retries,
         )
+        if expanding:
+            try:
+                prompts_path = await self._self_instruct(teacher, pricer)
+                count = check_prompts(prompts_path, config.prompts.system)
+            except BaseException:
+                if self._teacher is None:
+                    await teacher.aclose()
+                raise
+        if self.limit is not None:
+            count = min(count, self.limit)
         self.store = Store(run_dir)
         from .logprobs import open_sidecar
 
@@ -308,6 +315,37 @@ class Run:
             cache.close()
         return RunResult(status, counters, self._message(status, counters))
 
+    def _prompts_file(self) -> Path:
+        """The prompts file of a path, grid or dataset source (the last two written into the run directory)."""
+        prompts = self.config.prompts
+        if prompts.grid is not None:
+            from .grid import write_grid
+
+            try:
+                return write_grid(prompts.grid, self.config.output_dir)
+            except ValueError as exc:
+                raise PromptError(f"factory.prompts.{exc}") from None
+        if prompts.dataset is not None:
+            from .prompt_dataset import write_dataset
+
+            return write_dataset(prompts.dataset, self.config.output_dir, self.console)
+        assert prompts.path is not None
+        return prompts.path
+
+    async def _self_instruct(self, teacher: Teacher, pricer: Pricer) -> Path:
+        from .self_instruct import Expansion
+
+        assert self.config.prompts.self_instruct is not None
+        expansion = Expansion(
+            self.config.prompts.self_instruct, self.config.output_dir, teacher=teacher,
+            teacher_config=self.config.teacher, limiter=self.limiter, pricer=pricer,
+            budget_usd=self.config.budget_usd, console=self.console,
+        )
+        path = await expansion.run()
+        self.self_instruct = expansion.stats
+        self.spent_usd = expansion.spent_usd
+        return path
+
     def _status(self) -> str:
         if self.fatal:
             return "stopped"
@@ -348,9 +386,21 @@ class Run:
 
     def _work_items(self, teacher: Teacher, prompt: PromptItem) -> list[WorkItem]:
         n = self.config.samples_per_prompt
+        messages = self.config.teacher.with_context(prompt.messages)
+        ranges = self.config.teacher.param_ranges
+        if ranges is not None:
+            # Each sample its own draw, hence its own request even where the API has `n`: one temperature
+            # shared by n samples would tie every sample of a prompt to one setting, and quality could not be
+            # told apart from the prompt. The price is the prompt's input tokens paid once per sample.
+            body = teacher.build_request(messages, 1)
+            items = []
+            for i in range(n):
+                drawn = ranges.draw(prompt.id, i)
+                items.append(WorkItem(prompt, [i], {**body, **drawn}, {**self.config.teacher.params, **drawn}))
+            return items
         if teacher.supports_n:
-            return [WorkItem(prompt, list(range(n)), teacher.build_request(self.config.teacher.with_context(prompt.messages), n))]
-        body = teacher.build_request(self.config.teacher.with_context(prompt.messages), 1)
+            return [WorkItem(prompt, list(range(n)), teacher.build_request(messages, n))]
+        body = teacher.build_request(messages, 1)
         return [WorkItem(prompt, [i], body) for i in range(n)]
 
     async def _process(self, item: WorkItem, ctx: "_Context") -> None:
@@ -379,7 +429,7 @@ class Run:
             max_out = self.config.teacher.max_tokens * len(item.indices)
             worst = ctx.pricer.cost(est_in, max_out)
             budget = self.config.budget_usd
-            if budget is not None and counters.cost_usd + self.reserved_usd + worst > budget:
+            if budget is not None and self.spent_usd + counters.cost_usd + self.reserved_usd + worst > budget:
                 self.budget_hit = True
                 self._stop()
                 return
@@ -416,7 +466,8 @@ class Run:
             "cost_usd": cost,
             "shared_by": shared_by,
         }
-        teacher_meta = {"provider": ctx.teacher.provider, "model": ctx.teacher.model, "params": self.config.teacher.params}
+        teacher_meta = {"provider": ctx.teacher.provider, "model": ctx.teacher.model,
+                        "params": item.params if item.params is not None else self.config.teacher.params}
         for pos, record_id in pending:
             choice = response.choices[pos]
             sample = Sample(

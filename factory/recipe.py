@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 from quality_checks.base import check_fingerprint, duplicate_names, parse_check_item
 
 from .grid import GridConfig
+from .prompt_dataset import DatasetConfig
+from .records import stable_hash
+from .self_instruct import SelfInstructConfig
 
 # One item of `factory.checks`: a bare name (`empty`) or a mapping of options (`{name: regex, pattern: ...}`).
 # Validated by the check's own options model; errors carry the item's key path (factory.checks.2.pattern).
@@ -34,12 +40,20 @@ class PromptsConfig(Strict):
         default=None, description="JSONL file, one prompt a line: {id?, prompt: str | [messages], attributes?}"
     )
     grid: GridConfig | None = Field(default=None, description="prompts from a template × attribute values")
+    dataset: DatasetConfig | None = Field(
+        default=None, description="prompts from a dataset (local file or folder, or Hub id) via `datasets`"
+    )
+    self_instruct: SelfInstructConfig | None = Field(
+        default=None, description="new prompts written by the teacher from seed prompts, near-duplicates dropped"
+    )
     system: str | None = Field(default=None, description="system message prepended to prompts that have none")
 
     @model_validator(mode="after")
     def _one_source(self) -> "PromptsConfig":
-        if (self.path is None) == (self.grid is None):
-            raise ValueError("give either path: FILE.jsonl or grid: {template, attributes}")
+        sources = [self.path, self.grid, self.dataset, self.self_instruct]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError("give one source: either path: FILE.jsonl, grid: {template, attributes}, "
+                             "dataset: {path, column} or self_instruct: {seeds, count}")
         return self
 
 
@@ -89,6 +103,58 @@ class BatchOptions(Strict):
         max_requests, max_bytes = BATCH_LIMITS[provider]
         return min(self.max_requests or max_requests, max_requests), min(self.max_bytes or max_bytes, max_bytes)
 
+# name → (lowest, highest) a drawn value may take; top_k is drawn as an integer.
+PARAM_BOUNDS: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "top_k": (1, 1_000_000),
+    "frequency_penalty": (-2.0, 2.0),
+    "presence_penalty": (-2.0, 2.0),
+}
+# What each provider accepts (the penalties are OpenAI's; vLLM and the local teacher take top_k).
+PROVIDER_PARAMS = {
+    "openai": set(PARAM_BOUNDS),
+    "anthropic": {"temperature", "top_p", "top_k"},
+    "local": {"temperature", "top_p", "top_k"},
+}
+
+
+class ParamRanges(Strict):
+    """`[low, high]` per sampling parameter; each request draws its own value (see factory/pipeline.py)."""
+
+    temperature: tuple[float, float] | None = None
+    top_p: tuple[float, float] | None = None
+    top_k: tuple[int, int] | None = None
+    frequency_penalty: tuple[float, float] | None = None
+    presence_penalty: tuple[float, float] | None = None
+
+    @field_validator("*")
+    @classmethod
+    def _ordered_and_in_bounds(cls, value: tuple[float, float] | None, info: ValidationInfo) -> tuple[float, float] | None:
+        if value is None:
+            return value
+        low, high = value
+        lowest, highest = PARAM_BOUNDS[info.field_name]
+        if low > high:
+            raise ValueError(f"[{low}, {high}]: low must not exceed high; write [{high}, {low}]")
+        if low < lowest or high > highest or (info.field_name == "top_p" and low <= 0):
+            bounds = "(0, 1]" if info.field_name == "top_p" else f"[{lowest}, {highest}]"
+            raise ValueError(f"[{low}, {high}]: values must lie in {bounds}")
+        return value
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        return {name: value for name, value in self if value is not None}
+
+    def draw(self, prompt_id: str, sample_index: int) -> dict[str, float | int]:
+        """This sample's values: uniform in each range, seeded by prompt id and sample index only, so that
+        a resumed run (or the same prompt in another run) builds the same request body; 3 decimals."""
+        rng = random.Random(stable_hash("param_ranges", prompt_id, str(sample_index)))
+        drawn: dict[str, float | int] = {}
+        for name, (low, high) in sorted(self.ranges().items()):
+            value = rng.randint(low, high) if name == "top_k" else round(rng.uniform(low, high), 3)
+            drawn[name] = min(max(value, low), high)  # rounding must not step out of the range
+        return drawn
+
 
 class TeacherConfig(Strict):
     provider: Literal["openai", "anthropic", "local"] = "local"
@@ -102,6 +168,11 @@ class TeacherConfig(Strict):
         default=None, description="environment variable holding the API key (default by provider)"
     )
     params: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.8, "max_tokens": 512})
+    param_ranges: ParamRanges | None = Field(
+        default=None,
+        description="{temperature: [0.3, 1.1], top_p: [0.8, 1.0]}: each sample draws its own values (seeded by "
+        "prompt id and sample index, so a resumed run sends the same bodies); they override params",
+    )
     max_concurrency: int = Field(default=64, ge=1, le=4096)
     rpm: float | None = Field(default=None, gt=0, description="requests per minute cap; headers rule otherwise")
     tpm: float | None = Field(default=None, gt=0, description="tokens per minute cap; headers rule otherwise")
@@ -139,6 +210,18 @@ class TeacherConfig(Strict):
                                  "teacher always stores token ids with its own tokenizer")
             if self.provider == "openai" and self.base_url is None and self.logprobs.top_k > 20:
                 raise ValueError(f"logprobs.top_k={self.logprobs.top_k}: the OpenAI API returns at most 20")
+        if self.param_ranges is not None:
+            ranges = self.param_ranges.ranges()
+            if not ranges:
+                raise ValueError("param_ranges is empty; name at least one parameter, e.g. {temperature: [0.3, 1.1]}")
+            unsupported = sorted(set(ranges) - PROVIDER_PARAMS[self.provider])
+            if unsupported:
+                raise ValueError(
+                    f"param_ranges.{unsupported[0]}: provider {self.provider} has no such parameter; "
+                    f"it takes {sorted(PROVIDER_PARAMS[self.provider])}"
+                )
+            if self.provider == "anthropic" and "temperature" in ranges and ranges["temperature"][1] > 1:
+                raise ValueError("param_ranges.temperature: the Anthropic API takes temperatures in [0, 1]")
         for i, message in enumerate(self.context or []):
             if set(message) != {"role", "content"} or message["role"] not in ("system", "user", "assistant"):
                 raise ValueError(f"context[{i}] must be {{role: system|user|assistant, content: ...}}")
@@ -195,6 +278,8 @@ class FactoryConfig(Strict):
             **({"context": teacher.context} if teacher.context else {}),
             # Only when set, so that the fingerprints of existing runs stay what they were.
             **({"logprobs": teacher.logprobs.fingerprint()} if teacher.logprobs is not None else {}),
+            **({"param_ranges": teacher.param_ranges.model_dump(exclude_none=True, mode="json")}
+               if teacher.param_ranges is not None else {}),
         }
 
     def fingerprint_hash(self) -> str:
