@@ -17,12 +17,20 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_every_recipe_in_data_recipes_parses():
+def test_every_recipe_in_data_recipes_parses(tmp_path, monkeypatch):
+    from factory.grid import write_grid
+
+    monkeypatch.chdir(REPO)  # recipes name their files relative to the repository
     recipes = sorted((REPO / "data" / "recipes").glob("*.yaml"))
     assert recipes, "data/recipes/ holds no recipe"
     for path in recipes:
         config = load_factory_config(path)
-        assert config.prompts.path
+        if config.prompts.grid is not None:  # the grid draws: its files exist and it has the combinations
+            grid = config.prompts.grid
+            drawn = write_grid(grid, tmp_path / path.stem).read_text(encoding="utf-8").count("\n")
+            assert drawn == grid.count, path
+        else:
+            assert config.prompts.path.exists(), path
 
 
 def test_all_recipe_errors_are_reported_at_once_with_key_paths(tmp_path):
