@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from factory.fakeserver import ERROR_TYPES, REASONS, _Reply, content_text, count_tokens, fake_logprobs
+from factory.fakeserver import ERROR_TYPES, REASONS, _Reply
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -289,59 +289,15 @@ class FakeBatches:
 
     # -- answers -------------------------------------------------------------------------------------
 
-    def _chat_completion(self, body: dict) -> tuple[int, dict, Counter]:
-        """(status, body, tokens) of one chat-completions request, as `FakeServer._openai` answers it."""
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            return 400, error_body("openai", 400, "messages: a list is required"), Counter()
-        n = body.get("n") or 1
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        if not isinstance(n, int) or n < 1 or not (max_tokens is None or isinstance(max_tokens, int)):
-            return 400, error_body("openai", 400, "n and max_tokens must be positive integers"), Counter()
-        top_logprobs = body.get("top_logprobs")
-        if top_logprobs is not None and (not body.get("logprobs") or not isinstance(top_logprobs, int)
-                                         or not 0 <= top_logprobs <= 20):
-            return 400, error_body("openai", 400, "top_logprobs must be an integer in [0, 20] and needs "
-                                   "logprobs: true"), Counter()
-        input_tokens = count_tokens("".join(content_text(m.get("content")) for m in messages if isinstance(m, dict)))
-        choices, completion_tokens = [], 0
-        for index in range(n):
-            text, reason, tokens = self.server._answer(messages, index, body, max_tokens)
-            if text is None:
-                return 500, error_body("openai", 500, reason), Counter()
-            completion_tokens += tokens
-            logprobs = None
-            if body.get("logprobs"):
-                logprobs = fake_logprobs(text, top_logprobs or 0, bool(body.get("return_tokens_as_token_ids")))
-            choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                            "finish_reason": reason, "logprobs": logprobs})
-        answer = {
-            "id": "chatcmpl-" + _hex(), "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model", "fake"), "choices": choices,
-            "usage": {"prompt_tokens": input_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": input_tokens + completion_tokens},
-        }
-        return 200, answer, Counter(input=input_tokens, output=completion_tokens)
-
-    def _message(self, body: dict) -> tuple[int, dict]:
-        """(status, body) of one Messages request, as `FakeServer._anthropic` answers it."""
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            return 400, error_body("anthropic", 400, "messages: a list is required")
-        max_tokens = body.get("max_tokens")
-        if max_tokens is not None and not isinstance(max_tokens, int):
-            return 400, error_body("anthropic", 400, "max_tokens: an integer is required")
-        chars = "".join(content_text(m.get("content")) for m in messages if isinstance(m, dict))
-        input_tokens = count_tokens(content_text(body.get("system")) + chars)
-        text, reason, tokens = self.server._answer(messages, 0, body, max_tokens)
-        if text is None:
-            return 500, error_body("anthropic", 500, reason)
-        return 200, {
-            "id": "msg_" + _hex(), "type": "message", "role": "assistant",
-            "content": [{"type": "text", "text": text}], "model": body.get("model", "fake"),
-            "stop_reason": "max_tokens" if reason == "length" else "end_turn", "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": tokens},
-        }
+    def _respond(self, provider: str, body: dict, answer_id: str) -> tuple[int, dict]:
+        """(status, body) of one request, as the online endpoint answers it (without rate limits)."""
+        parsed = self.server._validate(provider, body)
+        if isinstance(parsed, str):
+            return 400, error_body(provider, 400, parsed)
+        answer = self.server._build(provider, body, parsed, answer_id)
+        if isinstance(answer, str):
+            return 500, error_body(provider, 500, answer)
+        return 200, answer
 
     @staticmethod
     def _injected(provider: str, fault: str) -> tuple[int, dict]:
@@ -355,15 +311,20 @@ class FakeBatches:
             code, message = ITEM_ENDINGS[fault]
             line["error"] = {"code": code, "message": message}
             return fault, line, Counter()
-        status, answer, tokens = (*self._injected("openai", fault), Counter()) if fault else self._chat_completion(body)
+        status, answer = (self._injected("openai", fault) if fault else
+                          self._respond("openai", body, "chatcmpl-" + _hex()))
         line["response"] = {"status_code": status, "request_id": "req_" + _hex(), "body": answer}
-        return ("succeeded" if status == 200 else "errored"), line, tokens
+        if status != 200:
+            return "errored", line, Counter()
+        return "succeeded", line, Counter(input=answer["usage"]["prompt_tokens"],
+                                          output=answer["usage"]["completion_tokens"])
 
     def _anthropic_item(self, custom_id: str, body: dict, fault: str | None) -> tuple[str, dict, Counter]:
         """(outcome, results line, tokens) of one item."""
         if fault in ITEM_ENDINGS:
             return fault, {"custom_id": custom_id, "result": {"type": fault}}, Counter()
-        status, answer = self._injected("anthropic", fault) if fault else self._message(body)
+        status, answer = (self._injected("anthropic", fault) if fault else
+                          self._respond("anthropic", body, "msg_" + _hex()))
         result = {"type": "succeeded", "message": answer} if status == 200 else {"type": "errored", "error": answer}
         return ("succeeded" if status == 200 else "errored"), {"custom_id": custom_id, "result": result}, Counter()
 

@@ -79,7 +79,7 @@ import time
 import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 HOST = "127.0.0.1"
 MAX_HEADER_BYTES = 64 * 1024
@@ -355,6 +355,15 @@ _LIMITS = (
 # the server
 
 
+class _Parsed(NamedTuple):
+    """A chat request that passed `FakeServer._validate` (Anthropic: n = 1, top_logprobs = None)."""
+    messages: list
+    n: int
+    max_tokens: int | None
+    top_logprobs: int | None
+    input_tokens: int
+
+
 class _Reply:
     __slots__ = ("data", "status", "close", "digest")
 
@@ -568,12 +577,7 @@ class FakeServer:
             else:
                 return delay, self.error(provider, 500, f"fake server: unknown fault kind {fault!r}")
 
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            return delay, self.error(provider, 400, "messages: a list is required")
-        if provider == "openai":
-            return delay, self._openai(body, messages, seq)
-        return delay, self._anthropic(body, messages, seq)
+        return delay, self._chat(provider, body, seq)
 
     @staticmethod
     def _authorized(provider: str, headers: dict[str, str], key: str) -> bool:
@@ -581,57 +585,72 @@ class FakeServer:
             return True
         return provider == "anthropic" and headers.get("x-api-key") == key
 
-    def _openai(self, body: dict, messages: list, seq: int) -> _Reply:
-        n = body.get("n") or 1
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        if not isinstance(n, int) or n < 1 or not (max_tokens is None or isinstance(max_tokens, int)):
-            return self.error("openai", 400, "n and max_tokens must be positive integers")
-        top_logprobs = body.get("top_logprobs")
-        if top_logprobs is not None and (not body.get("logprobs") or not isinstance(top_logprobs, int)
-                                         or not 0 <= top_logprobs <= 20):
-            return self.error("openai", 400, "top_logprobs must be an integer in [0, 20] and needs logprobs: true")
-        input_tokens = count_tokens("".join(content_text(m.get("content")) for m in messages if isinstance(m, dict)))
-        admitted, headers = self._admit("openai", input_tokens, n * (max_tokens or 0))
+    def _chat(self, provider: str, body: dict, seq: int) -> _Reply:
+        """An online answer: validate, charge the rate limits, and only then run the responder."""
+        parsed = self._validate(provider, body)
+        if isinstance(parsed, str):
+            return self.error(provider, 400, parsed)
+        admitted, headers = self._admit(provider, parsed.input_tokens, parsed.n * (parsed.max_tokens or 0))
         if not admitted:
             return headers
+        answer = self._build(provider, body, parsed,
+                             f"chatcmpl-fake{seq:08d}" if provider == "openai" else f"msg_fake{seq:016x}")
+        if isinstance(answer, str):
+            return self.error(provider, 500, answer, headers)
+        return self._success(body, answer, headers)
+
+    @staticmethod
+    def _validate(provider: str, body: dict) -> _Parsed | str:
+        """The parsed chat request, or the message of its 400. Shared by the online and batch endpoints."""
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return "messages: a list is required"
+        if provider == "anthropic":
+            n, top_logprobs, max_tokens = 1, None, body.get("max_tokens")
+            if max_tokens is not None and not isinstance(max_tokens, int):
+                return "max_tokens: an integer is required"
+        else:
+            n = body.get("n") or 1
+            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+            if not isinstance(n, int) or n < 1 or not (max_tokens is None or isinstance(max_tokens, int)):
+                return "n and max_tokens must be positive integers"
+            top_logprobs = body.get("top_logprobs")
+            if top_logprobs is not None and (not body.get("logprobs") or not isinstance(top_logprobs, int)
+                                             or not 0 <= top_logprobs <= 20):
+                return "top_logprobs must be an integer in [0, 20] and needs logprobs: true"
+        chars = "".join(content_text(m.get("content")) for m in messages if isinstance(m, dict))
+        if provider == "anthropic":
+            chars = content_text(body.get("system")) + chars
+        return _Parsed(messages, n, max_tokens, top_logprobs, count_tokens(chars))
+
+    def _build(self, provider: str, body: dict, parsed: _Parsed, answer_id: str) -> dict | str:
+        """Run the responder and build the chat.completion / message with id `answer_id`; a string is the
+        message of a 500 (the responder raised). Shared by the online and batch endpoints."""
+        messages, n, max_tokens, top_logprobs, input_tokens = parsed
         choices, completion_tokens = [], 0
         for index in range(n):
             text, reason, tokens = self._answer(messages, index, body, max_tokens)
             if text is None:
-                return self.error("openai", 500, reason, headers)
+                return reason
             completion_tokens += tokens
             logprobs = None
-            if body.get("logprobs"):
+            if provider == "openai" and body.get("logprobs"):
                 logprobs = fake_logprobs(text, top_logprobs or 0, bool(body.get("return_tokens_as_token_ids")))
             choices.append({"index": index, "message": {"role": "assistant", "content": text},
                             "finish_reason": reason, "logprobs": logprobs})
-        answer = {
-            "id": f"chatcmpl-fake{seq:08d}", "object": "chat.completion", "created": int(time.time()),
+        if provider == "anthropic":  # n = 1: the one choice's text, reason and tokens
+            return {
+                "id": answer_id, "type": "message", "role": "assistant",
+                "content": [{"type": "text", "text": text}], "model": body.get("model", "fake"),
+                "stop_reason": "max_tokens" if reason == "length" else "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": input_tokens, "output_tokens": tokens},
+            }
+        return {
+            "id": answer_id, "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "fake"), "choices": choices,
             "usage": {"prompt_tokens": input_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": input_tokens + completion_tokens},
         }
-        return self._success(body, answer, headers)
-
-    def _anthropic(self, body: dict, messages: list, seq: int) -> _Reply:
-        max_tokens = body.get("max_tokens")
-        if max_tokens is not None and not isinstance(max_tokens, int):
-            return self.error("anthropic", 400, "max_tokens: an integer is required")
-        chars = "".join(content_text(m.get("content")) for m in messages if isinstance(m, dict))
-        input_tokens = count_tokens(content_text(body.get("system")) + chars)
-        admitted, headers = self._admit("anthropic", input_tokens, max_tokens or 0)
-        if not admitted:
-            return headers
-        text, reason, tokens = self._answer(messages, 0, body, max_tokens)
-        if text is None:
-            return self.error("anthropic", 500, reason, headers)
-        answer = {
-            "id": f"msg_fake{seq:016x}", "type": "message", "role": "assistant",
-            "content": [{"type": "text", "text": text}], "model": body.get("model", "fake"),
-            "stop_reason": "max_tokens" if reason == "length" else "end_turn", "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": tokens},
-        }
-        return self._success(body, answer, headers)
 
     def _answer(self, messages: list, index: int, body: dict, max_tokens: int | None):
         """(text, finish_reason, tokens), or (None, error message, 0) when the responder raised."""
