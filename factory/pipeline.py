@@ -22,12 +22,13 @@ from rich.console import Console
 from quality_checks import build_checks, prime
 
 from . import __version__
-from .cache import ResponseCache, cache_key
+from .asker import Asker, Budget, BudgetExhausted
+from .cache import ResponseCache
 from .limiter import Limiter, LimiterClosed
 from .pricing import Pricer, lookup
 from .progress import Counters, ProgressView, summary_line
 from .prompts import PromptError, PromptItem, check_prompts, iter_prompts
-from .recipe import FactoryConfig, RecipeError
+from .recipe import FactoryConfig, RecipeError, TeacherConfig
 from .records import CheckResult, Failure, Sample, canonical_json, sample_id, stable_hash
 from .store import ACCEPTED, CACHE, FAILED, REJECTED, Store, read_manifest, write_manifest
 from .teachers import Teacher, TeacherError, TeacherResponse, make_teacher
@@ -42,6 +43,20 @@ class WorkItem:
     prompt: PromptItem
     indices: list[int]  # sample slots this one request answers
     body: dict[str, Any]
+    body_json: str
+    ids: list[str]  # the record ids of those slots
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One sample slot on its way to a record."""
+
+    record_id: str
+    index: int
+    sample: Sample | None = None
+    logprobs: Any = None
+    error: TeacherError | None = None  # no answer after retries (from the teacher or a check's model)
+    dropped: bool = False  # the run is stopping before it was answered: the next run makes it
 
 
 @dataclass
@@ -100,12 +115,11 @@ class Run:
         self.fatal: str | None = None
         self.budget_hit = False
         self.rejected_by: Counter = Counter()
-        self.reserved_usd = 0.0
         self.logprobs = None  # the logprobs sidecar writer, when the recipe asks for teacher.logprobs
+        self.limiters: list[Limiter] = []
 
     # ---- set-up ---------------------------------------------------------------------------------
-    def _pricer(self) -> Pricer:
-        teacher = self.config.teacher
+    def _pricer(self, teacher: TeacherConfig, key: str = "factory.teacher") -> Pricer:
         if teacher.price is not None:
             return Pricer((teacher.price.input, teacher.price.output))
         if teacher.provider == "local":
@@ -115,12 +129,12 @@ class Run:
             if self.config.budget_usd is not None:
                 raise RecipeError(
                     f"factory.budget_usd is set but no price is known for model {teacher.model!r}: "
-                    "set factory.teacher.price: {input: USD per 1M, output: USD per 1M}"
+                    f"set {key}.price: {{input: USD per 1M, output: USD per 1M}}"
                 )
             if teacher.base_url is None:
                 self.console.print(
                     f"[yellow]no price known for {teacher.model!r}; cost is shown as $0. "
-                    "Set factory.teacher.price to track it.[/]"
+                    f"Set {key}.price to track it.[/]"
                 )
         return Pricer(price)
 
@@ -129,7 +143,7 @@ class Run:
         prev_cost = float(totals.get("cost_usd", 0.0))
         prev_elapsed = float(totals.get("elapsed_s", 0.0))
         limiter = self.limiter.stats
-        return {
+        manifest = {
             "status": status,
             "recipe": self.config.model_dump(mode="json"),
             "fingerprint": self.config.fingerprint(),
@@ -164,6 +178,15 @@ class Run:
                 "elapsed_s": round(prev_elapsed + counters.elapsed, 3),
             },
         }
+        if self.check_models:  # the judge's requests, apart from the teacher's (the records carry the teacher's)
+            judge = counters.judge.as_dict()
+            manifest["this_run"]["judge"] = judge
+            before = totals.get("judge") or {}
+            manifest["totals"]["judge"] = {
+                key: round(before.get(key, 0) + judge[key], 6) if key == "cost_usd" else before.get(key, 0) + judge[key]
+                for key in ("requests", "input_tokens", "output_tokens", "cost_usd")
+            }
+        return manifest
 
     # ---- the run --------------------------------------------------------------------------------
     async def execute(self) -> RunResult:
@@ -181,18 +204,20 @@ class Run:
             count = min(count, self.limit)
         run_dir = config.output_dir
         previous = check_compatible(run_dir, config)
-        pricer = self._pricer()
+        pricer = self._pricer(config.teacher)
         checks = build_checks(config.checks)
+        self.checks = [(check, hasattr(check, "averdict")) for check in checks]
+        self.recheck = any(is_async for _, is_async in self.checks)
+        self._warn_check_order(checks)
+        # Checks that ask a model (judge): price and client now, so a missing key or price fails before anything is sent.
+        self.check_models = []
+        for index, check in enumerate(checks):
+            model = getattr(check, "teacher", None)
+            if isinstance(model, TeacherConfig):
+                pricer_of_check = self._pricer(model, f"factory.checks.{index}.teacher")
+                self.check_models.append((check, model, make_teacher(model), pricer_of_check))
         teacher = self._teacher or make_teacher(config.teacher)
-        concurrency = config.teacher.max_concurrency
-        if teacher.max_useful_concurrency:
-            concurrency = min(concurrency, teacher.max_useful_concurrency)
-        self.limiter = Limiter(
-            max_concurrency=concurrency,
-            rpm=config.teacher.rpm,
-            tpm=config.teacher.tpm,
-            max_retries=config.teacher.max_retries,
-        )
+        self.limiter = self._limiter(config.teacher, teacher)
         self.store = Store(run_dir)
         from .logprobs import open_sidecar
 
@@ -205,6 +230,11 @@ class Run:
         self.resumed_rejected_by = _count_rejected(run_dir / REJECTED) if self.store.resumed_rejected else Counter()
         cache = ResponseCache(run_dir / CACHE)
         counters = self.counters = Counters(total=count * config.samples_per_prompt)
+        budget = Budget(config.budget_usd, [counters, counters.judge])
+        self.asker = Asker(teacher, config.teacher, self.limiter, cache, pricer, counters, budget)
+        for check, check_config, check_teacher, check_pricer in self.check_models:
+            limiter = self.limiter if _same_endpoint(check_config, config.teacher) else self._limiter(check_config, check_teacher)
+            check.connect(Asker(check_teacher, check_config, limiter, cache, check_pricer, counters.judge, budget))
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_manifest(run_dir, self._manifest("running", counters, previous))
         if self.store.resumed_accepted or self.store.resumed_rejected or self.store.previous_failures:
@@ -217,8 +247,10 @@ class Run:
             self.console.print(f"dedup index rebuilt from {primed} accepted samples in {primed_s:.1f} s")
 
         view = ProgressView(counters, self.console)
+        # Workers: enough to keep the teacher and every judge busy at once (each limiter bounds its own model).
+        concurrency = sum(limiter.max_concurrency for limiter in self.limiters)
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=2 * concurrency)
-        context = _Context(teacher, cache, pricer, checks, counters)
+        self.teacher_meta = {"provider": teacher.provider, "model": teacher.model, "params": config.teacher.params}
 
         async def produce() -> None:
             sent = 0
@@ -227,13 +259,16 @@ class Run:
                     break
                 sent += 1
                 for item in self._work_items(teacher, prompt):
+                    if all(self.store.is_done(record_id) for record_id in item.ids):
+                        counters.resumed += len(item.ids)
+                        continue
                     await queue.put(item)
             for _ in range(concurrency):
                 await queue.put(None)
 
         async def work() -> None:
             while (item := await queue.get()) is not None:
-                await self._process(item, context)
+                await self._process(item)
 
         async def refresh() -> None:
             last_manifest = time.monotonic()
@@ -283,6 +318,8 @@ class Run:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self._teacher is None:
                 await teacher.aclose()
+            for _, _, check_teacher, _ in self.check_models:
+                await check_teacher.aclose()
             if self.logprobs is not None:
                 self.logprobs.close()
             status = self._status()
@@ -326,139 +363,207 @@ class Run:
     def _stop(self) -> None:
         if not self.stopping:
             self.stopping = True
-            self.limiter.close()
+            for limiter in self.limiters:
+                limiter.close()
+
+    def _limiter(self, config: TeacherConfig, teacher: Teacher) -> Limiter:
+        concurrency = config.max_concurrency
+        if teacher.max_useful_concurrency:
+            concurrency = min(concurrency, teacher.max_useful_concurrency)
+        limiter = Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries)
+        self.limiters.append(limiter)
+        return limiter
+
+    def _warn_check_order(self, checks: list) -> None:
+        """A judge before a cheap check pays for samples the cheap check would have dropped for free."""
+        first_async = next((i for i, check in enumerate(checks) if hasattr(check, "averdict")), None)
+        if first_async is None:
+            return
+        later = [check.name for check in checks[first_async + 1:] if not hasattr(check, "averdict")]
+        if later:
+            self.console.print(
+                f"[yellow]factory.checks: {', '.join(later)} after {checks[first_async].name}: every sample they "
+                f"reject is judged (and paid for) first; put {checks[first_async].name} last unless that is meant[/]"
+            )
 
     def _work_items(self, teacher: Teacher, prompt: PromptItem) -> list[WorkItem]:
         n = self.config.samples_per_prompt
         if teacher.supports_n:
-            return [WorkItem(prompt, list(range(n)), teacher.build_request(self.config.teacher.with_context(prompt.messages), n))]
-        body = teacher.build_request(self.config.teacher.with_context(prompt.messages), 1)
-        return [WorkItem(prompt, [i], body) for i in range(n)]
+            slots = [(list(range(n)), self.asker.build(prompt.messages, n))]
+        else:
+            body = self.asker.build(prompt.messages, 1)
+            slots = [([i], body) for i in range(n)]
+        items = []
+        for indices, body in slots:
+            body_json = canonical_json(body)
+            request_key = stable_hash(body_json)
+            ids = [sample_id(prompt.id, index, request_key) for index in indices]
+            items.append(WorkItem(prompt, indices, body, body_json, ids))
+        return items
 
-    async def _process(self, item: WorkItem, ctx: "_Context") -> None:
-        store = self.store
-        counters = ctx.counters
-        body_json = canonical_json(item.body)
-        request_key = stable_hash(body_json)
-        prompt = item.prompt
-        ids = [sample_id(prompt.id, index, request_key) for index in item.indices]
-        pending = [(pos, record_id) for pos, record_id in enumerate(ids) if not store.is_done(record_id)]
-        counters.resumed += len(ids) - len(pending)
+    async def _process(self, item: WorkItem) -> None:
+        pending = [pos for pos, record_id in enumerate(item.ids) if not self.store.is_done(record_id)]
+        self.counters.resumed += len(item.ids) - len(pending)
         if not pending:
             return
-        key = cache_key(body_json, item.indices[0])
-        cached = ctx.cache.get(key)
-        if cached is not None:
-            response = TeacherResponse.from_cache(cached[0])
-            cost = cached[1]
-            counters.cache_hits += 1
+        entries = [_Entry(item.ids[pos], item.indices[pos]) for pos in pending]
+        prompt = item.prompt
+        try:
+            response, cost = await self.asker.ask(
+                item.body, body_json=item.body_json, index=item.indices[0], outputs=len(item.indices),
+                chars=sum(len(m["content"]) for m in prompt.messages),
+            )
+        except TeacherError as error:
+            for entry in entries:
+                entry.error = error
+        except (LimiterClosed, BudgetExhausted) as stop:
+            self._stopped_by(stop, entries)
         else:
-            if self.stopping:
-                return
-            chars = sum(len(m["content"]) for m in prompt.messages)
-            chars += sum(len(m["content"]) for m in self.config.teacher.context or ())
-            est_in = self.limiter.estimate_tokens(chars)
-            max_out = self.config.teacher.max_tokens * len(item.indices)
-            worst = ctx.pricer.cost(est_in, max_out)
-            budget = self.config.budget_usd
-            if budget is not None and counters.cost_usd + self.reserved_usd + worst > budget:
-                self.budget_hit = True
-                self._stop()
-                return
-            self.reserved_usd += worst
-            try:
-                response, _ = await self.limiter.run(
-                    lambda: ctx.teacher.complete(item.body), input_tokens=est_in, output_tokens=max_out
-                )
-            except TeacherError as error:
-                self._fail(item, pending, ids, error, getattr(error, "attempts", 1))
-                return
-            except LimiterClosed:
-                return  # the run is stopping; the same command sends it later
-            finally:
-                self.reserved_usd -= worst
-            cost = ctx.pricer.cost(response.input_tokens, response.output_tokens)
-            ctx.cache.put(key, response.to_cache(), cost)
-            self.limiter.calibrate(chars, response.input_tokens)
-            counters.requests += 1
-            counters.input_tokens += response.input_tokens
-            counters.output_tokens += response.output_tokens
-            counters.cost_usd += cost
-
-        shared_by = len(item.indices)
-        if len(response.choices) < shared_by:
-            error = TeacherError(
-                f"teacher returned {len(response.choices)} choices, expected {shared_by}", retryable=False
-            )
-            self._fail(item, pending, ids, error, 1)
-            return
-        usage = {
-            "input_tokens": response.input_tokens,
-            "output_tokens": response.output_tokens,
-            "cost_usd": cost,
-            "shared_by": shared_by,
-        }
-        teacher_meta = {"provider": ctx.teacher.provider, "model": ctx.teacher.model, "params": self.config.teacher.params}
-        for pos, record_id in pending:
-            choice = response.choices[pos]
-            sample = Sample(
-                id=record_id,
-                prompt=prompt.messages,
-                completion=[{"role": "assistant", "content": choice.text}],
-                teacher=teacher_meta,
-                attributes=prompt.attributes,
-                usage=usage,
-                finish_reason=choice.finish_reason,
-                prompt_id=prompt.id,
-                sample_index=item.indices[pos],
-                reference=prompt.reference,
-            )
-            for check in ctx.checks:
-                verdict = check(sample)
-                sample.checks.append(CheckResult(check.name, verdict.passed, verdict.reason, verdict.score))
-                if not verdict.passed:
-                    sample.rejected_by = check.name
-                    break
-            if self.logprobs is not None and choice.logprobs is not None:
-                # Before the JSONL line: a record on disk always has its logprobs on disk (factory/logprobs.py).
-                self.logprobs.write(record_id, choice.logprobs)
-            if sample.rejected_by is None:
-                store.write(ACCEPTED, sample.to_json())
-                for check in self.run_wide:
-                    check.remember(sample)
-                counters.accepted += 1
+            if len(response.choices) < len(item.indices):
+                error = TeacherError(f"teacher returned {len(response.choices)} choices, expected {len(item.indices)}",
+                                     retryable=False)
+                for entry in entries:
+                    entry.error = error
             else:
-                store.write(REJECTED, sample.to_json())
-                counters.rejected += 1
-                self.rejected_by[sample.rejected_by] += 1
+                usage = {"input_tokens": response.input_tokens, "output_tokens": response.output_tokens,
+                         "cost_usd": cost, "shared_by": len(item.indices)}
+                for pos, entry in zip(pending, entries):
+                    choice = response.choices[pos]
+                    entry.logprobs = choice.logprobs
+                    entry.sample = Sample(
+                        id=entry.record_id,
+                        prompt=prompt.messages,
+                        completion=[{"role": "assistant", "content": choice.text}],
+                        teacher=self.teacher_meta,
+                        attributes=prompt.attributes,
+                        usage=usage,
+                        finish_reason=choice.finish_reason,
+                        prompt_id=prompt.id,
+                        sample_index=entry.index,
+                        reference=prompt.reference,
+                    )
+                await self._evaluate(entries)
+        self._finish(prompt, entries)
 
-    def _fail(self, item: WorkItem, pending: list[tuple[int, str]], ids: list[str], error: TeacherError, attempts: int) -> None:
+    def _stopped_by(self, stop: Exception, entries: list[_Entry]) -> None:
+        """The run is stopping (Ctrl-C, a fatal error, the budget): these slots are left to the next run."""
+        if isinstance(stop, BudgetExhausted):
+            self.budget_hit = True
+            self._stop()
+        for entry in entries:
+            entry.dropped = True
+
+    # ---- checks -------------------------------------------------------------------------------
+    async def _evaluate(self, entries: list[_Entry]) -> None:
+        """Run the checks on each sample, in recipe order up to the first failure. With a check that awaits
+        (judge) the samples of one request are checked concurrently; without one, nothing awaits."""
+        if not self.recheck:
+            for entry in entries:
+                self._check_sync(entry.sample)
+            return
+        outcomes = await asyncio.gather(*(self._check_async(e.sample) for e in entries), return_exceptions=True)
+        for entry, outcome in zip(entries, outcomes):
+            if isinstance(outcome, TeacherError):
+                entry.error = outcome
+            elif isinstance(outcome, (LimiterClosed, BudgetExhausted)):
+                self._stopped_by(outcome, [entry])
+            elif isinstance(outcome, BaseException):
+                raise outcome
+
+    def _check_sync(self, sample: Sample) -> None:
+        for check, _ in self.checks:
+            if not self._apply(sample, check, check(sample)):
+                return
+
+    async def _check_async(self, sample: Sample) -> None:
+        for check, is_async in self.checks:
+            if is_async:
+                try:
+                    verdict = await check.averdict(sample)
+                except TeacherError as error:  # the record says which model failed
+                    raise _prefixed(error, check.name) from None
+            else:
+                verdict = check(sample)
+            if not self._apply(sample, check, verdict):
+                return
+
+    @staticmethod
+    def _apply(sample: Sample, check: Any, verdict: Any) -> bool:
+        sample.checks.append(CheckResult(check.name, verdict.passed, verdict.reason, verdict.score))
+        if not verdict.passed:
+            sample.rejected_by = check.name
+        return verdict.passed
+
+    def _recheck(self, sample: Sample) -> None:
+        """The run-wide checks again, just before the sample is written. While a sample waited on a judge,
+        others were accepted: a duplicate of one of them passed its dedup check before that one was
+        remembered. A failure is appended after the checks that ran, with the reason naming the sample kept."""
+        for check in self.run_wide:
+            verdict = check(sample)
+            if not verdict.passed:
+                self._apply(sample, check, verdict)
+                return
+
+    # ---- records ------------------------------------------------------------------------------
+    def _finish(self, prompt: PromptItem, entries: list[_Entry]) -> None:
+        """Write the records of one request. Nothing here awaits, so the run-wide checks see every sample
+        accepted before, and remember this one before the next sample is checked."""
+        for entry in entries:
+            if entry.dropped:
+                continue
+            if entry.error is not None:
+                self._fail(prompt, entry, entry.error)
+                continue
+            if self.recheck and entry.sample.rejected_by is None:
+                self._recheck(entry.sample)
+            self._write(entry)
+
+    def _write(self, entry: _Entry) -> None:
+        sample = entry.sample
+        if self.logprobs is not None and entry.logprobs is not None:
+            # Before the JSONL line: a record on disk always has its logprobs on disk (factory/logprobs.py).
+            self.logprobs.write(sample.id, entry.logprobs)
+        if sample.rejected_by is None:
+            self.store.write(ACCEPTED, sample.to_json())
+            for check in self.run_wide:
+                check.remember(sample)
+            self.counters.accepted += 1
+        else:
+            self.store.write(REJECTED, sample.to_json())
+            self.counters.rejected += 1
+            self.rejected_by[sample.rejected_by] += 1
+
+    def _fail(self, prompt: PromptItem, entry: _Entry, error: TeacherError) -> None:
         if error.status in FATAL_STATUS:
             self.fatal = f"{FATAL_STATUS[error.status]} ({error})"
             self._stop()
             return  # not recorded: the run stops, and the same command retries these
-        for pos, record_id in pending:
-            failure = Failure(
-                id=record_id,
-                prompt_id=item.prompt.id,
-                sample_index=item.indices[pos],
-                prompt=item.prompt.messages,
-                error=str(error),
-                status=error.status,
-                attempts=attempts,
-                attributes=item.prompt.attributes,
-            )
-            self.store.write(FAILED, failure.to_json())
-            self.counters.failed += 1
+        failure = Failure(
+            id=entry.record_id,
+            prompt_id=prompt.id,
+            sample_index=entry.index,
+            prompt=prompt.messages,
+            error=str(error),
+            status=error.status,
+            attempts=getattr(error, "attempts", 1),
+            attributes=prompt.attributes,
+        )
+        self.store.write(FAILED, failure.to_json())
+        self.counters.failed += 1
 
 
-@dataclass(slots=True)
-class _Context:
-    teacher: Teacher
-    cache: ResponseCache
-    pricer: Pricer
-    checks: list
-    counters: Counters
+def _prefixed(error: TeacherError, name: str) -> TeacherError:
+    """The same error, its message starting with the check whose model failed ("judge: HTTP 500: ...")."""
+    wrapped = TeacherError(f"{name}: {error}", retryable=error.retryable, status=error.status,
+                           retry_after=error.retry_after, rate_limited=error.rate_limited)
+    wrapped.attempts = getattr(error, "attempts", 1)  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _same_endpoint(a: TeacherConfig, b: TeacherConfig) -> bool:
+    """Two models whose requests count against the same rate limits share a limiter."""
+    return (a.provider, a.base_url, a.api_key_env, a.model) == (b.provider, b.base_url, b.api_key_env, b.model) \
+        and a.provider != "local"
 
 
 def _run_stats(run_dir: Path, manifest: dict[str, Any], console: Console) -> dict[str, Any]:
