@@ -7,6 +7,7 @@ twice, whoever asked it.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .cache import ResponseCache, cache_key
@@ -57,6 +58,7 @@ class Asker:
         self.usage = usage  # a Usage, or the run's Counters for the teacher
         self.budget = budget
         self.context_chars = sum(len(m["content"]) for m in config.context or ())
+        self._in_flight: dict[str, asyncio.Future] = {}
 
     def build(self, messages: list[dict[str, str]], n: int = 1) -> dict[str, Any]:
         """The exact body for `messages` (after the config's context) asking for `n` completions."""
@@ -64,8 +66,9 @@ class Asker:
 
     async def ask(self, body: dict[str, Any], *, chars: int, outputs: int = 1, index: int = 0,
                   body_json: str | None = None) -> tuple[TeacherResponse, float]:
-        """The answer to `body` and what it cost when it was paid for: from the cache, or sent through the
-        limiter and committed to the cache. `chars` (of the messages) sizes the token reservation.
+        """The answer to `body` and what it cost when it was paid for: from the cache, from the same request
+        already in flight, or sent through the limiter and committed to the cache. `chars` (of the messages)
+        sizes the token reservation.
 
         Raises TeacherError after retries, LimiterClosed when the run is stopping, BudgetExhausted."""
         key = cache_key(body_json if body_json is not None else canonical_json(body), index)
@@ -73,8 +76,30 @@ class Asker:
         if cached is not None:
             self.usage.cache_hits += 1
             return TeacherResponse.from_cache(cached[0]), cached[1]
+        asked = self._in_flight.get(key)
+        if asked is not None:  # the same request is on its way (two equal answers judged at once): wait for it
+            answer = await asyncio.shield(asked)
+            self.usage.cache_hits += 1
+            return answer
         if self.limiter.closed:
             raise LimiterClosed()
+        asked = self._in_flight[key] = asyncio.get_running_loop().create_future()
+        try:
+            answer = await self._send(key, body, chars, outputs)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                asked.cancel()
+            else:
+                asked.set_exception(exc)
+                asked.exception()  # retrieved: nobody may be waiting
+            raise
+        else:
+            asked.set_result(answer)
+        finally:
+            del self._in_flight[key]
+        return answer
+
+    async def _send(self, key: str, body: dict[str, Any], chars: int, outputs: int) -> tuple[TeacherResponse, float]:
         chars += self.context_chars
         est_in = self.limiter.estimate_tokens(chars)
         max_out = self.config.max_tokens * outputs

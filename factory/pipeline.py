@@ -28,7 +28,7 @@ from .limiter import Limiter, LimiterClosed
 from .pricing import Pricer, lookup
 from .progress import Counters, ProgressView, summary_line
 from .prompts import PromptError, PromptItem, check_prompts, iter_prompts
-from .recipe import FactoryConfig, RecipeError, TeacherConfig
+from .recipe import FactoryConfig, RecipeError, TeacherConfig, ranking_check
 from .records import CheckResult, Failure, Sample, canonical_json, sample_id, stable_hash
 from .store import ACCEPTED, CACHE, FAILED, REJECTED, Store, read_manifest, write_manifest
 from .teachers import Teacher, TeacherError, TeacherResponse, make_teacher
@@ -45,6 +45,17 @@ class WorkItem:
     body: dict[str, Any]
     body_json: str
     ids: list[str]  # the record ids of those slots
+    group: "_Group | None" = None  # with best_of: the prompt whose samples are decided together
+
+
+@dataclass(slots=True)
+class _Group:
+    """The samples of one prompt under best_of. They are ranked once every one is checked, and written
+    together, in one stretch without an await; memory holds only the prompts in flight."""
+
+    prompt: PromptItem
+    waiting: int  # work items not reported yet
+    entries: list["_Entry"]
 
 
 @dataclass(slots=True)
@@ -57,6 +68,7 @@ class _Entry:
     logprobs: Any = None
     error: TeacherError | None = None  # no answer after retries (from the teacher or a check's model)
     dropped: bool = False  # the run is stopping before it was answered: the next run makes it
+    kept: bool = False  # best_of: accepted before a crash cut its prompt short; checked again for its score only
 
 
 @dataclass
@@ -207,7 +219,11 @@ class Run:
         pricer = self._pricer(config.teacher)
         checks = build_checks(config.checks)
         self.checks = [(check, hasattr(check, "averdict")) for check in checks]
+        # A sample kept before a crash is in the dedup indexes already: it would match itself.
+        self.rescore_checks = [(check, is_async) for check, is_async in self.checks if not hasattr(check, "remember")]
         self.recheck = any(is_async for _, is_async in self.checks)
+        self.best_of = config.best_of
+        self.rank_by = ranking_check(config.best_of.by, config.checks) if config.best_of is not None else None
         self._warn_check_order(checks)
         # Checks that ask a model (judge): price and client now, so a missing key or price fails before anything is sent.
         self.check_models = []
@@ -258,8 +274,16 @@ class Run:
                 if self.stopping or (self.limit is not None and sent >= self.limit):
                     break
                 sent += 1
-                for item in self._work_items(teacher, prompt):
-                    if all(self.store.is_done(record_id) for record_id in item.ids):
+                items = self._work_items(teacher, prompt)
+                if self.best_of is not None:
+                    if all(self.store.is_done(record_id) for item in items for record_id in item.ids):
+                        counters.resumed += config.samples_per_prompt
+                        continue
+                    group = _Group(prompt, len(items), [])
+                    for item in items:
+                        item.group = group
+                for item in items:
+                    if item.group is None and all(self.store.is_done(record_id) for record_id in item.ids):
                         counters.resumed += len(item.ids)
                         continue
                     await queue.put(item)
@@ -402,11 +426,18 @@ class Run:
         return items
 
     async def _process(self, item: WorkItem) -> None:
-        pending = [pos for pos, record_id in enumerate(item.ids) if not self.store.is_done(record_id)]
+        store = self.store
+        pending = [pos for pos, record_id in enumerate(item.ids) if not store.is_done(record_id)]
         self.counters.resumed += len(item.ids) - len(pending)
-        if not pending:
+        if item.group is not None:  # best_of ranks the samples kept before a crash with the others
+            kept = {pos for pos, record_id in enumerate(item.ids) if store.is_accepted(record_id)}
+            pending = sorted(set(pending) | kept)
+        else:
+            kept = set()
+        entries = [_Entry(item.ids[pos], item.indices[pos], kept=pos in kept) for pos in pending]
+        if not entries:
+            self._report(item, entries)
             return
-        entries = [_Entry(item.ids[pos], item.indices[pos]) for pos in pending]
         prompt = item.prompt
         try:
             response, cost = await self.asker.ask(
@@ -443,7 +474,17 @@ class Run:
                         reference=prompt.reference,
                     )
                 await self._evaluate(entries)
-        self._finish(prompt, entries)
+        self._report(item, entries)
+
+    def _report(self, item: WorkItem, entries: list[_Entry]) -> None:
+        group = item.group
+        if group is None:
+            self._finish(item.prompt, entries)
+            return
+        group.entries += entries
+        group.waiting -= 1
+        if group.waiting == 0:
+            self._finish_group(group)
 
     def _stopped_by(self, stop: Exception, entries: list[_Entry]) -> None:
         """The run is stopping (Ctrl-C, a fatal error, the budget): these slots are left to the next run."""
@@ -459,9 +500,12 @@ class Run:
         (judge) the samples of one request are checked concurrently; without one, nothing awaits."""
         if not self.recheck:
             for entry in entries:
-                self._check_sync(entry.sample)
+                self._check_sync(entry.sample, self.rescore_checks if entry.kept else self.checks)
             return
-        outcomes = await asyncio.gather(*(self._check_async(e.sample) for e in entries), return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(self._check_async(e.sample, self.rescore_checks if e.kept else self.checks) for e in entries),
+            return_exceptions=True,
+        )
         for entry, outcome in zip(entries, outcomes):
             if isinstance(outcome, TeacherError):
                 entry.error = outcome
@@ -470,13 +514,13 @@ class Run:
             elif isinstance(outcome, BaseException):
                 raise outcome
 
-    def _check_sync(self, sample: Sample) -> None:
-        for check, _ in self.checks:
+    def _check_sync(self, sample: Sample, checks: list) -> None:
+        for check, _ in checks:
             if not self._apply(sample, check, check(sample)):
                 return
 
-    async def _check_async(self, sample: Sample) -> None:
-        for check, is_async in self.checks:
+    async def _check_async(self, sample: Sample, checks: list) -> None:
+        for check, is_async in checks:
             if is_async:
                 try:
                     verdict = await check.averdict(sample)
@@ -518,6 +562,58 @@ class Run:
                 self._recheck(entry.sample)
             self._write(entry)
 
+    def _finish_group(self, group: _Group) -> None:
+        """Decide and write the samples of one prompt under best_of.
+
+        The order of the writes makes a crash harmless: the samples checks rejected first, then the others
+        from best to worst. A prompt cut short by a crash is therefore written up to some point of that
+        order; the next run checks its samples again (answers and judgements from the cache), counts the
+        ones already accepted as kept, and writes the rest as the first run would have.
+        """
+        prompt, entries = group.prompt, sorted(group.entries, key=lambda e: e.index)
+        if any(entry.dropped for entry in entries):
+            return  # the run is stopping: the next run decides this prompt, with every sample answered
+        errors = [entry for entry in entries if entry.error is not None]
+        if errors:
+            # No ranking without every sample: the prompt waits for the next run, which answers the others
+            # from the cache. A fatal error stops the run and writes nothing.
+            fatal = next((entry for entry in errors if entry.error.status in FATAL_STATUS), None)
+            if fatal is not None:
+                self._fail(prompt, fatal, fatal.error)
+                return
+            first = errors[0].error
+            for entry in entries:
+                if not entry.kept:
+                    self._fail(prompt, entry, entry.error or TeacherError(
+                        f"best_of: another sample of this prompt got no answer, and the samples of a prompt "
+                        f"are ranked together ({first})", retryable=False, status=first.status))
+            return
+        n = self.config.samples_per_prompt
+        keep = self.best_of.keep
+        for entry in entries:
+            if not entry.kept and entry.sample.rejected_by is not None:
+                self._write(entry)
+        candidates = [entry for entry in entries if entry.kept or entry.sample.rejected_by is None]
+        scores = {entry.index: _score(entry.sample, self.rank_by) for entry in candidates}
+        candidates.sort(key=lambda e: (scores[e.index] is None, -(scores[e.index] or 0.0), e.index))
+        best: list[float | None] = []
+        for entry in candidates:
+            score = scores[entry.index]
+            if entry.kept:
+                best.append(score)
+                continue
+            sample = entry.sample
+            self._recheck(sample)
+            if sample.rejected_by is None:
+                if len(best) < keep:
+                    best.append(score)
+                    sample.checks.append(CheckResult("best_of", True, None, score))
+                else:
+                    reason = best_of_reason(score, best, keep, n, self.rank_by)
+                    sample.checks.append(CheckResult("best_of", False, reason, score))
+                    sample.rejected_by = "best_of"
+            self._write(entry)
+
     def _write(self, entry: _Entry) -> None:
         sample = entry.sample
         if self.logprobs is not None and entry.logprobs is not None:
@@ -550,6 +646,28 @@ class Run:
         )
         self.store.write(FAILED, failure.to_json())
         self.counters.failed += 1
+
+
+def _score(sample: Sample, name: str | None) -> float | None:
+    for result in reversed(sample.checks):
+        if result.name == name:
+            return result.score
+    return None
+
+
+def best_of_reason(score: float | None, best: list[float | None], keep: int, n: int, by: str | None) -> str:
+    """Why a sample that passed every check was not kept: "score 6 < best 9 of 4"."""
+    def show(value: float | None) -> str:
+        return "none" if value is None else f"{value:g}"
+
+    bar = best[-1]  # the lowest score kept: candidates come best first
+    mine = f"no {by} score" if score is None else f"score {show(score)}"
+    relation = "=" if score == bar else "<"
+    if keep == 1:
+        text = f"{mine} {relation} best {show(bar)} of {n}"
+    else:
+        text = f"{mine} {relation} {show(bar)}, the lowest of the best {keep} of {n}"
+    return text + (" (ties go to the first sample)" if relation == "=" else "")
 
 
 def _prefixed(error: TeacherError, name: str) -> TeacherError:
