@@ -473,7 +473,9 @@ class Run:
                         sample_index=entry.index,
                         reference=prompt.reference,
                     )
-                await self._evaluate(entries)
+                if self.recheck or item.group is not None:
+                    await self._evaluate(entries)
+                # else the checks run in _finish, each sample just before it is written and remembered
         self._report(item, entries)
 
     def _report(self, item: WorkItem, entries: list[_Entry]) -> None:
@@ -497,7 +499,7 @@ class Run:
     # ---- checks -------------------------------------------------------------------------------
     async def _evaluate(self, entries: list[_Entry]) -> None:
         """Run the checks on each sample, in recipe order up to the first failure. With a check that awaits
-        (judge) the samples of one request are checked concurrently; without one, nothing awaits."""
+        (judge) the samples of one request are checked concurrently; without one, nothing awaits (best_of)."""
         if not self.recheck:
             for entry in entries:
                 self._check_sync(entry.sample, self.rescore_checks if entry.kept else self.checks)
@@ -558,7 +560,11 @@ class Run:
             if entry.error is not None:
                 self._fail(prompt, entry, entry.error)
                 continue
-            if self.recheck and entry.sample.rejected_by is None:
+            if not self.recheck:
+                # Checked here, one sample after the other, so that a duplicate of the sample written just
+                # before is caught: the dedup checks remember each accepted sample as it is written.
+                self._check_sync(entry.sample, self.checks)
+            elif entry.sample.rejected_by is None:
                 self._recheck(entry.sample)
             self._write(entry)
 

@@ -194,6 +194,18 @@ def test_duplicates_judged_at_the_same_time_are_still_caught(tmp_path, server, e
         assert record["checks"][-1]["reason"] == f"exact duplicate of {accepted[0]['id']}"
 
 
+def test_equal_samples_of_one_request_are_duplicates_with_or_without_a_judge(tmp_path, server, env_key):
+    server.config.responder = lambda m, i, b: "Good.\nScore: 8" if is_judge(m) else f"the same answer to {m[-1]['content']}"
+    prompts = prompts_file(tmp_path / "p.jsonl", ["q 0", "q 1"])
+    for name, judge in (("plain", ""), ("judged", judge_item(server))):
+        run = tmp_path / name
+        recipe = write_recipe(tmp_path / f"{name}.yaml", output_dir=run, prompts=prompts, provider="openai",
+                              base_url=server.openai_base_url, n=3, extra="  checks:\n    - exact_dup\n" + judge)
+        assert main(["generate", str(recipe)]) == 0
+        assert len(read_jsonl(run / "accepted.jsonl")) == 2
+        assert [r["rejected_by"] for r in read_jsonl(run / "rejected.jsonl")] == ["exact_dup"] * 4
+
+
 # ---- best-of-n --------------------------------------------------------------------------------------
 
 # Per prompt, the answers of its 4 samples; "s<k>" is the score the judge (or the verifier) gives it.
