@@ -399,11 +399,11 @@ class Run:
         return limiter
 
     def _warn_check_order(self, checks: list) -> None:
-        """A judge before a cheap check pays for samples the cheap check would have dropped for free."""
-        first_async = next((i for i, check in enumerate(checks) if hasattr(check, "averdict")), None)
+        """A judge before another check pays for samples that check would have dropped for (nearly) free."""
+        first_async = next((i for i, check in enumerate(checks) if hasattr(check, "teacher")), None)
         if first_async is None:
             return
-        later = [check.name for check in checks[first_async + 1:] if not hasattr(check, "averdict")]
+        later = [check.name for check in checks[first_async + 1:] if not hasattr(check, "teacher")]
         if later:
             self.console.print(
                 f"[yellow]factory.checks: {', '.join(later)} after {checks[first_async].name}: every sample they "

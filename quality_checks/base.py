@@ -85,7 +85,7 @@ class CheckConfigError(ValueError):
 
 
 _REGISTRY: dict[str, tuple[type[CheckOptions], Callable[[Any], Check]]] = {}
-_BUILTIN_MODULES = ("rules", "structured", "dedup", "verifier", "judge")
+_BUILTIN_MODULES = ("rules", "structured", "dedup", "verifier", "judge", "semantic")
 
 
 def register(name: str, options: type[CheckOptions] = CheckOptions) -> Callable:
@@ -217,4 +217,7 @@ def prime(checks: list[Check], accepted: Path) -> int:
             for check in run_wide:
                 check.remember(sample)
             count += 1
+    for check in run_wide:  # a check that batches its work (semantic_dup embeds) finishes it now
+        if hasattr(check, "flush"):
+            check.flush()
     return count
