@@ -221,6 +221,7 @@ class Run:
         self.checks = [(check, hasattr(check, "averdict")) for check in checks]
         # A sample kept before a crash is in the dedup indexes already: it would match itself.
         self.rescore_checks = [(check, is_async) for check, is_async in self.checks if not hasattr(check, "remember")]
+        # With a check that awaits, samples are checked concurrently: the dedup checks run again before a write.
         self.recheck = any(is_async for _, is_async in self.checks)
         self.best_of = config.best_of
         self.rank_by = ranking_check(config.best_of.by, config.checks) if config.best_of is not None else None
@@ -400,14 +401,14 @@ class Run:
 
     def _warn_check_order(self, checks: list) -> None:
         """A judge before another check pays for samples that check would have dropped for (nearly) free."""
-        first_async = next((i for i, check in enumerate(checks) if hasattr(check, "teacher")), None)
-        if first_async is None:
+        first = next((i for i, check in enumerate(checks) if hasattr(check, "teacher")), None)
+        if first is None:
             return
-        later = [check.name for check in checks[first_async + 1:] if not hasattr(check, "teacher")]
+        later = [check.name for check in checks[first + 1:] if not hasattr(check, "teacher")]
         if later:
             self.console.print(
-                f"[yellow]factory.checks: {', '.join(later)} after {checks[first_async].name}: every sample they "
-                f"reject is judged (and paid for) first; put {checks[first_async].name} last unless that is meant[/]"
+                f"[yellow]factory.checks: {', '.join(later)} after {checks[first].name}: every sample they "
+                f"reject is judged (and paid for) first; put {checks[first].name} last unless that is meant[/]"
             )
 
     def _work_items(self, teacher: Teacher, prompt: PromptItem) -> list[WorkItem]:

@@ -144,6 +144,8 @@ def test_judge_rejects_below_threshold_counts_its_cost_and_is_never_paid_twice(t
     assert judge["requests"] == 8 and judge["cache_hits"] == 0 and judge["cost_usd"] > 0
     assert manifest["totals"]["judge"]["requests"] == 8
     assert figures["judge"]["cost_usd"] == judge["cost_usd"]
+    assert main(["stats", str(run)]) == 0
+    assert "judge cost" in capsys.readouterr().out
 
     # The judge answers again: the next run retries the failed sample only, with the teacher's answer from
     # the cache, and pays for one judgement.
@@ -395,3 +397,20 @@ def test_best_of_prompt_with_a_failed_sample_is_failed_whole_and_decided_by_the_
     assert main(["generate", str(recipe)]) == 0
     assert [len(bodies) for bodies in split(server)] == [0, 1]  # only the judgement that failed
     assert {r["prompt_id"]: r["completion"][0]["content"] for r in read_jsonl(run / "accepted.jsonl")}["p0"] == "s9 q0 b"
+
+
+def test_judge_cost_counts_against_the_budget(tmp_path, server, env_key):
+    server.config.responder = lambda m, i, b: "Fine.\nScore: 8" if is_judge(m) else f"answer to {m[-1]['content']}"
+    run = tmp_path / "run"
+    judge = judge_item(server).replace("price: {input: 1, output: 2}", "price: {input: 1000, output: 1000}")
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run,
+                          prompts=prompts_file(tmp_path / "p.jsonl", [f"q {i}" for i in range(20)]),
+                          provider="openai", base_url=server.openai_base_url, extra_teacher="    max_concurrency: 2\n",
+                          extra="  budget_usd: 1.0\n  checks:\n    - empty\n" + judge)
+    assert main(["generate", str(recipe)]) == 1
+    manifest = json.loads((run / "manifest.json").read_text())
+    spent = manifest["this_run"]["cost_usd"] + manifest["this_run"]["judge"]["cost_usd"]
+    assert manifest["status"] == "budget_exhausted" and 0 < spent <= 1.0
+    assert 0 < len(read_jsonl(run / "accepted.jsonl")) < 20
+    assert main(["generate", str(recipe), "--set", "factory.budget_usd=100"]) == 0
+    assert len(read_jsonl(run / "accepted.jsonl")) == 20 and server.stats.duplicates() == {}
