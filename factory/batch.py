@@ -32,15 +32,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from .asker import BudgetExhausted
 from .cache import cache_key
 from .prompts import iter_prompts
-from .records import canonical_json, sample_id, stable_hash
 from .store import repair_tail
 from .teachers import TeacherError
 from .teachers.hosted import RETRYABLE_STATUS, map_sdk_error
 
 if TYPE_CHECKING:
-    from .pipeline import Run, WorkItem, _Context
+    from .pipeline import Run, WorkItem
 
 LEDGER = "batches.jsonl"
 BATCH_DIR = "batches"
@@ -57,8 +57,6 @@ class Waiting:
 
     item: "WorkItem"
     key: str                       # cache key; the custom_id at the provider
-    pending: list[tuple[int, str]]  # (choice position, record id) not yet on disk
-    ids: list[str]
     worst_usd: float
     attempts: int = 0
 
@@ -161,12 +159,14 @@ class Outcome:
 
 
 class BatchDriver:
-    def __init__(self, run: "Run", ctx: "_Context", prompts_path: Path) -> None:
+    def __init__(self, run: "Run", prompts_path: Path) -> None:
         self.run = run
-        self.ctx = ctx
         self.prompts_path = prompts_path
         self.config = run.config
-        self.teacher = ctx.teacher
+        self.teacher = run.asker.teacher
+        self.cache = run.asker.cache
+        self.pricer = run.asker.pricer
+        self.budget = run.asker.budget
         self.provider = self.config.teacher.provider
         self.options = self.config.teacher.batch
         self.max_requests, self.max_bytes = self.options.limits(self.provider)
@@ -212,8 +212,7 @@ class BatchDriver:
             self.ledger.close()
 
     async def _walk(self) -> None:
-        run, ctx, config = self.run, self.ctx, self.config
-        limiter, pricer = run.limiter, ctx.pricer
+        run, config = self.run, self.config
         context_chars = sum(len(m["content"]) for m in config.teacher.context or ())
         sent = 0
         for prompt in iter_prompts(self.prompts_path, config.prompts.system):
@@ -221,24 +220,19 @@ class BatchDriver:
                 break
             sent += 1
             chars = sum(len(m["content"]) for m in prompt.messages) + context_chars
-            for item in run._work_items(self.teacher, prompt):
-                body_json = canonical_json(item.body)
-                request_key = stable_hash(body_json)
-                ids = [sample_id(prompt.id, index, request_key) for index in item.indices]
-                pending = [(pos, rid) for pos, rid in enumerate(ids) if not run.store.is_done(rid)]
-                if not pending:
-                    ctx.counters.resumed += len(ids)
+            for item in run._open_items(self.teacher, prompt):
+                key = cache_key(item.body_json, item.indices[0])
+                if key in self.cache:
+                    await run._process(item)  # answered before: straight to the checks and the store
                     continue
-                key = cache_key(body_json, item.indices[0])
-                if key in ctx.cache:
-                    await run._process(item, ctx)  # answered before: straight to the checks and the store
-                    continue
-                worst = pricer.cost(limiter.estimate_tokens(chars), config.teacher.max_tokens * len(item.indices))
-                self.waiting[key] = Waiting(item, key, pending, ids, worst, self.ledger.failures.get(key, 0))
+                worst = self.pricer.cost(run.limiter.estimate_tokens(chars),
+                                         config.teacher.max_tokens * len(item.indices))
+                self.waiting[key] = Waiting(item, key, worst, self.ledger.failures.get(key, 0))
 
     async def _resume_open(self) -> None:
         """Batches of an earlier run that were not fetched: find them at the provider, never resend them."""
-        self.run.reserved_usd += sum(b.worst_usd for b in self.ledger.batches.values() if b.open)
+        # Already at the provider: reserved as they are, whatever the budget says now.
+        self.budget.reserved += sum(b.worst_usd for b in self.ledger.batches.values() if b.open)
         for batch in list(self.ledger.batches.values()):
             if not batch.open:
                 continue
@@ -282,11 +276,12 @@ class BatchDriver:
 
     async def _prepare_and_send(self, lines: list[str], worst: float, round_: int) -> None:
         run = self.run
-        budget = self.config.budget_usd
-        if budget is not None and run.spent_usd + run.counters.cost_usd + run.reserved_usd + worst > budget:
+        try:
+            self.budget.reserve(worst)  # the batch's worst case, released when its answers are in
+        except BudgetExhausted:
             run.budget_hit = True
             run._stop()
-            raise _Stopped
+            raise _Stopped from None
         name = self.ledger.next_name()
         path = self.ledger.input_path(name)
         tmp = path.with_suffix(".tmp")
@@ -297,7 +292,6 @@ class BatchDriver:
                             "worst_usd": round(worst, 6), "at": time.time()})
         for line in lines:
             self.in_batch[json.loads(line)["custom_id"]] = name
-        run.reserved_usd += worst
         await self._send(self.ledger.batches[name])
 
     async def _send(self, batch: Batch) -> None:
@@ -317,7 +311,7 @@ class BatchDriver:
                 created = await self._call(lambda: client.messages.batches.create(requests=requests))
         except TeacherError as error:  # the provider refused the batch itself: its requests fail
             self.ledger.append({"event": "abandoned", "batch": batch.name, "error": str(error)})
-            self.run.reserved_usd -= batch.worst_usd
+            self.budget.release(batch.worst_usd)
             for key in self.ledger.keys(batch.name):
                 if self.in_batch.get(key) == batch.name:
                     del self.in_batch[key]
@@ -407,7 +401,7 @@ class BatchDriver:
         resend: list[Waiting] = []
         failed: dict[str, str] = {}
         succeeded = 0
-        counters, cache, pricer = self.ctx.counters, self.ctx.cache, self.ctx.pricer
+        counters, cache, pricer = self.run.counters, self.cache, self.pricer
         for outcome in outcomes:
             mine = self.in_batch.get(outcome.key) == batch.name
             waiting = self.waiting.pop(outcome.key) if mine else None
@@ -430,7 +424,7 @@ class BatchDriver:
                     succeeded += 1
                     if waiting is not None:
                         del self.in_batch[outcome.key]
-                        await self.run._process(waiting.item, self.ctx)  # from the cache: checks, store
+                        await self.run._process(waiting.item)  # from the cache: checks, store
                         if fresh:
                             counters.cache_hits -= 1  # answered by this batch, not found in the cache
                     continue
@@ -447,7 +441,7 @@ class BatchDriver:
                 self._fail(waiting, f"batch {batch.name}: {outcome.error}{why}", outcome.status)
         self.ledger.append({"event": "fetched", "batch": batch.name, "status": batch.status,
                             "succeeded": succeeded, "failed": failed})
-        self.run.reserved_usd -= batch.worst_usd
+        self.budget.release(batch.worst_usd)
         self.run.console.print(
             f"batch {batch.name} ({batch.provider_id}) {batch.status}: {succeeded:,} answered, {len(failed):,} failed"
             + (f", {len(resend):,} sent again" if resend else ""), highlight=False)
@@ -493,7 +487,8 @@ class BatchDriver:
 
         # One request's failure inside a batch never stops the run, whatever its status.
         error = TeacherError(message, retryable=False, status=None if status in FATAL_STATUS else status)
-        self.run._fail(waiting.item, waiting.pending, waiting.ids, error, max(1, waiting.attempts))
+        error.attempts = max(1, waiting.attempts)  # type: ignore[attr-defined]
+        self.run._fail_item(waiting.item, error)
 
     async def _call(self, make: Callable[[], Awaitable[Any]]) -> Any:
         """One call to the batch endpoints, retried with backoff like an online request."""

@@ -22,12 +22,13 @@ from rich.console import Console
 from quality_checks import build_checks, prime
 
 from . import __version__
-from .cache import ResponseCache, cache_key
+from .asker import Asker, Budget, BudgetExhausted
+from .cache import ResponseCache
 from .limiter import Limiter, LimiterClosed
 from .pricing import Pricer, lookup
 from .progress import Counters, ProgressView, summary_line
 from .prompts import PromptError, PromptItem, check_prompts, iter_prompts
-from .recipe import FactoryConfig, RecipeError
+from .recipe import FactoryConfig, RecipeError, TeacherConfig, ranking_check
 from .records import CheckResult, Failure, Sample, canonical_json, sample_id, stable_hash
 from .store import ACCEPTED, CACHE, FAILED, REJECTED, Store, read_manifest, write_manifest
 from .teachers import Teacher, TeacherError, TeacherResponse, make_teacher
@@ -42,7 +43,33 @@ class WorkItem:
     prompt: PromptItem
     indices: list[int]  # sample slots this one request answers
     body: dict[str, Any]
+    body_json: str
+    ids: list[str]  # the record ids of those slots
+    group: "_Group | None" = None  # with best_of: the prompt whose samples are decided together
     params: dict[str, Any] | None = None  # the recipe's params with this sample's drawn param_ranges values
+
+
+@dataclass(slots=True)
+class _Group:
+    """The samples of one prompt under best_of. They are ranked once every one is checked, and written
+    together, in one stretch without an await; memory holds only the prompts in flight."""
+
+    prompt: PromptItem
+    waiting: int  # work items not reported yet
+    entries: list["_Entry"]
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One sample slot on its way to a record."""
+
+    record_id: str
+    index: int
+    sample: Sample | None = None
+    logprobs: Any = None
+    error: TeacherError | None = None  # no answer after retries (from the teacher or a check's model)
+    dropped: bool = False  # the run is stopping before it was answered: the next run makes it
+    kept: bool = False  # best_of: accepted before a crash cut its prompt short; checked again for its score only
 
 
 @dataclass
@@ -101,15 +128,14 @@ class Run:
         self.fatal: str | None = None
         self.budget_hit = False
         self.rejected_by: Counter = Counter()
-        self.reserved_usd = 0.0
         self.logprobs = None  # the logprobs sidecar writer, when the recipe asks for teacher.logprobs
+        self.limiters: list[Limiter] = []
         self.batches = None  # the BatchDriver, in teacher.mode: batch
         self.self_instruct: dict[str, Any] | None = None  # the expansion's figures, with prompts.self_instruct
         self.spent_usd = 0.0  # paid before the samples (the self-instruct expansion), for the budget
 
     # ---- set-up ---------------------------------------------------------------------------------
-    def _pricer(self) -> Pricer:
-        teacher = self.config.teacher
+    def _pricer(self, teacher: TeacherConfig, key: str = "factory.teacher") -> Pricer:
         # The Batch APIs bill a share of the list price (half, for both providers).
         scale = teacher.batch.discount if teacher.mode == "batch" else 1.0
         if teacher.price is not None:
@@ -123,12 +149,12 @@ class Run:
             if self.config.budget_usd is not None:
                 raise RecipeError(
                     f"factory.budget_usd is set but no price is known for model {teacher.model!r}: "
-                    "set factory.teacher.price: {input: USD per 1M, output: USD per 1M}"
+                    f"set {key}.price: {{input: USD per 1M, output: USD per 1M}}"
                 )
             if teacher.base_url is None:
                 self.console.print(
                     f"[yellow]no price known for {teacher.model!r}; cost is shown as $0. "
-                    "Set factory.teacher.price to track it.[/]"
+                    f"Set {key}.price to track it.[/]"
                 )
         return Pricer(price)
 
@@ -137,7 +163,7 @@ class Run:
         prev_cost = float(totals.get("cost_usd", 0.0))
         prev_elapsed = float(totals.get("elapsed_s", 0.0))
         limiter = self.limiter.stats
-        return {
+        manifest = {
             "status": status,
             "recipe": self.config.model_dump(mode="json"),
             "fingerprint": self.config.fingerprint(),
@@ -174,6 +200,15 @@ class Run:
             },
             **({"batches": self.batches.summary()} if self.batches is not None else {}),
         }
+        if self.check_models:  # the judge's requests, apart from the teacher's (the records carry the teacher's)
+            judge = counters.judge.as_dict()
+            manifest["this_run"]["judge"] = judge
+            before = totals.get("judge") or {}
+            manifest["totals"]["judge"] = {
+                key: round(before.get(key, 0) + judge[key], 6) if key == "cost_usd" else before.get(key, 0) + judge[key]
+                for key in ("requests", "input_tokens", "output_tokens", "cost_usd")
+            }
+        return manifest
 
     # ---- the run --------------------------------------------------------------------------------
     async def execute(self) -> RunResult:
@@ -184,18 +219,25 @@ class Run:
             count = check_prompts(prompts_path, config.prompts.system)
         run_dir = config.output_dir
         previous = check_compatible(run_dir, config)
-        pricer = self._pricer()
+        pricer = self._pricer(config.teacher)
         checks = build_checks(config.checks)
+        self.checks = [(check, hasattr(check, "averdict")) for check in checks]
+        # A sample kept before a crash is in the dedup indexes already: it would match itself.
+        self.rescore_checks = [(check, is_async) for check, is_async in self.checks if not hasattr(check, "remember")]
+        # With a check that awaits, samples are checked concurrently: the dedup checks run again before a write.
+        self.recheck = any(is_async for _, is_async in self.checks)
+        self.best_of = config.best_of
+        self.rank_by = ranking_check(config.best_of.by, config.checks) if config.best_of is not None else None
+        self._warn_check_order(checks)
+        # Checks that ask a model (judge): price and client now, so a missing key or price fails before anything is sent.
+        self.check_models = []
+        for index, check in enumerate(checks):
+            model = getattr(check, "teacher", None)
+            if isinstance(model, TeacherConfig):
+                pricer_of_check = self._pricer(model, f"factory.checks.{index}.teacher")
+                self.check_models.append((check, model, make_teacher(model), pricer_of_check))
         teacher = self._teacher or make_teacher(config.teacher)
-        concurrency = config.teacher.max_concurrency
-        if teacher.max_useful_concurrency:
-            concurrency = min(concurrency, teacher.max_useful_concurrency)
-        self.limiter = Limiter(
-            max_concurrency=concurrency,
-            rpm=config.teacher.rpm,
-            tpm=config.teacher.tpm,
-            max_retries=config.teacher.max_retries,
-        )
+        self.limiter = self._limiter(config.teacher, teacher)
         if expanding:
             try:
                 prompts_path = await self._self_instruct(teacher, pricer)
@@ -218,6 +260,12 @@ class Run:
         self.resumed_rejected_by = _count_rejected(run_dir / REJECTED) if self.store.resumed_rejected else Counter()
         cache = ResponseCache(run_dir / CACHE)
         counters = self.counters = Counters(total=count * config.samples_per_prompt)
+        spent_before = _Spent(self.spent_usd)  # the self-instruct expansion paid before the samples
+        budget = Budget(config.budget_usd, [counters, counters.judge, spent_before])
+        self.asker = Asker(teacher, config.teacher, self.limiter, cache, pricer, counters, budget)
+        for check, check_config, check_teacher, check_pricer in self.check_models:
+            limiter = self.limiter if _same_endpoint(check_config, config.teacher) else self._limiter(check_config, check_teacher)
+            check.connect(Asker(check_teacher, check_config, limiter, cache, check_pricer, counters.judge, budget))
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_manifest(run_dir, self._manifest("running", counters, previous))
         if self.store.resumed_accepted or self.store.resumed_rejected or self.store.previous_failures:
@@ -229,14 +277,16 @@ class Run:
         if primed:
             self.console.print(f"dedup index rebuilt from {primed} accepted samples in {primed_s:.1f} s")
 
-        context = _Context(teacher, cache, pricer, checks, counters)
         driver = None
         if config.teacher.mode == "batch":
             from .batch import BatchDriver
 
-            driver = BatchDriver(self, context, prompts_path)
+            driver = BatchDriver(self, prompts_path)
         view = ProgressView(counters, self.console, note=driver.note if driver else None)
+        # Workers: enough to keep the teacher and every judge busy at once (each limiter bounds its own model).
+        concurrency = sum(limiter.max_concurrency for limiter in self.limiters)
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=2 * concurrency)
+        self.teacher_meta = {"provider": teacher.provider, "model": teacher.model, "params": config.teacher.params}
 
         async def produce() -> None:
             sent = 0
@@ -244,14 +294,14 @@ class Run:
                 if self.stopping or (self.limit is not None and sent >= self.limit):
                     break
                 sent += 1
-                for item in self._work_items(teacher, prompt):
+                for item in self._open_items(teacher, prompt):
                     await queue.put(item)
             for _ in range(concurrency):
                 await queue.put(None)
 
         async def work() -> None:
             while (item := await queue.get()) is not None:
-                await self._process(item, context)
+                await self._process(item)
 
         async def refresh() -> None:
             last_manifest = time.monotonic()
@@ -304,6 +354,8 @@ class Run:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self._teacher is None:
                 await teacher.aclose()
+            for _, _, check_teacher, _ in self.check_models:
+                await check_teacher.aclose()
             if self.logprobs is not None:
                 self.logprobs.close()
             status = self._status()
@@ -382,152 +434,351 @@ class Run:
     def _stop(self) -> None:
         if not self.stopping:
             self.stopping = True
-            self.limiter.close()
+            for limiter in self.limiters:
+                limiter.close()
+
+    def _limiter(self, config: TeacherConfig, teacher: Teacher) -> Limiter:
+        concurrency = config.max_concurrency
+        if teacher.max_useful_concurrency:
+            concurrency = min(concurrency, teacher.max_useful_concurrency)
+        limiter = Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries)
+        self.limiters.append(limiter)
+        return limiter
+
+    def _warn_check_order(self, checks: list) -> None:
+        """A judge before another check pays for samples that check would have dropped for (nearly) free."""
+        first = next((i for i, check in enumerate(checks) if hasattr(check, "teacher")), None)
+        if first is None:
+            return
+        later = [check.name for check in checks[first + 1:] if not hasattr(check, "teacher")]
+        if later:
+            self.console.print(
+                f"[yellow]factory.checks: {', '.join(later)} after {checks[first].name}: every sample they "
+                f"reject is judged (and paid for) first; put {checks[first].name} last unless that is meant[/]"
+            )
+
+    def _open_items(self, teacher: Teacher, prompt: PromptItem) -> list[WorkItem]:
+        """The work items of one prompt that still have a sample to make (with best_of: all of a prompt
+        that has one, tied to their group); what is on disk already is counted as resumed."""
+        items = self._work_items(teacher, prompt)
+        if self.best_of is not None:
+            if all(self.store.is_done(record_id) for item in items for record_id in item.ids):
+                self.counters.resumed += self.config.samples_per_prompt
+                return []
+            group = _Group(prompt, len(items), [])
+            for item in items:
+                item.group = group
+            return items
+        open_items = []
+        for item in items:
+            if all(self.store.is_done(record_id) for record_id in item.ids):
+                self.counters.resumed += len(item.ids)
+            else:
+                open_items.append(item)
+        return open_items
 
     def _work_items(self, teacher: Teacher, prompt: PromptItem) -> list[WorkItem]:
         n = self.config.samples_per_prompt
-        messages = self.config.teacher.with_context(prompt.messages)
         ranges = self.config.teacher.param_ranges
         if ranges is not None:
             # Each sample its own draw, hence its own request even where the API has `n`: one temperature
             # shared by n samples would tie every sample of a prompt to one setting, and quality could not be
             # told apart from the prompt. The price is the prompt's input tokens paid once per sample.
-            body = teacher.build_request(messages, 1)
-            items = []
-            for i in range(n):
-                drawn = ranges.draw(prompt.id, i)
-                items.append(WorkItem(prompt, [i], {**body, **drawn}, {**self.config.teacher.params, **drawn}))
-            return items
-        if teacher.supports_n:
-            return [WorkItem(prompt, list(range(n)), teacher.build_request(messages, n))]
-        body = teacher.build_request(messages, 1)
-        return [WorkItem(prompt, [i], body) for i in range(n)]
-
-    async def _process(self, item: WorkItem, ctx: "_Context") -> None:
-        store = self.store
-        counters = ctx.counters
-        body_json = canonical_json(item.body)
-        request_key = stable_hash(body_json)
-        prompt = item.prompt
-        ids = [sample_id(prompt.id, index, request_key) for index in item.indices]
-        pending = [(pos, record_id) for pos, record_id in enumerate(ids) if not store.is_done(record_id)]
-        counters.resumed += len(ids) - len(pending)
-        if not pending:
-            return
-        key = cache_key(body_json, item.indices[0])
-        cached = ctx.cache.get(key)
-        if cached is not None:
-            response = TeacherResponse.from_cache(cached[0])
-            cost = cached[1]
-            counters.cache_hits += 1
+            body = self.asker.build(prompt.messages, 1)
+            drawn = [ranges.draw(prompt.id, i) for i in range(n)]
+            slots = [([i], {**body, **values}, {**self.config.teacher.params, **values})
+                     for i, values in enumerate(drawn)]
+        elif teacher.supports_n:
+            slots = [(list(range(n)), self.asker.build(prompt.messages, n), None)]
         else:
-            if self.stopping:
-                return
-            chars = sum(len(m["content"]) for m in prompt.messages)
-            chars += sum(len(m["content"]) for m in self.config.teacher.context or ())
-            est_in = self.limiter.estimate_tokens(chars)
-            max_out = self.config.teacher.max_tokens * len(item.indices)
-            worst = ctx.pricer.cost(est_in, max_out)
-            budget = self.config.budget_usd
-            if budget is not None and self.spent_usd + counters.cost_usd + self.reserved_usd + worst > budget:
-                self.budget_hit = True
-                self._stop()
-                return
-            self.reserved_usd += worst
-            try:
-                response, _ = await self.limiter.run(
-                    lambda: ctx.teacher.complete(item.body), input_tokens=est_in, output_tokens=max_out
-                )
-            except TeacherError as error:
-                self._fail(item, pending, ids, error, getattr(error, "attempts", 1))
-                return
-            except LimiterClosed:
-                return  # the run is stopping; the same command sends it later
-            finally:
-                self.reserved_usd -= worst
-            cost = ctx.pricer.cost(response.input_tokens, response.output_tokens)
-            ctx.cache.put(key, response.to_cache(), cost)
-            self.limiter.calibrate(chars, response.input_tokens)
-            counters.requests += 1
-            counters.input_tokens += response.input_tokens
-            counters.output_tokens += response.output_tokens
-            counters.cost_usd += cost
+            body = self.asker.build(prompt.messages, 1)
+            slots = [([i], body, None) for i in range(n)]
+        items = []
+        for indices, body, params in slots:
+            body_json = canonical_json(body)
+            request_key = stable_hash(body_json)
+            ids = [sample_id(prompt.id, index, request_key) for index in indices]
+            items.append(WorkItem(prompt, indices, body, body_json, ids, params=params))
+        return items
 
-        shared_by = len(item.indices)
-        if len(response.choices) < shared_by:
-            error = TeacherError(
-                f"teacher returned {len(response.choices)} choices, expected {shared_by}", retryable=False
-            )
-            self._fail(item, pending, ids, error, 1)
+    def _fail_item(self, item: WorkItem, error: TeacherError) -> None:
+        """Every open sample slot of `item` failed with `error` (batch mode: a request no batch answered)."""
+        entries = [_Entry(record_id, index) for record_id, index in zip(item.ids, item.indices)
+                   if not self.store.is_done(record_id)]
+        for entry in entries:
+            entry.error = error
+        self._report(item, entries)
+
+    async def _process(self, item: WorkItem) -> None:
+        store = self.store
+        pending = [pos for pos, record_id in enumerate(item.ids) if not store.is_done(record_id)]
+        self.counters.resumed += len(item.ids) - len(pending)
+        if item.group is not None:  # best_of ranks the samples kept before a crash with the others
+            kept = {pos for pos, record_id in enumerate(item.ids) if store.is_accepted(record_id)}
+            pending = sorted(set(pending) | kept)
+        else:
+            kept = set()
+        entries = [_Entry(item.ids[pos], item.indices[pos], kept=pos in kept) for pos in pending]
+        if not entries:
+            self._report(item, entries)
             return
-        usage = {
-            "input_tokens": response.input_tokens,
-            "output_tokens": response.output_tokens,
-            "cost_usd": cost,
-            "shared_by": shared_by,
-        }
-        teacher_meta = {"provider": ctx.teacher.provider, "model": ctx.teacher.model,
-                        "params": item.params if item.params is not None else self.config.teacher.params}
-        for pos, record_id in pending:
-            choice = response.choices[pos]
-            sample = Sample(
-                id=record_id,
-                prompt=prompt.messages,
-                completion=[{"role": "assistant", "content": choice.text}],
-                teacher=teacher_meta,
-                attributes=prompt.attributes,
-                usage=usage,
-                finish_reason=choice.finish_reason,
-                prompt_id=prompt.id,
-                sample_index=item.indices[pos],
-                reference=prompt.reference,
+        prompt = item.prompt
+        try:
+            response, cost = await self.asker.ask(
+                item.body, body_json=item.body_json, index=item.indices[0], outputs=len(item.indices),
+                chars=sum(len(m["content"]) for m in prompt.messages),
             )
-            for check in ctx.checks:
-                verdict = check(sample)
-                sample.checks.append(CheckResult(check.name, verdict.passed, verdict.reason, verdict.score))
-                if not verdict.passed:
-                    sample.rejected_by = check.name
-                    break
-            if self.logprobs is not None and choice.logprobs is not None:
-                # Before the JSONL line: a record on disk always has its logprobs on disk (factory/logprobs.py).
-                self.logprobs.write(record_id, choice.logprobs)
-            if sample.rejected_by is None:
-                store.write(ACCEPTED, sample.to_json())
-                for check in self.run_wide:
-                    check.remember(sample)
-                counters.accepted += 1
+        except TeacherError as error:
+            for entry in entries:
+                entry.error = error
+        except (LimiterClosed, BudgetExhausted) as stop:
+            self._stopped_by(stop, entries)
+        else:
+            if len(response.choices) < len(item.indices):
+                error = TeacherError(f"teacher returned {len(response.choices)} choices, expected {len(item.indices)}",
+                                     retryable=False)
+                for entry in entries:
+                    entry.error = error
             else:
-                store.write(REJECTED, sample.to_json())
-                counters.rejected += 1
-                self.rejected_by[sample.rejected_by] += 1
+                usage = {"input_tokens": response.input_tokens, "output_tokens": response.output_tokens,
+                         "cost_usd": cost, "shared_by": len(item.indices)}
+                for pos, entry in zip(pending, entries):
+                    choice = response.choices[pos]
+                    entry.logprobs = choice.logprobs
+                    entry.sample = Sample(
+                        id=entry.record_id,
+                        prompt=prompt.messages,
+                        completion=[{"role": "assistant", "content": choice.text}],
+                        teacher=self.teacher_meta if item.params is None else {**self.teacher_meta, "params": item.params},
+                        attributes=prompt.attributes,
+                        usage=usage,
+                        finish_reason=choice.finish_reason,
+                        prompt_id=prompt.id,
+                        sample_index=entry.index,
+                        reference=prompt.reference,
+                    )
+                if self.recheck or item.group is not None:
+                    await self._evaluate(entries)
+                # else the checks run in _finish, each sample just before it is written and remembered
+        self._report(item, entries)
 
-    def _fail(self, item: WorkItem, pending: list[tuple[int, str]], ids: list[str], error: TeacherError, attempts: int) -> None:
+    def _report(self, item: WorkItem, entries: list[_Entry]) -> None:
+        group = item.group
+        if group is None:
+            self._finish(item.prompt, entries)
+            return
+        group.entries += entries
+        group.waiting -= 1
+        if group.waiting == 0:
+            self._finish_group(group)
+
+    def _stopped_by(self, stop: Exception, entries: list[_Entry]) -> None:
+        """The run is stopping (Ctrl-C, a fatal error, the budget): these slots are left to the next run."""
+        if isinstance(stop, BudgetExhausted):
+            self.budget_hit = True
+            self._stop()
+        for entry in entries:
+            entry.dropped = True
+
+    # ---- checks -------------------------------------------------------------------------------
+    async def _evaluate(self, entries: list[_Entry]) -> None:
+        """Run the checks on each sample, in recipe order up to the first failure. With a check that awaits
+        (judge) the samples of one request are checked concurrently; without one, nothing awaits (best_of)."""
+        if not self.recheck:
+            for entry in entries:
+                self._check_sync(entry.sample, self.rescore_checks if entry.kept else self.checks)
+            return
+        outcomes = await asyncio.gather(
+            *(self._check_async(e.sample, self.rescore_checks if e.kept else self.checks) for e in entries),
+            return_exceptions=True,
+        )
+        for entry, outcome in zip(entries, outcomes):
+            if isinstance(outcome, TeacherError):
+                entry.error = outcome
+            elif isinstance(outcome, (LimiterClosed, BudgetExhausted)):
+                self._stopped_by(outcome, [entry])
+            elif isinstance(outcome, BaseException):
+                raise outcome
+
+    def _check_sync(self, sample: Sample, checks: list) -> None:
+        for check, _ in checks:
+            if not self._apply(sample, check, check(sample)):
+                return
+
+    async def _check_async(self, sample: Sample, checks: list) -> None:
+        for check, is_async in checks:
+            if is_async:
+                try:
+                    verdict = await check.averdict(sample)
+                except TeacherError as error:  # the record says which model failed
+                    raise _prefixed(error, check.name) from None
+            else:
+                verdict = check(sample)
+            if not self._apply(sample, check, verdict):
+                return
+
+    @staticmethod
+    def _apply(sample: Sample, check: Any, verdict: Any) -> bool:
+        sample.checks.append(CheckResult(check.name, verdict.passed, verdict.reason, verdict.score))
+        if not verdict.passed:
+            sample.rejected_by = check.name
+        return verdict.passed
+
+    def _recheck(self, sample: Sample) -> None:
+        """The run-wide checks again, just before the sample is written. While a sample waited on a judge,
+        others were accepted: a duplicate of one of them passed its dedup check before that one was
+        remembered. A failure is appended after the checks that ran, with the reason naming the sample kept."""
+        for check in self.run_wide:
+            verdict = check(sample)
+            if not verdict.passed:
+                self._apply(sample, check, verdict)
+                return
+
+    # ---- records ------------------------------------------------------------------------------
+    def _finish(self, prompt: PromptItem, entries: list[_Entry]) -> None:
+        """Write the records of one request. Nothing here awaits, so the run-wide checks see every sample
+        accepted before, and remember this one before the next sample is checked."""
+        for entry in entries:
+            if entry.dropped:
+                continue
+            if entry.error is not None:
+                self._fail(prompt, entry, entry.error)
+                continue
+            if not self.recheck:
+                # Checked here, one sample after the other, so that a duplicate of the sample written just
+                # before is caught: the dedup checks remember each accepted sample as it is written.
+                self._check_sync(entry.sample, self.checks)
+            elif entry.sample.rejected_by is None:
+                self._recheck(entry.sample)
+            self._write(entry)
+
+    def _finish_group(self, group: _Group) -> None:
+        """Decide and write the samples of one prompt under best_of.
+
+        The order of the writes makes a crash harmless: the samples checks rejected first, then the others
+        from best to worst. A prompt cut short by a crash is therefore written up to some point of that
+        order; the next run checks its samples again (answers and judgements from the cache), counts the
+        ones already accepted as kept, and writes the rest as the first run would have.
+        """
+        prompt, entries = group.prompt, sorted(group.entries, key=lambda e: e.index)
+        if any(entry.dropped for entry in entries):
+            return  # the run is stopping: the next run decides this prompt, with every sample answered
+        errors = [entry for entry in entries if entry.error is not None]
+        if errors:
+            # No ranking without every sample: the prompt waits for the next run, which answers the others
+            # from the cache. A fatal error stops the run and writes nothing.
+            fatal = next((entry for entry in errors if entry.error.status in FATAL_STATUS), None)
+            if fatal is not None:
+                self._fail(prompt, fatal, fatal.error)
+                return
+            first = errors[0].error
+            for entry in entries:
+                if not entry.kept:
+                    self._fail(prompt, entry, entry.error or TeacherError(
+                        f"best_of: another sample of this prompt got no answer, and the samples of a prompt "
+                        f"are ranked together ({first})", retryable=False, status=first.status))
+            return
+        n = self.config.samples_per_prompt
+        keep = self.best_of.keep
+        for entry in entries:
+            if not entry.kept and entry.sample.rejected_by is not None:
+                self._write(entry)
+        candidates = [entry for entry in entries if entry.kept or entry.sample.rejected_by is None]
+        scores = {entry.index: _score(entry.sample, self.rank_by) for entry in candidates}
+        candidates.sort(key=lambda e: (scores[e.index] is None, -(scores[e.index] or 0.0), e.index))
+        best: list[float | None] = []
+        for entry in candidates:
+            score = scores[entry.index]
+            if entry.kept:
+                best.append(score)
+                continue
+            sample = entry.sample
+            self._recheck(sample)
+            if sample.rejected_by is None:
+                if len(best) < keep:
+                    best.append(score)
+                    sample.checks.append(CheckResult("best_of", True, None, score))
+                else:
+                    reason = best_of_reason(score, best, keep, n, self.rank_by)
+                    sample.checks.append(CheckResult("best_of", False, reason, score))
+                    sample.rejected_by = "best_of"
+            self._write(entry)
+
+    def _write(self, entry: _Entry) -> None:
+        sample = entry.sample
+        if self.logprobs is not None and entry.logprobs is not None:
+            # Before the JSONL line: a record on disk always has its logprobs on disk (factory/logprobs.py).
+            self.logprobs.write(sample.id, entry.logprobs)
+        if sample.rejected_by is None:
+            self.store.write(ACCEPTED, sample.to_json())
+            for check in self.run_wide:
+                check.remember(sample)
+            self.counters.accepted += 1
+        else:
+            self.store.write(REJECTED, sample.to_json())
+            self.counters.rejected += 1
+            self.rejected_by[sample.rejected_by] += 1
+
+    def _fail(self, prompt: PromptItem, entry: _Entry, error: TeacherError) -> None:
         if error.status in FATAL_STATUS:
             self.fatal = f"{FATAL_STATUS[error.status]} ({error})"
             self._stop()
             return  # not recorded: the run stops, and the same command retries these
-        for pos, record_id in pending:
-            failure = Failure(
-                id=record_id,
-                prompt_id=item.prompt.id,
-                sample_index=item.indices[pos],
-                prompt=item.prompt.messages,
-                error=str(error),
-                status=error.status,
-                attempts=attempts,
-                attributes=item.prompt.attributes,
-            )
-            self.store.write(FAILED, failure.to_json())
-            self.counters.failed += 1
+        failure = Failure(
+            id=entry.record_id,
+            prompt_id=prompt.id,
+            sample_index=entry.index,
+            prompt=prompt.messages,
+            error=str(error),
+            status=error.status,
+            attempts=getattr(error, "attempts", 1),
+            attributes=prompt.attributes,
+        )
+        self.store.write(FAILED, failure.to_json())
+        self.counters.failed += 1
 
 
 @dataclass(slots=True)
-class _Context:
-    teacher: Teacher
-    cache: ResponseCache
-    pricer: Pricer
-    checks: list
-    counters: Counters
+class _Spent:
+    """Money paid before the samples (the self-instruct expansion), for the budget."""
+
+    cost_usd: float
+
+
+def _score(sample: Sample, name: str | None) -> float | None:
+    for result in reversed(sample.checks):
+        if result.name == name:
+            return result.score
+    return None
+
+
+def best_of_reason(score: float | None, best: list[float | None], keep: int, n: int, by: str | None) -> str:
+    """Why a sample that passed every check was not kept: "score 6 < best 9 of 4"."""
+    def show(value: float | None) -> str:
+        return "none" if value is None else f"{value:g}"
+
+    bar = best[-1]  # the lowest score kept: candidates come best first
+    mine = f"no {by} score" if score is None else f"score {show(score)}"
+    relation = "=" if score == bar else "<"
+    if keep == 1:
+        text = f"{mine} {relation} best {show(bar)} of {n}"
+    else:
+        text = f"{mine} {relation} {show(bar)}, the lowest of the best {keep} of {n}"
+    return text + (" (ties go to the first sample)" if relation == "=" else "")
+
+
+def _prefixed(error: TeacherError, name: str) -> TeacherError:
+    """The same error, its message starting with the check whose model failed ("judge: HTTP 500: ...")."""
+    wrapped = TeacherError(f"{name}: {error}", retryable=error.retryable, status=error.status,
+                           retry_after=error.retry_after, rate_limited=error.rate_limited)
+    wrapped.attempts = getattr(error, "attempts", 1)  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _same_endpoint(a: TeacherConfig, b: TeacherConfig) -> bool:
+    """Two models whose requests count against the same rate limits share a limiter."""
+    return (a.provider, a.base_url, a.api_key_env, a.model) == (b.provider, b.base_url, b.api_key_env, b.model) \
+        and a.provider != "local"
 
 
 def _run_stats(run_dir: Path, manifest: dict[str, Any], console: Console) -> dict[str, Any]:

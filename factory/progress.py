@@ -3,11 +3,26 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task
 from rich.text import Text
+
+
+@dataclass(slots=True)
+class Usage:
+    """What one kind of request cost this run. The teacher's figures are on `Counters`, under the same names."""
+
+    requests: int = 0
+    cache_hits: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "cache_hits": self.cache_hits, "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens, "cost_usd": round(self.cost_usd, 6)}
 
 
 @dataclass(slots=True)
@@ -22,6 +37,7 @@ class Counters:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    judge: Usage = field(default_factory=Usage)  # the requests of model-backed checks (judge)
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -58,8 +74,16 @@ def summary_line(c: Counters) -> str:
     return (
         f"{c.done}/{c.total} samples · accepted {accepted_pct:.0f}% · rejected {c.rejected} · failed {c.failed}"
         f" · {c.requests / c.elapsed:.1f} req/s · {c.output_tokens / c.elapsed:.0f} tok/s"
-        f" · ${c.cost_usd:.4f} · ETA {fmt_duration(c.eta())}"
+        f" · ${c.cost_usd + c.judge.cost_usd:.4f}{_judge_part(c)} · ETA {fmt_duration(c.eta())}"
     )
+
+
+def _judge_part(c: Counters) -> str:
+    """The judge's share of the cost, when the run has one that was asked anything."""
+    judge = c.judge
+    if not (judge.requests or judge.cache_hits):
+        return ""
+    return f" (judge ${judge.cost_usd:.4f}, {judge.requests} req)"
 
 
 class _StatsColumn(ProgressColumn):
@@ -78,7 +102,7 @@ class _StatsColumn(ProgressColumn):
             (f" fail {c.failed}" if c.failed else "", "red"),
             f" {c.requests / c.elapsed:.1f} req/s",
             f" {_si(c.output_tokens / c.elapsed)} tok/s",
-            (f" ${c.cost_usd:.4f}", "cyan"),
+            (f" ${c.cost_usd + c.judge.cost_usd:.4f}{_judge_part(c)}", "cyan"),
             f" ETA {fmt_duration(c.eta())}",
             (f" · {self.note()}" if self.note else "", "dim"),
         )

@@ -15,7 +15,7 @@ from pydantic import (
     BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, field_validator, model_validator,
 )
 
-from quality_checks.base import check_fingerprint, duplicate_names, parse_check_item
+from quality_checks.base import check_fingerprint, check_options, duplicate_names, parse_check_item
 
 from .grid import GridConfig
 from .prompt_dataset import DatasetConfig
@@ -245,6 +245,24 @@ class TeacherConfig(Strict):
         return int(value)
 
 
+class BestOfConfig(Strict):
+    """Of the samples of one prompt that passed every check, keep the best `keep` by one check's score."""
+
+    by: str = Field(min_length=1, description="the check whose score ranks the samples, higher is better: "
+                    "judge, verifier, or a check's label")
+    keep: int = Field(default=1, ge=1, description="samples kept per prompt; the others are rejected by best_of")
+
+
+def ranking_check(by: str, checks: list[Any]) -> str | None:
+    """The name (label) in the records of the check `best_of.by` means: its label, or its name when only
+    one check of that name is listed."""
+    names = [check_options(parse_check_item(check)) for check in checks]
+    if any(options.check_name == by for options in names):
+        return by
+    same = [options.check_name for options in names if options.name == by]
+    return same[0] if len(same) == 1 else None
+
+
 class FactoryConfig(Strict):
     output_dir: Path = Path("runs/demo")
     prompts: PromptsConfig
@@ -254,7 +272,25 @@ class FactoryConfig(Strict):
         default_factory=lambda: ["empty", "truncated", "refusal"],
         description="quality checks in order, cheapest first: names, or mappings {name: ..., option: ...}",
     )
+    best_of: BestOfConfig | None = Field(
+        default=None, description="{by: judge, keep: 1}: keep the best samples of each prompt by a check's score"
+    )
     budget_usd: float | None = Field(default=None, ge=0)
+
+    @field_validator("best_of")
+    @classmethod
+    def _ranking_check_exists(cls, best_of: BestOfConfig | None, info: ValidationInfo) -> BestOfConfig | None:
+        if best_of is None or "checks" not in info.data or "samples_per_prompt" not in info.data:
+            return best_of  # the checks have their own errors
+        n = info.data["samples_per_prompt"]
+        if best_of.keep >= n:
+            raise ValueError(f"keep: {best_of.keep} of samples_per_prompt {n} keeps every sample; "
+                             "raise factory.samples_per_prompt or lower best_of.keep")
+        if ranking_check(best_of.by, info.data["checks"]) is None:
+            names = [check_options(parse_check_item(c)).check_name for c in info.data["checks"]]
+            raise ValueError(f"by: no check {best_of.by!r} in factory.checks ({', '.join(names) or 'none'}); "
+                             "name the check whose score ranks the samples, e.g. judge")
+        return best_of
 
     @field_validator("checks")
     @classmethod
@@ -280,6 +316,7 @@ class FactoryConfig(Strict):
             **({"logprobs": teacher.logprobs.fingerprint()} if teacher.logprobs is not None else {}),
             **({"param_ranges": teacher.param_ranges.model_dump(exclude_none=True, mode="json")}
                if teacher.param_ranges is not None else {}),
+            **({"best_of": self.best_of.model_dump()} if self.best_of is not None else {}),
         }
 
     def fingerprint_hash(self) -> str:

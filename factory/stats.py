@@ -176,6 +176,8 @@ def compute_stats(run_dir: Path, manifest: dict[str, Any] | None = None) -> dict
         "failed_errors": [[text, n] for text, n in errors.most_common(TOP)],
         "tokens": {"input": round(totals["input_tokens"]), "output": round(totals["output_tokens"])},
         "cost_usd": round(totals["cost_usd"], 6),
+        # The records carry the teacher's usage; a judge's (all runs) is in the manifest only.
+        **({"judge": run_totals["judge"]} if run_totals.get("judge") else {}),
         "throughput": {
             "elapsed_s": elapsed,
             "samples_per_s": round(judged / elapsed, 3) if elapsed else None,
@@ -223,6 +225,13 @@ def render_stats(stats: dict[str, Any], run_dir: Path, console) -> None:
         ("input tokens", f"{stats['tokens']['input']:,}"),
         ("output tokens", f"{stats['tokens']['output']:,}"),
         ("cost", f"${stats['cost_usd']:.4f}"),
+    ]
+    if stats.get("judge"):
+        judge = stats["judge"]
+        rows += [("judge requests", f"{judge['requests']:,}"),
+                 ("judge tokens in / out", f"{judge['input_tokens']:,} / {judge['output_tokens']:,}"),
+                 ("judge cost", f"${judge['cost_usd']:.4f}")]
+    rows += [
         ("elapsed (all runs)", f"{throughput['elapsed_s']:.1f} s"),
         ("samples / s", _fmt(throughput["samples_per_s"])),
         ("output tokens / s", _fmt(throughput["output_tokens_per_s"])),

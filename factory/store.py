@@ -83,18 +83,20 @@ class Store:
             cut = repair_tail(run_dir / name)
             if cut:
                 self.repaired[name] = cut
-        self.done: set[int] = set()
-        self.resumed_accepted = self._index(ACCEPTED)
-        self.resumed_rejected = self._index(REJECTED)
+        # Accepted and rejected ids apart: best_of needs to know which samples of a half-written prompt were kept.
+        self.accepted: set[int] = set()
+        self.rejected: set[int] = set()
+        self.resumed_accepted = self._index(ACCEPTED, self.accepted)
+        self.resumed_rejected = self._index(REJECTED, self.rejected)
         self.previous_failures = self._rotate_failed()
         self._files = {
             name: open(run_dir / name, "ab", buffering=0) for name in (ACCEPTED, REJECTED, FAILED)
         }
 
-    def _index(self, name: str) -> int:
+    def _index(self, name: str, ids: set[int]) -> int:
         count = 0
         for record_id in iter_ids(self.run_dir / name):
-            self.done.add(id_key(record_id))
+            ids.add(id_key(record_id))
             count += 1
         return count
 
@@ -112,7 +114,12 @@ class Store:
         return data.count(b"\n")
 
     def is_done(self, record_id: str) -> bool:
-        return id_key(record_id) in self.done
+        key = id_key(record_id)
+        return key in self.accepted or key in self.rejected
+
+    def is_accepted(self, record_id: str) -> bool:
+        """Accepted when this run started (records written by this run are not looked up again)."""
+        return id_key(record_id) in self.accepted
 
     def write(self, name: str, line: str) -> None:
         self._files[name].write((line + "\n").encode("utf-8"))

@@ -36,6 +36,17 @@ class Check(Protocol):
     def __call__(self, sample: "Sample") -> Verdict: ...
 
 
+class AsyncCheck(Protocol):
+    """A check that waits on I/O, such as an LLM judge: it has `averdict` instead of `__call__`. The
+    pipeline awaits it in its place in recipe order, so a sample reaches it only after every check before
+    it passed: put it after the cheap ones. A check that asks a model names its teacher in `teacher` and
+    is handed the run's way of asking (limiter, cache, budget) through `connect` before the first sample."""
+
+    name: str
+
+    async def averdict(self, sample: "Sample") -> Verdict: ...
+
+
 class RunWideCheck(Check, Protocol):
     """A check with memory across the run (dedup). The pipeline calls `remember` for every accepted
     sample, and for every sample already in accepted.jsonl when a run resumes, so only accepted samples
@@ -59,6 +70,11 @@ class CheckOptions(BaseModel):
     def check_name(self) -> str:
         return self.label or self.name
 
+    def fingerprint_data(self) -> dict[str, Any]:
+        """The options that decide which samples pass; a check whose options include settings that do not
+        (a judge's concurrency) leaves those out, so changing them does not refuse a resume."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
 
 class CheckConfigError(ValueError):
     """A check that cannot be built; `field` is the option at fault, for the key path in the message."""
@@ -69,7 +85,7 @@ class CheckConfigError(ValueError):
 
 
 _REGISTRY: dict[str, tuple[type[CheckOptions], Callable[[Any], Check]]] = {}
-_BUILTIN_MODULES = ("rules", "structured", "dedup", "verifier")
+_BUILTIN_MODULES = ("rules", "structured", "dedup", "verifier", "judge", "semantic")
 
 
 def register(name: str, options: type[CheckOptions] = CheckOptions) -> Callable:
@@ -135,7 +151,7 @@ def check_fingerprint(item: str | CheckOptions) -> str | dict[str, Any]:
     otherwise the non-default options (so adding an option with a default later changes nothing)."""
     if isinstance(item, str):
         return item
-    data = item.model_dump(mode="json", exclude_defaults=True)
+    data = item.fingerprint_data()
     data["name"] = item.name
     return item.name if set(data) == {"name"} else data
 
@@ -151,9 +167,9 @@ def duplicate_names(items: Iterable[str | CheckOptions | dict]) -> list[str]:
     return twice
 
 
-def build_checks(items: list[str | CheckOptions | dict], key: str = "factory.checks") -> list[Check]:
+def build_checks(items: list[str | CheckOptions | dict], key: str = "factory.checks") -> list[Check | AsyncCheck]:
     """Build the checks in recipe order; every problem of every check is reported at once."""
-    checks: list[Check] = []
+    checks: list[Check | AsyncCheck] = []
     errors: list[str] = []
     for index, item in enumerate(items):
         try:
@@ -201,4 +217,7 @@ def prime(checks: list[Check], accepted: Path) -> int:
             for check in run_wide:
                 check.remember(sample)
             count += 1
+    for check in run_wide:  # a check that batches its work (semantic_dup embeds) finishes it now
+        if hasattr(check, "flush"):
+            check.flush()
     return count
