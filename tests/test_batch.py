@@ -173,3 +173,21 @@ def test_batch_mode_is_for_hosted_providers(tmp_path, capsys):
     assert main(["generate", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "mode: batch is for provider openai or anthropic" in err and "factory.teacher" in err
+
+
+def test_batch_answers_go_through_the_judge_and_best_of_like_online_ones(tmp_path, server, env_key, capsys):
+    from test_judge_bestof import best_of_recipe, best_of_responder, stats
+
+    server.config.responder = best_of_responder({"openai": True})
+    run = tmp_path / "run"
+    recipe = best_of_recipe(tmp_path, server, "openai", "judge", run)
+    recipe.write_text(recipe.read_text().replace("    max_concurrency: 1\n", "    max_concurrency: 1\n"
+                                                  + BATCH.format(max_requests=10)))
+    assert main(["generate", str(recipe)]) == 0
+    assert server.stats.batches_created == 1 and len(server.stats.batch_items) == 4  # the teacher: one batch
+    figures = stats(run, capsys)  # the same decisions as the online run in test_judge_bestof
+    assert figures["counts"] == {"accepted": 3, "rejected": 13, "failed": 0, "total": 16}
+    assert {k: v["count"] for k, v in figures["rejected_by"].items()} == {
+        "best_of": 6, "judge": 5, "empty": 1, "exact_dup": 1}
+    assert sorted(r["completion"][0]["content"] for r in read_jsonl(run / "accepted.jsonl")) == [
+        "s8 q1 c", "s9 q0 b", "s9 same q3"]

@@ -190,8 +190,10 @@ def test_judge_rubric_and_pairwise_through_the_sdk(tmp_path, server, env_key):
     pairwise = results["pairwise"]
     # The judge always says "A": every pair disagrees with itself across the two orders → all ties.
     assert pairwise["win_rate"] == 0.5 and pairwise["inconsistent_pairs"] == 6
-    asked = [b for b in server.stats.bodies if b["model"] == "judge"]
-    assert len(asked) == 6 * 2 + 6 * 2  # rubric for 2 models + pairwise in 2 orders, 6 items each
+    asked = [json.dumps(b, sort_keys=True) for b in server.stats.bodies if b["model"] == "judge"]
+    # Rubric for 2 models + pairwise in 2 orders, 6 items each: 24 questions, each distinct body sent once
+    # (where the two models gave the same answer, their rubric questions are the same request).
+    assert len(asked) == len(set(asked)) == 18
 
 
 def test_missing_golden_file_and_missing_verifier(tmp_path, server, env_key):
