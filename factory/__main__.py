@@ -28,6 +28,10 @@ def _generate(args: argparse.Namespace) -> int:
     except (RecipeError, PromptError, MissingKeyError, StoreError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
+    except KeyboardInterrupt:  # before the run's own handler is installed (e.g. during the self-instruct expansion)
+        console.print("[yellow]interrupted: run the same command again to resume; answers paid for are in the "
+                      "run's cache and are not paid twice[/]")
+        return 130
     print_result(result, console, config.output_dir)
     return 0 if result.ok else (130 if result.status == "interrupted" else 1)
 

@@ -260,7 +260,11 @@ class Run:
         self.resumed_rejected_by = _count_rejected(run_dir / REJECTED) if self.store.resumed_rejected else Counter()
         cache = ResponseCache(run_dir / CACHE)
         counters = self.counters = Counters(total=count * config.samples_per_prompt)
-        spent_before = _Spent(self.spent_usd)  # the self-instruct expansion paid before the samples
+        # budget_usd is for the whole run directory: what earlier runs of it paid (teacher and judge), and the
+        # self-instruct expansion of this one, count against it.
+        totals = (previous or {}).get("totals", {})
+        paid_before = float(totals.get("cost_usd", 0.0)) + float((totals.get("judge") or {}).get("cost_usd", 0.0))
+        spent_before = _Spent(paid_before + self.spent_usd)
         budget = Budget(config.budget_usd, [counters, counters.judge, spent_before])
         self.asker = Asker(teacher, config.teacher, self.limiter, cache, pricer, counters, budget)
         for check, check_config, check_teacher, check_pricer in self.check_models:
@@ -740,7 +744,7 @@ class Run:
 
 @dataclass(slots=True)
 class _Spent:
-    """Money paid before the samples (the self-instruct expansion), for the budget."""
+    """Money paid before this run's samples (earlier runs, the self-instruct expansion), for the budget."""
 
     cost_usd: float
 

@@ -148,6 +148,11 @@ def test_budget_stops_new_requests_before_it_is_exceeded(tmp_path, server, env_k
     assert m["status"] == "budget_exhausted"
     assert 0 < m["this_run"]["cost_usd"] <= 0.5
     assert 0 < server.stats.total < 40
+    # the budget is for the run directory: the same command again may use what the first run's reservations
+    # held back, never more than the budget in all
+    assert generate(recipe) == 1
+    assert manifest(run)["status"] == "budget_exhausted" and manifest(run)["totals"]["cost_usd"] <= 0.5
+    assert server.stats.total < 40
     # raising the budget resumes where it stopped
     assert generate(recipe, "--set", "factory.budget_usd=100") == 0
     assert len(read_jsonl(run / "accepted.jsonl")) == 40
