@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from .asker import BudgetExhausted
 from .cache import cache_key
@@ -391,18 +391,11 @@ class BatchDriver:
 
     async def _fetch(self, batch: Batch) -> list[Waiting]:
         """Store an ended batch's answers (cache first, then records); return the requests to send again."""
-        outcomes = await (self._openai_outcomes(batch) if self.provider == "openai"
-                          else self._anthropic_outcomes(batch))
-        keys = self.ledger.keys(batch.name)
-        seen = {outcome.key for outcome in outcomes}
-        for key in keys:  # a request the provider did not account for (a batch that failed as a whole)
-            if key not in seen:
-                outcomes.append(Outcome(key, error=f"no result in batch {batch.name} ({batch.status})"))
         resend: list[Waiting] = []
         failed: dict[str, str] = {}
         succeeded = 0
         counters, cache, pricer = self.run.counters, self.cache, self.pricer
-        for outcome in outcomes:
+        async for outcome in self._outcomes(batch):  # streamed: memory does not grow with the batch
             mine = self.in_batch.get(outcome.key) == batch.name
             waiting = self.waiting.pop(outcome.key) if mine else None
             if outcome.data is not None:
@@ -447,39 +440,58 @@ class BatchDriver:
             + (f", {len(resend):,} sent again" if resend else ""), highlight=False)
         return resend
 
-    async def _openai_outcomes(self, batch: Batch) -> list[Outcome]:
-        client = self.teacher.client
-        info = batch.info
-        outcomes: list[Outcome] = []
-        for file_id in (info.output_file_id, info.error_file_id):
+    async def _outcomes(self, batch: Batch) -> AsyncIterator[Outcome]:
+        """Every request of an ended batch once: its result, or why it has none."""
+        seen: set[str] = set()
+        results = self._openai_outcomes(batch) if self.provider == "openai" else self._anthropic_outcomes(batch)
+        async for outcome in results:
+            if outcome.key not in seen:
+                seen.add(outcome.key)
+                yield outcome
+        why = f"no result in batch {batch.name} ({batch.status})"
+        if self.provider == "openai" and batch.status == "failed" and not seen:
+            info = batch.info
+            errors = "; ".join(f"{e.code}: {e.message}" for e in (info.errors.data if info.errors else []) or [])
+            why = f"batch failed validation: {errors or 'no reason given'}"
+        for key in self.ledger.keys(batch.name):  # requests the provider did not account for
+            if key not in seen:
+                yield Outcome(key, error=why, retryable=not why.startswith("batch failed validation"))
+
+    async def _openai_outcomes(self, batch: Batch) -> AsyncIterator[Outcome]:
+        """The output file, then the error file, each downloaded to batches/ first (streamed to disk, then
+        read a line at a time; a crash while reading costs no second download)."""
+        for kind, file_id in (("output", batch.info.output_file_id), ("errors", batch.info.error_file_id)):
             if not file_id:
                 continue
-            content = await self._call(lambda: client.files.content(file_id))
-            for line in content.text.splitlines():
-                if line.strip():
-                    outcomes.append(_openai_outcome(json.loads(line)))
-        if info.status == "failed" and not outcomes:
-            errors = "; ".join(f"{e.code}: {e.message}" for e in (info.errors.data if info.errors else []) or [])
-            for key in self.ledger.keys(batch.name):
-                outcomes.append(Outcome(key, error=f"batch failed validation: {errors or 'no reason given'}",
-                                        retryable=False))
-        return outcomes
+            path = self.ledger.dir / f"{batch.name}.{kind}.jsonl"
+            if not path.exists():
+                await self._call(lambda: self._download(file_id, path))
+            with path.open("r", encoding="utf-8") as handle:
+                for line in handle:
+                    if line.strip():
+                        yield _openai_outcome(json.loads(line))
 
-    async def _anthropic_outcomes(self, batch: Batch) -> list[Outcome]:
+    async def _download(self, file_id: str, path: Path) -> None:
+        part = path.with_suffix(".part")
+        async with self.teacher.client.files.with_streaming_response.content(file_id) as response:
+            with part.open("wb") as handle:
+                async for chunk in response.iter_bytes():
+                    handle.write(chunk)
+        os.replace(part, path)
+
+    async def _anthropic_outcomes(self, batch: Batch) -> AsyncIterator[Outcome]:
         client = self.teacher.client
-        outcomes: list[Outcome] = []
         results = await self._call(lambda: client.messages.batches.results(batch.provider_id))
         async for entry in results:
             result = entry.result
             if result.type == "succeeded":
-                outcomes.append(Outcome(entry.custom_id, data=result.message.model_dump(mode="json")))
+                yield Outcome(entry.custom_id, data=result.message.model_dump(mode="json"))
             elif result.type == "errored":
                 error = result.error.error
-                outcomes.append(Outcome(entry.custom_id, error=f"{error.type}: {error.message}",
-                                        retryable=error.type != "invalid_request_error"))
+                yield Outcome(entry.custom_id, error=f"{error.type}: {error.message}",
+                              retryable=error.type != "invalid_request_error")
             else:  # expired, canceled
-                outcomes.append(Outcome(entry.custom_id, error=result.type))
-        return outcomes
+                yield Outcome(entry.custom_id, error=result.type)
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def _fail(self, waiting: Waiting, message: str, status: int | None) -> None:
