@@ -299,3 +299,22 @@ def test_embedded_teacher_tokens_re_tokenize_to_the_stored_text(tmp_path):
         assert tokenizer.encode(text, add_special_tokens=False) == content
         np.testing.assert_allclose(entry.sampled_logprobs, entry.top_logprobs[:, 0], atol=1e-5)  # greedy
         assert entry.top_logprobs.shape == (len(ids), 20)
+
+
+def test_vllm_server_rows_with_the_sampled_token_first_keep_the_k_best():
+    """A vLLM server lists the sampled token first and then the k best when the sampled one ranks lower (k + 1
+    alternatives); the stored row is the k best, best first, and the sampled logprob is kept apart."""
+    from factory.recipe import TeacherConfig
+    from factory.teachers.openai import OpenAITeacher
+
+    config = TeacherConfig(provider="openai", model="m", base_url="http://127.0.0.1:9/v1",
+                           logprobs={"top_k": 2, "token_ids": True})
+    teacher = OpenAITeacher(config)
+    entry = {"token": "token_id:7", "logprob": -3.0, "top_logprobs": [
+        {"token": "token_id:7", "logprob": -3.0}, {"token": "token_id:1", "logprob": -0.5},
+        {"token": "token_id:2", "logprob": -1.0}]}
+    answer = {"choices": [{"index": 0, "message": {"content": "x"}, "finish_reason": "stop",
+                           "logprobs": {"content": [entry]}}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    lp = teacher.parse(answer).choices[0].logprobs
+    assert lp.top_ids.tolist() == [[1, 2]] and lp.top_logprobs.tolist() == [[-0.5, -1.0]]
+    assert lp.sampled_ids.tolist() == [7] and lp.sampled_logprobs.tolist() == [-3.0]

@@ -113,9 +113,13 @@ class OpenAITeacher:
                 "or use a server that supports them", retryable=False,
             )
         sampled = [float(entry["logprob"]) for entry in content]
-        tops = [[float(alt["logprob"]) for alt in entry.get("top_logprobs") or []] for entry in content]
+        # Best first: a vLLM server lists the sampled token first, then the k best, when the sampled one ranks
+        # below them (k + 1 alternatives); cutting that list to k unsorted would drop the k-th best.
+        alternatives = [sorted(entry.get("top_logprobs") or [], key=lambda alt: -float(alt["logprob"]))
+                        for entry in content]
+        tops = [[float(alt["logprob"]) for alt in row] for row in alternatives]
         tokens = [str(entry["token"]) for entry in content]
-        top_tokens = [[str(alt["token"]) for alt in entry.get("top_logprobs") or []] for entry in content]
+        top_tokens = [[str(alt["token"]) for alt in row] for row in alternatives]
         if not self.logprobs.token_ids:
             return from_rows(sampled, tops, self.logprobs.top_k, tokens=tokens, top_tokens=top_tokens)
         try:
