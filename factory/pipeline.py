@@ -28,7 +28,7 @@ from .limiter import Limiter, LimiterClosed
 from .pricing import Pricer, lookup
 from .progress import Counters, ProgressView, summary_line
 from .prompts import PromptError, PromptItem, check_prompts, iter_prompts
-from .recipe import FactoryConfig, RecipeError, TeacherConfig, ranking_check
+from .recipe import IN_PROCESS, FactoryConfig, RecipeError, TeacherConfig, ranking_check
 from .records import CheckResult, Failure, Sample, canonical_json, sample_id, stable_hash
 from .store import ACCEPTED, CACHE, FAILED, REJECTED, Store, read_manifest, write_manifest
 from .teachers import Teacher, TeacherError, TeacherResponse, make_teacher
@@ -140,7 +140,7 @@ class Run:
         scale = teacher.batch.discount if teacher.mode == "batch" else 1.0
         if teacher.price is not None:
             return Pricer((teacher.price.input * scale, teacher.price.output * scale))
-        if teacher.provider == "local":
+        if teacher.provider in IN_PROCESS:
             return Pricer((0.0, 0.0))
         price = lookup(teacher.model)
         if price is not None:
@@ -163,6 +163,7 @@ class Run:
         prev_cost = float(totals.get("cost_usd", 0.0))
         prev_elapsed = float(totals.get("elapsed_s", 0.0))
         limiter = self.limiter.stats
+        load_s = getattr(self.asker.teacher, "load_s", None)
         manifest = {
             "status": status,
             "recipe": self.config.model_dump(mode="json"),
@@ -192,6 +193,8 @@ class Run:
                 "rate_limited": limiter.rate_limited,
                 "server_errors": limiter.server_errors,
                 "breaker_opened": limiter.breaker_opened,
+                # An in-process teacher's model load, part of elapsed_s: generation alone took the difference.
+                **({"teacher_load_s": round(load_s, 3)} if load_s is not None else {}),
             },
             **({"self_instruct": self.self_instruct} if self.self_instruct is not None else {}),
             "totals": {
@@ -782,7 +785,7 @@ def _prefixed(error: TeacherError, name: str) -> TeacherError:
 def _same_endpoint(a: TeacherConfig, b: TeacherConfig) -> bool:
     """Two models whose requests count against the same rate limits share a limiter."""
     return (a.provider, a.base_url, a.api_key_env, a.model) == (b.provider, b.base_url, b.api_key_env, b.model) \
-        and a.provider != "local"
+        and a.provider not in IN_PROCESS
 
 
 def _run_stats(run_dir: Path, manifest: dict[str, Any], console: Console) -> dict[str, Any]:

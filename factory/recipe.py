@@ -116,7 +116,10 @@ PROVIDER_PARAMS = {
     "openai": set(PARAM_BOUNDS),
     "anthropic": {"temperature", "top_p", "top_k"},
     "local": {"temperature", "top_p", "top_k"},
+    "vllm": {"temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty"},
 }
+# Providers that run the model in this process: no API key, no price, no rate limit of a server.
+IN_PROCESS = ("local", "vllm")
 
 
 class ParamRanges(Strict):
@@ -157,7 +160,7 @@ class ParamRanges(Strict):
 
 
 class TeacherConfig(Strict):
-    provider: Literal["openai", "anthropic", "local"] = "local"
+    provider: Literal["openai", "anthropic", "local", "vllm"] = "local"
     mode: Literal["online", "batch"] = Field(
         default="online", description="online: one request at a time, rate-limited; batch: the providers' Batch APIs"
     )
@@ -181,6 +184,11 @@ class TeacherConfig(Strict):
     price: Price | None = Field(default=None, description="overrides the built-in price table")
     batch_size: int = Field(default=8, ge=1, description="provider local: prompts per generate() call")
     device: str | None = Field(default=None, description="provider local: cpu, cuda, …; default picks")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="provider vllm: keyword arguments for vllm.LLM (tensor_parallel_size, gpu_memory_utilization, "
+        "max_model_len, dtype, enforce_eager, …); not part of the fingerprint",
+    )
     logprobs: LogprobsConfig | None = Field(
         default=None, description="{top_k: 20}: store the teacher's top-k token logprobs for distillation"
     )
@@ -199,15 +207,18 @@ class TeacherConfig(Strict):
                              "a local teacher batches on its own (batch_size)")
         if self.max_tokens < 1:
             raise ValueError("params.max_tokens must be at least 1")
+        if self.engine_args and self.provider != "vllm":
+            raise ValueError(f"engine_args are for provider vllm, not {self.provider}; remove them or set "
+                             "provider: vllm")
         if self.logprobs is not None:
             if self.provider == "anthropic":
                 raise ValueError(
                     "logprobs: the Anthropic API returns no token logprobs; remove teacher.logprobs, or use "
                     "provider: openai (any OpenAI-compatible server) or provider: local"
                 )
-            if self.provider == "local" and (self.logprobs.token_ids or self.logprobs.tokenizer):
-                raise ValueError("logprobs.token_ids and logprobs.tokenizer are for provider openai; the local "
-                                 "teacher always stores token ids with its own tokenizer")
+            if self.provider in IN_PROCESS and (self.logprobs.token_ids or self.logprobs.tokenizer):
+                raise ValueError(f"logprobs.token_ids and logprobs.tokenizer are for provider openai; provider "
+                                 f"{self.provider} always stores token ids with the model's own tokenizer")
             if self.provider == "openai" and self.base_url is None and self.logprobs.top_k > 20:
                 raise ValueError(f"logprobs.top_k={self.logprobs.top_k}: the OpenAI API returns at most 20")
         if self.param_ranges is not None:

@@ -24,4 +24,8 @@ def make_teacher(config: "TeacherConfig") -> Teacher:
         from .local import LocalTeacher
 
         return LocalTeacher(config)
+    if config.provider == "vllm":
+        from .vllm import VLLMTeacher
+
+        return VLLMTeacher(config)
     raise ValueError(f"unknown teacher provider {config.provider!r}")

@@ -30,6 +30,7 @@ import asyncio
 import concurrent.futures
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
@@ -49,17 +50,19 @@ class Completion(NamedTuple):
 
 
 # ---- parameters ------------------------------------------------------------------------------------
-def normalize_params(params: dict[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, Any]:
+def normalize_params(params: dict[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS, *,
+                     provider: str = "local", extra: Sequence[str] = ()) -> dict[str, Any]:
     """Canonical sampling parameters: fixed types, defaults written out, aliases resolved.
 
     Always has temperature (float), top_p (float) and max_tokens (int); top_k (int > 0) and seed (int)
-    only when given. Raises ValueError for a parameter this backend does not support or a bad value.
+    only when given. Names in `extra` (another backend's own parameters) are passed through unchecked for
+    the caller to validate. Raises ValueError for a parameter the backend does not support or a bad value.
     """
-    unknown = sorted(set(params) - set(SUPPORTED_PARAMS))
+    unknown = sorted(set(params) - set(SUPPORTED_PARAMS) - set(extra))
     if unknown:
         raise ValueError(
-            f"provider local does not support params {', '.join(unknown)}; supported: "
-            f"temperature, top_p, top_k, max_tokens (or max_new_tokens), seed"
+            f"provider {provider} does not support params {', '.join(unknown)}; supported: "
+            f"temperature, top_p, top_k, max_tokens (or max_new_tokens), seed{''.join(', ' + e for e in extra)}"
         )
     if "max_tokens" in params and "max_new_tokens" in params and params["max_tokens"] != params["max_new_tokens"]:
         raise ValueError("params.max_tokens and params.max_new_tokens disagree; set only one")
@@ -71,7 +74,7 @@ def normalize_params(params: dict[str, Any], default_max_tokens: int = DEFAULT_M
         top_k = _as_int(params["top_k"], "top_k") if params.get("top_k") is not None else 0
         seed = _as_int(params["seed"], "seed") if params.get("seed") is not None else None
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"provider local: bad sampling parameter: {exc}") from None
+        raise ValueError(f"provider {provider}: bad sampling parameter: {exc}") from None
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"params.temperature must be >= 0, got {temperature}")
     if not (0 < top_p <= 1):
@@ -85,6 +88,7 @@ def normalize_params(params: dict[str, Any], default_max_tokens: int = DEFAULT_M
         out["top_k"] = top_k
     if seed is not None:
         out["seed"] = seed
+    out.update((name, params[name]) for name in extra if params.get(name) is not None)
     return out
 
 
@@ -358,6 +362,24 @@ def generate_batch(
     return results
 
 
+def ids_logprobs_meta(model: str, tokenizer: Any = None) -> dict[str, Any]:
+    """The sidecar's description of token-id logprobs from an in-process model (`local`, `vllm`): the
+    tokenizer's fingerprint (the model's own tokenizer, loaded when not given) and what the values are."""
+    from ..logprobs import tokenizer_fingerprint
+
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        from ..builtin import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    return {
+        "token_kind": "ids",
+        "tokenizer": tokenizer_fingerprint(tokenizer, model),
+        "source": "log_softmax of the model's raw logits at temperature 1 (before temperature, top-k, top-p)",
+    }
+
+
 # ---- the teacher -----------------------------------------------------------------------------------
 @dataclass(eq=False)
 class _Request:
@@ -393,6 +415,7 @@ class LocalTeacher:
         # together are all queued well within it).
         self.linger_s = 0.002
         self.generate_calls = 0  # generate() calls made; for tests and stats
+        self.load_s: float | None = None  # seconds the model took to load, once loaded; for the manifest
         self._lm: tuple[Any, Any] | None = None
         self._load_error: TeacherError | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -420,21 +443,7 @@ class LocalTeacher:
 
     def logprobs_meta(self) -> dict[str, Any]:
         """What the sidecar records about these logprobs: the tokenizer's fingerprint, the ids' meaning."""
-        from ..logprobs import tokenizer_fingerprint
-
-        if self._lm is not None:
-            tokenizer = self._lm[1]
-        else:
-            from transformers import AutoTokenizer
-
-            from ..builtin import resolve_model
-
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.model))
-        return {
-            "token_kind": "ids",
-            "tokenizer": tokenizer_fingerprint(tokenizer, self.model),
-            "source": "log_softmax of the model's raw logits at temperature 1 (before temperature, top-k, top-p)",
-        }
+        return ids_logprobs_meta(self.model, self._lm[1] if self._lm is not None else None)
 
     async def complete(self, body: dict[str, Any]) -> TeacherResponse:
         try:
@@ -542,7 +551,9 @@ class LocalTeacher:
                 self._pending.append(await queue.get())
             if self._lm is None:
                 try:
+                    began = time.monotonic()
                     self._lm = await self._in_worker(load_model, self.model, self.device)
+                    self.load_s = time.monotonic() - began
                 except Exception as exc:  # noqa: BLE001
                     # 404 tells the pipeline to stop the run: no request can succeed without the model.
                     self._load_error = TeacherError(
