@@ -348,6 +348,7 @@ class Run:
         except asyncio.CancelledError:
             self._stop()
         finally:
+            counters.finished = time.monotonic()
             refresher.cancel()
             view.stop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -445,10 +446,16 @@ class Run:
                 limiter.close()
 
     def _limiter(self, config: TeacherConfig, teacher: Teacher) -> Limiter:
-        concurrency = config.max_concurrency
-        if teacher.max_useful_concurrency:
-            concurrency = min(concurrency, teacher.max_useful_concurrency)
-        limiter = Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries)
+        # An in-process model is fed what it can batch (the recipe may ask for less); an API gets the recipe's cap.
+        useful = teacher.max_useful_concurrency
+        concurrency = config.concurrency_cap
+        if useful:
+            concurrency = min(config.max_concurrency or useful, useful)
+        # Slow start probes a server's limits; a model in this process has none, and starting it at 8 requests
+        # would leave a continuously batching engine mostly idle for its first rounds.
+        initial = concurrency if config.provider in IN_PROCESS else 8
+        limiter = Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries,
+                          initial_concurrency=initial)
         self.limiters.append(limiter)
         return limiter
 

@@ -39,6 +39,7 @@ class Counters:
     cost_usd: float = 0.0
     judge: Usage = field(default_factory=Usage)  # the requests of model-backed checks (judge)
     started: float = field(default_factory=time.monotonic)
+    finished: float | None = None  # when the last sample was written; closing the teacher is not run time
 
     @property
     def written(self) -> int:
@@ -50,7 +51,7 @@ class Counters:
 
     @property
     def elapsed(self) -> float:
-        return max(1e-9, time.monotonic() - self.started)
+        return max(1e-9, (self.finished or time.monotonic()) - self.started)
 
     def eta(self) -> float | None:
         remaining = self.total - self.done

@@ -159,6 +159,9 @@ class ParamRanges(Strict):
         return drawn
 
 
+DEFAULT_MAX_CONCURRENCY = 64  # requests in flight to an API when the recipe does not say
+
+
 class TeacherConfig(Strict):
     provider: Literal["openai", "anthropic", "local", "vllm"] = "local"
     mode: Literal["online", "batch"] = Field(
@@ -176,7 +179,10 @@ class TeacherConfig(Strict):
         description="{temperature: [0.3, 1.1], top_p: [0.8, 1.0]}: each sample draws its own values (seeded by "
         "prompt id and sample index, so a resumed run sends the same bodies); they override params",
     )
-    max_concurrency: int = Field(default=64, ge=1, le=4096)
+    max_concurrency: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="requests in flight at most; default: 64 for an API, what the model can batch for local and vllm",
+    )
     rpm: float | None = Field(default=None, gt=0, description="requests per minute cap; headers rule otherwise")
     tpm: float | None = Field(default=None, gt=0, description="tokens per minute cap; headers rule otherwise")
     timeout_s: float = Field(default=600.0, gt=0)
@@ -249,6 +255,11 @@ class TeacherConfig(Strict):
                 return [{"role": "system", "content": merged}] + context[1:] + messages[1:]
             return [messages[0]] + context + messages[1:]
         return context + messages
+
+    @property
+    def concurrency_cap(self) -> int:
+        """max_concurrency, or the API default when the recipe leaves it to the provider."""
+        return self.max_concurrency or DEFAULT_MAX_CONCURRENCY
 
     @property
     def max_tokens(self) -> int:

@@ -351,7 +351,7 @@ class Expansion:
                 while stats["prompts"] < config.count and next_round < config.max_rounds:
                     # A few rounds in flight, judged strictly in order: the outcome never depends on timing.
                     wanted = math.ceil((config.count - stats["prompts"]) / config.per_request)
-                    window = max(1, min(wanted, self.teacher_config.max_concurrency))
+                    window = max(1, min(wanted, self.teacher_config.concurrency_cap))
                     for r in range(next_round, min(next_round + window, config.max_rounds)):
                         if r not in tasks:
                             tasks[r] = asyncio.create_task(self._answer(self._body(seeds, r), r, cache, stats))

@@ -220,6 +220,7 @@ class VLLMTeacher:
             del engine, llm
 
     def _load(self) -> Any:
+        began = time.monotonic()  # importing vllm takes seconds: part of the load
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the progress bar
         from vllm import LLM
 
@@ -233,7 +234,6 @@ class VLLMTeacher:
         if self.top_logprobs:
             args.setdefault("logprobs_mode", "raw_logprobs")  # the model's distribution, as the local provider's
             args["max_logprobs"] = max(int(args.get("max_logprobs") or 20), self.top_logprobs)
-        began = time.monotonic()
         llm = LLM(model=resolve_model(self.model), **args)
         self._tokenizer = llm.get_tokenizer()
         self.load_s = time.monotonic() - began
