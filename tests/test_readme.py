@@ -1,0 +1,48 @@
+"""The README's YAML is what the code accepts: every ```yaml block validates against the recipe models.
+
+A block with a `factory:` key (or the keys of one: `teacher:`, `checks:`, `best_of:`, …) validates as the
+factory section, with a prompt file filled in where the block leaves the source out; `sft:` validates as
+the sft section, with a run directory filled in where it names none. A snippet the models reject (a renamed key, a placeholder) fails here, not in a user's run.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+README = REPO / "README.md"
+FACTORY_KEYS = {"output_dir", "prompts", "samples_per_prompt", "teacher", "checks", "best_of", "budget_usd"}
+
+
+def yaml_blocks() -> list[tuple[int, str]]:
+    text = README.read_text(encoding="utf-8")
+    return [(text[:m.start()].count("\n") + 1, m.group(1)) for m in re.finditer(r"```yaml\n(.*?)```", text, re.S)]
+
+
+def test_the_readme_has_yaml_blocks():
+    assert len(yaml_blocks()) >= 6
+
+
+@pytest.mark.parametrize("line,block", yaml_blocks(), ids=[f"README.md:{line}" for line, _ in yaml_blocks()])
+def test_every_yaml_block_in_the_readme_validates(line, block):
+    from factory.recipe import FactoryConfig
+    from sft.config import validate_sft_section
+
+    data = yaml.safe_load(block)
+    assert isinstance(data, dict), f"README.md:{line}: not a mapping"
+    factory = data.pop("factory", None)
+    if factory is None and set(data) <= FACTORY_KEYS:
+        factory, data = data, {}
+    sft = data.pop("sft", None)
+    assert not data, f"README.md:{line}: keys of no section: {sorted(data)}"
+    assert factory is not None or sft is not None
+    if factory is not None:
+        factory = dict(factory)
+        factory.setdefault("prompts", {"path": "data/seeds/demo.jsonl"})
+        FactoryConfig.model_validate(factory)
+    if sft is not None:
+        validate_sft_section({"data": ["runs/demo"], **sft}, f"README.md:{line}")  # a fragment names no run
