@@ -313,6 +313,8 @@ def test_every_check_fires_the_expected_number_of_times(tmp_path, server, env_ke
     manifest = json.loads((run / "manifest.json").read_text())
     assert {k: v["count"] for k, v in manifest["stats"]["rejected_by"].items()} == plan["expected"]
     assert manifest["counts"]["rejected_by"] == plan["expected"]
+    for figures in ("diversity", "attributes", "tokens", "counts"):
+        assert manifest["stats"][figures] == stats[figures]
     assert main(["stats", str(run)]) == 0
     table = capsys.readouterr().out
     assert "rejected: near_dup" in table and "distinct-2" in table
@@ -363,3 +365,35 @@ def test_prime_reads_accepted_samples_into_run_wide_checks(tmp_path):
     assert prime(checks, accepted) == 1
     assert checks[1](sample("hello there world", id="new")).reason == "exact duplicate of old"
     assert prime(build_checks(["empty"]), accepted) == 0  # nothing run-wide: the file is not read
+
+
+def test_stats_diversity_coverage_and_throughput_by_hand(tmp_path):
+    """The figures of `factory stats` on a run small enough to count by hand."""
+    from factory.stats import compute_stats, diversity
+
+    figures = diversity(["a b c", "a b d"])
+    assert figures["distinct_1"] == round(4 / 6, 4)   # a b c d of 6 words
+    assert figures["distinct_2"] == 0.75              # ab bc bd of 4 bigrams
+    assert diversity(["one two three four", "one two three four"])["mean_pairwise_jaccard_distance"] == 0.0
+    far = diversity(["alpha beta gamma delta", "north south east west"])["mean_pairwise_jaccard_distance"]
+    assert far > 0.95
+
+    def record(i: int, text: str, topic: str, rejected_by: str | None = None) -> str:
+        return json.dumps({"id": f"{i:024x}", "prompt": [{"role": "user", "content": "q"}],
+                           "completion": [{"role": "assistant", "content": text}], "attributes": {"topic": topic},
+                           "usage": {"input_tokens": 3, "output_tokens": 5, "cost_usd": 0.001},
+                           "rejected_by": rejected_by, "checks": []}) + "\n"
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "accepted.jsonl").write_text(record(1, "a b c", "maths") + record(2, "a b d", "maths")
+                                        + record(3, "x y", "art"), encoding="utf-8")
+    (run / "rejected.jsonl").write_text(record(4, "", "art", "empty"), encoding="utf-8")
+    manifest = {"status": "complete", "totals": {"elapsed_s": 2.0}, "this_run": {"requests_per_s": 1.5}}
+    stats = compute_stats(run, manifest)
+    assert stats["attributes"] == {"topic": {"maths": 2, "art": 1}}  # coverage of the accepted samples
+    assert stats["tokens"] == {"input": 12, "output": 20} and stats["cost_usd"] == 0.004
+    assert stats["throughput"] == {"elapsed_s": 2.0, "samples_per_s": 2.0, "output_tokens_per_s": 10.0,
+                                   "last_run_requests_per_s": 1.5}
+    assert stats["diversity"]["distinct_1"] == round(6 / 8, 4) and stats["diversity"]["distinct_2"] == 0.8
+    assert stats["acceptance_rate"] == 0.75
