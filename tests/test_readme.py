@@ -46,3 +46,16 @@ def test_every_yaml_block_in_the_readme_validates(line, block):
         FactoryConfig.model_validate(factory)
     if sft is not None:
         validate_sft_section({"data": ["runs/demo"], **sft}, f"README.md:{line}")  # a fragment names no run
+
+
+def test_the_accelerate_configs_the_readme_names_load_in_accelerate():
+    """`accelerate launch --config_file configs/accelerate/{ddp,fsdp}.yaml -m sft train …` (README, Scaling out):
+    accelerate's own loader reads both files (an unknown key or a bad value is an error there)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    text = README.read_text(encoding="utf-8")
+    assert "configs/accelerate/ddp.yaml" in text and "fsdp.yaml" in text
+    loaded = {name: ClusterConfig.from_yaml_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+              for name in ("ddp", "fsdp")}
+    assert loaded["ddp"].distributed_type.value == "MULTI_GPU"
+    assert loaded["fsdp"].distributed_type.value == "FSDP" and loaded["fsdp"].fsdp_config
