@@ -380,6 +380,40 @@ def ids_logprobs_meta(model: str, tokenizer: Any = None) -> dict[str, Any]:
     }
 
 
+# ---- request bodies of the in-process teachers (local, vllm) ---------------------------------------
+def build_body(model: str, messages: list[dict[str, str]], n: int, params: dict[str, Any],
+               top_logprobs: int) -> dict[str, Any]:
+    """The body an in-process teacher keys its cache on: the messages, n, every sampling parameter written out."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": str(m["role"]), "content": str(m["content"])} for m in messages],
+        "n": int(n),
+    }
+    body.update(params)
+    if top_logprobs:
+        body["top_logprobs"] = top_logprobs
+    return body
+
+
+def read_body(body: dict[str, Any], model: str, names: Sequence[str]) -> tuple[list[dict[str, str]], int,
+                                                                               dict[str, Any], int]:
+    """A body back as (messages, n, the sampling parameters among `names`, top_logprobs); ValueError if bad."""
+    if body.get("model", model) != model:
+        raise ValueError(f"body is for model {body['model']!r}, this teacher runs {model!r}")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    n = _as_int(body.get("n", 1), "n")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    top_logprobs = _as_int(body.get("top_logprobs", 0), "top_logprobs")
+    if top_logprobs < 0:
+        raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
+    return messages, n, {k: body[k] for k in names if k in body}, top_logprobs
+
+
 # ---- the teacher -----------------------------------------------------------------------------------
 @dataclass(eq=False)
 class _Request:
@@ -429,17 +463,7 @@ class LocalTeacher:
 
     # ---- protocol --------------------------------------------------------------------------------
     def build_request(self, messages: list[dict[str, str]], n: int) -> dict[str, Any]:
-        if n < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": [{"role": str(m["role"]), "content": str(m["content"])} for m in messages],
-            "n": int(n),
-        }
-        body.update(self.params)
-        if self.top_logprobs:
-            body["top_logprobs"] = self.top_logprobs
-        return body
+        return build_body(self.model, messages, n, self.params, self.top_logprobs)
 
     def logprobs_meta(self) -> dict[str, Any]:
         """What the sidecar records about these logprobs: the tokenizer's fingerprint, the ids' meaning."""
@@ -493,18 +517,7 @@ class LocalTeacher:
 
     # ---- batching --------------------------------------------------------------------------------
     def _parse(self, body: dict[str, Any]) -> _Request:
-        if body.get("model", self.model) != self.model:
-            raise ValueError(f"body is for model {body['model']!r}, this teacher runs {self.model!r}")
-        messages = body["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list")
-        n = _as_int(body.get("n", 1), "n")
-        if n < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
-        params = {k: body[k] for k in SUPPORTED_PARAMS if k in body}
-        top_logprobs = _as_int(body.get("top_logprobs", 0), "top_logprobs")
-        if top_logprobs < 0:
-            raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
+        messages, n, params, top_logprobs = read_body(body, self.model, SUPPORTED_PARAMS)
         return _Request(messages=messages, n=n, params=normalize_params(params, self.config.max_tokens),
                         future=None, top_logprobs=top_logprobs)  # type: ignore[arg-type]
 

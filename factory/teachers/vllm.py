@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .base import Choice, TeacherError, TeacherResponse, TokenLogprobs
-from .local import SUPPORTED_PARAMS, _as_int, encode_chat, ids_logprobs_meta, normalize_params
+from .local import SUPPORTED_PARAMS, build_body, encode_chat, ids_logprobs_meta, normalize_params, read_body
 
 if TYPE_CHECKING:
     from ..recipe import TeacherConfig
@@ -108,17 +108,7 @@ class VLLMTeacher:
 
     # ---- protocol --------------------------------------------------------------------------------
     def build_request(self, messages: list[dict[str, str]], n: int) -> dict[str, Any]:
-        if n < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": [{"role": str(m["role"]), "content": str(m["content"])} for m in messages],
-            "n": int(n),
-        }
-        body.update(self.params)
-        if self.top_logprobs:
-            body["top_logprobs"] = self.top_logprobs
-        return body
+        return build_body(self.model, messages, n, self.params, self.top_logprobs)
 
     def logprobs_meta(self) -> dict[str, Any]:
         return ids_logprobs_meta(self.model, self._tokenizer)
@@ -153,18 +143,7 @@ class VLLMTeacher:
 
     # ---- requests --------------------------------------------------------------------------------
     def _parse(self, body: dict[str, Any]) -> _Job:
-        if body.get("model", self.model) != self.model:
-            raise ValueError(f"body is for model {body['model']!r}, this teacher runs {self.model!r}")
-        messages = body["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list")
-        n = _as_int(body.get("n", 1), "n")
-        if n < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
-        params = {k: body[k] for k in SUPPORTED_PARAMS + VLLM_PARAMS if k in body}
-        top_logprobs = _as_int(body.get("top_logprobs", 0), "top_logprobs")
-        if top_logprobs < 0:
-            raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
+        messages, n, params, top_logprobs = read_body(body, self.model, SUPPORTED_PARAMS + VLLM_PARAMS)
         return _Job(messages=messages, n=n, params=normalize_vllm_params(params, self.config.max_tokens),
                     top_logprobs=top_logprobs, future=None)  # type: ignore[arg-type]
 
