@@ -5,7 +5,6 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from factory.recipe import RecipeError

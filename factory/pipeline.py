@@ -31,7 +31,7 @@ from .prompts import PromptError, PromptItem, check_prompts, iter_prompts
 from .recipe import IN_PROCESS, FactoryConfig, RecipeError, TeacherConfig, ranking_check
 from .records import CheckResult, Failure, Sample, canonical_json, sample_id, stable_hash
 from .store import ACCEPTED, CACHE, FAILED, REJECTED, Store, read_manifest, write_manifest
-from .teachers import Teacher, TeacherError, TeacherResponse, make_teacher
+from .teachers import Teacher, TeacherError, make_teacher
 
 # Errors that no retry will mend and that every later request would hit too: stop the run.
 FATAL_STATUS = {401: "the API key was rejected", 403: "access denied", 404: "model or endpoint not found"}

@@ -7,7 +7,6 @@ the sft section, with a run directory filled in where it names none. A snippet t
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
