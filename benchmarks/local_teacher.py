@@ -32,8 +32,8 @@ both sides the same batches and padding and leaves only the factory's own overhe
     .venv/bin/python benchmarks/local_teacher.py [--prompts 40 --batch-size 8 --max-tokens 64 --rounds 3 \
         --threads 2 --sorted --out benchmarks/results/local_teacher.md]
 
-A vLLM side (`--vllm PYTHON`, run with its own venv) is meant to be added as one more entry of `sides_fns`
-in `main`; until then the results file keeps a `## provider: vllm` placeholder.
+The vLLM side (`provider: vllm` against raw `vllm.LLM.generate`) needs the vLLM venv on both sides and is
+its own script: benchmarks/vllm_teacher.py.
 """
 from __future__ import annotations
 
@@ -318,7 +318,7 @@ def main() -> int:
     # Converted once, outside any timed region and before either side needs it.
     subprocess.run([PY, "-c", f"from factory.builtin import resolve_model; resolve_model({MODEL!r})"],
                    cwd=REPO, env=bench_env(args.threads), check=True)
-    sides_fns = {"raw": run_raw, "factory": run_factory}  # a vLLM pair would be added here behind --vllm
+    sides_fns = {"raw": run_raw, "factory": run_factory}
     sides: dict[str, list[dict]] = {name: [] for name in sides_fns}
     load_before = loadavg()
     with tempfile.TemporaryDirectory(prefix="bench-local-teacher-") as tmp:
