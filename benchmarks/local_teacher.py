@@ -44,6 +44,7 @@ import os
 import platform
 import random
 import runpy
+import signal
 import statistics
 import subprocess
 import sys
@@ -116,9 +117,15 @@ def bench_env(threads: int) -> dict[str, str]:
 def run_child(cmd: list[str], env: dict[str, str]) -> float:
     """Run a subprocess to its end; its wall seconds. Exits with its stderr when it fails."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate()
+    except BaseException:  # interrupted or terminated: do not leave a child generating on both cores
+        proc.kill()
+        proc.wait()
+        raise
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
     return time.perf_counter() - start
 
 
@@ -314,6 +321,7 @@ def main() -> int:
                         "little as the factory's length-grouped batches: isolates the factory's own overhead")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the markdown results file")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the child and the temp folder are cleaned up
 
     # Converted once, outside any timed region and before either side needs it.
     subprocess.run([PY, "-c", f"from factory.builtin import resolve_model; resolve_model({MODEL!r})"],
