@@ -258,3 +258,23 @@ def test_vllm_request_bodies_carry_the_sampling_parameters():
                          ({"repetition_penalty": 0}, "params.repetition_penalty must be a number > 0")]:
         with pytest.raises(ValueError, match=message):
             make_teacher(TeacherConfig(provider="vllm", params=bad))
+
+
+def test_in_process_teachers_start_at_what_they_batch_and_apis_slow_start():
+    """A local or vllm teacher is fed what it can batch from the first request (no slow start: there is no
+    server limit to probe); an API starts at 8 in flight and grows, under the recipe's cap (default 64)."""
+    from factory.pipeline import Run
+    from factory.recipe import TeacherConfig
+    from factory.teachers import make_teacher
+
+    run = Run.__new__(Run)
+    run.limiters = []
+    cases = [(TeacherConfig(provider="local", batch_size=8), 32, 32),
+             (TeacherConfig(provider="local", batch_size=8, max_concurrency=12), 12, 12),
+             (TeacherConfig(provider="vllm", engine_args={"max_num_seqs": 16}), 32, 32),
+             (TeacherConfig(provider="openai", model="gpt-4o-mini", base_url="http://127.0.0.1:9/v1"), 64, 8),
+             (TeacherConfig(provider="openai", model="gpt-4o-mini", base_url="http://127.0.0.1:9/v1",
+                            max_concurrency=300), 300, 8)]
+    for config, cap, start in cases:
+        limiter = run._limiter(config, make_teacher(config))
+        assert (limiter.max_concurrency, limiter.limit) == (cap, start), config.provider
