@@ -448,9 +448,7 @@ class Run:
     def _limiter(self, config: TeacherConfig, teacher: Teacher) -> Limiter:
         # An in-process model is fed what it can batch (the recipe may ask for less); an API gets the recipe's cap.
         useful = teacher.max_useful_concurrency
-        concurrency = config.concurrency_cap
-        if useful:
-            concurrency = min(config.max_concurrency or useful, useful)
+        concurrency = min(config.max_concurrency or useful, useful) if useful else config.concurrency_cap
         # Slow start probes a server's limits; a model in this process has none, and starting it at 8 requests
         # would leave a continuously batching engine mostly idle for its first rounds.
         initial = concurrency if config.provider in IN_PROCESS else 8
