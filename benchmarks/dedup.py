@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from factory.records import Sample  # noqa: E402
 from quality_checks import build_checks, prime  # noqa: E402
 from quality_checks.minhash import text_shingles  # noqa: E402
-from quality_checks.text import words  # noqa: E402
+from apprentice.text import fold_words
 
 
 def rss_bytes() -> int:
@@ -122,7 +122,7 @@ class DatasketchNearDup:
     def __call__(self, sample):
         from quality_checks import PASS, Verdict
 
-        tokens = words(sample.text)
+        tokens = fold_words(sample.text)
         minhash = self.MinHash(num_perm=self.num_perm)
         minhash.update_batch([" ".join(tokens[i : i + 3]).encode() for i in range(len(tokens) - 2)])
         self._last = minhash

@@ -75,7 +75,7 @@ LABELS = {
     "distilabel": "distilabel (`TextGeneration` + `OpenAILLM`)",
 }
 IMPORTS = {
-    "factory": "import factory.__main__, factory.pipeline, factory.recipe, factory.teachers.openai, openai",
+    "factory": "import factory.__main__, factory.run, factory.recipe, factory.teachers.openai, openai",
     "plain": "import asyncio, openai",
     "curator": ("from bespokelabs import curator; "
                 "import bespokelabs.curator.request_processor.online.openai_online_request_processor"),

@@ -14,7 +14,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from factory.builtin import BuiltinModelError
     from factory.prompts import PromptError
-    from factory.recipe import RecipeError
+    from apprentice.errors import RecipeError
     from factory.teachers.hosted import MissingKeyError
 
     from .config import load_eval_config

@@ -14,7 +14,9 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from factory.answers import answer_prompts
 
 from .config import ModelConfig
 from .golden import GoldenItem
@@ -146,43 +148,13 @@ def _time_local(model: Any, tokenizer: Any, rows: list[list[int]], params: dict[
 
 
 # ---- hosted -----------------------------------------------------------------------------------------
-def read_answers(run_dir: Path) -> Iterator[dict[str, Any]]:
-    """The records of a pipeline run with no checks (accepted; rejected only if a check was added)."""
-    for name in ("accepted.jsonl", "rejected.jsonl"):
-        path = run_dir / name
-        if path.exists():
-            with path.open(encoding="utf-8") as handle:
-                for line in handle:
-                    yield json.loads(line)
-
-
 def run_hosted(config: ModelConfig, items: list[GoldenItem], output_dir: Path, console: Any) -> ModelRun:
-    """Answers through the factory pipeline: cached, rate-limited, priced; failures stay failures."""
-    import asyncio
-
-    from factory.pipeline import Run
-    from factory.recipe import FactoryConfig, PromptsConfig
-
-    folder = output_dir / "answers"
-    folder.mkdir(parents=True, exist_ok=True)
-    prompts = folder / f"{config.name}.prompts.jsonl"
-    with prompts.open("w", encoding="utf-8") as handle:
-        for item in items:
-            handle.write(json.dumps({"id": item.key, "prompt": item.messages}) + "\n")
-    teacher = config.model_dump(exclude={"name", "role"})
-    factory = FactoryConfig(output_dir=folder, prompts=PromptsConfig(path=prompts), samples_per_prompt=1,
-                            teacher=teacher, checks=[])
-    # One directory per model settings: changing them starts a new cache instead of being refused.
-    run_dir = factory.output_dir = folder / f"{config.name}-{factory.fingerprint_hash()[:10]}"
-    result = asyncio.run(Run(factory, console=console).execute())
-    answers = {record["prompt_id"]: Answer(record["completion"][0]["content"], record["usage"].get("output_tokens", 0),
-                                           record.get("finish_reason"), cost_usd=record["usage"].get("cost_usd", 0.0))
-               for record in read_answers(run_dir)}
-    failed = run_dir / "failed.jsonl"
-    if failed.exists():
-        for line in failed.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            answers.setdefault(record["prompt_id"], Answer("", error=record["error"]))
+    """Answers through a factory run: cached, rate-limited, priced; failures stay failures."""
+    prompts = [{"id": item.key, "prompt": item.messages} for item in items]
+    result = answer_prompts(config.model_dump(exclude={"name", "role"}), prompts, output_dir / "answers",
+                            name=config.name, console=console)
+    answers = {key: Answer(a.text, a.output_tokens, a.finish_reason, cost_usd=a.cost_usd, error=a.error)
+               for key, a in result.by_id.items()}
     for item in items:  # a stopped run (budget, Ctrl-C) leaves some unanswered: they score 0, and say so
         answers.setdefault(item.key, Answer("", error=f"no answer ({result.status})"))
     cost = sum(a.cost_usd for a in answers.values())
@@ -190,4 +162,3 @@ def run_hosted(config: ModelConfig, items: list[GoldenItem], output_dir: Path, c
     perf = {"cost_usd": round(cost, 6), "usd_per_1k_answers": round(1000 * cost / answered, 4) if answered else None,
             "status": result.status}
     return ModelRun(config, answers, perf)
-

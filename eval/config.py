@@ -1,7 +1,7 @@
 """The `eval:` section of a recipe: which models answer which golden sets, how they are scored, the gate.
 
-`factory.recipe.Recipe` keeps `eval` as a plain mapping; this module validates it and reports every
-problem at once with its `eval.` key path, reusing the factory's loader, `--set` overrides and error format.
+Config layer: it imports no behaviour module. Every problem is reported at once with its `eval.` key path,
+through the one recipe loader (apprentice/config.py).
 A model is a factory teacher (any backend: local, openai, anthropic) with a name; local models run
 in-process, hosted ones go through the factory pipeline (cache, rate limits, cost).
 """
@@ -10,15 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from factory.recipe import RecipeError, TeacherConfig, format_validation_error, load_recipe_data, with_section_prefix
+from apprentice.config import Strict, load_section
+from factory.recipe import TeacherConfig
 
-from .metrics import METRICS
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# The metrics a golden line or `eval.metrics` may name; eval/metrics.py implements each (and asserts so).
+METRIC_NAMES = ("exact", "normalized", "token_f1", "rouge_l", "regex", "json_valid", "json_schema", "json_match",
+                "verifier", "judge")
 
 
 class ModelConfig(TeacherConfig):
@@ -72,9 +71,9 @@ class EvalConfig(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique; repeated: {duplicates}")
-        unknown = [m for m in self.metrics if m not in METRICS]
+        unknown = [m for m in self.metrics if m not in METRIC_NAMES]
         if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(sorted(METRICS))}")
+            raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(sorted(METRIC_NAMES))}")
         for key in ("reference", "student"):
             value = getattr(self, key)
             if value is not None and value not in names:
@@ -93,13 +92,5 @@ class EvalConfig(Strict):
 
 
 def load_eval_config(path: Path | str, overrides: list[str] | None = None) -> EvalConfig:
-    data = load_recipe_data(path, overrides)
-    section = data.get("eval")
-    if section is None:
-        raise RecipeError(f"{path}: no `eval:` section; add one (see data/recipes/demo.yaml)")
-    if not isinstance(section, dict):
-        raise RecipeError(f"{path}: `eval:` must be a mapping of keys (see data/recipes/demo.yaml)")
-    try:
-        return EvalConfig.model_validate(section)
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(path, with_section_prefix(exc, "eval"))) from None
+    """The validated `eval:` section of a recipe file, after `--set eval.key=value` overrides."""
+    return load_section(EvalConfig, "eval", path, overrides)

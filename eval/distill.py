@@ -7,12 +7,12 @@ from typing import Any
 
 from .answer import ModelRun
 from .golden import GoldenItem
-from .metrics import normalize
+from apprentice.text import squad_text
 
 
 def agreement(student: ModelRun, teacher: ModelRun, keys: list[str]) -> float:
     """Share of golden prompts where both give the same answer (after normalization)."""
-    same = sum(normalize(student.answers[k].text) == normalize(teacher.answers[k].text) for k in keys)
+    same = sum(squad_text(student.answers[k].text) == squad_text(teacher.answers[k].text) for k in keys)
     return same / len(keys) if keys else float("nan")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.prompts import parse_messages
-from factory.recipe import RecipeError
+from apprentice.errors import RecipeError
 
 from .metrics import METRICS, NEEDS_REFERENCE
 

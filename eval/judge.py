@@ -6,14 +6,14 @@ asked in both orders; a pair whose two verdicts disagree (position bias) counts 
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .answer import ModelRun, read_answers
+from factory.answers import answer_prompts
+
+from .answer import ModelRun
 from .config import JudgeConfig
 from .golden import GoldenItem
 
@@ -70,9 +70,6 @@ def _reference_block(item: GoldenItem) -> str:
 
 def run_judge(config: JudgeConfig, items: list[GoldenItem], runs: dict[str, ModelRun], student: str,
               reference: str | None, output_dir: Path, console: Any) -> JudgeResult:
-    from factory.pipeline import Run
-    from factory.recipe import FactoryConfig, PromptsConfig
-
     lines: list[dict[str, Any]] = []
     for item in items:
         question = item.prompt_text
@@ -89,20 +86,10 @@ def run_judge(config: JudgeConfig, items: list[GoldenItem], runs: dict[str, Mode
     result = JudgeResult()
     if not lines:
         return result
-    folder = output_dir / "judge"
-    folder.mkdir(parents=True, exist_ok=True)
-    prompts = folder / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     teacher = config.model_dump(exclude={"rubric", "pairwise"})
-    factory = FactoryConfig(output_dir=folder, prompts=PromptsConfig(path=prompts, system=JUDGE_SYSTEM),
-                            samples_per_prompt=1, teacher=teacher, checks=[])
-    factory.output_dir = folder / f"run-{factory.fingerprint_hash()[:10]}"
-    asyncio.run(Run(factory, console=console).execute())
-
-    verdicts: dict[str, str] = {}
-    for record in read_answers(factory.output_dir):
-        verdicts[record["prompt_id"]] = record["completion"][0]["content"]
-        result.cost_usd += record["usage"].get("cost_usd", 0.0)
+    answers = answer_prompts(teacher, lines, output_dir / "judge", name="run", system=JUDGE_SYSTEM, console=console)
+    verdicts = {key: answer.text for key, answer in answers.by_id.items() if answer.error is None}
+    result.cost_usd += sum(answer.cost_usd for answer in answers.by_id.values())
     for line in lines:
         kind, part, key = line["id"].split("|", 2)
         text = verdicts.get(line["id"], "")

@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import string
-import unicodedata
 from collections import Counter
 from typing import Any, Callable, Sequence
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
+from apprentice.text import rouge_l_words, squad_text
 
-
-def normalize(text: str) -> str:
-    """SQuAD-style: casefold, drop punctuation and articles, collapse whitespace."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = _PUNCT.sub(" ", text)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+from .config import METRIC_NAMES
 
 
 def exact(answer: str, reference: Any) -> float:
@@ -30,11 +21,11 @@ def exact(answer: str, reference: Any) -> float:
 
 
 def normalized(answer: str, reference: Any) -> float:
-    return float(normalize(answer) == normalize(str(reference)))
+    return float(squad_text(answer) == squad_text(str(reference)))
 
 
 def token_f1(answer: str, reference: Any) -> float:
-    pred, gold = normalize(answer).split(), normalize(str(reference)).split()
+    pred, gold = squad_text(answer).split(), squad_text(str(reference)).split()
     if not pred or not gold:
         return float(pred == gold)
     common = sum((Counter(pred) & Counter(gold)).values())
@@ -44,32 +35,9 @@ def token_f1(answer: str, reference: Any) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, 1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
-
-
 def rouge_l(answer: str, reference: Any) -> float:
     """ROUGE-L F1 over normalized words (longest common subsequence)."""
-    return rouge_l_words(normalize(answer).split(), normalize(str(reference)).split())
-
-
-def rouge_l_words(pred: Sequence[str], gold: Sequence[str]) -> float:
-    """ROUGE-L F1 of two word lists already normalized (to compare one text with many, normalize once)."""
-    if not pred or not gold:
-        return float(pred == gold)
-    lcs = _lcs(pred, gold)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(gold)
-    return 2 * precision * recall / (precision + recall)
+    return rouge_l_words(squad_text(answer).split(), squad_text(str(reference)).split())
 
 
 def regex(answer: str, reference: Any) -> float:
@@ -124,6 +92,7 @@ METRICS: dict[str, Callable[[str, Any], float]] = {
     "verifier": lambda answer, reference: 0.0,
     "judge": lambda answer, reference: 0.0,
 }
+assert set(METRICS) == set(METRIC_NAMES), "eval/config.py METRIC_NAMES must list every metric"
 NEEDS_REFERENCE = {"exact", "normalized", "token_f1", "rouge_l", "regex", "json_schema", "json_match"}
 SPECIAL = {"verifier", "judge"}
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from factory.recipe import RecipeError
+from apprentice.errors import RecipeError
 
 from . import distill
 from .answer import ModelRun, run_hosted, run_local

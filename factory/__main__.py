@@ -11,9 +11,10 @@ def _generate(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from .pipeline import Run, print_result
+    from .run import Run, print_result
     from .prompts import PromptError
-    from .recipe import RecipeError, load_factory_config
+    from apprentice.errors import RecipeError
+    from .recipe import load_factory_config
     from .store import StoreError
     from .teachers.hosted import MissingKeyError
 

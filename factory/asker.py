@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Iterable
 
+from apprentice.errors import ApprenticeError
+from apprentice.hashing import canonical_json
+from apprentice.responses import TeacherResponse
+
 from .cache import ResponseCache, cache_key
 from .limiter import Limiter, LimiterClosed
 from .pricing import Pricer
 from .progress import Usage
-from .records import canonical_json
-from .teachers import Teacher, TeacherResponse
+from .teachers.base import Teacher
 
 if TYPE_CHECKING:
     from .recipe import TeacherConfig
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["Asker", "Budget", "BudgetExhausted", "LimiterClosed", "Usage"]
 
 
-class BudgetExhausted(Exception):
+class BudgetExhausted(ApprenticeError):
     """Sending this request could exceed `budget_usd`: it was not sent."""
 
 
@@ -65,10 +68,12 @@ class Asker:
         return self.teacher.build_request(self.config.with_context(messages), n)
 
     async def ask(self, body: dict[str, Any], *, chars: int, outputs: int = 1, index: int = 0,
-                  body_json: str | None = None) -> tuple[TeacherResponse, float]:
+                  body_json: str | None = None, max_tokens: int | None = None,
+                  with_context: bool = True) -> tuple[TeacherResponse, float]:
         """The answer to `body` and what it cost when it was paid for: from the cache, from the same request
         already in flight, or sent through the limiter and committed to the cache. `chars` (of the messages)
-        sizes the token reservation.
+        sizes the token reservation, with the config's context added unless the body was built without it
+        (`with_context=False`); `max_tokens` per output when the body asks for other than the config's.
 
         Raises TeacherError after retries, LimiterClosed when the run is stopping, BudgetExhausted."""
         key = cache_key(body_json if body_json is not None else canonical_json(body), index)
@@ -85,7 +90,8 @@ class Asker:
             raise LimiterClosed()
         asked = self._in_flight[key] = asyncio.get_running_loop().create_future()
         try:
-            answer = await self._send(key, body, chars, outputs)
+            answer = await self._send(key, body, chars + (self.context_chars if with_context else 0),
+                                      (max_tokens or self.config.max_tokens) * outputs)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 asked.cancel()
@@ -99,10 +105,8 @@ class Asker:
             del self._in_flight[key]
         return answer
 
-    async def _send(self, key: str, body: dict[str, Any], chars: int, outputs: int) -> tuple[TeacherResponse, float]:
-        chars += self.context_chars
+    async def _send(self, key: str, body: dict[str, Any], chars: int, max_out: int) -> tuple[TeacherResponse, float]:
         est_in = self.limiter.estimate_tokens(chars)
-        max_out = self.config.max_tokens * outputs
         worst = self.pricer.cost(est_in, max_out)
         self.budget.reserve(worst)
         try:

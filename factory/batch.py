@@ -19,6 +19,10 @@ submission was announced but whose id was never written is found at the provider
 token in its metadata; Anthropic, which has no metadata: by its request count and creation time) instead
 of being sent again. Killed at any point, the same command finishes the run with nothing resubmitted
 that the provider had accepted and nothing lost.
+
+What differs between providers (the line format, submitting, finding, polling, reading results) is in
+the teachers' batch hooks (factory/teachers/batching.py); this driver has no provider branches, and it
+reaches the run only through the decider's public methods and the run's Stop.
 """
 from __future__ import annotations
 
@@ -28,23 +32,24 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from rich.console import Console
+
+from apprentice.errors import FATAL_STATUS, TeacherError
 
 from .asker import BudgetExhausted
 from .cache import cache_key
+from .decide import Decider, Stop, WorkItem
+from .limiter import Limiter
 from .prompts import iter_prompts
 from .store import repair_tail
-from .teachers import TeacherError
-from .teachers.hosted import RETRYABLE_STATUS, map_sdk_error
-
-if TYPE_CHECKING:
-    from .pipeline import Run, WorkItem
+from .teachers.batching import BatchState, BatchTeacher, Outcome
+from .teachers.hosted import map_sdk_error
 
 LEDGER = "batches.jsonl"
 BATCH_DIR = "batches"
-OPENAI_RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 
 
 class _Stopped(Exception):
@@ -55,7 +60,7 @@ class _Stopped(Exception):
 class Waiting:
     """A request that needs an answer from a batch."""
 
-    item: "WorkItem"
+    item: WorkItem
     key: str                       # cache key; the custom_id at the provider
     worst_usd: float
     attempts: int = 0
@@ -74,7 +79,7 @@ class Batch:
     abandoned: bool = False
     answered: int = 0          # the provider's count of finished requests, for the progress line
     status: str = "prepared"
-    info: Any = None           # the provider's last word on it (OpenAI: the Batch object)
+    state: BatchState | None = None  # the provider's last word on it
 
     @property
     def open(self) -> bool:
@@ -147,29 +152,22 @@ class Ledger:
         self._file.close()
 
 
-@dataclass
-class Outcome:
-    """One result line: an answer (JSON of the provider's response), or a failure."""
-
-    key: str
-    data: dict[str, Any] | None = None
-    error: str | None = None
-    status: int | None = None
-    retryable: bool = True
-
-
 class BatchDriver:
-    def __init__(self, run: "Run", prompts_path: Path) -> None:
-        self.run = run
+    def __init__(self, decider: Decider, prompts_path: Path, *, limit: int | None, limiter: Limiter, stop: Stop,
+                 console: Console) -> None:
+        self.decider = decider
         self.prompts_path = prompts_path
-        self.config = run.config
-        self.teacher = run.asker.teacher
-        self.cache = run.asker.cache
-        self.pricer = run.asker.pricer
-        self.budget = run.asker.budget
-        self.provider = self.config.teacher.provider
+        self.limit = limit
+        self.limiter = limiter
+        self.stop = stop
+        self.console = console
+        self.config = decider.config
+        self.teacher: BatchTeacher = decider.asker.teacher  # type: ignore[assignment]
+        self.cache = decider.asker.cache
+        self.pricer = decider.asker.pricer
+        self.budget = decider.asker.budget
         self.options = self.config.teacher.batch
-        self.max_requests, self.max_bytes = self.options.limits(self.provider)
+        self.max_requests, self.max_bytes = self.options.limits(self.config.teacher.provider)
         self.waiting: dict[str, Waiting] = {}   # key → request of this run without an answer yet
         self.in_batch: dict[str, str] = {}      # key → name of the open batch that carries it
         self.next_poll_at = 0.0
@@ -200,7 +198,6 @@ class BatchDriver:
     # ---- the run ------------------------------------------------------------------------------------
     async def execute(self) -> None:
         self.ledger = Ledger(self.config.output_dir)
-        self.run.batches = self
         try:
             await self._walk()
             await self._resume_open()
@@ -212,20 +209,20 @@ class BatchDriver:
             self.ledger.close()
 
     async def _walk(self) -> None:
-        run, config = self.run, self.config
+        config, decider = self.config, self.decider
         context_chars = sum(len(m["content"]) for m in config.teacher.context or ())
         sent = 0
         for prompt in iter_prompts(self.prompts_path, config.prompts.system):
-            if run.stopping or (run.limit is not None and sent >= run.limit):
+            if self.stop.stopping or (self.limit is not None and sent >= self.limit):
                 break
             sent += 1
             chars = sum(len(m["content"]) for m in prompt.messages) + context_chars
-            for item in run._open_items(self.teacher, prompt):
+            for item in decider.open_items(prompt):
                 key = cache_key(item.body_json, item.indices[0])
                 if key in self.cache:
-                    await run._process(item)  # answered before: straight to the checks and the store
+                    await decider.process(item)  # answered before: straight to the checks and the store
                     continue
-                worst = self.pricer.cost(run.limiter.estimate_tokens(chars),
+                worst = self.pricer.cost(self.limiter.estimate_tokens(chars),
                                          config.teacher.max_tokens * len(item.indices))
                 self.waiting[key] = Waiting(item, key, worst, self.ledger.failures.get(key, 0))
 
@@ -242,7 +239,7 @@ class BatchDriver:
             if batch.provider_id is None:
                 found = await self._find_submitted(batch)
                 if found is not None:
-                    self.run.console.print(f"batch {batch.name}: found at the provider as {found} "
+                    self.console.print(f"batch {batch.name}: found at the provider as {found} "
                                            "(submitted before the crash); not sent again")
                     self.ledger.append({"event": "submitted", "batch": batch.name, "provider_id": found,
                                         "adopted": True})
@@ -267,20 +264,14 @@ class BatchDriver:
             await self._prepare_and_send(chunk, worst, round_)
 
     def _line(self, waiting: Waiting) -> str:
-        if self.provider == "openai":
-            entry = {"custom_id": waiting.key, "method": "POST", "url": "/v1/chat/completions",
-                     "body": waiting.item.body}
-        else:
-            entry = {"custom_id": waiting.key, "params": waiting.item.body}
+        entry = self.teacher.batch_entry(waiting.key, waiting.item.body)
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n"
 
     async def _prepare_and_send(self, lines: list[str], worst: float, round_: int) -> None:
-        run = self.run
         try:
             self.budget.reserve(worst)  # the batch's worst case, released when its answers are in
         except BudgetExhausted:
-            run.budget_hit = True
-            run._stop()
+            self.stop(budget=True)
             raise _Stopped from None
         name = self.ledger.next_name()
         path = self.ledger.input_path(name)
@@ -296,19 +287,13 @@ class BatchDriver:
 
     async def _send(self, batch: Batch) -> None:
         path = self.ledger.input_path(batch.name)
-        client = self.teacher.client
+
+        def uploaded(file_id: str) -> None:
+            self.ledger.append({"event": "uploaded", "batch": batch.name, "file_id": file_id})
+
         try:
-            if self.provider == "openai":
-                if batch.file_id is None:
-                    data = path.read_bytes()
-                    uploaded = await self._call(lambda: client.files.create(file=(path.name, data), purpose="batch"))
-                    self.ledger.append({"event": "uploaded", "batch": batch.name, "file_id": uploaded.id})
-                created = await self._call(lambda: client.batches.create(
-                    input_file_id=batch.file_id, endpoint="/v1/chat/completions", completion_window="24h",
-                    metadata={"apprentice": f"{self.ledger.token}:{batch.name}"}))
-            else:
-                requests = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-                created = await self._call(lambda: client.messages.batches.create(requests=requests))
+            provider_id = await self.teacher.submit_batch(path, file_id=batch.file_id, tag=self._tag(batch),
+                                                          call=self._call, uploaded=uploaded)
         except TeacherError as error:  # the provider refused the batch itself: its requests fail
             self.ledger.append({"event": "abandoned", "batch": batch.name, "error": str(error)})
             self.budget.release(batch.worst_usd)
@@ -317,36 +302,22 @@ class BatchDriver:
                     del self.in_batch[key]
                     self._fail(self.waiting.pop(key), f"batch {batch.name} refused: {error}", error.status)
             return
-        self.ledger.append({"event": "submitted", "batch": batch.name, "provider_id": created.id})
-        self.run.console.print(f"batch {batch.name}: {batch.count:,} requests submitted as {created.id}",
-                               highlight=False)
+        self.ledger.append({"event": "submitted", "batch": batch.name, "provider_id": provider_id})
+        self.console.print(f"batch {batch.name}: {batch.count:,} requests submitted as {provider_id}",
+                           highlight=False)
+
+    def _tag(self, batch: Batch) -> str:
+        """What marks a batch at the provider as this run's: the ledger's token and the batch's name."""
+        return f"{self.ledger.token}:{batch.name}"
 
     async def _find_submitted(self, batch: Batch) -> str | None:
         """The provider's id of a batch whose submission was announced but never confirmed, if it exists."""
-        client = self.teacher.client
         since = batch.prepared_at - 120.0  # clock skew between here and the provider
-        if self.provider == "openai":
-            tag = f"{self.ledger.token}:{batch.name}"
-            page = await self._call(lambda: client.batches.list(limit=100))
-            async for found in page:
-                if (found.metadata or {}).get("apprentice") == tag:
-                    return found.id
-                if found.created_at < since:
-                    break
-            return None
-        candidates = []
-        page = await self._call(lambda: client.messages.batches.list(limit=100))
-        async for found in page:
-            created = _epoch(found.created_at)
-            if created < since:
-                break
-            counts = found.request_counts
-            total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
-            if total == batch.count:
-                candidates.append(found.id)
+        candidates = await self.teacher.find_batch(tag=self._tag(batch), count=batch.count, since=since,
+                                                   call=self._call)
         if len(candidates) > 1:
-            self.run.console.print(
-                f"[yellow]batch {batch.name}: {len(candidates)} batches at Anthropic could be the one submitted "
+            self.console.print(
+                f"[yellow]batch {batch.name}: {len(candidates)} batches at the provider could be the one submitted "
                 f"before the crash ({', '.join(candidates)}); sending it again. Cancel the extra one if it "
                 "was ours.[/]")
             return None
@@ -355,7 +326,7 @@ class BatchDriver:
     # ---- poll and fetch -------------------------------------------------------------------------------
     async def _poll(self) -> None:
         interval = self.options.poll_s
-        while not self.run.stopping:
+        while not self.stop.stopping:
             open_batches = [b for b in self.ledger.batches.values() if b.open and b.provider_id]
             if not open_batches:
                 return
@@ -375,26 +346,16 @@ class BatchDriver:
                 await self._sleep(interval)
 
     async def _status(self, batch: Batch) -> tuple[bool, int]:
-        client = self.teacher.client
-        if self.provider == "openai":
-            info = await self._call(lambda: client.batches.retrieve(batch.provider_id))
-            batch.status = info.status
-            counts = info.request_counts
-            answered = (counts.completed + counts.failed) if counts else 0
-            batch.info = info
-            return info.status not in OPENAI_RUNNING, answered
-        info = await self._call(lambda: client.messages.batches.retrieve(batch.provider_id))
-        batch.status = info.processing_status
-        counts = info.request_counts
-        answered = counts.succeeded + counts.errored + counts.canceled + counts.expired
-        return info.processing_status == "ended", answered
+        state = batch.state = await self.teacher.batch_status(batch.provider_id, self._call)
+        batch.status = state.status
+        return state.ended, state.answered
 
     async def _fetch(self, batch: Batch) -> list[Waiting]:
         """Store an ended batch's answers (cache first, then records); return the requests to send again."""
         resend: list[Waiting] = []
         failed: dict[str, str] = {}
         succeeded = 0
-        counters, cache, pricer = self.run.counters, self.cache, self.pricer
+        counters, cache, pricer = self.decider.counters, self.cache, self.pricer
         async for outcome in self._outcomes(batch):  # streamed: memory does not grow with the batch
             mine = self.in_batch.get(outcome.key) == batch.name
             waiting = self.waiting.pop(outcome.key) if mine else None
@@ -417,7 +378,7 @@ class BatchDriver:
                     succeeded += 1
                     if waiting is not None:
                         del self.in_batch[outcome.key]
-                        await self.run._process(waiting.item)  # from the cache: checks, store
+                        await self.decider.process(waiting.item)  # from the cache: checks, store
                         if fresh:
                             counters.cache_hits -= 1  # answered by this batch, not found in the cache
                     continue
@@ -435,7 +396,7 @@ class BatchDriver:
         self.ledger.append({"event": "fetched", "batch": batch.name, "status": batch.status,
                             "succeeded": succeeded, "failed": failed})
         self.budget.release(batch.worst_usd)
-        self.run.console.print(
+        self.console.print(
             f"batch {batch.name} ({batch.provider_id}) {batch.status}: {succeeded:,} answered, {len(failed):,} failed"
             + (f", {len(resend):,} sent again" if resend else ""), highlight=False)
         return resend
@@ -443,81 +404,38 @@ class BatchDriver:
     async def _outcomes(self, batch: Batch) -> AsyncIterator[Outcome]:
         """Every request of an ended batch once: its result, or why it has none."""
         seen: set[str] = set()
-        results = self._openai_outcomes(batch) if self.provider == "openai" else self._anthropic_outcomes(batch)
-        async for outcome in results:
+        assert batch.state is not None and batch.provider_id is not None
+        async for outcome in self.teacher.batch_outcomes(batch.state, batch.provider_id, self.ledger.dir,
+                                                         batch.name, self._call):
             if outcome.key not in seen:
                 seen.add(outcome.key)
                 yield outcome
-        why = f"no result in batch {batch.name} ({batch.status})"
-        if self.provider == "openai" and batch.status == "failed" and not seen:
-            info = batch.info
-            errors = "; ".join(f"{e.code}: {e.message}" for e in (info.errors.data if info.errors else []) or [])
-            why = f"batch failed validation: {errors or 'no reason given'}"
+        refused = None if seen else self.teacher.batch_failure(batch.state)
+        why = refused or f"no result in batch {batch.name} ({batch.status})"
         for key in self.ledger.keys(batch.name):  # requests the provider did not account for
             if key not in seen:
-                yield Outcome(key, error=why, retryable=not why.startswith("batch failed validation"))
-
-    async def _openai_outcomes(self, batch: Batch) -> AsyncIterator[Outcome]:
-        """The output file, then the error file, each downloaded to batches/ first (streamed to disk, then
-        read a line at a time; a crash while reading costs no second download)."""
-        for kind, file_id in (("output", batch.info.output_file_id), ("errors", batch.info.error_file_id)):
-            if not file_id:
-                continue
-            path = self.ledger.dir / f"{batch.name}.{kind}.jsonl"
-            if not path.exists():
-                await self._call(lambda: self._download(file_id, path))
-            with path.open("r", encoding="utf-8") as handle:
-                for line in handle:
-                    if line.strip():
-                        yield _openai_outcome(json.loads(line))
-
-    async def _download(self, file_id: str, path: Path) -> None:
-        part = path.with_suffix(".part")
-        async with self.teacher.client.files.with_streaming_response.content(file_id) as response:
-            with part.open("wb") as handle:
-                async for chunk in response.iter_bytes():
-                    handle.write(chunk)
-        os.replace(part, path)
-
-    async def _anthropic_outcomes(self, batch: Batch) -> AsyncIterator[Outcome]:
-        client = self.teacher.client
-        results = await self._call(lambda: client.messages.batches.results(batch.provider_id))
-        async for entry in results:
-            result = entry.result
-            if result.type == "succeeded":
-                yield Outcome(entry.custom_id, data=result.message.model_dump(mode="json"))
-            elif result.type == "errored":
-                error = result.error.error
-                yield Outcome(entry.custom_id, error=f"{error.type}: {error.message}",
-                              retryable=error.type != "invalid_request_error")
-            else:  # expired, canceled
-                yield Outcome(entry.custom_id, error=result.type)
+                yield Outcome(key, error=why, retryable=refused is None)
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def _fail(self, waiting: Waiting, message: str, status: int | None) -> None:
-        from .pipeline import FATAL_STATUS
-
         # One request's failure inside a batch never stops the run, whatever its status.
-        error = TeacherError(message, retryable=False, status=None if status in FATAL_STATUS else status)
-        error.attempts = max(1, waiting.attempts)  # type: ignore[attr-defined]
-        self.run._fail_item(waiting.item, error)
+        error = TeacherError(message, retryable=False, status=None if status in FATAL_STATUS else status,
+                             attempts=max(1, waiting.attempts))
+        self.decider.fail_item(waiting.item, error)
 
     async def _call(self, make: Callable[[], Awaitable[Any]]) -> Any:
         """One call to the batch endpoints, retried with backoff like an online request."""
-        from .pipeline import FATAL_STATUS
-
-        sdk = self.teacher._sdk
+        sdk = self.teacher.sdk
         attempt = 0
         while True:
-            if self.run.stopping:
+            if self.stop.stopping:
                 raise _Stopped
             try:
                 return await make()
             except sdk.APIError as exc:  # openai.APIError / anthropic.APIError
                 error = map_sdk_error(exc, sdk)
-            if error.status in FATAL_STATUS:
-                self.run.fatal = f"{FATAL_STATUS[error.status]} ({error})"
-                self.run._stop()
+            if error.fatal:
+                self.stop(fatal=f"{FATAL_STATUS[error.status]} ({error})")
                 raise _Stopped
             attempt += 1
             if not error.retryable or attempt > self.config.teacher.max_retries:
@@ -526,26 +444,5 @@ class BatchDriver:
 
     async def _sleep(self, seconds: float) -> None:
         self.next_poll_at = time.monotonic() + seconds
-        while not self.run.stopping and time.monotonic() < self.next_poll_at:
+        while not self.stop.stopping and time.monotonic() < self.next_poll_at:
             await asyncio.sleep(min(0.2, max(0.0, self.next_poll_at - time.monotonic())))
-
-
-def _openai_outcome(entry: dict[str, Any]) -> Outcome:
-    key = entry.get("custom_id", "")
-    response = entry.get("response") or None
-    if response is not None and response.get("status_code") == 200:
-        return Outcome(key, data=response.get("body") or {})
-    if response is not None:
-        status = response.get("status_code")
-        message = ((response.get("body") or {}).get("error") or {}).get("message") or "no message"
-        return Outcome(key, error=f"HTTP {status}: {message}", status=status, retryable=status in RETRYABLE_STATUS)
-    error = entry.get("error") or {}
-    return Outcome(key, error=f"{error.get('code') or 'error'}: {error.get('message') or 'no message'}")
-
-
-def _epoch(value: Any) -> float:
-    if isinstance(value, datetime):
-        return value.timestamp()
-    if isinstance(value, (int, float)):
-        return float(value)
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()

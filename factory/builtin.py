@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from apprentice.errors import ApprenticeError
+
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
@@ -44,7 +46,7 @@ _BUILTINS: dict[str, dict[str, str]] = {
 BUILTIN_MODELS = tuple(BUILTIN_PREFIX + short for short in _BUILTINS)
 
 
-class BuiltinModelError(RuntimeError):
+class BuiltinModelError(ApprenticeError, RuntimeError):
     """A built-in model that cannot be provided; the message says how to fix it."""
 
 

@@ -19,68 +19,15 @@ from __future__ import annotations
 import json
 import math
 import random
-import string
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from apprentice.hashing import canonical_json, stable_hash
 
-from .records import canonical_json, stable_hash
+from .prompt_config import GridConfig
+from .prompts import PromptError, SourceEnv
 
 GRID_FILE = "prompts.grid.jsonl"
 EXACT_LIMIT = 1_000_000  # up to this many combinations, weighted sampling is exact
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AttributeValues(_Strict):
-    values: list[str] | None = None
-    path: Path | None = Field(default=None, description="a text file, one value a line")
-    weights: list[float] | None = Field(default=None, description="one weight per value (default: equal)")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "AttributeValues":
-        if (self.values is None) == (self.path is None):
-            raise ValueError("give either values: [...] or path: FILE")
-        return self
-
-
-class GridConfig(_Strict):
-    template: str = Field(description="the prompt, with {attribute} placeholders")
-    attributes: dict[str, list[str] | AttributeValues]
-    count: int | None = Field(default=None, ge=1, description="prompts to draw (default: every combination)")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _placeholders(self) -> "GridConfig":
-        names = {field for _, field, _, _ in string.Formatter().parse(self.template) if field}
-        missing, unused = sorted(names - set(self.attributes)), sorted(set(self.attributes) - names)
-        if missing:
-            raise ValueError(f"template uses {missing}, which attributes does not define")
-        if unused:
-            raise ValueError(f"attributes {unused} do not appear in the template")
-        return self
-
-    def resolved(self) -> list[tuple[str, list[str], list[float]]]:
-        """(name, values, weights) for each attribute; file values read and checked."""
-        out = []
-        for name, spec in self.attributes.items():
-            if isinstance(spec, list):
-                spec = AttributeValues(values=spec)
-            values = spec.values
-            if values is None:
-                path = spec.path
-                if not path.is_file():  # type: ignore[union-attr]
-                    raise ValueError(f"grid.attributes.{name}.path: {path} not found")
-                values = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]  # type: ignore[union-attr]
-            if not values:
-                raise ValueError(f"grid.attributes.{name}: no values")
-            weights = spec.weights or [1.0] * len(values)
-            if len(weights) != len(values) or any(w <= 0 for w in weights):
-                raise ValueError(f"grid.attributes.{name}.weights: one positive weight per value ({len(values)})")
-            out.append((name, values, weights))
-        return out
 
 
 def _combination(index: int, sizes: list[int]) -> list[int]:
@@ -134,3 +81,11 @@ def write_grid(config: GridConfig, run_dir: Path) -> Path:
             handle.write(json.dumps(line, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path
+
+
+async def write_prompts(config: GridConfig, env: SourceEnv) -> Path:
+    """The grid as a prompts file in the run directory (the prompt-source signature, factory/sources.py)."""
+    try:
+        return write_grid(config, env.run_dir)
+    except ValueError as exc:
+        raise PromptError(f"factory.prompts.{exc}") from None

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Awaitable, Callable, Mapping
 
-from .teachers.base import TeacherError, TeacherResponse, parse_retry_after
+from apprentice.errors import ApprenticeError, TeacherError
+from apprentice.responses import TeacherResponse, parse_retry_after
 
 
-class LimiterClosed(Exception):
+class LimiterClosed(ApprenticeError):
     """The run is stopping: this request was not sent."""
 
 
@@ -349,7 +350,7 @@ class Limiter:
                 except TeacherError as error:
                     delay = self._on_failure(error, attempt)
                     if delay is None:
-                        error.attempts = attempt  # type: ignore[attr-defined]
+                        error.attempts = attempt
                         raise
                 else:
                     self._on_success(reservation, response)

@@ -26,41 +26,13 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from .prompts import MAX_REPORTED, PromptError, parse_messages
+from .prompt_config import DATASET_FORMATS as FORMATS
+from .prompt_config import DatasetConfig
+from .prompts import MAX_REPORTED, PromptError, SourceEnv, parse_messages
 
 DATASET_FILE = "prompts.dataset.jsonl"
 SOURCE_FILE = "prompts.dataset.source.json"  # the `dataset:` section that wrote DATASET_FILE
 KEY = "factory.prompts.dataset"
-FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
-
-
-class DatasetConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(description="a local file or folder, or a Hugging Face Hub dataset id")
-    name: str | None = Field(default=None, description="the dataset's configuration (Hub datasets)")
-    split: str = "train"
-    column: str | None = Field(default=None, description="the column holding the prompt text")
-    messages_column: str | None = Field(default=None, description="the column holding [{role, content}] messages")
-    id_column: str | None = Field(default=None, description="prompt ids; default: the row index")
-    attribute_columns: list[str] = Field(default_factory=list, description="columns kept as record attributes")
-    reference_column: str | None = Field(default=None, description="the known answer, for the reference check")
-    limit: int | None = Field(default=None, ge=1, description="only the first N rows")
-    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
-        default=None, description="passed to datasets.load_dataset (with path: a folder, or json/csv/parquet)"
-    )
-
-    @model_validator(mode="after")
-    def _one_prompt_column(self) -> "DatasetConfig":
-        if (self.column is None) == (self.messages_column is None):
-            raise ValueError("give either column: (the prompt text) or messages_column: (chat messages)")
-        return self
-
-    def is_local(self) -> bool:
-        path = Path(self.path).expanduser()
-        return path.exists() or path.suffix.lower() in FORMATS or self.path.startswith((".", "/", "~"))
 
 
 def _open(config: DatasetConfig) -> Iterable[dict[str, Any]]:
@@ -193,3 +165,8 @@ def write_dataset(config: DatasetConfig, run_dir: Path, console: Any = None) -> 
     if console is not None:
         console.print(f"prompts: {count} rows of {config.path} (split {config.split}) → {path}")
     return path
+
+
+async def write_prompts(config: DatasetConfig, env: SourceEnv) -> Path:
+    """The dataset as a prompts file in the run directory (the prompt-source signature, factory/sources.py)."""
+    return write_dataset(config, env.run_dir, env.console)

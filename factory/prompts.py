@@ -1,4 +1,4 @@
-"""Prompt sources. A JSONL line is {"id"?: str, "prompt": str | [messages], "attributes"?: {}, "reference"?: str}.
+"""Prompt files, and what every prompt source is handed. A JSONL line is {"id"?: str, "prompt": str | [messages], "attributes"?: {}, "reference"?: str}.
 
 `reference` is the known answer, for the `reference` check; it is carried onto each Sample.
 
@@ -10,16 +10,34 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from .records import canonical_json, stable_hash
+from apprentice.errors import ApprenticeError
+from apprentice.hashing import canonical_json, stable_hash
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .asker import Asker
 
 ROLES = {"system", "user", "assistant"}
 MAX_REPORTED = 20
 
 
-class PromptError(Exception):
+class PromptError(ApprenticeError):
     """Bad prompt lines; the message lists each with file:line."""
+
+
+@dataclass
+class SourceEnv:
+    """What a prompt source gets besides its own settings. Every source has one signature,
+    `async def write_prompts(config, env: SourceEnv) -> Path` (factory/sources.py lists them): it writes a
+    prompts file (or names one) and returns its path."""
+
+    run_dir: Path
+    console: "Console"
+    asker: "Asker | None" = None  # sources that ask the teacher (self-instruct) ask through the run's asker
+    figures: dict[str, Any] | None = None  # what a source reports for the manifest
 
 
 @dataclass(slots=True)

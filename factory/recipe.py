@@ -1,6 +1,8 @@
-"""The `factory:` section of a recipe: pydantic models, loading, `--set` overrides, fingerprint.
+"""The `factory:` section of a recipe: pydantic models, loading, fingerprint.
 
-Every model forbids unknown keys, and every error of a recipe is reported at once with its key path.
+Config layer: it imports no behaviour module (only apprentice's config base, the prompt-source settings and
+the check registry's names). Every model forbids unknown keys, and every error of a recipe is reported at
+once with its key path.
 """
 from __future__ import annotations
 
@@ -10,51 +12,17 @@ import random
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, field_validator, model_validator,
-)
+from pydantic import Field, PlainValidator, ValidationInfo, field_validator, model_validator
 
-from quality_checks.base import check_fingerprint, check_options, duplicate_names, parse_check_item
+from apprentice.config import Strict, load_section
+from apprentice.hashing import stable_hash
+from quality_checks.registry import check_fingerprint, check_options, duplicate_names, parse_check_item
 
-from .grid import GridConfig
-from .prompt_dataset import DatasetConfig
-from .records import stable_hash
-from .self_instruct import SelfInstructConfig
+from .prompt_config import PromptsConfig
 
 # One item of `factory.checks`: a bare name (`empty`) or a mapping of options (`{name: regex, pattern: ...}`).
 # Validated by the check's own options model; errors carry the item's key path (factory.checks.2.pattern).
 CheckItem = Annotated[Any, PlainValidator(parse_check_item)]
-
-
-class RecipeError(Exception):
-    """A recipe that cannot be used; the message names the file, the keys and the fix."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PromptsConfig(Strict):
-    path: Path | None = Field(
-        default=None, description="JSONL file, one prompt a line: {id?, prompt: str | [messages], attributes?}"
-    )
-    grid: GridConfig | None = Field(default=None, description="prompts from a template × attribute values")
-    dataset: DatasetConfig | None = Field(
-        default=None, description="prompts from a dataset (local file or folder, or Hub id) via `datasets`"
-    )
-    self_instruct: SelfInstructConfig | None = Field(
-        default=None, description="new prompts written by the teacher from seed prompts, near-duplicates dropped"
-    )
-    system: str | None = Field(default=None, description="system message prepended to prompts that have none")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "PromptsConfig":
-        sources = [self.path, self.grid, self.dataset, self.self_instruct]
-        if sum(source is not None for source in sources) != 1:
-            raise ValueError("give one source: either path: FILE.jsonl, grid: {template, attributes}, "
-                             "dataset: {path, column} or self_instruct: {seeds, count}")
-        return self
 
 
 class Price(Strict):
@@ -123,7 +91,7 @@ IN_PROCESS = ("local", "vllm")
 
 
 class ParamRanges(Strict):
-    """`[low, high]` per sampling parameter; each request draws its own value (see factory/pipeline.py)."""
+    """`[low, high]` per sampling parameter; each request draws its own value (see factory/decide.py)."""
 
     temperature: tuple[float, float] | None = None
     top_p: tuple[float, float] | None = None
@@ -346,83 +314,7 @@ class FactoryConfig(Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-class Recipe(Strict):
-    """A whole recipe file. Each command validates only its own section; the others pass through."""
-
-    model_config = ConfigDict(extra="forbid")
-    factory: FactoryConfig | None = None
-    sft: dict[str, Any] | None = None
-    eval: dict[str, Any] | None = None
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, raw_value: str) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"--set {dotted}={raw_value}: {key!r} is not a section")
-        node = child
-    node[keys[-1]] = yaml.safe_load(raw_value) if raw_value != "" else None
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"--set {item!r}: expected dotted.key=value, e.g. --set factory.samples_per_prompt=4")
-        key, value = item.split("=", 1)
-        _set_dotted(data, key.strip(), value)
-
-
-def with_section_prefix(error: ValidationError, section: str) -> ValidationError:
-    """The same errors with `section.` in front of each key path, so they read like the recipe file."""
-    errors = []
-    for item in error.errors():
-        item = dict(item)
-        item["loc"] = (section, *item["loc"])
-        errors.append(item)
-    return ValidationError.from_exception_data(error.title, errors)  # type: ignore[arg-type]
-
-
-def format_validation_error(path: Path | str, error: ValidationError) -> str:
-    lines = [f"{path}: {error.error_count()} problem(s) in the recipe:"]
-    for item in error.errors():
-        loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        msg = item["msg"]
-        if item["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the README for the keys of each section)"
-        elif item["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
-
-
-def load_recipe_data(path: Path | str, overrides: list[str] | None = None) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: the recipe must be a mapping with factory:, sft: and/or eval: sections")
-    apply_overrides(data, overrides or [])
-    return data
-
-
 def load_factory_config(path: Path | str, overrides: list[str] | None = None) -> FactoryConfig:
-    data = load_recipe_data(path, overrides)
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(path, exc)) from None
-    if recipe.factory is None:
-        raise RecipeError(f"{path}: no `factory:` section; add one (see data/recipes/demo.yaml)")
-    config = recipe.factory
-    # Relative prompt paths are relative to the current directory, as the user typed the command there.
-    return config
+    """The validated `factory:` section of a recipe file, after `--set factory.key=value` overrides.
+    Relative prompt paths are relative to the current directory, as the user typed the command there."""
+    return load_section(FactoryConfig, "factory", path, overrides)

@@ -5,22 +5,11 @@ format (so `datasets.load_dataset("json", ...)` feeds SFTTrainer directly) plus 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-
-def stable_hash(*parts: str, length: int = 24) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.encode("utf-8"))
-        digest.update(b"\x00")
-    return digest.hexdigest()[:length]
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+from apprentice.hashing import stable_hash
 
 
 def sample_id(prompt_id: str, sample_index: int, request_key: str) -> str:

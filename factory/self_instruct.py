@@ -24,15 +24,26 @@ finished expansion (`prompts.self_instruct.state.json` says so for these setting
 """
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import math
 import random
 import re
-import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from apprentice.errors import FATAL_STATUS, TeacherError
+from apprentice.responses import TeacherResponse
+from apprentice.text import rouge_l_words, squad_text
+from quality_checks.minhash import MinHasher, text_shingles
+
+from .asker import Asker, BudgetExhausted
+from .prompt_config import SelfInstructConfig, Similarity
+from .prompts import PromptError, SourceEnv, check_prompts, iter_prompts
 
 KEY = "factory.prompts.self_instruct"
 PROMPTS_FILE = "prompts.self_instruct.jsonl"
@@ -48,44 +59,6 @@ AI assistant. Here are some examples:
 Write {n} new prompts. Make each one different from the examples and from the others: vary the topic, the \
 kind of task, the length and the difficulty. Each prompt must stand on its own. Answer with a numbered list, \
 one prompt per item, and nothing else."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Similarity(_Strict):
-    method: Literal["rouge_l", "minhash"] = "rouge_l"
-    max: float = Field(default=0.7, gt=0, le=1, description="a new prompt more similar than this is dropped")
-
-
-class SelfInstructConfig(_Strict):
-    seeds: Path = Field(description="seed prompts, a JSONL prompts file")
-    count: int = Field(ge=1, description="new prompts wanted")
-    per_request: int = Field(default=8, ge=1, le=100, description="seed examples shown (and new prompts asked) per request")
-    rounds: int | None = Field(default=None, ge=1, description="at most this many requests")
-    similarity: Similarity = Field(default_factory=Similarity)
-    instruction: str | None = Field(default=None, description="the request text, with {examples} and optionally {n}")
-    max_tokens: int | None = Field(default=None, ge=1, description="per answer; default: teacher params.max_tokens")
-    seed: int = 0
-
-    @field_validator("instruction")
-    @classmethod
-    def _placeholders(cls, text: str | None) -> str | None:
-        if text is None:
-            return text
-        try:
-            names = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
-        except ValueError as exc:
-            raise ValueError(f"{exc}; write literal braces as {{{{ and }}}}") from None
-        if "examples" not in names or names - {"examples", "n"}:
-            raise ValueError("must contain {examples} and no placeholder other than {examples} and {n} "
-                             f"(found {sorted(names)}); write literal braces as {{{{ and }}}}")
-        return text
-
-    @property
-    def max_rounds(self) -> int:
-        return self.rounds or max(10, 5 * math.ceil(self.count / self.per_request))
 
 
 # ---- the answer as prompts ---------------------------------------------------------------------------------
@@ -148,25 +121,16 @@ class _Index:
         self.method = similarity.method
         self.labels: list[tuple[str, str]] = []  # (id, prompt)
         if self.method == "rouge_l":
-            from eval.metrics import normalize
-
-            self._normalize = normalize
             self.words: list[list[str]] = []
         else:
-            import numpy as np
-
-            from quality_checks.minhash import MinHasher
-
             self.hasher = MinHasher(num_perm=128, shingle=MINHASH_SHINGLE)
             self.signatures = np.empty((64, 128), dtype=np.uint32)
 
     def prepare(self, text: str) -> Any:
         """The candidate's comparable form, or None when it has no words."""
         if self.method == "rouge_l":
-            words = self._normalize(text).split()
+            words = squad_text(text).split()
             return words or None
-        from quality_checks.minhash import text_shingles
-
         shingles = text_shingles(text, MINHASH_SHINGLE)
         return self.hasher.signature_of_hashes(shingles) if shingles.size else None
 
@@ -176,13 +140,9 @@ class _Index:
         if n == 0:
             return 0.0, -1
         if self.method == "rouge_l":
-            from eval.metrics import rouge_l_words
-
             scores = [rouge_l_words(prepared, words) for words in self.words]
             row = max(range(n), key=scores.__getitem__)
             return scores[row], row
-        import numpy as np
-
         scores = np.count_nonzero(self.signatures[:n] == prepared, axis=1)
         row = int(np.argmax(scores))
         return float(scores[row]) / self.signatures.shape[1], row
@@ -191,8 +151,6 @@ class _Index:
         if self.method == "rouge_l":
             self.words.append(prepared if prepared is not None else [])
         else:
-            import numpy as np
-
             if len(self.labels) == len(self.signatures):
                 self.signatures = np.concatenate([self.signatures, np.empty_like(self.signatures)])
             self.signatures[len(self.labels)] = prepared if prepared is not None else self.hasher.signature("")
@@ -205,33 +163,32 @@ def user_text(messages: list[dict[str, str]]) -> str:
 
 # ---- the expansion ---------------------------------------------------------------------------------------------
 class Expansion:
-    """One self-instruct expansion in a run directory; `await run()` returns the prompts file."""
+    """One self-instruct expansion in a run directory; `await run()` returns the prompts file.
 
-    def __init__(self, config: SelfInstructConfig, run_dir: Path, *, teacher: Any, teacher_config: Any,
-                 limiter: Any, pricer: Any, budget_usd: float | None, console: Any) -> None:
+    Its requests go through the run's asker, like the teacher's and the judge's: the run's limiter, its
+    cache (a round answered once is never paid again) and budget_usd."""
+
+    def __init__(self, config: SelfInstructConfig, run_dir: Path, *, asker: Asker, console: Any) -> None:
         self.config = config
         self.run_dir = run_dir
-        self.teacher = teacher
-        self.teacher_config = teacher_config
-        self.limiter = limiter
-        self.pricer = pricer
-        self.budget_usd = budget_usd
+        self.asker = asker
         self.console = console
         self.stats: dict[str, Any] = {}
-        self.spent_usd = 0.0  # paid in this run, for the budget
+
+    @property
+    def spent_usd(self) -> float:
+        """Paid in this run (answers from the cache cost nothing now), for the budget."""
+        return self.asker.usage.cost_usd
 
     def _recorded(self) -> dict[str, Any]:
         """What decides the prompts: the settings, the seeds' content and the teacher."""
-        import hashlib
-
         seeds = self.config.seeds
         digest = hashlib.sha256(seeds.read_bytes()).hexdigest() if seeds.is_file() else None
+        teacher = self.asker.teacher
         return {"self_instruct": self.config.model_dump(mode="json"), "seeds_sha256": digest,
-                "teacher": {"provider": self.teacher.provider, "model": self.teacher.model}}
+                "teacher": {"provider": teacher.provider, "model": teacher.model}}
 
     async def run(self) -> Path:
-        from .prompts import PromptError, check_prompts, iter_prompts
-
         config = self.config
         path, rejected_path, state_path = (self.run_dir / name for name in (PROMPTS_FILE, REJECTED_FILE, STATE_FILE))
         if state_path.is_file() and path.is_file():
@@ -282,64 +239,36 @@ class Expansion:
         shown = rng.sample(seeds, min(config.per_request, len(seeds)))
         examples = "\n".join(f"{i}. {text}" for i, (_, text) in enumerate(shown, start=1))
         text = (config.instruction or INSTRUCTION).format(examples=examples, n=config.per_request)
-        body = self.teacher.build_request([{"role": "user", "content": text}], 1)
+        body = self.asker.teacher.build_request([{"role": "user", "content": text}], 1)
         if config.max_tokens is not None:
             body["max_tokens"] = config.max_tokens
         return body
 
-    async def _answer(self, body: dict[str, Any], round_index: int, cache: Any, stats: dict[str, Any]) -> Any:
+    async def _answer(self, body: dict[str, Any], round_index: int, stats: dict[str, Any]) -> TeacherResponse:
         """The teacher's answer to one round: from the cache, or paid for and cached."""
-        from .cache import cache_key
-        from .pipeline import FATAL_STATUS
-        from .prompts import PromptError
-        from .records import canonical_json
-        from .teachers import TeacherError, TeacherResponse
-
-        key = cache_key(canonical_json(body), round_index)
-        cached = cache.get(key)
-        if cached is not None:
-            stats["cache_hits"] += 1
-            stats["cost_usd"] += cached[1]
-            return TeacherResponse.from_cache(cached[0])
-        chars = len(body["messages"][-1]["content"])
-        est_in = self.limiter.estimate_tokens(chars)
-        max_out = int(body.get("max_tokens") or self.teacher_config.max_tokens)
-        worst = self.pricer.cost(est_in, max_out)
-        if self.budget_usd is not None and self.spent_usd + worst > self.budget_usd:
-            raise PromptError(f"self-instruct stopped: budget_usd={self.budget_usd} reached. Raise factory.budget_usd "
-                              "and run the same command again; nothing paid for is lost")
-        self.spent_usd += worst  # reserved until the answer says what it cost
+        max_tokens = int(body.get("max_tokens") or self.asker.config.max_tokens)
         try:
-            response, _ = await self.limiter.run(lambda: self.teacher.complete(body), input_tokens=est_in,
-                                                 output_tokens=max_out)
+            response, cost = await self.asker.ask(body, chars=len(body["messages"][-1]["content"]), index=round_index,
+                                                  max_tokens=max_tokens, with_context=False)
+        except BudgetExhausted:
+            raise PromptError(f"self-instruct stopped: budget_usd={self.asker.budget.limit} reached. Raise "
+                              "factory.budget_usd and run the same command again; nothing paid for is lost") from None
         except TeacherError as error:
             why = FATAL_STATUS.get(error.status or 0, "the request failed after retries")
             raise PromptError(f"self-instruct round {round_index}: {why} ({error}). Fix it and run the same "
                               "command again; the rounds answered so far come from the cache") from None
-        finally:
-            self.spent_usd -= worst
-        cost = self.pricer.cost(response.input_tokens, response.output_tokens)
-        cache.put(key, response.to_cache(), cost)
-        self.spent_usd += cost
-        stats["requests"] += 1
         stats["cost_usd"] += cost
         return response
 
     async def _expand(self, seeds: list[tuple[str, str]], accepted_file: Any, rejected_file: Any) -> dict[str, Any]:
-        import asyncio
-
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        from .cache import ResponseCache
-        from .store import CACHE
-
         config = self.config
         index = _Index(config.similarity)
         for seed_id, text in seeds:
             index.add(seed_id, text, index.prepare(text))
         stats = {"prompts": 0, "rejected": 0, "rounds": 0, "requests": 0, "cache_hits": 0, "cost_usd": 0.0,
                  "rejected_by": {}}
-        cache = ResponseCache(self.run_dir / CACHE)
+        usage = self.asker.usage
+        requests_before, hits_before = usage.requests, usage.cache_hits
         tasks: dict[int, asyncio.Task] = {}
         progress = Progress(TextColumn("self-instruct"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("prompts · {task.fields[dropped]} dropped · round {task.fields[round]}"),
@@ -351,10 +280,10 @@ class Expansion:
                 while stats["prompts"] < config.count and next_round < config.max_rounds:
                     # A few rounds in flight, judged strictly in order: the outcome never depends on timing.
                     wanted = math.ceil((config.count - stats["prompts"]) / config.per_request)
-                    window = max(1, min(wanted, self.teacher_config.concurrency_cap))
+                    window = max(1, min(wanted, self.asker.config.concurrency_cap))
                     for r in range(next_round, min(next_round + window, config.max_rounds)):
                         if r not in tasks:
-                            tasks[r] = asyncio.create_task(self._answer(self._body(seeds, r), r, cache, stats))
+                            tasks[r] = asyncio.create_task(self._answer(self._body(seeds, r), r, stats))
                     response = await tasks.pop(next_round)
                     self._judge(response, next_round, index, stats, accepted_file, rejected_file)
                     next_round += 1
@@ -363,7 +292,8 @@ class Expansion:
         finally:
             if tasks:  # answers on their way are paid for: let them reach the cache (for a resume or a larger count)
                 await asyncio.gather(*tasks.values(), return_exceptions=True)
-            cache.close()
+            stats["requests"] = usage.requests - requests_before
+            stats["cache_hits"] = usage.cache_hits - hits_before
         stats["cost_usd"] = round(stats["cost_usd"], 6)
         return stats
 
@@ -401,3 +331,13 @@ class Expansion:
                     "similar_id": similar[0] if similar else None, "similar_prompt": similar[1] if similar else None}
             rejected_file.write(json.dumps(line, ensure_ascii=False) + "\n")
             rejected_file.flush()
+
+
+async def write_prompts(config: SelfInstructConfig, env: SourceEnv) -> Path:
+    """New prompts written by the teacher, through the run's asker (the prompt-source signature,
+    factory/sources.py); the expansion's figures go to the manifest."""
+    assert env.asker is not None, "self-instruct asks the teacher: the run hands it an asker"
+    expansion = Expansion(config, env.run_dir, asker=env.asker, console=env.console)
+    path = await expansion.run()
+    env.figures = expansion.stats
+    return path

@@ -15,6 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
+from apprentice.errors import ApprenticeError
+
 from .store import ACCEPTED, FAILED, REJECTED, read_manifest
 
 DISTINCT_SAMPLE = 10_000  # completions for distinct-1/2: a fixed size keeps runs of any size comparable
@@ -26,7 +28,7 @@ _ID = re.compile(r"\b[0-9a-f]{12,}\b")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
-class StatsError(Exception):
+class StatsError(ApprenticeError):
     pass
 
 
@@ -87,12 +89,12 @@ def diversity(texts: list[str]) -> dict[str, Any]:
     import numpy as np
 
     from quality_checks.minhash import MinHasher, mean_pairwise_jaccard, shingle_hashes, word_hashes
-    from quality_checks.text import normalize
+    from apprentice.text import fold_text
 
     unigrams: list[np.ndarray] = []
     bigrams: list[np.ndarray] = []
     for text in texts:
-        tokens = word_hashes(normalize(text))
+        tokens = word_hashes(fold_text(text))
         if len(tokens):
             unigrams.append(shingle_hashes(tokens, 1))
         if len(tokens) >= 2:

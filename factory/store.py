@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from apprentice.errors import ApprenticeError
+
 ACCEPTED = "accepted.jsonl"
 REJECTED = "rejected.jsonl"
 FAILED = "failed.jsonl"
@@ -18,7 +20,7 @@ MANIFEST = "manifest.json"
 CACHE = "cache.sqlite"
 
 
-class StoreError(Exception):
+class StoreError(ApprenticeError):
     pass
 
 

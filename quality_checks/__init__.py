@@ -2,25 +2,13 @@
 
 Built-in checks: empty, truncated, refusal, length, regex (rules); json, reference (structured);
 exact_dup, near_dup, contamination (dedup); semantic_dup (sentence embeddings); verifier (a user
-function); judge (an LLM scores against a rubric). semantic_dup and judge are async checks (`averdict`),
-awaited by the pipeline.
+function); judge (an LLM scores against a rubric). Each check declares what it needs (`Check.awaits`,
+`run_wide`, `teacher`); semantic_dup and judge await, and the engine awaits them.
 """
-from .base import (
-    PASS,
-    AsyncCheck,
-    Check,
-    CheckConfigError,
-    CheckOptions,
-    Verdict,
-    available,
-    build_checks,
-    check_fingerprint,
-    parse_check_item,
-    prime,
-    register,
-)
+from .base import PASS, Check, Verdict, build_checks, prime
+from .registry import CheckConfigError, CheckOptions, available, check_fingerprint, parse_check_item, register
 
 __all__ = [
-    "PASS", "AsyncCheck", "Check", "CheckConfigError", "CheckOptions", "Verdict", "available", "build_checks",
+    "PASS", "Check", "CheckConfigError", "CheckOptions", "Verdict", "available", "build_checks",
     "check_fingerprint", "parse_check_item", "prime", "register",
 ]

@@ -1,23 +1,26 @@
-"""The Check protocol, the Verdict it returns, per-check options, and the registry recipes name checks from.
+"""What a check is: the Verdict it returns, the capabilities it declares, and how a recipe's checks are built.
 
 A recipe lists checks in order, each either a bare name (`empty`) or a mapping with options
-(`{name: regex, pattern: "...", mode: must_not_match}`). Options are pydantic models that forbid unknown
-keys, so a typo is reported with its key path (`factory.checks.2.pattern`) together with every other
-problem of the recipe. Things that need the file system or an import (a schema file, a golden set, a
-verifier function) are checked when the checks are built, before anything is sent, and all at once.
+(`{name: regex, pattern: "...", mode: must_not_match}`), validated by the registry (quality_checks/registry.py)
+with every problem reported at once. Things that need the file system or an import (a schema file, a golden
+set, a verifier function) are checked when the checks are built, before anything is sent, and all at once.
 """
 from __future__ import annotations
 
-import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
+
+from factory.records import Sample
+
+from .registry import CheckConfigError, CheckOptions, build_check, check_options, duplicate_names, parse_check_item
 
 if TYPE_CHECKING:
-    from factory.records import Sample
+    from factory.asker import Asker
+    from factory.recipe import TeacherConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,146 +33,41 @@ class Verdict:
 PASS = Verdict(True)
 
 
-class Check(Protocol):
-    name: str
+class Check:
+    """A check, with the capabilities the engine reads declared as class attributes (never probed):
 
-    def __call__(self, sample: "Sample") -> Verdict: ...
-
-
-class AsyncCheck(Protocol):
-    """A check that waits on I/O, such as an LLM judge: it has `averdict` instead of `__call__`. The
-    pipeline awaits it in its place in recipe order, so a sample reaches it only after every check before
-    it passed: put it after the cheap ones. A check that asks a model names its teacher in `teacher` and
-    is handed the run's way of asking (limiter, cache, budget) through `connect` before the first sample."""
-
-    name: str
-
-    async def averdict(self, sample: "Sample") -> Verdict: ...
-
-
-class RunWideCheck(Check, Protocol):
-    """A check with memory across the run (dedup). The pipeline calls `remember` for every accepted
-    sample, and for every sample already in accepted.jsonl when a run resumes, so only accepted samples
-    enter its index and a resumed run sees what was accepted before the crash."""
-
-    def remember(self, sample: "Sample") -> None: ...
-
-
-class CheckOptions(BaseModel):
-    """Options every check takes. A check with options subclasses this and adds its own fields."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    label: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z0-9_.-]+$",
-        description="name in rejected_by and in stats; needed when one check appears twice",
-    )
-
-    @property
-    def check_name(self) -> str:
-        return self.label or self.name
-
-    def fingerprint_data(self) -> dict[str, Any]:
-        """The options that decide which samples pass; a check whose options include settings that do not
-        (a judge's concurrency) leaves those out, so changing them does not refuse a resume."""
-        return self.model_dump(mode="json", exclude_defaults=True)
-
-
-class CheckConfigError(ValueError):
-    """A check that cannot be built; `field` is the option at fault, for the key path in the message."""
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-_REGISTRY: dict[str, tuple[type[CheckOptions], Callable[[Any], Check]]] = {}
-_BUILTIN_MODULES = ("rules", "structured", "dedup", "verifier", "judge", "semantic")
-
-
-def register(name: str, options: type[CheckOptions] = CheckOptions) -> Callable:
-    """Class decorator: `@register("regex", RegexOptions)`; the class is built as `cls(options)`."""
-
-    def wrap(factory: Callable[[Any], Check]) -> Callable[[Any], Check]:
-        _REGISTRY[name] = (options, factory)
-        return factory
-
-    return wrap
-
-
-def available() -> list[str]:
-    for module in _BUILTIN_MODULES:  # importing them registers the built-in checks; each is light
-        importlib.import_module(f"{__package__}.{module}")
-    return sorted(_REGISTRY)
-
-
-def _options_model(name: Any) -> type[CheckOptions]:
-    known = available()
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"unknown check {name!r}; available: {', '.join(known)}")
-    return _REGISTRY[name][0]
-
-
-def parse_check_item(value: Any) -> str | CheckOptions:
-    """Validate one item of `factory.checks`; a bare name stays a string so fingerprints stay as they were.
-
-    A pydantic ValidationError raised here keeps its inner key paths (`pattern`), which pydantic prefixes
-    with the item's position: `factory.checks.2.pattern`.
+    - `awaits`: the check waits on I/O (an LLM judge, a batch of embeddings) and implements `averdict`
+      instead of `__call__`; the engine awaits it in its place in recipe order, so put it after the cheap ones.
+    - `run_wide`: the check has memory across the run (dedup): the engine calls `remember` for every accepted
+      sample, and for every sample already in accepted.jsonl when a run resumes, then `flush` once.
+    - `teacher`: the model a check asks (a TeacherConfig), or None. Such a check is handed the run's way of
+      asking (limiter, cache, budget) through `connect` before the first sample.
     """
-    if isinstance(value, CheckOptions):
-        return value
-    if isinstance(value, str):
-        model = _options_model(value)
-        try:
-            model.model_validate({"name": value})
-        except ValidationError as exc:
-            needed = sorted({str(e["loc"][0]) for e in exc.errors() if e["type"] == "missing" and e["loc"]})
-            if not needed:
-                raise ValueError(f"check {value!r} needs options: {exc.errors()[0]['msg']}") from None
-            raise ValueError(
-                f"check {value!r} needs options ({', '.join(needed)}): "
-                f"write it as a mapping, e.g. {{name: {value}, {needed[0]}: ...}}"
-            ) from None
-        return value
-    if isinstance(value, dict):
-        if "name" not in value:
-            raise ValueError(f"a check mapping needs `name:` (one of {', '.join(available())})")
-        return _options_model(value["name"]).model_validate(value)
-    raise ValueError("a check is a name such as `empty` or a mapping such as {name: regex, pattern: '...'}")
+
+    name: str
+    awaits: ClassVar[bool] = False
+    run_wide: ClassVar[bool] = False
+    teacher: "TeacherConfig | None" = None
+
+    def __call__(self, sample: Sample) -> Verdict:
+        raise NotImplementedError(f"{type(self).__name__} awaits: the engine calls averdict")
+
+    async def averdict(self, sample: Sample) -> Verdict:
+        return self(sample)
+
+    def remember(self, sample: Sample) -> None:
+        """A run-wide check adds an accepted sample to its memory."""
+
+    def flush(self) -> None:
+        """A run-wide check that batches its work (semantic_dup embeds) finishes it."""
+
+    def connect(self, asker: "Asker") -> None:
+        """A check with a `teacher` gets the run's asker for it."""
 
 
-def check_options(item: str | CheckOptions) -> CheckOptions:
-    if isinstance(item, CheckOptions):
-        return item
-    return _options_model(item).model_validate({"name": item})
-
-
-def check_fingerprint(item: str | CheckOptions) -> str | dict[str, Any]:
-    """What a check contributes to a run's fingerprint: the bare name when no option differs from its
-    default (so `empty` and `{name: empty}` match, and runs made before options existed still resume),
-    otherwise the non-default options (so adding an option with a default later changes nothing)."""
-    if isinstance(item, str):
-        return item
-    data = item.fingerprint_data()
-    data["name"] = item.name
-    return item.name if set(data) == {"name"} else data
-
-
-def duplicate_names(items: Iterable[str | CheckOptions | dict]) -> list[str]:
-    seen: set[str] = set()
-    twice: list[str] = []
-    for item in items:
-        name = check_options(parse_check_item(item)).check_name
-        if name in seen and name not in twice:
-            twice.append(name)
-        seen.add(name)
-    return twice
-
-
-def build_checks(items: list[str | CheckOptions | dict], key: str = "factory.checks") -> list[Check | AsyncCheck]:
+def build_checks(items: list[str | CheckOptions | dict], key: str = "factory.checks") -> list[Check]:
     """Build the checks in recipe order; every problem of every check is reported at once."""
-    checks: list[Check | AsyncCheck] = []
+    checks: list[Check] = []
     errors: list[str] = []
     for index, item in enumerate(items):
         try:
@@ -178,7 +76,7 @@ def build_checks(items: list[str | CheckOptions | dict], key: str = "factory.che
             errors.append(f"{key}.{index}: {exc}")
             continue
         try:
-            check = _REGISTRY[options.name][1](options)
+            check = build_check(options)
         except CheckConfigError as exc:
             where = f"{key}.{index}" + (f".{exc.field}" if exc.field else "")
             errors.append(f"{where}: {exc}")
@@ -199,11 +97,7 @@ def prime(checks: list[Check], accepted: Path) -> int:
     Rebuilding from accepted.jsonl rather than persisting the indexes keeps one source of truth: the
     index can never disagree with the file after a crash. Returns how many samples were read.
     """
-    from dataclasses import fields
-
-    from factory.records import Sample
-
-    run_wide = [check for check in checks if hasattr(check, "remember")]
+    run_wide = [check for check in checks if check.run_wide]
     if not run_wide or not accepted.exists():
         return 0
     known = {f.name for f in fields(Sample)}  # a record written by a newer version may carry more keys
@@ -218,6 +112,5 @@ def prime(checks: list[Check], accepted: Path) -> int:
                 check.remember(sample)
             count += 1
     for check in run_wide:  # a check that batches its work (semantic_dup embeds) finishes it now
-        if hasattr(check, "flush"):
-            check.flush()
+        check.flush()
     return count

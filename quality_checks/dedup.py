@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from .base import PASS, CheckConfigError, CheckOptions, Verdict, register
-from .text import normalize
+from apprentice.text import fold_text
+
+from .base import Check, PASS, Verdict
+from .registry import CheckConfigError, CheckOptions, register
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,13 +26,13 @@ if TYPE_CHECKING:
 
 
 @register("exact_dup")
-class ExactDup:
+class ExactDup(Check):
     """Same answer after casefolding, dropping punctuation and collapsing whitespace.
 
     The index maps a 64-bit hash of the normalized text to the first id: about 170 bytes per accepted
     sample. Two different texts share a 64-bit hash with odds of about n²/2**65: none in practice.
     """
-
+    run_wide = True
     name = "exact_dup"
 
     def __init__(self, options: CheckOptions | None = None) -> None:
@@ -39,7 +41,7 @@ class ExactDup:
 
     @staticmethod
     def key(text: str) -> int:
-        digest = hashlib.blake2b(normalize(text).encode("utf-8"), digest_size=8).digest()
+        digest = hashlib.blake2b(fold_text(text).encode("utf-8"), digest_size=8).digest()
         return int.from_bytes(digest, "little")
 
     def __call__(self, sample: "Sample") -> Verdict:
@@ -138,14 +140,14 @@ class _Index:
 
 
 @register("near_dup", MinHashOptions)
-class NearDup:
+class NearDup(Check):
     """An answer whose word shingles overlap an accepted answer's by at least `threshold` (Jaccard,
     estimated with MinHash), found online with datasketch's MinHashLSH.
 
     Memory grows with the accepted samples (the LSH buckets and one signature each); see
     benchmarks/results/dedup.md for the figures per 100,000 samples.
     """
-
+    run_wide = True
     name = "near_dup"
 
     def __init__(self, options: MinHashOptions) -> None:
@@ -197,7 +199,7 @@ def golden_files(path: Path) -> list[Path]:
 
 
 @register("contamination", ContaminationOptions)
-class Contamination:
+class Contamination(Check):
     """Drop a sample whose prompt is near a prompt of a golden (evaluation) set: training on the test
     questions would make the eval gate lie. The reason names the golden file and line (or id)."""
 

@@ -26,7 +26,8 @@ from pydantic import Field, model_validator
 
 from factory.recipe import TeacherConfig
 
-from .base import CheckOptions, Verdict, register
+from .base import Check, Verdict
+from .registry import CheckOptions, register
 
 if TYPE_CHECKING:
     from factory.asker import Asker
@@ -102,7 +103,8 @@ def conversation_text(messages: list[dict[str, str]]) -> str:
 
 
 @register("judge", JudgeOptions)
-class Judge:
+class Judge(Check):
+    awaits = True
     name = "judge"
 
     def __init__(self, options: JudgeOptions) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .text import normalize
+from apprentice.text import fold_text
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: combines word hashes into a shingle hash
 _BASE = 0xC2B2AE3D27D4EB4F  # odd: the polynomial hash base; its inverse mod 2**64 exists
@@ -37,7 +37,7 @@ def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def word_hashes(normalized: str) -> np.ndarray:
-    """64-bit hashes of the words of a `normalize`d text (words separated by single spaces).
+    """64-bit hashes of the words of a `fold_text`ed text (words separated by single spaces).
 
     Each word's hash is sum((byte + 1) * BASE**i) over its bytes, taken from one prefix sum over the
     whole text and shifted back by BASE**-start, so there is no Python loop over words.
@@ -82,7 +82,7 @@ def shingle_hashes(words: np.ndarray, size: int) -> np.ndarray:
 
 
 def text_shingles(text: str, size: int) -> np.ndarray:
-    return shingle_hashes(word_hashes(normalize(text)), size)
+    return shingle_hashes(word_hashes(fold_text(text)), size)
 
 
 class MinHasher:

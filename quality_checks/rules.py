@@ -6,14 +6,15 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import PASS, CheckOptions, Verdict, register
+from .base import Check, PASS, Verdict
+from .registry import CheckOptions, register
 
 if TYPE_CHECKING:
     from factory.records import Sample
 
 
 @register("empty")
-class Empty:
+class Empty(Check):
     name = "empty"
 
     def __init__(self, options: CheckOptions | None = None) -> None:
@@ -26,7 +27,7 @@ class Empty:
 
 
 @register("truncated")
-class Truncated:
+class Truncated(Check):
     name = "truncated"
 
     def __init__(self, options: CheckOptions | None = None) -> None:
@@ -52,7 +53,7 @@ _REFUSAL_WINDOW = 300
 
 
 @register("refusal")
-class Refusal:
+class Refusal(Check):
     name = "refusal"
 
     def __init__(self, options: CheckOptions | None = None) -> None:
@@ -83,7 +84,7 @@ class LengthOptions(CheckOptions):
 
 
 @register("length", LengthOptions)
-class Length:
+class Length(Check):
     """Characters of the answer, and tokens counted as whitespace-separated words.
 
     Words, not a tokenizer: the teacher's tokenizer is often not at hand (hosted models), a tokenizer
@@ -129,7 +130,7 @@ class RegexOptions(CheckOptions):
 
 
 @register("regex", RegexOptions)
-class Regex:
+class Regex(Check):
     name = "regex"
 
     def __init__(self, options: RegexOptions) -> None:

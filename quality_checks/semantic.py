@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from .base import PASS, CheckConfigError, CheckOptions, Verdict, register
+from .base import Check, PASS, Verdict
+from .registry import CheckConfigError, CheckOptions, register
 
 if TYPE_CHECKING:
     import numpy as np
@@ -182,7 +183,9 @@ class _Matrix:
 
 
 @register("semantic_dup", SemanticOptions)
-class SemanticDup:
+class SemanticDup(Check):
+    awaits = True
+    run_wide = True
     name = "semantic_dup"
 
     def __init__(self, options: SemanticOptions) -> None:

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ConfigDict, Field
 
-from .base import PASS, CheckConfigError, CheckOptions, Verdict, register
-from .text import normalize
+from apprentice.text import fold_text
+
+from .base import Check, PASS, Verdict
+from .registry import CheckConfigError, CheckOptions, register
 
 if TYPE_CHECKING:
     from factory.records import Sample
@@ -35,7 +37,7 @@ class JsonOptions(CheckOptions):
 
 
 @register("json", JsonOptions)
-class Json:
+class Json(Check):
     """The answer must parse as JSON (a ```json fenced block is allowed) and, given a schema, validate.
 
     The reason names the failing location as a JSON path ($.items[0].price) and jsonschema's message.
@@ -105,7 +107,7 @@ def last_number(text: str) -> float | None:
 
 
 @register("reference", ReferenceOptions)
-class Reference:
+class Reference(Check):
     """Compare the answer with the `reference` of its prompt line.
 
     exact: equal after stripping whitespace; normalized: equal after casefolding, dropping punctuation
@@ -132,9 +134,9 @@ class Reference:
         if self.mode == "exact":
             ok = answer.strip() == reference.strip()
         elif self.mode == "normalized":
-            ok = normalize(answer) == normalize(reference)
+            ok = fold_text(answer) == fold_text(reference)
         elif self.mode == "contains":
-            ok = f" {normalize(reference)} " in f" {normalize(answer)} "
+            ok = f" {fold_text(reference)} " in f" {fold_text(answer)} "
         elif self.mode == "json":
             try:
                 expected = json.loads(reference)

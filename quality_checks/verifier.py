@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import Field
 
-from .base import PASS, CheckConfigError, CheckOptions, Verdict, register
+from .base import Check, PASS, Verdict
+from .registry import CheckConfigError, CheckOptions, register
 
 if TYPE_CHECKING:
     from factory.records import Sample
@@ -45,7 +46,7 @@ def import_function(spec: str) -> Callable[..., Any]:
 
 
 @register("verifier", VerifierOptions)
-class Verifier:
+class Verifier(Check):
     name = "verifier"
 
     def __init__(self, options: VerifierOptions) -> None:

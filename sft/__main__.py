@@ -15,7 +15,7 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from factory.builtin import BuiltinModelError
-    from factory.recipe import RecipeError
+    from apprentice.errors import RecipeError
 
     from .config import load_sft_config
     from .data import DataError
@@ -44,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _temperatures(text: str) -> list[float]:
-    from factory.recipe import RecipeError
+    from apprentice.errors import RecipeError
 
     try:
         values = [float(part) for part in text.split(",") if part.strip()]

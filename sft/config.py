@@ -1,20 +1,16 @@
 """The `sft:` section of a recipe: pydantic models and loading.
 
-`factory.recipe.Recipe` keeps `sft` as a plain mapping, so this module validates it and reports every
-problem at once with its `sft.` key path, reusing the factory's loader, `--set` overrides and error format.
+Config layer: it imports no behaviour module. Every problem is reported at once with its `sft.` key path,
+through the one recipe loader (apprentice/config.py).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from factory.recipe import RecipeError, format_validation_error, load_recipe_data
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from apprentice.config import Strict, load_section, validate_section
 
 
 class LoraSettings(Strict):
@@ -84,31 +80,10 @@ class SFTConfig(Strict):
         return self
 
 
-def _with_prefix(error: ValidationError) -> ValidationError:
-    """The same errors with `sft.` in front of each key path, so they read like the recipe file."""
-    errors = []
-    for item in error.errors():
-        item = dict(item)
-        item["loc"] = ("sft", *item["loc"])
-        errors.append(item)
-    return ValidationError.from_exception_data(error.title, errors)  # type: ignore[arg-type]
-
-
 def validate_sft_section(section: object, path: Path | str = "<recipe>") -> SFTConfig:
-    if not isinstance(section, dict):
-        raise RecipeError(f"{path}: `sft:` must be a mapping of keys (see data/recipes/demo.yaml)")
-    try:
-        return SFTConfig.model_validate(section)
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(path, _with_prefix(exc))) from None
+    return validate_section(SFTConfig, "sft", section, path)
 
 
 def load_sft_config(path: Path | str, overrides: list[str] | None = None) -> SFTConfig:
     """The validated `sft:` section of a recipe file, after `--set sft.key=value` overrides."""
-    data = load_recipe_data(path, overrides)
-    unknown = sorted(set(data) - {"factory", "sft", "eval"})
-    if unknown:
-        raise RecipeError(f"{path}: unknown top-level section(s) {', '.join(unknown)}; expected factory, sft, eval")
-    if data.get("sft") is None:
-        raise RecipeError(f"{path}: no `sft:` section; add one (see data/recipes/demo.yaml)")
-    return validate_sft_section(data["sft"], path)
+    return load_section(SFTConfig, "sft", path, overrides)

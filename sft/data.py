@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from apprentice.errors import ApprenticeError
+
 KEEP = ("id", "prompt", "completion", "attributes")
 
 
-class DataError(Exception):
+class DataError(ApprenticeError):
     """Training data that cannot be used; the message names the path and the fix."""
 
 

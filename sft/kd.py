@@ -119,7 +119,7 @@ class TeacherLogprobs:
         from pathlib import Path
 
         from factory.logprobs import LogprobsError, LogprobsIndex, read_meta
-        from factory.recipe import RecipeError
+        from apprentice.errors import RecipeError
 
         self.indexes = []
         self.fingerprint: dict[str, Any] | None = None
@@ -165,7 +165,7 @@ class TeacherLogprobs:
     def check_student(self, tokenizer: Any, student: str) -> None:
         """Refuse a student whose vocabulary differs from the teacher's: the ids would mean other tokens."""
         from factory.logprobs import tokenizer_fingerprint
-        from factory.recipe import RecipeError
+        from apprentice.errors import RecipeError
 
         mine = tokenizer_fingerprint(tokenizer, student)
         assert self.fingerprint is not None

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from factory.recipe import RecipeError
+from apprentice.errors import RecipeError
 
 from .config import SFTConfig
 from .data import load_splits

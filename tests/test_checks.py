@@ -9,7 +9,8 @@ import pytest
 
 from conftest import read_jsonl, write_recipe
 from factory.__main__ import main
-from factory.recipe import RecipeError, load_factory_config
+from apprentice.errors import RecipeError
+from factory.recipe import load_factory_config
 from factory.records import Sample
 from quality_checks import CheckConfigError, Verdict, build_checks, prime
 
@@ -107,14 +108,14 @@ def test_minhash_signatures_match_datasketch():
     from datasketch import MinHash
 
     from quality_checks.minhash import MinHasher, text_shingles, word_hashes
-    from quality_checks.text import normalize
+    from apprentice.text import fold_text
 
     hasher = MinHasher(num_perm=64, shingle=3)
     reference = MinHash(num_perm=64, permutations=hasher.permutations, scheme="affine32", hashfunc=int)
     reference.update_batch([int(h) for h in text_shingles(LONG, 3)])
     assert (reference.hashvalues == hasher.signature(LONG)).all()
     # equal words hash equally wherever they stand; different words differently
-    tokens = normalize(LONG + " Budget, THE library!").split()
+    tokens = fold_text(LONG + " Budget, THE library!").split()
     hashes = word_hashes(" ".join(tokens)).tolist()
     assert len(hashes) == len(tokens)
     assert {w: {h for t, h in zip(tokens, hashes) if t == w} for w in tokens} == {w: {hashes[tokens.index(w)]} for w in tokens}

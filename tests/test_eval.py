@@ -15,7 +15,7 @@ from eval.config import EvalConfig, load_eval_config
 from eval.distill import cascade
 from eval.golden import load_golden
 from eval.judge import pair_outcome, parse_score, parse_verdict
-from factory.recipe import RecipeError
+from apprentice.errors import RecipeError
 from test_sft import tiny_student  # noqa: F401  (a module-scoped fixture: a 2-layer random Llama)
 
 

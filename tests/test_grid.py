@@ -9,8 +9,9 @@ from pydantic import ValidationError
 
 from conftest import read_jsonl
 from factory.__main__ import main
-from factory.grid import GridConfig, sample
-from factory.recipe import PromptsConfig
+from factory.prompt_config import GridConfig
+from factory.grid import sample
+from factory.prompt_config import PromptsConfig
 
 
 def test_draws_are_distinct_seeded_and_cover_everything_without_count():

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import read_jsonl, write_recipe
 from factory.__main__ import main
-from factory.recipe import RecipeError, load_factory_config
+from apprentice.errors import RecipeError
+from factory.recipe import load_factory_config
 from quality_checks.judge import JUDGE_SYSTEM, parse_judgement
 
 

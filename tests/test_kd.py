@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from factory.recipe import RecipeError
+from apprentice.errors import RecipeError
 from sft.config import SFTConfig
 from sft.kd import align, distill_loss
 
@@ -156,7 +156,7 @@ def write_distill_run(run: Path, tokenizer, name: str, *, count: int = 24, misma
     the sampled ids are the answer's token and the end of turn; the teacher puts 0.6 on the right letter.
     Record `mismatched` gets other sampled ids than its text; `missing` gets no logprobs at all."""
     from factory.logprobs import LogprobsWriter, tokenizer_fingerprint
-    from factory.teachers.base import TokenLogprobs
+    from apprentice.tokens import TokenLogprobs
 
     run.mkdir(parents=True)
     vocab = tokenizer.get_vocab()

@@ -18,7 +18,7 @@ from factory import builtin
 from factory.builtin import MARKER, BuiltinModelError, resolve_model
 from factory.recipe import TeacherConfig
 from factory.teachers import local
-from factory.teachers.base import TeacherError
+from apprentice.errors import TeacherError
 from factory.teachers.local import Completion, LocalTeacher, normalize_params
 
 BUILTIN = "builtin:smollm2-135m-instruct"

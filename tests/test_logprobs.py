@@ -17,8 +17,10 @@ from factory.__main__ import main as factory_main
 from factory.logprobs import (
     JOURNAL, SIDECAR, LogprobsIndex, LogprobsWriter, read_logprobs, read_meta, tokenizer_fingerprint,
 )
-from factory.recipe import FactoryConfig, RecipeError, load_factory_config
-from factory.teachers.base import Choice, TeacherResponse, TokenLogprobs
+from apprentice.errors import RecipeError
+from factory.recipe import FactoryConfig, load_factory_config
+from apprentice.responses import Choice, TeacherResponse
+from apprentice.tokens import TokenLogprobs
 
 
 

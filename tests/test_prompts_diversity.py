@@ -11,10 +11,14 @@ from pydantic import ValidationError
 
 from conftest import read_jsonl, write_prompts, write_recipe
 from factory.__main__ import main
-from factory.prompt_dataset import DATASET_FILE, DatasetConfig, write_dataset
+from factory.prompt_config import DatasetConfig
+from factory.prompt_dataset import DATASET_FILE, write_dataset
 from factory.prompts import PromptError
-from factory.recipe import FactoryConfig, ParamRanges, PromptsConfig, RecipeError, load_factory_config
-from factory.self_instruct import SelfInstructConfig, Similarity, _Index, parse_prompts
+from apprentice.errors import RecipeError
+from factory.prompt_config import PromptsConfig
+from factory.recipe import FactoryConfig, ParamRanges, load_factory_config
+from factory.prompt_config import SelfInstructConfig, Similarity
+from factory.self_instruct import _Index, parse_prompts
 
 
 # ---- sampling parameters drawn from ranges ----------------------------------------------------------------

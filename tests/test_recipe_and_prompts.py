@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from factory.prompts import PromptError, check_prompts, iter_prompts
-from factory.recipe import RecipeError, load_factory_config
+from apprentice.errors import RecipeError
+from factory.recipe import load_factory_config
 
 REPO = Path(__file__).resolve().parents[1]
 

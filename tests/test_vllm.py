@@ -227,7 +227,8 @@ def test_provider_vllm_with_a_bad_engine_arg_stops_with_the_cause(vllm_python, t
 
 # ---- the recipe and the request body, without vLLM ------------------------------------------------------
 def test_vllm_recipe_keys_are_checked_where_they_are_written(tmp_path):
-    from factory.recipe import RecipeError, TeacherConfig, load_factory_config
+    from apprentice.errors import RecipeError
+    from factory.recipe import TeacherConfig, load_factory_config
 
     recipe = in_process_recipe(tmp_path / "recipe.yaml", tmp_path / "run", write_prompts(tmp_path / "p.jsonl"))
     with pytest.raises(RecipeError, match=r"engine_args are for provider vllm, not local"):
@@ -263,7 +264,7 @@ def test_vllm_request_bodies_carry_the_sampling_parameters():
 def test_in_process_teachers_start_at_what_they_batch_and_apis_slow_start():
     """A local or vllm teacher is fed what it can batch from the first request (no slow start: there is no
     server limit to probe); an API starts at 8 in flight and grows, under the recipe's cap (default 64)."""
-    from factory.pipeline import Run
+    from factory.run import Run
     from factory.recipe import TeacherConfig
     from factory.teachers import make_teacher
 

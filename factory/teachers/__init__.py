@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Choice, Teacher, TeacherError, TeacherResponse
+from apprentice.errors import TeacherError
+from apprentice.responses import Choice, TeacherResponse
+from .base import Teacher
 
 if TYPE_CHECKING:
     from ..recipe import TeacherConfig

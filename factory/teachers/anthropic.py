@@ -1,11 +1,16 @@
 """Anthropic Messages API. It has no `n`: the pipeline sends one request per sample."""
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from apprentice.errors import TeacherError
+from apprentice.responses import Choice, TeacherResponse
 
 from ..recipe import TeacherConfig
-from .base import Choice, TeacherError, TeacherResponse
-from .hosted import api_key, sdk_call_args, lower_headers, map_sdk_error, parse_json_body
+from .batching import BatchState, Call, Outcome, epoch
+from .hosted import api_key, lower_headers, map_sdk_error, parse_json_body, sdk_call_args
 
 
 # Anthropic's stop reasons in the OpenAI vocabulary the checks use; others (refusal, tool_use) pass as they are.
@@ -20,7 +25,7 @@ class AnthropicTeacher:
     def __init__(self, config: TeacherConfig) -> None:
         import anthropic
 
-        self._sdk = anthropic
+        self.sdk = anthropic
         self.model = config.model
         params = dict(config.params)
         if "max_new_tokens" in params:
@@ -57,8 +62,8 @@ class AnthropicTeacher:
     async def complete(self, body: dict[str, Any]) -> TeacherResponse:
         try:
             raw = await self._create(**sdk_call_args(self._signature, body))
-        except self._sdk.AnthropicError as exc:
-            raise map_sdk_error(exc, self._sdk) from None
+        except self.sdk.AnthropicError as exc:
+            raise map_sdk_error(exc, self.sdk) from None
         return self.parse(parse_json_body(await raw.read(), "Anthropic"), lower_headers(raw.headers))
 
     def parse(self, data: dict[str, Any], headers: dict[str, str] | None = None) -> TeacherResponse:
@@ -75,6 +80,52 @@ class AnthropicTeacher:
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise TeacherError(f"Anthropic answer has an unexpected shape ({exc!r})", retryable=True) from None
+
+    # ---- Message Batches hooks (factory/batch.py drives them; see factory/teachers/batching.py) ----------
+    def batch_entry(self, custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"custom_id": custom_id, "params": body}
+
+    async def submit_batch(self, path: Path, *, file_id: str | None, tag: str, call: Call,
+                           uploaded: Callable[[str], None]) -> str:
+        requests = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        created = await call(lambda: self.client.messages.batches.create(requests=requests))
+        return created.id
+
+    async def find_batch(self, *, tag: str, count: int, since: float, call: Call) -> list[str]:
+        """Message Batches carry no metadata: every batch created since then with the same request count."""
+        candidates = []
+        page = await call(lambda: self.client.messages.batches.list(limit=100))
+        async for found in page:
+            if epoch(found.created_at) < since:
+                break
+            counts = found.request_counts
+            total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
+            if total == count:
+                candidates.append(found.id)
+        return candidates
+
+    async def batch_status(self, provider_id: str, call: Call) -> BatchState:
+        info = await call(lambda: self.client.messages.batches.retrieve(provider_id))
+        counts = info.request_counts
+        answered = counts.succeeded + counts.errored + counts.canceled + counts.expired
+        return BatchState(info.processing_status, info.processing_status == "ended", answered, info)
+
+    def batch_failure(self, state: BatchState) -> str | None:
+        return None  # a Message Batch is validated request by request, never refused whole
+
+    async def batch_outcomes(self, state: BatchState, provider_id: str, files: Path, name: str,
+                             call: Call) -> AsyncIterator[Outcome]:
+        results = await call(lambda: self.client.messages.batches.results(provider_id))
+        async for entry in results:
+            result = entry.result
+            if result.type == "succeeded":
+                yield Outcome(entry.custom_id, data=result.message.model_dump(mode="json"))
+            elif result.type == "errored":
+                error = result.error.error
+                yield Outcome(entry.custom_id, error=f"{error.type}: {error.message}",
+                              retryable=error.type != "invalid_request_error")
+            else:  # expired, canceled
+                yield Outcome(entry.custom_id, error=result.type)
 
     async def aclose(self) -> None:
         await self.client.close()

@@ -6,10 +6,11 @@ import os
 from types import ModuleType
 from typing import Any, Mapping
 
-from .base import TeacherError, parse_retry_after
+from apprentice.errors import ApprenticeError, TeacherError
+from apprentice.responses import parse_retry_after
 
 
-class MissingKeyError(Exception):
+class MissingKeyError(ApprenticeError):
     pass
 
 

@@ -34,7 +34,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
-from .base import Choice, TeacherError, TeacherResponse, TokenLogprobs
+from apprentice.errors import TeacherError
+from apprentice.responses import Choice, TeacherResponse
+from apprentice.tokens import TokenLogprobs
 
 if TYPE_CHECKING:
     from ..recipe import TeacherConfig

@@ -8,11 +8,23 @@ when asked (`logprobs.token_ids: true` sends its `return_tokens_as_token_ids`; t
 """
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
 
+from apprentice.errors import TeacherError
+from apprentice.responses import Choice, TeacherResponse
+from apprentice.tokens import TokenLogprobs, from_rows
+
+from ..builtin import resolve_model
+from ..logprobs import tokenizer_fingerprint
 from ..recipe import TeacherConfig
-from .base import Choice, TeacherError, TeacherResponse, TokenLogprobs
-from .hosted import api_key, sdk_call_args, lower_headers, map_sdk_error, parse_json_body
+from .batching import BatchState, Call, Outcome
+from .hosted import RETRYABLE_STATUS, api_key, lower_headers, map_sdk_error, parse_json_body, sdk_call_args
+
+# Batch states in which the batch still runs (or is being cancelled).
+OPENAI_RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 
 
 class OpenAITeacher:
@@ -23,7 +35,7 @@ class OpenAITeacher:
     def __init__(self, config: TeacherConfig) -> None:
         import openai
 
-        self._sdk = openai
+        self.sdk = openai
         self.model = config.model
         self.params = dict(config.params)
         if "max_new_tokens" in self.params:
@@ -57,9 +69,6 @@ class OpenAITeacher:
         if self.logprobs.tokenizer:
             from transformers import AutoTokenizer
 
-            from ..builtin import resolve_model
-            from ..logprobs import tokenizer_fingerprint
-
             loaded = AutoTokenizer.from_pretrained(resolve_model(self.logprobs.tokenizer))
             tokenizer = tokenizer_fingerprint(loaded, self.logprobs.tokenizer)
         meta: dict[str, Any] = {
@@ -78,8 +87,8 @@ class OpenAITeacher:
     async def complete(self, body: dict[str, Any]) -> TeacherResponse:
         try:
             raw = await self._create(**sdk_call_args(self._signature, body))
-        except self._sdk.OpenAIError as exc:
-            raise map_sdk_error(exc, self._sdk) from None
+        except self.sdk.OpenAIError as exc:
+            raise map_sdk_error(exc, self.sdk) from None
         # Read the JSON directly: building the SDK's pydantic objects costs more CPU than the rest.
         return self.parse(parse_json_body(raw.content, "OpenAI"), lower_headers(raw.headers))
 
@@ -103,8 +112,6 @@ class OpenAITeacher:
 
     def _logprobs(self, item: dict[str, Any]) -> TokenLogprobs:
         """A choice's `logprobs.content` as arrays; an answer without them is an error, not a silent gap."""
-        from ..logprobs import from_rows
-
         assert self.logprobs is not None
         content = (item.get("logprobs") or {}).get("content")
         if content is None:
@@ -133,8 +140,84 @@ class OpenAITeacher:
             ) from None
         return from_rows(sampled, tops, self.logprobs.top_k, sampled_ids=ids, top_ids=top_ids)
 
+    # ---- Batch API hooks (factory/batch.py drives them; see factory/teachers/batching.py) ----------------
+    def batch_entry(self, custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+    async def submit_batch(self, path: Path, *, file_id: str | None, tag: str, call: Call,
+                           uploaded: Callable[[str], None]) -> str:
+        client = self.client
+        if file_id is None:
+            data = path.read_bytes()
+            file_id = (await call(lambda: client.files.create(file=(path.name, data), purpose="batch"))).id
+            uploaded(file_id)
+        created = await call(lambda: client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+            metadata={"apprentice": tag}))
+        return created.id
+
+    async def find_batch(self, *, tag: str, count: int, since: float, call: Call) -> list[str]:
+        """By the run's tag in the batch's metadata: certain."""
+        page = await call(lambda: self.client.batches.list(limit=100))
+        async for found in page:
+            if (found.metadata or {}).get("apprentice") == tag:
+                return [found.id]
+            if found.created_at < since:
+                break
+        return []
+
+    async def batch_status(self, provider_id: str, call: Call) -> BatchState:
+        info = await call(lambda: self.client.batches.retrieve(provider_id))
+        counts = info.request_counts
+        answered = (counts.completed + counts.failed) if counts else 0
+        return BatchState(info.status, info.status not in OPENAI_RUNNING, answered, info)
+
+    def batch_failure(self, state: BatchState) -> str | None:
+        if state.status != "failed":
+            return None
+        info = state.info
+        errors = "; ".join(f"{e.code}: {e.message}" for e in (info.errors.data if info.errors else []) or [])
+        return f"batch failed validation: {errors or 'no reason given'}"
+
+    async def batch_outcomes(self, state: BatchState, provider_id: str, files: Path, name: str,
+                             call: Call) -> AsyncIterator[Outcome]:
+        """The output file, then the error file, each downloaded to `files` first (streamed to disk, then
+        read a line at a time; a crash while reading costs no second download)."""
+        for kind, file_id in (("output", state.info.output_file_id), ("errors", state.info.error_file_id)):
+            if not file_id:
+                continue
+            path = files / f"{name}.{kind}.jsonl"
+            if not path.exists():
+                await call(lambda: self._download(file_id, path))
+            with path.open("r", encoding="utf-8") as handle:
+                for line in handle:
+                    if line.strip():
+                        yield _batch_outcome(json.loads(line))
+
+    async def _download(self, file_id: str, path: Path) -> None:
+        part = path.with_suffix(".part")
+        async with self.client.files.with_streaming_response.content(file_id) as response:
+            with part.open("wb") as handle:
+                async for chunk in response.iter_bytes():
+                    handle.write(chunk)
+        os.replace(part, path)
+
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def _batch_outcome(entry: dict[str, Any]) -> Outcome:
+    """One line of a Batch API output or error file."""
+    key = entry.get("custom_id", "")
+    response = entry.get("response") or None
+    if response is not None and response.get("status_code") == 200:
+        return Outcome(key, data=response.get("body") or {})
+    if response is not None:
+        status = response.get("status_code")
+        message = ((response.get("body") or {}).get("error") or {}).get("message") or "no message"
+        return Outcome(key, error=f"HTTP {status}: {message}", status=status, retryable=status in RETRYABLE_STATUS)
+    error = entry.get("error") or {}
+    return Outcome(key, error=f"{error.get('code') or 'error'}: {error.get('message') or 'no message'}")
 
 
 def _token_id(token: str) -> int:

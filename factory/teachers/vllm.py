@@ -34,7 +34,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .base import Choice, TeacherError, TeacherResponse, TokenLogprobs
+from apprentice.errors import TeacherError
+from apprentice.responses import Choice, TeacherResponse
+from apprentice.tokens import TokenLogprobs
 from .local import SUPPORTED_PARAMS, build_body, encode_chat, ids_logprobs_meta, normalize_params, read_body
 
 if TYPE_CHECKING:
@@ -296,7 +298,7 @@ class VLLMTeacher:
 def _logprobs(completion: Any, k: int) -> TokenLogprobs:
     """vLLM's per-token {id: Logprob(logprob, rank)} dicts as arrays: the sampled token's logprob, and the k
     best tokens by rank (the sampled one is in a row's dict even when it ranks below k)."""
-    from ..logprobs import from_rows
+    from apprentice.tokens import from_rows
 
     rows = completion.logprobs or []
     ids = list(completion.token_ids)

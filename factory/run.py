@@ -1,0 +1,432 @@
+"""A run: set-up, the dispatch it drives, its status and its manifest.
+
+    prompts ─▶ source (file, grid, dataset, self-instruct) ─▶ dispatch (online | batch) ─▶ decider ─▶ store
+
+The run builds the parts (teacher, limiters, cache, store, checks, logprobs sidecar, asker, decider), picks
+the dispatch (factory/online.py or factory/batch.py), shows progress, handles Ctrl-C and writes
+`manifest.json` (every few seconds, and at the end). A response is committed to the cache before its
+records are written, and a record id is skipped when it is already on disk: a run killed at any moment and
+started again finishes with no duplicate and no request paid twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from apprentice import __version__
+from apprentice.errors import RecipeError
+from quality_checks import Check, build_checks, prime
+
+from .asker import Asker, Budget
+from .batch import BatchDriver
+from .cache import ResponseCache
+from .decide import Decider, Stop
+from .limiter import Limiter
+from .logprobs import open_sidecar
+from .online import OnlineDispatch
+from .pricing import Pricer, lookup
+from .progress import Counters, ProgressView, Usage, summary_line
+from .prompts import SourceEnv, check_prompts
+from .recipe import IN_PROCESS, FactoryConfig, TeacherConfig
+from .sources import ASKS_TEACHER, source_name, write_prompts
+from .stats import compute_stats
+from .store import ACCEPTED, CACHE, FAILED, REJECTED, Store, read_manifest, write_manifest
+from .teachers import Teacher, make_teacher
+
+MANIFEST_EVERY_S = 10.0
+
+
+@dataclass
+class RunResult:
+    status: str  # complete | complete_with_failures | interrupted | budget_exhausted | stopped
+    counters: Counters
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "complete"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "apprentice": __version__}
+    for name in ("openai", "anthropic", "transformers", "torch", "pydantic", "rich"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def check_compatible(run_dir: Path, config: FactoryConfig) -> dict[str, Any] | None:
+    """Refuse to mix samples of a different teacher or settings into an existing run directory."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        return None
+    before = manifest.get("fingerprint", {})
+    now = config.fingerprint()
+    changed = [key for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+    if changed:
+        diffs = "\n".join(f"  {key}: was {before.get(key)!r}, now {now.get(key)!r}" for key in changed)
+        raise RecipeError(
+            f"{run_dir} holds samples made with other settings; mixing them would mix incompatible samples:\n"
+            f"{diffs}\nUse a new output directory (--set factory.output_dir={run_dir}-2), "
+            f"or delete {run_dir} to start over."
+        )
+    return manifest
+
+
+class Run:
+    def __init__(
+        self,
+        config: FactoryConfig,
+        *,
+        limit: int | None = None,
+        console: Console | None = None,
+        teacher: Teacher | None = None,
+    ) -> None:
+        self.config = config
+        self.limit = limit
+        self.console = console or Console(stderr=True, soft_wrap=True)
+        self._teacher = teacher
+        self.limiters: list[Limiter] = []
+        self.stop = Stop(self._close_limiters)
+        self.self_instruct: dict[str, Any] | None = None  # the expansion's figures, with prompts.self_instruct
+        self.spent_usd = 0.0  # paid before the samples (the self-instruct expansion), for the budget
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _pricer(self, teacher: TeacherConfig, key: str = "factory.teacher") -> Pricer:
+        # The Batch APIs bill a share of the list price (half, for both providers).
+        scale = teacher.batch.discount if teacher.mode == "batch" else 1.0
+        if teacher.price is not None:
+            return Pricer((teacher.price.input * scale, teacher.price.output * scale))
+        if teacher.provider in IN_PROCESS:
+            return Pricer((0.0, 0.0))
+        price = lookup(teacher.model)
+        if price is not None:
+            price = (price[0] * scale, price[1] * scale)
+        if price is None:
+            if self.config.budget_usd is not None:
+                raise RecipeError(
+                    f"factory.budget_usd is set but no price is known for model {teacher.model!r}: "
+                    f"set {key}.price: {{input: USD per 1M, output: USD per 1M}}"
+                )
+            if teacher.base_url is None:
+                self.console.print(
+                    f"[yellow]no price known for {teacher.model!r}; cost is shown as $0. "
+                    f"Set {key}.price to track it.[/]"
+                )
+        return Pricer(price)
+
+    def _manifest(self, status: str, counters: Counters, previous: dict[str, Any] | None) -> dict[str, Any]:
+        totals = (previous or {}).get("totals", {})
+        prev_cost = float(totals.get("cost_usd", 0.0))
+        prev_elapsed = float(totals.get("elapsed_s", 0.0))
+        limiter = self.limiter.stats
+        load_s = getattr(self.asker.teacher, "load_s", None)
+        manifest = {
+            "status": status,
+            "recipe": self.config.model_dump(mode="json"),
+            "fingerprint": self.config.fingerprint(),
+            "fingerprint_hash": self.config.fingerprint_hash(),
+            "versions": package_versions(),
+            "counts": {
+                "total": counters.total,
+                "accepted": self.store.resumed_accepted + counters.accepted,
+                "rejected": self.store.resumed_rejected + counters.rejected,
+                "failed": counters.failed,
+                "rejected_by": dict(self.resumed_rejected_by + self.decider.rejected_by),
+            },
+            "this_run": {
+                "started_at": self.started_at,
+                "elapsed_s": round(counters.elapsed, 3),
+                "requests": counters.requests,
+                "cache_hits": counters.cache_hits,
+                "resumed_records": counters.resumed,
+                "repaired_bytes": self.store.repaired,
+                "input_tokens": counters.input_tokens,
+                "output_tokens": counters.output_tokens,
+                "cost_usd": round(counters.cost_usd, 6),
+                "requests_per_s": round(counters.requests / counters.elapsed, 3),
+                "output_tokens_per_s": round(counters.output_tokens / counters.elapsed, 3),
+                "retries": limiter.retries,
+                "rate_limited": limiter.rate_limited,
+                "server_errors": limiter.server_errors,
+                "breaker_opened": limiter.breaker_opened,
+                # An in-process teacher's model load, part of elapsed_s: generation alone took the difference.
+                **({"teacher_load_s": round(load_s, 3)} if load_s is not None else {}),
+            },
+            **({"self_instruct": self.self_instruct} if self.self_instruct is not None else {}),
+            "totals": {
+                "cost_usd": round(prev_cost + self.spent_usd + counters.cost_usd, 6),
+                "elapsed_s": round(prev_elapsed + counters.elapsed, 3),
+            },
+            **({"batches": batches} if (batches := self.dispatch.summary()) is not None else {}),
+        }
+        if self.check_models:  # the judge's requests, apart from the teacher's (the records carry the teacher's)
+            judge = counters.judge.as_dict()
+            manifest["this_run"]["judge"] = judge
+            before = totals.get("judge") or {}
+            manifest["totals"]["judge"] = {
+                key: round(before.get(key, 0) + judge[key], 6) if key == "cost_usd" else before.get(key, 0) + judge[key]
+                for key in ("requests", "input_tokens", "output_tokens", "cost_usd")
+            }
+        return manifest
+
+    # ---- the run --------------------------------------------------------------------------------
+    async def execute(self) -> RunResult:
+        config = self.config
+        run_dir = config.output_dir
+        source = source_name(config.prompts)
+        env = SourceEnv(run_dir, self.console)
+        if source not in ASKS_TEACHER:
+            prompts_path = await write_prompts(config.prompts, env)
+            count = check_prompts(prompts_path, config.prompts.system)
+        previous = check_compatible(run_dir, config)
+        pricer = self._pricer(config.teacher)
+        checks = build_checks(config.checks)
+        self._warn_check_order(checks)
+        # Checks that ask a model (judge): price and client now, so a missing key or price fails before anything is sent.
+        self.check_models = []
+        for index, check in enumerate(checks):
+            if check.teacher is not None:
+                pricer_of_check = self._pricer(check.teacher, f"factory.checks.{index}.teacher")
+                self.check_models.append((check, check.teacher, make_teacher(check.teacher), pricer_of_check))
+        teacher = self._teacher or make_teacher(config.teacher)
+        self.limiter = self._limiter(config.teacher, teacher)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cache = ResponseCache(run_dir / CACHE)
+        if source in ASKS_TEACHER:  # the teacher writes the prompts first, through an asker of its own
+            usage = Usage()
+            env.asker = Asker(teacher, config.teacher, self.limiter, cache, pricer, usage,
+                              Budget(config.budget_usd, [usage]))
+            try:
+                prompts_path = await write_prompts(config.prompts, env)
+                count = check_prompts(prompts_path, config.prompts.system)
+            except BaseException:
+                cache.close()
+                if self._teacher is None:
+                    await teacher.aclose()
+                raise
+            finally:
+                self.self_instruct, self.spent_usd = env.figures, usage.cost_usd
+        if self.limit is not None:
+            count = min(count, self.limit)
+        self.store = Store(run_dir)
+        sidecar = await open_sidecar(run_dir, config.teacher, teacher)
+        # Run-wide checks (dedup) learn the samples accepted before a crash; after Store cut any torn line.
+        primed_at = time.monotonic()
+        primed = prime(checks, run_dir / ACCEPTED)
+        primed_s = time.monotonic() - primed_at
+        self.resumed_rejected_by = _count_rejected(run_dir / REJECTED) if self.store.resumed_rejected else Counter()
+        counters = self.counters = Counters(total=count * config.samples_per_prompt)
+        # budget_usd is for the whole run directory: what earlier runs of it paid (teacher and judge), and the
+        # self-instruct expansion of this one, count against it.
+        totals = (previous or {}).get("totals", {})
+        paid_before = float(totals.get("cost_usd", 0.0)) + float((totals.get("judge") or {}).get("cost_usd", 0.0))
+        spent_before = _Spent(paid_before + self.spent_usd)
+        budget = Budget(config.budget_usd, [counters, counters.judge, spent_before])
+        self.asker = Asker(teacher, config.teacher, self.limiter, cache, pricer, counters, budget)
+        for check, check_config, check_teacher, check_pricer in self.check_models:
+            limiter = self.limiter if _same_endpoint(check_config, config.teacher) else self._limiter(check_config, check_teacher)
+            check.connect(Asker(check_teacher, check_config, limiter, cache, check_pricer, counters.judge, budget))
+        self.decider = Decider(config, store=self.store, asker=self.asker, checks=checks, counters=counters,
+                               sidecar=sidecar, stop=self.stop)
+        if config.teacher.mode == "batch":
+            self.dispatch: OnlineDispatch | BatchDriver = BatchDriver(
+                self.decider, prompts_path, limit=self.limit, limiter=self.limiter, stop=self.stop,
+                console=self.console)
+        else:
+            # Workers: enough to keep the teacher and every judge busy at once (each limiter bounds its own model).
+            self.dispatch = OnlineDispatch(
+                self.decider, prompts_path, system=config.prompts.system, limit=self.limit, stop=self.stop,
+                concurrency=sum(limiter.max_concurrency for limiter in self.limiters))
+        self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_manifest(run_dir, self._manifest("running", counters, previous))
+        if self.store.resumed_accepted or self.store.resumed_rejected or self.store.previous_failures:
+            self.console.print(
+                f"resuming {run_dir}: {self.store.resumed_accepted} accepted and "
+                f"{self.store.resumed_rejected} rejected records kept, "
+                f"{self.store.previous_failures} earlier failure(s) will be retried"
+            )
+        if primed:
+            self.console.print(f"dedup index rebuilt from {primed} accepted samples in {primed_s:.1f} s")
+        view = ProgressView(counters, self.console, note=self.dispatch.note)
+
+        async def refresh() -> None:
+            last_manifest = time.monotonic()
+            while True:
+                await asyncio.sleep(0.25)
+                view.refresh()
+                if time.monotonic() - last_manifest >= MANIFEST_EVERY_S:
+                    last_manifest = time.monotonic()
+                    write_manifest(run_dir, self._manifest("running", counters, previous))
+
+        loop = asyncio.get_running_loop()
+        interrupts = 0
+
+        def on_interrupt() -> None:
+            nonlocal interrupts
+            interrupts += 1
+            if interrupts == 1:
+                self.stop()
+                self.console.print("[yellow]stopping: finishing the requests in flight (Ctrl-C again to quit now)[/]")
+            else:
+                dispatching.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, on_interrupt)
+            except (NotImplementedError, RuntimeError):
+                pass
+        view.start()
+        refresher = asyncio.create_task(refresh())
+        dispatching = asyncio.create_task(self.dispatch.execute())
+        try:
+            await dispatching
+        except asyncio.CancelledError:
+            self.stop()
+        finally:
+            counters.finished = time.monotonic()
+            refresher.cancel()
+            view.stop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.remove_signal_handler(sig)
+                except (NotImplementedError, RuntimeError):
+                    pass
+            if not dispatching.done():
+                dispatching.cancel()
+            await asyncio.gather(dispatching, return_exceptions=True)
+            if self._teacher is None:
+                await teacher.aclose()
+            for _, _, check_teacher, _ in self.check_models:
+                await check_teacher.aclose()
+            if sidecar is not None:
+                sidecar.close()
+            status = self._status()
+            manifest = self._manifest(status, counters, previous)
+            if status != "interrupted":  # Ctrl-C wants out now; `factory stats` computes them on demand
+                manifest["stats"] = _run_stats(run_dir, manifest, self.console)
+            write_manifest(run_dir, manifest)
+            self.store.close()
+            cache.close()
+        return RunResult(status, counters, self._message(status, counters))
+
+    def _status(self) -> str:
+        if self.stop.fatal:
+            return "stopped"
+        if self.stop.budget_hit:
+            return "budget_exhausted"
+        if self.stop.stopping:
+            return "interrupted"
+        if self.counters.failed:
+            return "complete_with_failures"
+        return "complete"
+
+    def _message(self, status: str, counters: Counters) -> str:
+        resume = "run the same command again to resume; nothing done so far is lost or paid twice"
+        if status == "stopped":
+            return f"stopped: {self.stop.fatal}. Fix it, then {resume}."
+        if status == "budget_exhausted":
+            return (
+                f"budget_usd={self.config.budget_usd} reached: no new requests were sent. "
+                f"Raise factory.budget_usd (--set factory.budget_usd=...) and {resume}."
+            )
+        if status == "interrupted":
+            batches = self.dispatch.summary()
+            running = len(batches["open"]) if batches is not None else 0
+            if running:
+                return (f"interrupted: {running} batch(es) keep running at the provider; {resume} "
+                        "(the same command collects them, nothing is submitted twice).")
+            return f"interrupted: {resume}."
+        if status == "complete_with_failures":
+            return (
+                f"{counters.failed} sample(s) failed after retries; their errors are in failed.jsonl. "
+                "Run the same command again to retry them."
+            )
+        return "complete"
+
+    def _close_limiters(self) -> None:
+        for limiter in self.limiters:
+            limiter.close()
+
+    def _limiter(self, config: TeacherConfig, teacher: Teacher) -> Limiter:
+        # An in-process model is fed what it can batch (the recipe may ask for less); an API gets the recipe's cap.
+        useful = teacher.max_useful_concurrency
+        concurrency = min(config.max_concurrency or useful, useful) if useful else config.concurrency_cap
+        # Slow start probes a server's limits; a model in this process has none, and starting it at 8 requests
+        # would leave a continuously batching engine mostly idle for its first rounds.
+        initial = concurrency if config.provider in IN_PROCESS else 8
+        limiter = Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries,
+                          initial_concurrency=initial)
+        self.limiters.append(limiter)
+        return limiter
+
+    def _warn_check_order(self, checks: list[Check]) -> None:
+        """A judge before another check pays for samples that check would have dropped for (nearly) free."""
+        first = next((i for i, check in enumerate(checks) if check.teacher is not None), None)
+        if first is None:
+            return
+        later = [check.name for check in checks[first + 1:] if check.teacher is None]
+        if later:
+            self.console.print(
+                f"[yellow]factory.checks: {', '.join(later)} after {checks[first].name}: every sample they "
+                f"reject is judged (and paid for) first; put {checks[first].name} last unless that is meant[/]"
+            )
+
+
+@dataclass(slots=True)
+class _Spent:
+    """Money paid before this run's samples (earlier runs, the self-instruct expansion), for the budget."""
+
+    cost_usd: float
+
+
+def _same_endpoint(a: TeacherConfig, b: TeacherConfig) -> bool:
+    """Two models whose requests count against the same rate limits share a limiter."""
+    return (a.provider, a.base_url, a.api_key_env, a.model) == (b.provider, b.base_url, b.api_key_env, b.model) \
+        and a.provider not in IN_PROCESS
+
+
+def _run_stats(run_dir: Path, manifest: dict[str, Any], console: Console) -> dict[str, Any]:
+    """The `stats` figures for the manifest: one streaming pass over the run files, bounded memory."""
+    try:
+        return compute_stats(run_dir, manifest)
+    except Exception as exc:  # noqa: BLE001 - the final manifest matters more than its statistics
+        console.print(f"[yellow]stats not computed ({escape(f'{type(exc).__name__}: {exc}')}); "
+                      "run `python -m factory stats`[/]")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _count_rejected(path: Path) -> Counter:
+    counts: Counter = Counter()
+    with path.open("r", encoding="utf-8") as handle:
+        for line in handle:
+            counts[json.loads(line).get("rejected_by")] += 1
+    return counts
+
+
+def print_result(result: RunResult, console: Console, run_dir: Path) -> None:
+    console.print(f"this run: {summary_line(result.counters)}", highlight=False)
+    counts = (read_manifest(run_dir) or {}).get("counts", {})
+    by = counts.get("rejected_by") or {}
+    reasons = ", ".join(f"{name} {n}" for name, n in sorted(by.items(), key=lambda kv: -kv[1]))
+    console.print(
+        f"{run_dir}: {counts.get('accepted', 0)} accepted, {counts.get('rejected', 0)} rejected"
+        + (f" ({reasons})" if reasons else "")
+        + f", {counts.get('failed', 0)} failed — {ACCEPTED}, {REJECTED}, {FAILED}, manifest.json",
+        highlight=False,
+    )
+    if not result.ok:
+        console.print(f"[yellow]{result.message}[/]")
