@@ -1,6 +1,6 @@
 """Factory overhead versus a plain AsyncOpenAI + semaphore loop, side by side in one run.
 
-Both clients talk to the same loopback fake server (`python -m factory.fakeserver`, its own process)
+Both clients talk to the same loopback fake server (`python -m fakes`, its own process)
 with a fixed latency, through the same SDK. Each client runs in its own process, one after the other,
 alternating, so neither shares a core with the other; the server has the other core.
 
@@ -74,7 +74,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen(
-        [PY, "-m", "factory.fakeserver", "--port", "0", "--latency", str(latency), "--max-requests", "1000000"],
+        [PY, "-m", "fakes", "--port", "0", "--latency", str(latency), "--max-requests", "1000000"],
         stdout=subprocess.PIPE, text=True, cwd=REPO,
     )
     line = server.stdout.readline().split()

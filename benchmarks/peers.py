@@ -1,7 +1,7 @@
 """The factory next to its peers: bespokelabs-curator, distilabel and a plain AsyncOpenAI loop.
 
 All four ask the same loopback fake server (benchmarks/peers/fake_server.py: the project's
-`factory.fakeserver.FakeServer` in its own process, with a clock on its answers; a fresh one per run)
+`fakes.FakeServer` in its own process, with a clock on its answers; a fresh one per run)
 for the same chat completions: model gpt-4o-mini, one user message "question number <i>", temperature
 0.8, max_tokens 64, at most `--concurrency` requests in flight (the factory: `teacher.max_concurrency`;
 the plain loop: a semaphore; curator: `max_concurrent_requests`; distilabel has no such setting: its

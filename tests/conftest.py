@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture
 def server():
-    from factory.fakeserver import FakeConfig, FakeServer
+    from fakes import FakeConfig, FakeServer
 
     fake = FakeServer(FakeConfig(api_key=API_KEY))
     fake.start()

@@ -1,4 +1,4 @@
-"""The fake server's batch APIs (factory/fakebatch.py), driven through the real openai and anthropic SDKs."""
+"""The fake server's batch APIs (fakes/batch.py), driven through the real openai and anthropic SDKs."""
 from __future__ import annotations
 
 import asyncio

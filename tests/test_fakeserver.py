@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from conftest import API_KEY, PYTHON, REPO
-from factory.fakeserver import FakeConfig, FakeServer, count_tokens, openai_duration
+from fakes import FakeConfig, FakeServer, count_tokens, openai_duration
 from factory.limiter import parse_duration
 
 pytestmark = pytest.mark.timeout(60)
@@ -387,7 +387,7 @@ def test_openai_duration_format():
 
 def test_cli_subprocess_serves_until_sigterm():
     proc = subprocess.Popen(
-        [PYTHON, "-m", "factory.fakeserver", "--port", "0", "--latency", "0.01", "--api-key", "cli-key",
+        [PYTHON, "-m", "fakes", "--port", "0", "--latency", "0.01", "--api-key", "cli-key",
          "--rpm", "100", "--fault", "2=503", "--fault-rate", "500=0"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -1,4 +1,4 @@
-"""The project's fake server (`factory.fakeserver.FakeServer`), plus a clock on the answers it gives.
+"""The project's fake server (`fakes.FakeServer`), plus a clock on the answers it gives.
 
     .venv/bin/python benchmarks/peers/fake_server.py --latency 0.2 [--rpm N --tpm N]
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from factory.fakeserver import FakeConfig, FakeServer, default_responder  # noqa: E402
+from fakes import FakeConfig, FakeServer, default_responder  # noqa: E402
 
 
 class Clock:

@@ -1,35 +1,12 @@
-"""A loopback fake of the OpenAI chat-completions and Anthropic Messages APIs, for tests and benchmarks.
+"""The chat half of the fake: OpenAI chat-completions and Anthropic Messages on a loopback asyncio server.
 
 Pure asyncio (an `asyncio.Protocol`, HTTP/1.1 with keep-alive), stdlib only, bound to 127.0.0.1 only.
-It answers with deterministic text, enforces optional rate limits with the providers' headers, and
-injects faults on chosen requests, while counting what it answered so that a test can check that
-no successful (paid) request body was answered twice.
-
-    from factory.fakeserver import FakeServer
-
-    with FakeServer(latency_s=0.01, rpm=600, api_key="sk-test") as server:
-        client = openai.AsyncOpenAI(base_url=server.openai_base_url, api_key="sk-test")
-        ...                                   # anthropic.AsyncAnthropic(base_url=server.anthropic_base_url)
-        server.config.faults[5] = "drop"      # the 5th request (all endpoints together) gets no answer
-        assert max(server.stats.answered.values()) == 1
-
-    python -m factory.fakeserver --port 0 --latency 0.2 [--rpm N --tpm N --api-key K --fault 3=429
-                                 --fault-rate 500=0.1]       # prints "PORT <n>", serves until SIGTERM
-
-Endpoints: POST to any path ending in `/chat/completions` (OpenAI) or `/messages` (Anthropic); the
-batch APIs (factory/fakebatch.py) below; any other path is a 404 with an OpenAI-shaped JSON error.
-
-Batch APIs, for the real SDKs' `client.files` / `client.batches` and `client.messages.batches`:
-OpenAI `POST /v1/files` (multipart, purpose "batch"; every line is checked, a bad one is a 400 naming
-it), `GET /v1/files/{id}`, `GET /v1/files/{id}/content`, `DELETE /v1/files/{id}`, `POST /v1/batches`
-(endpoint /v1/chat/completions only), `GET /v1/batches[?limit&after]`, `GET /v1/batches/{id}`,
-`POST /v1/batches/{id}/cancel`; Anthropic `POST|GET /v1/messages/batches`, `GET .../{id}`,
-`POST .../{id}/cancel`, `GET .../{id}/results` (JSONL). A batch is in progress for `batch_delay_s`
-(counts rising linearly), then ends with every item answered as the online endpoint would, or as
-`batch_fault(custom_id, attempt)` says: "error" (500), "invalid" (400) or "expired"; attempt is 1 + the
-number of earlier batches on this server that held that custom_id. Results come shuffled. Batch
-requests skip the faults table, rate limits and latency, but need the API key and count towards
-`max_requests` and `stats.total`.
+`ChatServer` answers with deterministic text, enforces optional rate limits with the providers' headers,
+and injects faults on chosen requests, while counting what it answered. It knows nothing of the batch
+APIs: whoever assembles the fake (fakes/app.py) sets `server.batches` to an object with
+`route(path) -> (provider, kind, rest) | None` and `handle(route, method, path, headers, raw) -> Reply`,
+and every request whose path it routes is handed to it. Use `fakes.FakeServer` (both halves); the
+package docstring (fakes/__init__.py) lists the endpoints and how to run it.
 
 Logprobs: an OpenAI request with `logprobs: true` (and `top_logprobs: k`, 0..20) gets
 `choices[i].logprobs.content` like OpenAI's: the answer cut into 4-character tokens, each with a
@@ -66,45 +43,24 @@ The config is read on every request, so tests may change it while the server run
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import json
 import math
 import random
-import signal
 import sys
 import threading
 import time
 import zlib
-from collections import Counter, deque
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, NamedTuple
+from collections import deque
+from dataclasses import replace
+from typing import Any, NamedTuple
 
-HOST = "127.0.0.1"
+from fakes.common import HOST, FakeConfig, FakeStats, Reply, error_body, http_reply
+
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
-Responder = Callable[[list, int, dict], str]
-
-REASONS = {
-    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large",
-    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 529: "Overloaded",
-}
-# status → (OpenAI error type, Anthropic error type)
-ERROR_TYPES = {
-    400: ("invalid_request_error", "invalid_request_error"),
-    401: ("authentication_error", "authentication_error"),
-    403: ("permission_error", "permission_error"),
-    404: ("invalid_request_error", "not_found_error"),
-    405: ("invalid_request_error", "invalid_request_error"),
-    413: ("invalid_request_error", "request_too_large"),
-    429: ("rate_limit_error", "rate_limit_error"),
-    503: ("server_error", "overloaded_error"),
-    529: ("server_error", "overloaded_error"),
-}
 MALFORMED_BODY = b'{"id": "broken", "choices": [{"index": 0, "message": {"role": "assis'
 
 
@@ -149,103 +105,6 @@ def default_responder(messages: list, index: int, body: dict) -> str:
         if isinstance(message, dict) and message.get("role") == "user":
             return f"Answer {index}: {content_text(message.get('content'))}"
     return f"Answer {index}: "
-
-
-@dataclass
-class FakeConfig:
-    port: int = 0                                  # 0: any free port
-    latency_s: float = 0.0                         # before every response
-    api_key: str | None = None                     # required when set (Bearer / x-api-key)
-    rpm: int | None = None
-    tpm: int | None = None                         # combined tokens (OpenAI tokens, anthropic-ratelimit-tokens)
-    input_tpm: int | None = None                   # Anthropic input tokens
-    output_tpm: int | None = None                  # Anthropic output tokens
-    rate_window_s: float = 60.0
-    rate_mode: str = "bucket"                      # "bucket" or "sliding"
-    faults: dict[int, str] = field(default_factory=dict)
-    fault_rates: dict[str, float] = field(default_factory=dict)
-    seed: int = 0
-    retry_after: float = 1.0                       # seconds, for injected 429s
-    slow_s: float = 5.0                            # extra delay of "slow" / "timeout"
-    max_requests: int = 200_000                    # lifetime bound: past it every request gets 503
-    responder: Responder | None = None             # (messages, index, body) -> text
-    keep_bodies: int = 1000                        # how many request bodies `stats.bodies` keeps
-    batch_delay_s: float = 0.0                     # a batch is in progress this long after creation
-    # asked per batch item as it is processed: (custom_id, attempt) -> None | "error" | "invalid" | "expired"
-    batch_fault: Callable[[str, int], str | None] | None = None
-
-
-class FakeStats:
-    """What the server saw. Updated on the server's thread under `lock`; `snapshot()` copies it safely.
-
-    total: requests received since the last reset (their sequence numbers are 1..total).
-    by_status: responses sent, by HTTP status (int), plus "drop" for dropped connections.
-    rate_limited: 429 responses sent (enforced or injected).
-    answered: for real 200 answers, sha256 of `json.dumps(body, sort_keys=True)` → times answered.
-    bodies: the last `keep_bodies` parsed JSON request bodies, any outcome.
-    faults: injected faults by kind.
-    over_max_requests: requests refused because the lifetime `max_requests` was passed.
-    client_gone: responses not sent because the client had closed the connection first.
-    batches_created, files_uploaded: batch endpoints' creations (both providers) and accepted uploads.
-    batch_items: custom_id → times it was in a created batch; batch_answered: custom_id → times a batch
-    answered it successfully (batch answers are not in `answered`, which counts online bodies).
-    """
-
-    def __init__(self, keep_bodies: int = 1000) -> None:
-        self.lock = threading.Lock()
-        self.total = 0
-        self.by_status: Counter = Counter()
-        self.rate_limited = 0
-        self.answered: Counter = Counter()
-        self.bodies: deque = deque(maxlen=keep_bodies)
-        self.faults: Counter = Counter()
-        self.over_max_requests = 0
-        self.client_gone = 0
-        self.batches_created = 0
-        self.files_uploaded = 0
-        self.batch_items: Counter = Counter()
-        self.batch_answered: Counter = Counter()
-
-    def reset(self) -> None:
-        with self.lock:
-            self.total = 0
-            self.by_status.clear()
-            self.rate_limited = 0
-            self.answered.clear()
-            self.bodies.clear()
-            self.faults.clear()
-            self.over_max_requests = 0
-            self.client_gone = 0
-            self.batches_created = 0
-            self.files_uploaded = 0
-            self.batch_items.clear()
-            self.batch_answered.clear()
-
-    def snapshot(self) -> dict[str, Any]:
-        with self.lock:
-            return {
-                "total": self.total,
-                "by_status": dict(self.by_status),
-                "rate_limited": self.rate_limited,
-                "answered": dict(self.answered),
-                "bodies": list(self.bodies),
-                "faults": dict(self.faults),
-                "over_max_requests": self.over_max_requests,
-                "client_gone": self.client_gone,
-                "batches_created": self.batches_created,
-                "files_uploaded": self.files_uploaded,
-                "batch_items": dict(self.batch_items),
-                "batch_answered": dict(self.batch_answered),
-            }
-
-    def duplicates(self) -> dict[str, int]:
-        """Request bodies (by hash) that were answered 200 more than once."""
-        with self.lock:
-            return {digest: count for digest, count in self.answered.items() if count > 1}
-
-    def __repr__(self) -> str:
-        return (f"FakeStats(total={self.total}, by_status={dict(self.by_status)}, "
-                f"rate_limited={self.rate_limited}, answered={len(self.answered)})")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -356,7 +215,7 @@ _LIMITS = (
 
 
 class _Parsed(NamedTuple):
-    """A chat request that passed `FakeServer._validate` (Anthropic: n = 1, top_logprobs = None)."""
+    """A chat request that passed `ChatServer._validate` (Anthropic: n = 1, top_logprobs = None)."""
     messages: list
     n: int
     max_tokens: int | None
@@ -364,26 +223,14 @@ class _Parsed(NamedTuple):
     input_tokens: int
 
 
-class _Reply:
-    __slots__ = ("data", "status", "close", "digest")
+class ChatServer:
+    """The chat endpoints. `ChatServer(FakeConfig(...))` or `ChatServer(latency_s=..., rpm=...)`.
 
-    def __init__(self, data: bytes | None, status: int | str, close: bool = False, digest: str | None = None):
-        self.data = data          # None: drop the connection
-        self.status = status
-        self.close = close
-        self.digest = digest      # set on real 200 answers
-
-
-class FakeServer:
-    """The fake. `FakeServer(FakeConfig(...))` or `FakeServer(latency_s=..., rpm=...)`.
-
-    Threaded: `start()` / `stop()` or `with FakeServer(...) as server:`.
+    Threaded: `start()` / `stop()` or `with ChatServer(...) as server:`.
     In a running loop: `await listen()` / `await aclose()`, `async with`, or `await serve()` (until stopped).
     """
 
     def __init__(self, config: FakeConfig | None = None, **options: Any) -> None:
-        from factory.fakebatch import FakeBatches  # here: fakebatch imports this module
-
         config = config if config is not None else FakeConfig()
         self.config = replace(config, **options) if options else config
         self.stats = FakeStats(self.config.keep_bodies)
@@ -397,7 +244,7 @@ class FakeServer:
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
         self._warned = False
-        self.batches = FakeBatches(self)
+        self.batches: Any = None  # the batch APIs, set by whoever assembles the fake (fakes.app)
 
     # -- addresses -----------------------------------------------------------------------------------
 
@@ -453,7 +300,7 @@ class FakeServer:
         except asyncio.TimeoutError:
             pass
 
-    async def __aenter__(self) -> "FakeServer":
+    async def __aenter__(self) -> "ChatServer":
         await self.listen()
         return self
 
@@ -462,7 +309,7 @@ class FakeServer:
 
     # -- lifecycle in a thread of its own ----------------------------------------------------------
 
-    def start(self) -> "FakeServer":
+    def start(self) -> "ChatServer":
         """Serve from a daemon thread with its own event loop; returns once listening."""
         if self._thread is not None:
             raise RuntimeError("already started")
@@ -505,7 +352,7 @@ class FakeServer:
             self._thread.join(timeout=10)
             self._thread = None
 
-    def __enter__(self) -> "FakeServer":
+    def __enter__(self) -> "ChatServer":
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -513,7 +360,7 @@ class FakeServer:
 
     # -- one request -----------------------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> tuple[float, _Reply]:
+    def handle(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> tuple[float, Reply]:
         """Decide the answer to one request: (delay in seconds, reply)."""
         config, stats = self.config, self.stats
         with stats.lock:
@@ -522,7 +369,7 @@ class FakeServer:
         self._lifetime += 1
         delay = config.latency_s
         route = path.split("?", 1)[0].rstrip("/")
-        batch_route = self.batches.route(route)
+        batch_route = self.batches.route(route) if self.batches is not None else None
         provider = (batch_route[0] if batch_route else "openai" if route.endswith("/chat/completions")
                     else "anthropic" if route.endswith("/messages") else "")
 
@@ -534,7 +381,7 @@ class FakeServer:
                 print(f"fakeserver: more than max_requests={config.max_requests} requests; answering 503",
                       file=sys.stderr, flush=True)
             return delay, self.error(provider or "openai", 503, "fake server: max_requests exceeded")
-        if batch_route is not None:  # no latency, faults or rate limits: see factory/fakebatch.py
+        if batch_route is not None:  # no latency, faults or rate limits: see fakes/batch.py
             return 0.0, self.batches.handle(batch_route, method, path, headers, raw)
         if not provider:
             return delay, self.error("openai", 404, f"Unknown request URL: {method} {route}")
@@ -565,9 +412,9 @@ class FakeServer:
             with stats.lock:
                 stats.faults[fault] += 1
             if fault == "drop":
-                return delay, _Reply(None, "drop")
+                return delay, Reply(None, "drop")
             if fault == "malformed":
-                return delay, self._send(200, MALFORMED_BODY, ())
+                return delay, http_reply(200, MALFORMED_BODY, ())
             if fault in ("slow", "timeout"):
                 delay += config.slow_s
             elif fault.isdigit() and 400 <= int(fault) <= 599:
@@ -585,7 +432,7 @@ class FakeServer:
             return True
         return provider == "anthropic" and headers.get("x-api-key") == key
 
-    def _chat(self, provider: str, body: dict, seq: int) -> _Reply:
+    def _chat(self, provider: str, body: dict, seq: int) -> Reply:
         """An online answer: validate, charge the rate limits, and only then run the responder."""
         parsed = self._validate(provider, body)
         if isinstance(parsed, str):
@@ -664,9 +511,9 @@ class FakeServer:
             return text[: max_tokens * 4], "length", max_tokens
         return text, "stop", tokens
 
-    def _success(self, body: dict, answer: dict, headers: list) -> _Reply:
+    def _success(self, body: dict, answer: dict, headers: list) -> Reply:
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        reply = self._send(200, json.dumps(answer, separators=(",", ":")).encode(), headers)
+        reply = http_reply(200, json.dumps(answer, separators=(",", ":")).encode(), headers)
         reply.digest = digest
         return reply
 
@@ -721,25 +568,11 @@ class FakeServer:
         return [("retry-after", str(max(1, math.ceil(seconds)))),
                 ("retry-after-ms", str(max(1, math.ceil(seconds * 1000))))]
 
-    def error(self, provider: str, status: int, message: str, headers=()) -> _Reply:
-        openai_type, anthropic_type = ERROR_TYPES.get(status, ("server_error", "api_error"))
-        if provider == "anthropic":
-            payload = {"type": "error", "error": {"type": anthropic_type, "message": message}}
-        else:
-            code = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded"}.get(status)
-            payload = {"error": {"message": message, "type": openai_type, "param": None, "code": code}}
-        return self._send(status, json.dumps(payload).encode(), headers)
+    def error(self, provider: str, status: int, message: str, headers=()) -> Reply:
+        code = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded"}.get(status)
+        return http_reply(status, json.dumps(error_body(provider, status, message, code)).encode(), headers)
 
-    @staticmethod
-    def _send(status: int, payload: bytes, headers) -> _Reply:
-        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
-                f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n"]
-        for name, value in headers:
-            head.append(f"{name}: {value}\r\n")
-        head.append("\r\n")
-        return _Reply("".join(head).encode("latin-1") + payload, status)
-
-    def record(self, reply: _Reply, delivered: bool) -> None:
+    def record(self, reply: Reply, delivered: bool) -> None:
         stats = self.stats
         with stats.lock:
             if not delivered:
@@ -755,12 +588,12 @@ class FakeServer:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection. Requests are answered one at a time, in order."""
 
-    def __init__(self, server: FakeServer) -> None:
+    def __init__(self, server: ChatServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.head: tuple | None = None     # (method, path, headers, body start, length or -1 for chunked, keep-alive)
-        self.pending: _Reply | None = None
+        self.pending: Reply | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.continued = False
@@ -817,7 +650,7 @@ class _Connection(asyncio.Protocol):
             self._deliver(reply)
             self._pump()
 
-    def _deliver(self, reply: _Reply) -> None:
+    def _deliver(self, reply: Reply) -> None:
         if reply.data is None:  # "drop"
             self.server.record(reply, delivered=True)
             self.closed = True
@@ -926,73 +759,3 @@ class _Connection(asyncio.Protocol):
             if sum(map(len, chunks)) > MAX_BODY_BYTES:
                 self._reject(413, "request body too large")
                 return None
-
-
-# ---------------------------------------------------------------------------------------------------
-# command line
-
-
-def _pairs(values: list[str], key: Callable, value: Callable, flag: str) -> dict:
-    out = {}
-    for item in values:
-        left, sep, right = item.partition("=")
-        if not sep:
-            raise SystemExit(f"{flag} wants KEY=VALUE, got {item!r}")
-        try:
-            out[key(left.strip())] = value(right.strip())
-        except ValueError:
-            raise SystemExit(f"{flag}: cannot read {item!r}") from None
-    return out
-
-
-def parse_args(argv: list[str] | None = None) -> FakeConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m factory.fakeserver",
-        description="Loopback fake OpenAI + Anthropic server. Prints 'PORT <n>' once listening on 127.0.0.1.",
-    )
-    parser.add_argument("--port", type=int, default=0, help="0: any free port (default)")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds before every response")
-    parser.add_argument("--rpm", type=int)
-    parser.add_argument("--tpm", type=int)
-    parser.add_argument("--input-tpm", type=int, help="Anthropic input tokens per minute")
-    parser.add_argument("--output-tpm", type=int, help="Anthropic output tokens per minute")
-    parser.add_argument("--rate-mode", choices=("bucket", "sliding"), default="bucket")
-    parser.add_argument("--api-key")
-    parser.add_argument("--fault", action="append", default=[], metavar="SEQ=KIND",
-                        help="e.g. 3=429, 7=drop (repeatable)")
-    parser.add_argument("--fault-rate", action="append", default=[], metavar="KIND=P",
-                        help="e.g. 500=0.1 (repeatable)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--retry-after", type=float, default=1.0, help="seconds, for injected 429s")
-    parser.add_argument("--slow", type=float, default=5.0, help="extra seconds of a 'slow' fault")
-    parser.add_argument("--max-requests", type=int, default=200_000)
-    args = parser.parse_args(argv)
-    return FakeConfig(
-        port=args.port, latency_s=args.latency, api_key=args.api_key, rpm=args.rpm, tpm=args.tpm,
-        input_tpm=args.input_tpm, output_tpm=args.output_tpm, rate_mode=args.rate_mode,
-        faults=_pairs(args.fault, int, str, "--fault"),
-        fault_rates=_pairs(args.fault_rate, str, float, "--fault-rate"),
-        seed=args.seed, retry_after=args.retry_after, slow_s=args.slow, max_requests=args.max_requests,
-    )
-
-
-async def _main(config: FakeConfig) -> FakeServer:
-    server = FakeServer(config)
-    await server.listen()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server._stopped.set)
-    print(f"PORT {server.port}", flush=True)
-    await server.serve()
-    return server
-
-
-def main(argv: list[str] | None = None) -> int:
-    server = asyncio.run(_main(parse_args(argv)))
-    snap = server.stats.snapshot()
-    print(f"fakeserver: {snap['total']} requests, by status {snap['by_status']}", file=sys.stderr, flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

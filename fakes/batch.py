@@ -1,7 +1,10 @@
 """The batch APIs of the fake server: OpenAI Files + Batches and Anthropic Message Batches.
 
-`FakeServer` owns one `FakeBatches` (`server.batches`) and hands it every request whose path `route()`
-recognises. It runs on the server's event-loop thread, so its state needs no lock (the stats do).
+`fakes.FakeServer` (fakes/app.py) gives its chat server (fakes/server.py) one `FakeBatches`
+(`server.batches`), which is handed every request whose path `route()` recognises. It runs on the
+server's event-loop thread, so its state needs no lock (the stats do). It does not import the chat
+server: it uses the server it is given for the config, the stats, the URL, the API-key check, the
+error replies, and the online endpoints' `_validate` / `_build` (so items are answered alike).
 
 Time: a batch is in progress for `config.batch_delay_s` (read at creation) and its items are processed
 in input order on a linear schedule (OpenAI: all by 80% of the delay, then "finalizing"), lazily, when
@@ -31,7 +34,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from factory.fakeserver import ERROR_TYPES, REASONS, _Reply
+from fakes.common import Reply, error_body, http_reply, json_reply
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -51,24 +54,6 @@ def _hex(size: int = 24) -> str:
 
 def _rfc3339(stamp: float) -> str:
     return datetime.fromtimestamp(stamp, timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def error_body(provider: str, status: int, message: str) -> dict[str, Any]:
-    """The provider's error payload, as `FakeServer.error` sends it."""
-    openai_type, anthropic_type = ERROR_TYPES.get(status, ("server_error", "api_error"))
-    if provider == "anthropic":
-        return {"type": "error", "error": {"type": anthropic_type, "message": message}}
-    return {"error": {"message": message, "type": openai_type, "param": None, "code": None}}
-
-
-def raw_reply(status: int, payload: bytes, content_type: str = "application/json") -> _Reply:
-    head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
-            f"content-type: {content_type}\r\ncontent-length: {len(payload)}\r\n\r\n")
-    return _Reply(head.encode("latin-1") + payload, status)
-
-
-def json_reply(payload: Any) -> _Reply:
-    return raw_reply(200, json.dumps(payload, separators=(",", ":")).encode())
 
 
 def jsonl(records: list[dict]) -> bytes:
@@ -154,7 +139,7 @@ class FakeBatches:
         return None
 
     def handle(self, route: tuple[str, str, list[str]], method: str, path: str, headers: dict[str, str],
-               raw: bytes) -> _Reply:
+               raw: bytes) -> Reply:
         provider, kind, rest = route
         server = self.server
         handlers = self._handlers(provider, kind, rest)
@@ -330,7 +315,7 @@ class FakeBatches:
 
     # -- OpenAI files ----------------------------------------------------------------------------------
 
-    def _upload(self, _: str, query: dict, headers: dict, raw: bytes) -> _Reply:
+    def _upload(self, _: str, query: dict, headers: dict, raw: bytes) -> Reply:
         content_type = headers.get("content-type", "")
         if not content_type.startswith("multipart/form-data"):
             raise BatchError(400, "files: a multipart/form-data body is required")
@@ -388,19 +373,19 @@ class FakeBatches:
             raise BatchError(404, f"No such File object: {file_id}")
         return file
 
-    def _file_info(self, file_id: str, query: dict, headers: dict, raw: bytes) -> _Reply:
+    def _file_info(self, file_id: str, query: dict, headers: dict, raw: bytes) -> Reply:
         return json_reply(self._file(file_id).info())
 
-    def _file_delete(self, file_id: str, query: dict, headers: dict, raw: bytes) -> _Reply:
+    def _file_delete(self, file_id: str, query: dict, headers: dict, raw: bytes) -> Reply:
         del self.files[self._file(file_id).id]
         return json_reply({"id": file_id, "object": "file", "deleted": True})
 
-    def _file_content(self, file_id: str, query: dict, headers: dict, raw: bytes) -> _Reply:
-        return raw_reply(200, self._file(file_id).data, "application/octet-stream")
+    def _file_content(self, file_id: str, query: dict, headers: dict, raw: bytes) -> Reply:
+        return http_reply(200, self._file(file_id).data, content_type="application/octet-stream")
 
     # -- OpenAI batches ------------------------------------------------------------------------------
 
-    def _openai_create(self, _: str, query: dict, headers: dict, raw: bytes) -> _Reply:
+    def _openai_create(self, _: str, query: dict, headers: dict, raw: bytes) -> Reply:
         body = self._json(raw)
         file = self.files.get(body.get("input_file_id"))
         if file is None or file.purpose != "batch":
@@ -415,13 +400,13 @@ class FakeBatches:
         batch = self._new_batch("openai", "batch_", file.requests, input_file_id=file.id, metadata=metadata)
         return json_reply(self._openai_view(batch, "validating"))
 
-    def _openai_retrieve(self, batch_id: str, query: dict, headers: dict, raw: bytes) -> _Reply:
+    def _openai_retrieve(self, batch_id: str, query: dict, headers: dict, raw: bytes) -> Reply:
         return json_reply(self._openai_view(self._batch("openai", batch_id)))
 
-    def _openai_list(self, _: str, query: dict, headers: dict, raw: bytes) -> _Reply:
+    def _openai_list(self, _: str, query: dict, headers: dict, raw: bytes) -> Reply:
         return json_reply({"object": "list", **self._page("openai", query, "after", "before", 100)})
 
-    def _openai_cancel(self, batch_id: str, query: dict, headers: dict, raw: bytes) -> _Reply:
+    def _openai_cancel(self, batch_id: str, query: dict, headers: dict, raw: bytes) -> Reply:
         batch = self._batch("openai", batch_id)
         status = self._openai_view(batch)["status"]
         if status != "in_progress":
@@ -469,7 +454,7 @@ class FakeBatches:
 
     # -- Anthropic message batches -------------------------------------------------------------------
 
-    def _anthropic_create(self, _: str, query: dict, headers: dict, raw: bytes) -> _Reply:
+    def _anthropic_create(self, _: str, query: dict, headers: dict, raw: bytes) -> Reply:
         requests = self._json(raw).get("requests")
         if not isinstance(requests, list) or not requests:
             raise BatchError(400, "requests: a non-empty list is required")
@@ -487,13 +472,13 @@ class FakeBatches:
             pairs.append((custom_id, request["params"]))
         return json_reply(self._anthropic_view(self._new_batch("anthropic", "msgbatch_", pairs), "in_progress"))
 
-    def _anthropic_retrieve(self, batch_id: str, query: dict, headers: dict, raw: bytes) -> _Reply:
+    def _anthropic_retrieve(self, batch_id: str, query: dict, headers: dict, raw: bytes) -> Reply:
         return json_reply(self._anthropic_view(self._batch("anthropic", batch_id)))
 
-    def _anthropic_list(self, _: str, query: dict, headers: dict, raw: bytes) -> _Reply:
+    def _anthropic_list(self, _: str, query: dict, headers: dict, raw: bytes) -> Reply:
         return json_reply(self._page("anthropic", query, "after_id", "before_id", 1000))
 
-    def _anthropic_cancel(self, batch_id: str, query: dict, headers: dict, raw: bytes) -> _Reply:
+    def _anthropic_cancel(self, batch_id: str, query: dict, headers: dict, raw: bytes) -> Reply:
         batch = self._batch("anthropic", batch_id)
         status = self._anthropic_view(batch)["processing_status"]
         if status != "in_progress":
@@ -501,11 +486,11 @@ class FakeBatches:
         batch.processed_before_cancel, batch.cancelled_at = len(batch.lines), time.time()
         return json_reply(self._anthropic_view(batch, "canceling"))
 
-    def _anthropic_results(self, batch_id: str, query: dict, headers: dict, raw: bytes) -> _Reply:
+    def _anthropic_results(self, batch_id: str, query: dict, headers: dict, raw: bytes) -> Reply:
         batch = self._batch("anthropic", batch_id)
         if self._anthropic_view(batch)["processing_status"] != "ended":
             raise BatchError(400, f"Results for message batch {batch_id} are not available until processing ends.")
-        return raw_reply(200, batch.results, "application/binary")
+        return http_reply(200, batch.results, content_type="application/binary")
 
     def _anthropic_view(self, batch: _Batch, status: str | None = None) -> dict[str, Any]:
         """The MessageBatch object; `status` forces the "in_progress" / "canceling" of a create / cancel reply."""
