@@ -25,10 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from factory.builtin import resolve_model
 from factory.recipe import RecipeError
 
 from .config import SFTConfig
 from .data import load_splits
+from .kd import TeacherLogprobs, align
+from .progress import RichProgress
 
 PACKAGES = ("apprentice", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes")
 
@@ -117,8 +120,6 @@ def train(config: SFTConfig, *, resume: bool = False, console: Any = None, fract
         train_set = train_set.shuffle(seed=config.seed).select(range(keep))
     teacher = None
     if config.distill is not None:
-        from .kd import TeacherLogprobs
-
         teacher = TeacherLogprobs(config.data)  # refuses runs without usable logprobs, before any model loads
     console.print(
         f"[bold]data[/] {len(train_set)} train, {len(eval_set) if eval_set is not None else 0} held out "
@@ -132,16 +133,12 @@ def train(config: SFTConfig, *, resume: bool = False, console: Any = None, fract
            if config.qlora else "")
     )
 
-    from factory.builtin import resolve_model
-
     base_path = resolve_model(config.student)
     model, tokenizer = _load_student(base_path, config, hardware)
     if teacher is not None:
         teacher.check_student(tokenizer, config.student)
     trainer = _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints, teacher)
     from transformers.trainer_callback import PrinterCallback
-
-    from .progress import RichProgress
 
     trainer.remove_callback(PrinterCallback)  # it prints each log dict raw; the progress line says the same
     trainer.add_callback(RichProgress(console))
@@ -307,8 +304,6 @@ def _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, chec
 def _align_with_teacher(trainer: Any, teacher: Any) -> dict[str, Any]:
     """Give each prepared training example `kd_len`: how many of its completion tokens take the teacher's
     distribution (sft/kd.py `align`; 0 = plain CE). Streams the dataset in batches: memory stays flat."""
-    from .kd import align
-
     dataset = trainer.train_dataset
     lengths: list[int] = []
     counts = {"samples": 0, "aligned": 0, "fallback": 0, "mismatched": 0, "missing": 0, "kd_tokens": 0}
