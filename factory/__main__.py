@@ -62,25 +62,25 @@ def _review(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from . import review
+    from . import review, review_ledger
     from .store import StoreError
 
     console = Console()
     errors = Console(stderr=True, soft_wrap=True)
     try:
         if args.promote or args.demote:
-            decide = review.promote if args.promote else review.demote
+            decide = review_ledger.promote if args.promote else review_ledger.demote
             written = decide(args.run_dir, args.promote or args.demote, args.why or "")
             action = "promoted" if args.promote else "demoted"
-            console.print(f"{action} {len(written)} sample(s) in {escape(str(args.run_dir / review.REVIEW))}",
-                          highlight=False)
+            ledger = escape(str(args.run_dir / review_ledger.REVIEW))
+            console.print(f"{action} {len(written)} sample(s) in {ledger}", highlight=False)
         elif args.reason:
             interactive = sys.stdin.isatty() and sys.stdout.isatty()
             review.show_reason(args.run_dir, args.reason, console, limit=args.limit,
                                page_size=max(1, args.page_size), interactive=interactive)
         else:
             review.show_counts(args.run_dir, console)
-    except (review.ReviewError, StoreError) as exc:
+    except (review_ledger.ReviewError, StoreError) as exc:
         errors.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
     return 0

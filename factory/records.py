@@ -6,6 +6,7 @@ format (so `datasets.load_dataset("json", ...)` feeds SFTTrainer directly) plus 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -76,3 +77,24 @@ class Failure:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
+
+
+# ---- reading a record line back (stats, review) -----------------------------------------------------------
+_ID = re.compile(r"\b[0-9a-f]{12,}\b")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def failing_reason(record: dict[str, Any]) -> str | None:
+    """The reason given by the check that rejected this record (a JSON line of rejected.jsonl)."""
+    name = record.get("rejected_by")
+    for check in record.get("checks") or []:
+        if check.get("name") == name and not check.get("passed", True):
+            return check.get("reason")
+    return None
+
+
+def reason_template(reason: str | None) -> str:
+    """Group reason texts that differ only in ids and numbers ("near-duplicate of <id> (Jaccard ~N)")."""
+    if not reason:
+        return "(no reason)"
+    return _NUMBER.sub("N", _ID.sub("<id>", reason))

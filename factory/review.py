@@ -1,122 +1,22 @@
-"""Human review of a run: load it for pandas, promote rejected samples, demote accepted ones.
+"""Human review of a run: a pandas table of it, and the terminal view of `python -m factory review`.
 
-Decisions are appended to `review.jsonl` in the run directory ({id, action, reason, time}); the record
-files are never rewritten, so a review can be read back, audited and undone (the last action on an id
-wins). The trainer reads the same file: `sft.data.read_run` trains on `effective_ids`.
+The decisions themselves (promote a rejected sample, demote an accepted one) live in the review ledger,
+factory/review_ledger.py; this module shows the samples with the ledger applied.
 
-Only `load_run` needs pandas; the rest is light enough for the trainer and the CLI.
+Only `load_run` needs pandas.
 """
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .store import ACCEPTED, REJECTED, iter_ids
+from .records import failing_reason, reason_template
+from .review_ledger import ReviewError, read_actions, status_by_id
+from .store import ACCEPTED, REJECTED
 
 if TYPE_CHECKING:
     import pandas as pd
-
-REVIEW = "review.jsonl"
-ACTIONS = ("promote", "demote")
-MIN_PREFIX = 6
-
-
-class ReviewError(Exception):
-    """A review request that cannot be applied; nothing was written."""
-
-
-def read_actions(run_dir: Path) -> dict[str, str]:
-    """id → the last review action on it ("promote" or "demote")."""
-    path = Path(run_dir) / REVIEW
-    actions: dict[str, str] = {}
-    if not path.exists():
-        return actions
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                record_id, action = str(item["id"]), item["action"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                if not line.endswith("\n"):
-                    break  # a torn last line: the write that made it did not finish
-                raise ReviewError(f"{path}:{number}: not a review line ({{id, action, reason, time}})") from None
-            if action not in ACTIONS:
-                raise ReviewError(f"{path}:{number}: action {action!r} is not one of {ACTIONS}")
-            actions[record_id] = action
-    return actions
-
-
-def _status_by_id(run_dir: Path) -> dict[str, str]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ReviewError(f"{run_dir}: run directory not found")
-    if not (run_dir / ACCEPTED).exists() and not (run_dir / REJECTED).exists():
-        raise ReviewError(f"{run_dir}: no accepted.jsonl or rejected.jsonl; run `python -m factory generate` first")
-    status = {record_id: "accepted" for record_id in iter_ids(run_dir / ACCEPTED)}
-    status.update((record_id, "rejected") for record_id in iter_ids(run_dir / REJECTED))
-    return status
-
-
-def effective_ids(run_dir: Path) -> set[str]:
-    """Ids that count as accepted after review: accepted ones not demoted, plus promoted rejected ones."""
-    actions = read_actions(run_dir)
-    return {
-        record_id
-        for record_id, status in _status_by_id(run_dir).items()
-        if actions.get(record_id, "promote" if status == "accepted" else "demote") == "promote"
-    }
-
-
-def resolve_ids(run_dir: Path, ids: Iterable[str]) -> list[str]:
-    """Full ids for the given ids or unique prefixes (at least 6 characters, as shown in `review`)."""
-    known = _status_by_id(run_dir)
-    resolved: list[str] = []
-    problems: list[str] = []
-    for given in ids:
-        given = given.strip()
-        if given in known:
-            resolved.append(given)
-            continue
-        matches = [k for k in known if k.startswith(given)] if len(given) >= MIN_PREFIX else []
-        if len(matches) == 1:
-            resolved.append(matches[0])
-        elif len(matches) > 1:
-            problems.append(f"{given} (matches {len(matches)} samples; give more characters)")
-        else:
-            problems.append(given)
-    if problems:
-        raise ReviewError(f"{run_dir}: unknown sample id(s): {', '.join(problems)}; nothing was written")
-    return resolved
-
-
-def _append(run_dir: Path, ids: Iterable[str], action: str, why: str) -> list[str]:
-    if not why or not why.strip():
-        raise ReviewError("say why (--why TEXT): the reason is kept with the decision; nothing was written")
-    resolved = resolve_ids(run_dir, ids)
-    if not resolved:
-        raise ReviewError("no sample ids given; nothing was written")
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    lines = "".join(
-        json.dumps({"id": record_id, "action": action, "reason": why.strip(), "time": now}, ensure_ascii=False) + "\n"
-        for record_id in dict.fromkeys(resolved)
-    )
-    with open(Path(run_dir) / REVIEW, "ab") as handle:  # one append of whole lines, like the record files
-        handle.write(lines.encode("utf-8"))
-    return list(dict.fromkeys(resolved))
-
-
-def promote(run_dir: Path, ids: Iterable[str], why: str) -> list[str]:
-    """Count these samples as accepted (train on them); returns the full ids written."""
-    return _append(run_dir, ids, "promote", why)
-
-
-def demote(run_dir: Path, ids: Iterable[str], why: str) -> list[str]:
-    """Count these samples as rejected (never train on them); returns the full ids written."""
-    return _append(run_dir, ids, "demote", why)
 
 
 def _text(messages: Any, role: str | None = None) -> str:
@@ -169,7 +69,7 @@ def load_run(run_dir: Path) -> "pd.DataFrame":
     """
     import pandas as pd
 
-    _status_by_id(run_dir)  # a clear error for a path that is not a run
+    status_by_id(run_dir)  # a clear error for a path that is not a run
     actions = read_actions(run_dir)
     rows = [record_row(r, "accepted") for r in iter_records(run_dir, ACCEPTED)]
     rows += [record_row(r, "rejected") for r in iter_records(run_dir, REJECTED)]
@@ -196,9 +96,7 @@ def show_counts(run_dir: Path, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from .stats import failing_reason, reason_template
-
-    _status_by_id(run_dir)
+    status_by_id(run_dir)
     by_check: dict[str, dict[str, int]] = {}
     for record in iter_records(run_dir, REJECTED):
         reasons = by_check.setdefault(str(record.get("rejected_by")), {})
@@ -250,7 +148,7 @@ def sample_panel(record: dict[str, Any], action: str | None = None):
 def show_reason(run_dir: Path, name: str, console, *, limit: int | None = None, page_size: int = 5,
                 interactive: bool = False) -> int:
     """Panels of the rejected samples of one check, a page at a time on a terminal; returns how many."""
-    _status_by_id(run_dir)
+    status_by_id(run_dir)
     actions = read_actions(run_dir)
     shown = 0
     seen_names: set[str] = set()

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import heapq
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
 from apprentice.errors import ApprenticeError
+from apprentice.text import fold_text
+from quality_checks.minhash import MinHasher, mean_pairwise_jaccard, shingle_hashes, word_hashes
 
+from .records import failing_reason, reason_template
+from .review_ledger import read_actions
 from .store import ACCEPTED, FAILED, REJECTED, read_manifest
 
 DISTINCT_SAMPLE = 10_000  # completions for distinct-1/2: a fixed size keeps runs of any size comparable
@@ -24,19 +27,9 @@ PAIRWISE_SAMPLE = 500  # completions for the mean pairwise MinHash Jaccard dista
 MAX_KEYS = 1_000  # distinct reason texts per check, values per attribute: the rest count as "(other)"
 TOP = 5
 
-_ID = re.compile(r"\b[0-9a-f]{12,}\b")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-
 
 class StatsError(ApprenticeError):
     pass
-
-
-def reason_template(reason: str | None) -> str:
-    """Group reason texts that differ only in ids and numbers ("near-duplicate of <id> (Jaccard ~N)")."""
-    if not reason:
-        return "(no reason)"
-    return _NUMBER.sub("N", _ID.sub("<id>", reason))
 
 
 class _Capped(Counter):
@@ -62,14 +55,6 @@ def _records(path: Path) -> Iterator[dict[str, Any]]:
                 raise StatsError(f"{path}:{number}: not a JSON record") from None
 
 
-def failing_reason(record: dict[str, Any]) -> str | None:
-    name = record.get("rejected_by")
-    for check in record.get("checks") or []:
-        if check.get("name") == name and not check.get("passed", True):
-            return check.get("reason")
-    return None
-
-
 def _usage(record: dict[str, Any], totals: dict[str, float]) -> None:
     """A record carries the usage of its whole request; with n samples per request, each has 1/n of it."""
     usage = record.get("usage") or {}
@@ -87,9 +72,6 @@ def diversity(texts: list[str]) -> dict[str, Any]:
     """distinct-1 / distinct-2 (unique word uni/bigrams over all of them, words as in dedup), and the mean
     pairwise MinHash Jaccard distance of word-trigram sets over the first PAIRWISE_SAMPLE texts."""
     import numpy as np
-
-    from quality_checks.minhash import MinHasher, mean_pairwise_jaccard, shingle_hashes, word_hashes
-    from apprentice.text import fold_text
 
     unigrams: list[np.ndarray] = []
     bigrams: list[np.ndarray] = []
@@ -164,8 +146,6 @@ def compute_stats(run_dir: Path, manifest: dict[str, Any] | None = None) -> dict
     run_totals = manifest.get("totals") or {}
     this_run = manifest.get("this_run") or {}
     elapsed = float(run_totals.get("elapsed_s") or 0.0)
-    from .review import read_actions
-
     actions = Counter(read_actions(run_dir).values())
     return {
         "status": manifest.get("status"),

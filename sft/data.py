@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from apprentice.errors import ApprenticeError
+from factory.review_ledger import ReviewError, read_actions
 
 KEEP = ("id", "prompt", "completion", "attributes")
 
@@ -26,8 +27,6 @@ def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], RunInfo]:
     """The accepted samples of one run after human review, reduced to what training needs, and the
     run's lineage. review.jsonl (`python -m factory review --promote/--demote`) decides: demoted accepted
     samples are left out and promoted rejected samples are taken in."""
-    from factory.review import ReviewError, read_actions
-
     run_dir = Path(run_dir)
     accepted = run_dir / "accepted.jsonl"
     if not run_dir.is_dir():

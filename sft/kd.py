@@ -31,7 +31,11 @@ T² keeps the gradient of the KL term on the scale of the CE term as T grows (Hi
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NamedTuple
+
+from apprentice.errors import RecipeError
+from factory.logprobs import LogprobsError, LogprobsIndex, read_meta, tokenizer_fingerprint
 
 
 class DistillLoss(NamedTuple):
@@ -116,11 +120,6 @@ class TeacherLogprobs:
     """
 
     def __init__(self, run_dirs: list[Any]) -> None:
-        from pathlib import Path
-
-        from factory.logprobs import LogprobsError, LogprobsIndex, read_meta
-        from apprentice.errors import RecipeError
-
         self.indexes = []
         self.fingerprint: dict[str, Any] | None = None
         self.source = None
@@ -164,9 +163,6 @@ class TeacherLogprobs:
 
     def check_student(self, tokenizer: Any, student: str) -> None:
         """Refuse a student whose vocabulary differs from the teacher's: the ids would mean other tokens."""
-        from factory.logprobs import tokenizer_fingerprint
-        from apprentice.errors import RecipeError
-
         mine = tokenizer_fingerprint(tokenizer, student)
         assert self.fingerprint is not None
         if mine["vocab_sha256"] != self.fingerprint["vocab_sha256"]:

@@ -8,14 +8,23 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from transformers import TrainerCallback
-
 from factory.progress import fmt_duration
 
 LOG_EVERY_S = 10.0
 
 
-class RichProgress(TrainerCallback):
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class RichProgress:
+    """A Trainer callback: transformers calls `callback.on_<event>(args, state, control, ...)` on each one.
+
+    Not a `TrainerCallback` subclass: that class's module imports torch (through `training_args`), and
+    sft/train.py imports this module at its top while `import sft.train` stays free of torch. The events
+    this class does not handle are no-ops, as on TrainerCallback (a None result leaves `control` as it is).
+    """
+
     def __init__(self, console: Any) -> None:
         self.console = console
         self.progress: Any = None
@@ -74,3 +83,8 @@ class RichProgress(TrainerCallback):
             self.progress.stop()
         else:
             self.console.print(self._stats(state), highlight=False)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("on_"):
+            return _ignore
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

@@ -7,9 +7,9 @@ The output directory holds, when training ends:
     loss_curves.png  train and held-out loss against the step
     lineage.json     data runs with their fingerprints, the sft section, base model, versions, git commit
 
-With `sft.distill`, a `SFTTrainer` subclass adds the KL term of sft/kd.py towards the teacher's top-k
-logprobs (the runs' `logprobs/` sidecars), sample by sample where the student's completion tokens are the
-teacher's sampled tokens. The held-out loss stays plain cross-entropy, so that runs with and without
+With `sft.distill`, a `SFTTrainer` subclass (sft/distill_trainer.py) adds the KL term of sft/kd.py towards
+the teacher's top-k logprobs (the runs' `logprobs/` sidecars), sample by sample where the student's
+completion tokens are the teacher's sampled tokens. The held-out loss stays plain cross-entropy, so that runs with and without
 distillation, and at different temperatures, are compared on the same number.
 
 Under `accelerate launch` (DDP, FSDP) every process runs this; files are written by the main process.
@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from apprentice.errors import RecipeError
+from factory.builtin import resolve_model
 
 from .config import SFTConfig
 from .data import load_splits
+from .kd import TeacherLogprobs, align
+from .progress import RichProgress
 
 PACKAGES = ("apprentice", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes")
 
@@ -117,8 +120,6 @@ def train(config: SFTConfig, *, resume: bool = False, console: Any = None, fract
         train_set = train_set.shuffle(seed=config.seed).select(range(keep))
     teacher = None
     if config.distill is not None:
-        from .kd import TeacherLogprobs
-
         teacher = TeacherLogprobs(config.data)  # refuses runs without usable logprobs, before any model loads
     console.print(
         f"[bold]data[/] {len(train_set)} train, {len(eval_set) if eval_set is not None else 0} held out "
@@ -132,16 +133,12 @@ def train(config: SFTConfig, *, resume: bool = False, console: Any = None, fract
            if config.qlora else "")
     )
 
-    from factory.builtin import resolve_model
-
     base_path = resolve_model(config.student)
     model, tokenizer = _load_student(base_path, config, hardware)
     if teacher is not None:
         teacher.check_student(tokenizer, config.student)
     trainer = _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints, teacher)
     from transformers.trainer_callback import PrinterCallback
-
-    from .progress import RichProgress
 
     trainer.remove_callback(PrinterCallback)  # it prints each log dict raw; the progress line says the same
     trainer.add_callback(RichProgress(console))
@@ -286,7 +283,10 @@ def _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, chec
     callbacks = [EarlyStoppingCallback(config.early_stopping_patience)] if early_stop else []
     trainer_class, extra = SFTTrainer, {}
     if teacher is not None:
-        trainer_class, extra = distill_trainer_class(), {"distill": config.distill, "teacher": teacher}
+        # The one project module imported late: it subclasses SFTTrainer, so importing it loads trl and torch.
+        from .distill_trainer import DistillTrainer
+
+        trainer_class, extra = DistillTrainer, {"distill": config.distill, "teacher": teacher}
     return trainer_class(
         model=model,
         args=args,
@@ -301,15 +301,9 @@ def _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, chec
 
 
 # ---- distillation -------------------------------------------------------------------------------------------
-TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_mask")
-_DISTILL_TRAINER: Any = None
-
-
 def _align_with_teacher(trainer: Any, teacher: Any) -> dict[str, Any]:
     """Give each prepared training example `kd_len`: how many of its completion tokens take the teacher's
     distribution (sft/kd.py `align`; 0 = plain CE). Streams the dataset in batches: memory stays flat."""
-    from .kd import align
-
     dataset = trainer.train_dataset
     lengths: list[int] = []
     counts = {"samples": 0, "aligned": 0, "fallback": 0, "mismatched": 0, "missing": 0, "kd_tokens": 0}
@@ -328,104 +322,6 @@ def _align_with_teacher(trainer: Any, teacher: Any) -> dict[str, Any]:
             lengths.append(n)
     trainer.train_dataset = dataset.add_column("kd_len", lengths)
     return {**counts, "teacher_tokenizer": teacher.fingerprint, "top_k": teacher.k}
-
-
-class TeacherCollator:
-    """TRL's collator, plus the teacher's top-k ids and logprobs laid on each example's completion tokens.
-
-    `teacher_*[b, s]` is the teacher's distribution for the token at position s (see sft/kd.py). Examples
-    without `kd_len` (the held-out set) are collated as TRL does, with no teacher tensors.
-    """
-
-    def __init__(self, base: Any, teacher: Any) -> None:
-        self.base = base
-        self.teacher = teacher
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        keys = [(example.get("id"), int(example.get("kd_len") or 0)) for example in examples]
-        batch = self.base([{k: v for k, v in e.items() if k not in ("id", "kd_len")} for e in examples])
-        if "kd_len" not in examples[0]:
-            return batch
-        labels = batch["labels"]
-        size, length = labels.shape
-        k = self.teacher.k
-        ids = torch.full((size, length, k), -1, dtype=torch.long)
-        logprobs = torch.full((size, length, k), -torch.inf, dtype=torch.float32)
-        mask = torch.zeros((size, length), dtype=torch.bool)
-        for row, (record_id, n) in enumerate(keys):
-            if n <= 0:
-                continue
-            found = self.teacher.get(record_id)
-            start = int((labels[row] != -100).nonzero()[0])
-            width = found.top_ids.shape[1]
-            ids[row, start:start + n, :width] = torch.from_numpy(found.top_ids[:n].astype("int64"))
-            logprobs[row, start:start + n, :width] = torch.from_numpy(found.top_logprobs[:n].copy())
-            mask[row, start:start + n] = True
-        batch.update(teacher_ids=ids, teacher_logprobs=logprobs, teacher_mask=mask)
-        return batch
-
-
-def distill_trainer_class() -> Any:
-    """SFTTrainer with the distillation loss; built on first use, so that importing this module stays light."""
-    global _DISTILL_TRAINER
-    if _DISTILL_TRAINER is not None:
-        return _DISTILL_TRAINER
-    import inspect
-
-    from trl import SFTTrainer
-
-    from .kd import distill_loss
-
-    class DistillTrainer(SFTTrainer):
-        def __init__(self, *args: Any, distill: Any, teacher: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.distill = distill
-            self.data_collator = TeacherCollator(self.data_collator, teacher)
-            inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            self._logits_to_keep = "logits_to_keep" in inspect.signature(type(inner).forward).parameters
-
-        def _set_signature_columns_if_needed(self) -> None:
-            super()._set_signature_columns_if_needed()
-            self._signature_columns = list(self._signature_columns) + ["id", "kd_len"]
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            teacher = {key: inputs.pop(key) for key in TEACHER_KEYS if key in inputs}
-            if not teacher or not model.training or return_outputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels = inputs["labels"]
-            model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-            model_inputs["use_cache"] = False
-            offset = 0
-            if self._logits_to_keep:
-                # Logits only from the last prompt token on: the prompt's logits would be masked anyway.
-                completion = (labels != -100).any(dim=0).nonzero()
-                first = int(completion[0]) if len(completion) else labels.shape[1] - 1
-                offset = max(0, first - 1)
-                model_inputs["logits_to_keep"] = labels.shape[1] - offset
-            logits = model(**model_inputs).logits
-            result = distill_loss(
-                logits, labels[:, offset:], teacher["teacher_ids"][:, offset:],
-                teacher["teacher_logprobs"][:, offset:], teacher["teacher_mask"][:, offset:],
-                alpha=self.distill.alpha, temperature=self.distill.temperature, num_items=num_items_in_batch,
-            )
-            loss = result.loss
-            # As SFTTrainer: num_items_in_batch counts every rank's tokens and DDP averages the gradients.
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            metrics = self._metrics["train"]
-            metrics["ce_loss"].append(result.ce)
-            if result.kd_tokens:
-                metrics["kd_loss"].append(result.kd)
-            if "attention_mask" in inputs:
-                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-                self._total_train_tokens += tokens // self._tp_size
-            metrics["num_tokens"] = [self._total_train_tokens]
-            return loss
-
-    _DISTILL_TRAINER = DistillTrainer
-    return DistillTrainer
 
 
 # ---- loss curves --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, read_jsonl, write_prompts, write_recipe
-from factory import review
+from factory import review, review_ledger
 from factory.__main__ import main
 
 MARKUP = "I'm sorry, but I can't help with [bold red]that[/] [link=x]."
@@ -60,7 +60,7 @@ def test_promote_and_demote_write_review_jsonl_and_the_trainer_follows(run, caps
     assert [(line["id"], line["action"], line["reason"]) for line in lines] == [
         (rejected["p3"], "promote", "not a refusal"), (accepted["p1"], "demote", "wrong"), (accepted["p2"], "demote", "wrong")]
     assert all(line["time"].endswith("Z") for line in lines)
-    effective = review.effective_ids(run)
+    effective = review_ledger.effective_ids(run)
     assert effective == set(accepted.values()) - {accepted["p1"], accepted["p2"]} | {rejected["p3"]}
 
     rows, info = read_run(run)
@@ -69,8 +69,8 @@ def test_promote_and_demote_write_review_jsonl_and_the_trainer_follows(run, caps
     assert promoted["completion"][0]["content"] == MARKUP
 
     # the last decision wins: demoting the promoted sample takes it out again
-    review.demote(run, [rejected["p3"]], why="on second thought, it is one")
-    assert rejected["p3"] not in review.effective_ids(run)
+    review_ledger.demote(run, [rejected["p3"]], why="on second thought, it is one")
+    assert rejected["p3"] not in review_ledger.effective_ids(run)
     assert {row["id"] for row in read_run(run)[0]} == effective - {rejected["p3"]}
 
     capsys.readouterr()
@@ -86,13 +86,13 @@ def test_unknown_ids_or_no_reason_write_nothing(run, capsys):
     assert "--why" in capsys.readouterr().err
     assert main(["review", str(run), "--promote", "abc", "--why", "x"]) == 2  # too short for a prefix
     assert not (run / "review.jsonl").exists()
-    with pytest.raises(review.ReviewError, match="run directory not found"):
-        review.promote(run / "nope", ["x"], why="x")
+    with pytest.raises(review_ledger.ReviewError, match="run directory not found"):
+        review_ledger.promote(run / "nope", ["x"], why="x")
 
 
 def test_load_run_is_one_frame_with_review_applied(run):
     rejected = ids(run, "rejected.jsonl")
-    review.promote(run, [rejected["p6"]], why="fine")
+    review_ledger.promote(run, [rejected["p6"]], why="fine")
     frame = review.load_run(run)
     assert len(frame) == 9
     assert list(frame.columns[:6]) == ["id", "status", "review", "effective_status", "rejected_by", "reason"]
