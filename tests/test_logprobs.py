@@ -237,7 +237,7 @@ def test_local_teacher_stores_raw_logit_logprobs_of_every_token(tmp_path, tiny_l
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from factory.teachers.local import encode_chat
+    from factory.hf import encode_chat
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": q}) + "\n"

@@ -34,8 +34,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..builtin import is_builtin, resolve_model
+from ..hf import SUPPORTED_PARAMS, encode_chat, normalize_params
+from ..logprobs import from_rows
 from .base import Choice, TeacherError, TeacherResponse, TokenLogprobs
-from .local import SUPPORTED_PARAMS, build_body, encode_chat, ids_logprobs_meta, normalize_params, read_body
+from .inprocess import build_body, ids_logprobs_meta, read_body
 
 if TYPE_CHECKING:
     from ..recipe import TeacherConfig
@@ -203,8 +206,6 @@ class VLLMTeacher:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the progress bar
         from vllm import LLM
 
-        from ..builtin import is_builtin, resolve_model
-
         args = dict(self.engine_args)
         if is_builtin(self.model):
             # The embedded model's weights are stored in float32 although its config names bfloat16: load them
@@ -296,8 +297,6 @@ class VLLMTeacher:
 def _logprobs(completion: Any, k: int) -> TokenLogprobs:
     """vLLM's per-token {id: Logprob(logprob, rank)} dicts as arrays: the sampled token's logprob, and the k
     best tokens by rank (the sampled one is in a row's dict even when it ranks below k)."""
-    from ..logprobs import from_rows
-
     rows = completion.logprobs or []
     ids = list(completion.token_ids)
     if len(rows) != len(ids):
