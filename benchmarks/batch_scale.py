@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from factory_overhead import REPO, PY, run_measured, start_server  # noqa: E402
+from factory_overhead import PY, REPO, run_measured, start_server  # noqa: E402
 
 RECIPE = REPO / "data" / "recipes" / "openai-batch-100k.yaml"
 

@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from apprentice.text import fold_words
 from factory.records import Sample  # noqa: E402
 from quality_checks import build_checks, prime  # noqa: E402
 from quality_checks.minhash import text_shingles  # noqa: E402
-from apprentice.text import fold_words
 
 
 def rss_bytes() -> int:

@@ -6,7 +6,7 @@ second as the loop an engineer writes by hand with transformers at the same batc
 Both sides run the embedded SmolLM2-135M-Instruct on the CPU, each in its own subprocess, alternating
 (raw, factory, raw, factory, ...) so that a drift in machine load hits both:
 
-- raw: load model + tokenizer (`factory.teachers.local.load_model`), then chunks of B prompts in file order:
+- raw: load model + tokenizer (`factory.hf.load_model`), then chunks of B prompts in file order:
   chat template, left padding, `model.generate(max_new_tokens=M, do_sample=False)` under
   `torch.inference_mode`, decode.
 - factory: `python -m factory generate RECIPE.yaml` on a recipe this script writes (provider local,
@@ -133,7 +133,7 @@ def run_child(cmd: list[str], env: dict[str, str]) -> float:
 def raw_loop(prompts: Path, batch_size: int, max_tokens: int, out: Path) -> None:
     import torch
 
-    from factory.teachers.local import load_model
+    from factory.hf import load_model
 
     model, tokenizer = load_model(MODEL, "cpu")
     configured = model.generation_config.eos_token_id

@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-
 from factory_overhead import write_inputs  # the same recipe as that benchmark (this folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]

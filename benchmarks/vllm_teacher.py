@@ -57,7 +57,7 @@ def raw_side(prompts: Path, max_tokens: int, out: Path) -> None:
     from vllm import LLM, SamplingParams
 
     from factory.builtin import resolve_model
-    from factory.teachers.local import encode_chat
+    from factory.hf import encode_chat
 
     llm = LLM(model=resolve_model(MODEL), **ENGINE)
     tokenizer = llm.get_tokenizer()

@@ -12,9 +12,9 @@ from pathlib import Path
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from apprentice.errors import RecipeError
     from factory.builtin import BuiltinModelError
     from factory.prompts import PromptError
-    from apprentice.errors import RecipeError
     from factory.teachers.hosted import MissingKeyError
 
     from .config import load_eval_config

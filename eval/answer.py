@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from factory.answers import answer_prompts
+from factory.builtin import resolve_model
+from factory.hf import encode_chat, generate_ids, generate_with_logprobs, load_model, normalize_params
 
 from .config import ModelConfig
 from .golden import GoldenItem
@@ -74,9 +76,6 @@ def percentile(values: list[float], q: float) -> float:
 def run_local(config: ModelConfig, items: list[GoldenItem], *, perf_prompts: int, progress: Any) -> ModelRun:
     import torch
 
-    from factory.builtin import resolve_model
-    from factory.teachers.local import encode_chat, generate_with_logprobs, load_model, normalize_params
-
     params = normalize_params(config.params)
     before = _rss_mib()
     start = time.perf_counter()
@@ -121,8 +120,6 @@ def run_local(config: ModelConfig, items: list[GoldenItem], *, perf_prompts: int
 
 def _time_local(model: Any, tokenizer: Any, rows: list[list[int]], params: dict[str, Any]) -> dict[str, Any]:
     """One prompt at a time, as a user waits for it: time to first token and total latency."""
-    from factory.teachers.local import generate_ids
-
     if not rows:
         return {}
     ttft, total, tokens = [], [], []

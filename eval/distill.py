@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from apprentice.text import squad_text
+from factory.hf import encode_chat
+from factory.logprobs import tokenizer_fingerprint
+
 from .answer import ModelRun
 from .golden import GoldenItem
-from apprentice.text import squad_text
 
 
 def agreement(student: ModelRun, teacher: ModelRun, keys: list[str]) -> float:
@@ -18,8 +21,6 @@ def agreement(student: ModelRun, teacher: ModelRun, keys: list[str]) -> float:
 
 def share_tokenizer(a: ModelRun, b: ModelRun) -> bool:
     """The same vocabulary, id by id: the fingerprint the logprob sidecar and the trainer use."""
-    from factory.logprobs import tokenizer_fingerprint
-
     if a.tokenizer is None or b.tokenizer is None:
         return False
     return tokenizer_fingerprint(a.tokenizer)["vocab_sha256"] == tokenizer_fingerprint(b.tokenizer)["vocab_sha256"]
@@ -32,8 +33,6 @@ def divergence(student: ModelRun, teacher: ModelRun, items: list[GoldenItem], li
     so this measures how far the student's next-token distribution is from the teacher's where it matters.
     """
     import torch
-
-    from factory.teachers.local import encode_chat
 
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -79,8 +78,6 @@ def speculative(student: ModelRun, teacher: ModelRun, items: list[GoldenItem], m
     """
     import torch
     from transformers import GenerationConfig
-
-    from factory.teachers.local import encode_chat
 
     chosen = items[:prompts]
     if not chosen:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.prompts import parse_messages
 from apprentice.errors import RecipeError
+from factory.prompts import parse_messages
 
 from .metrics import METRICS, NEEDS_REFERENCE
 

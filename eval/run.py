@@ -117,7 +117,14 @@ def _default_params(config: EvalConfig) -> None:
 
 
 def evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | None]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     started = time.time()
     items = load_golden(config.golden, config.metrics)

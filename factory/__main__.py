@@ -11,10 +11,11 @@ def _generate(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from .run import Run, print_result
-    from .prompts import PromptError
     from apprentice.errors import RecipeError
+
+    from .prompts import PromptError
     from .recipe import load_factory_config
+    from .run import Run, print_result
     from .store import StoreError
     from .teachers.hosted import MissingKeyError
 

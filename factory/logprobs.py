@@ -34,8 +34,9 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .store import StoreError, id_key
 from apprentice.tokens import TokenLogprobs
+
+from .store import StoreError, id_key
 
 if TYPE_CHECKING:
     from .recipe import TeacherConfig

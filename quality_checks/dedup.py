@@ -16,7 +16,7 @@ from pydantic import Field
 
 from apprentice.text import fold_text
 
-from .base import Check, PASS, Verdict
+from .base import PASS, Check, Verdict
 from .registry import CheckConfigError, CheckOptions, register
 
 if TYPE_CHECKING:

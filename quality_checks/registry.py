@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apprentice.errors import ApprenticeError
 
+
 class CheckOptions(BaseModel):
     """Options every check takes. A check with options subclasses this and adds its own fields."""
 

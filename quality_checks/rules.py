@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import Check, PASS, Verdict
+from .base import PASS, Check, Verdict
 from .registry import CheckOptions, register
 
 if TYPE_CHECKING:

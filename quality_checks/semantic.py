@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from .base import Check, PASS, Verdict
+from .base import PASS, Check, Verdict
 from .registry import CheckConfigError, CheckOptions, register
 
 if TYPE_CHECKING:

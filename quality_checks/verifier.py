@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import Field
 
-from .base import Check, PASS, Verdict
+from .base import PASS, Check, Verdict
 from .registry import CheckConfigError, CheckOptions, register
 
 if TYPE_CHECKING:

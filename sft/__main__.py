@@ -14,8 +14,8 @@ from pathlib import Path
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from factory.builtin import BuiltinModelError
     from apprentice.errors import RecipeError
+    from factory.builtin import BuiltinModelError
 
     from .config import load_sft_config
     from .data import DataError

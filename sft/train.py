@@ -20,8 +20,8 @@ import importlib.metadata
 import json
 import subprocess
 import time
-from datetime import datetime, timezone
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import read_jsonl, write_recipe
-from factory.__main__ import main
+
 from apprentice.errors import RecipeError
+from factory.__main__ import main
 from factory.recipe import load_factory_config
 from factory.records import Sample
 from quality_checks import CheckConfigError, Verdict, build_checks, prime
@@ -107,8 +107,8 @@ def test_near_dup_finds_the_accepted_sample_it_duplicates():
 def test_minhash_signatures_match_datasketch():
     from datasketch import MinHash
 
-    from quality_checks.minhash import MinHasher, text_shingles, word_hashes
     from apprentice.text import fold_text
+    from quality_checks.minhash import MinHasher, text_shingles, word_hashes
 
     hasher = MinHasher(num_perm=64, shingle=3)
     reference = MinHash(num_perm=64, permutations=hasher.permutations, scheme="affine32", hashfunc=int)

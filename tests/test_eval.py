@@ -7,16 +7,16 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+from test_sft import tiny_student  # noqa: F401  (a module-scoped fixture: a 2-layer random Llama)
+
+from apprentice.errors import RecipeError
 from eval import metrics
 from eval.__main__ import main
 from eval.config import EvalConfig, load_eval_config
 from eval.distill import cascade
 from eval.golden import load_golden
 from eval.judge import pair_outcome, parse_score, parse_verdict
-from apprentice.errors import RecipeError
-from test_sft import tiny_student  # noqa: F401  (a module-scoped fixture: a 2-layer random Llama)
 
 
 # ---- metrics -----------------------------------------------------------------------------------------

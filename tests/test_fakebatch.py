@@ -14,9 +14,8 @@ from anthropic.types.messages import (
     MessageBatchExpiredResult,
     MessageBatchSucceededResult,
 )
-from openai.types.chat import ChatCompletion
-
 from conftest import API_KEY
+from openai.types.chat import ChatCompletion
 
 pytestmark = pytest.mark.timeout(60)
 

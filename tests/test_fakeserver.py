@@ -11,10 +11,10 @@ import time
 import anthropic
 import openai
 import pytest
-
 from conftest import API_KEY, PYTHON, REPO
-from fakes import FakeConfig, FakeServer, count_tokens, openai_duration
+
 from factory.limiter import parse_duration
+from fakes import FakeConfig, FakeServer, count_tokens, openai_duration
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import API_KEY, PYTHON, REPO, read_jsonl, write_prompts, write_recipe
+
 from factory.__main__ import main
 
 

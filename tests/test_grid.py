@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from conftest import read_jsonl
 from pydantic import ValidationError
 
-from conftest import read_jsonl
 from factory.__main__ import main
-from factory.prompt_config import GridConfig
 from factory.grid import sample
-from factory.prompt_config import PromptsConfig
+from factory.prompt_config import GridConfig, PromptsConfig
 
 
 def test_draws_are_distinct_seeded_and_cover_everything_without_count():

@@ -7,10 +7,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import read_jsonl, write_recipe
-from factory.__main__ import main
+
 from apprentice.errors import RecipeError
+from factory.__main__ import main
 from factory.recipe import load_factory_config
 from quality_checks.judge import JUDGE_SYSTEM, parse_judgement
 

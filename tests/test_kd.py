@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_llama
 
 from apprentice.errors import RecipeError
 from sft.config import SFTConfig
 from sft.kd import align, distill_loss
-
-from conftest import build_tiny_llama
 
 
 def kl(p: list[float], q: list[float]) -> float:
@@ -155,8 +154,8 @@ def write_distill_run(run: Path, tokenizer, name: str, *, count: int = 24, misma
     """A factory run ('x y' → 'X') and its sidecar, as the local teacher would write them with `tokenizer`:
     the sampled ids are the answer's token and the end of turn; the teacher puts 0.6 on the right letter.
     Record `mismatched` gets other sampled ids than its text; `missing` gets no logprobs at all."""
-    from factory.logprobs import LogprobsWriter, tokenizer_fingerprint
     from apprentice.tokens import TokenLogprobs
+    from factory.logprobs import LogprobsWriter, tokenizer_fingerprint
 
     run.mkdir(parents=True)
     vocab = tokenizer.get_vocab()

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from factory import builtin
+from apprentice.errors import TeacherError
+from factory import builtin, hf
 from factory.builtin import MARKER, BuiltinModelError, resolve_model
+from factory.hf import Completion, normalize_params
 from factory.recipe import TeacherConfig
 from factory.teachers import local
-from apprentice.errors import TeacherError
-from factory.teachers.local import Completion, LocalTeacher, normalize_params
+from factory.teachers.local import LocalTeacher
 
 BUILTIN = "builtin:smollm2-135m-instruct"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -189,7 +190,7 @@ def test_teacher_answers_paris_greedily(teacher):
     (choice,) = response.choices
     assert "Paris" in choice.text
     assert choice.finish_reason == "stop"
-    assert response.input_tokens == len(local.encode_chat(teacher._lm[1], FRANCE))
+    assert response.input_tokens == len(hf.encode_chat(teacher._lm[1], FRANCE))
     assert 0 < response.output_tokens <= 48
 
 
@@ -239,11 +240,11 @@ def test_n_and_max_tokens(teacher):
 
 @pytest.mark.slow
 def test_generate_batch_helper(teacher):
-    model, tokenizer = teacher._lm or local.load_model(BUILTIN, "cpu")
+    model, tokenizer = teacher._lm or hf.load_model(BUILTIN, "cpu")
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     prompts = [_user("What is 2+2?"), FRANCE]
-    out = local.generate_batch(model, tokenizer, prompts, max_new_tokens=16, n=1, batch_size=1)
+    out = hf.generate_batch(model, tokenizer, prompts, max_new_tokens=16, n=1, batch_size=1)
     assert len(out) == 2 and all(len(c) == 1 for c in out)
     text, reason, tokens = out[1][0]
     assert "Paris" in text and reason == "stop" and tokens > 0
-    assert local.encode_chat(tokenizer, FRANCE)[-4:] == tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    assert hf.encode_chat(tokenizer, FRANCE)[-4:] == tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)

@@ -11,17 +11,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl, write_prompts, write_recipe
-from factory.__main__ import main as factory_main
-from factory.logprobs import (
-    JOURNAL, SIDECAR, LogprobsIndex, LogprobsWriter, read_logprobs, read_meta, tokenizer_fingerprint,
-)
+
 from apprentice.errors import RecipeError
-from factory.recipe import FactoryConfig, load_factory_config
 from apprentice.responses import Choice, TeacherResponse
 from apprentice.tokens import TokenLogprobs
-
+from factory.__main__ import main as factory_main
+from factory.logprobs import (
+    JOURNAL,
+    SIDECAR,
+    LogprobsIndex,
+    LogprobsWriter,
+    read_logprobs,
+    read_meta,
+    tokenizer_fingerprint,
+)
+from factory.recipe import FactoryConfig, load_factory_config
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +244,7 @@ def test_local_teacher_stores_raw_logit_logprobs_of_every_token(tmp_path, tiny_l
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from factory.teachers.local import encode_chat
+    from factory.hf import encode_chat
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": q}) + "\n"

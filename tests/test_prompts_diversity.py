@@ -7,17 +7,15 @@ import json
 import re
 
 import pytest
+from conftest import read_jsonl, write_prompts, write_recipe
 from pydantic import ValidationError
 
-from conftest import read_jsonl, write_prompts, write_recipe
+from apprentice.errors import RecipeError
 from factory.__main__ import main
-from factory.prompt_config import DatasetConfig
+from factory.prompt_config import DatasetConfig, PromptsConfig, SelfInstructConfig, Similarity
 from factory.prompt_dataset import DATASET_FILE, write_dataset
 from factory.prompts import PromptError
-from apprentice.errors import RecipeError
-from factory.prompt_config import PromptsConfig
 from factory.recipe import FactoryConfig, ParamRanges, load_factory_config
-from factory.prompt_config import SelfInstructConfig, Similarity
 from factory.self_instruct import _Index, parse_prompts
 
 

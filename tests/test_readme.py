@@ -10,7 +10,6 @@ import re
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 README = REPO / "README.md"

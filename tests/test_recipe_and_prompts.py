@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from factory.prompts import PromptError, check_prompts, iter_prompts
 from apprentice.errors import RecipeError
+from factory.prompts import PromptError, check_prompts, iter_prompts
 from factory.recipe import load_factory_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import asyncio
 import json
 
 import pytest
-
 from conftest import read_jsonl, write_recipe
+
 from factory.__main__ import main
 from factory.records import Sample
 from quality_checks import CheckConfigError, build_checks, prime

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import build_tiny_llama
+
 from apprentice.errors import RecipeError
 from sft.config import SFTConfig, load_sft_config
 from sft.data import DataError, load_splits, read_run

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from factory.limiter import Bucket, Limiter, parse_duration
-from factory.store import ACCEPTED, FAILED, FAILED_HISTORY, Store, StoreError, repair_tail
 from apprentice.errors import TeacherError
 from apprentice.responses import Choice, TeacherResponse, parse_retry_after
+from factory.limiter import Bucket, Limiter, parse_duration
+from factory.store import ACCEPTED, FAILED, FAILED_HISTORY, Store, StoreError, repair_tail
 
 
 def test_repair_tail_cuts_only_a_partial_last_line(tmp_path):

@@ -20,8 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, read_jsonl
+
 from factory.__main__ import main as factory_main
 
 VLLM_PYTHON = Path(os.environ.get("APPRENTICE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
@@ -264,8 +264,8 @@ def test_vllm_request_bodies_carry_the_sampling_parameters():
 def test_in_process_teachers_start_at_what_they_batch_and_apis_slow_start():
     """A local or vllm teacher is fed what it can batch from the first request (no slow start: there is no
     server limit to probe); an API starts at 8 in flight and grows, under the recipe's cap (default 64)."""
-    from factory.run import Run
     from factory.recipe import TeacherConfig
+    from factory.run import Run
     from factory.teachers import make_teacher
 
     run = Run.__new__(Run)

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 
 from apprentice.errors import TeacherError
 from apprentice.responses import Choice, TeacherResponse
+
 from .base import Teacher
 
 if TYPE_CHECKING:

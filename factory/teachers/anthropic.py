@@ -12,7 +12,6 @@ from ..recipe import TeacherConfig
 from .batching import BatchState, Call, Outcome, epoch
 from .hosted import api_key, lower_headers, map_sdk_error, parse_json_body, sdk_call_args
 
-
 # Anthropic's stop reasons in the OpenAI vocabulary the checks use; others (refusal, tool_use) pass as they are.
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 

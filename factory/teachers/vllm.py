@@ -36,8 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 from apprentice.errors import TeacherError
 from apprentice.responses import Choice, TeacherResponse
-from apprentice.tokens import TokenLogprobs
-from .local import SUPPORTED_PARAMS, build_body, encode_chat, ids_logprobs_meta, normalize_params, read_body
+from apprentice.tokens import TokenLogprobs, from_rows
+
+from ..builtin import is_builtin, resolve_model
+from ..hf import SUPPORTED_PARAMS, encode_chat, normalize_params
+from .inprocess import build_body, ids_logprobs_meta, read_body
 
 if TYPE_CHECKING:
     from ..recipe import TeacherConfig
@@ -205,8 +208,6 @@ class VLLMTeacher:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the progress bar
         from vllm import LLM
 
-        from ..builtin import is_builtin, resolve_model
-
         args = dict(self.engine_args)
         if is_builtin(self.model):
             # The embedded model's weights are stored in float32 although its config names bfloat16: load them
@@ -298,8 +299,6 @@ class VLLMTeacher:
 def _logprobs(completion: Any, k: int) -> TokenLogprobs:
     """vLLM's per-token {id: Logprob(logprob, rank)} dicts as arrays: the sampled token's logprob, and the k
     best tokens by rank (the sampled one is in a row's dict even when it ranks below k)."""
-    from apprentice.tokens import from_rows
-
     rows = completion.logprobs or []
     ids = list(completion.token_ids)
     if len(rows) != len(ids):
