@@ -11,7 +11,9 @@ import re
 from collections import Counter
 from typing import Any, Callable, Sequence
 
+from apprentice.errors import RecipeError
 from apprentice.text import rouge_l_words, squad_text
+from quality_checks.structured import extract_json_text
 
 from .config import METRIC_NAMES
 
@@ -46,8 +48,6 @@ def regex(answer: str, reference: Any) -> float:
 
 def parse_json(answer: str) -> Any:
     """The answer as JSON: a ```json fenced block if there is one, else the whole text; raises ValueError."""
-    from quality_checks.structured import extract_json_text
-
     return json.loads(extract_json_text(answer))
 
 
@@ -103,14 +103,14 @@ def load_function(spec: str, key: str) -> Callable[..., Any]:
 
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"{key}: {spec!r} must look like package.module:function")
+        raise RecipeError(f"{key}: {spec!r} must look like package.module:function")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"{key}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+        raise RecipeError(f"{key}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?") from None
     function = getattr(module, attr, None)
     if not callable(function):
-        raise ValueError(f"{key}: {module_name} has no function {attr!r}")
+        raise RecipeError(f"{key}: {module_name} has no function {attr!r}")
     return function
 
 

@@ -12,7 +12,9 @@ from apprentice.errors import RecipeError
 from . import distill
 from .answer import ModelRun, run_hosted, run_local
 from .config import EvalConfig
+from .report import write_reports
 from .golden import GoldenItem, load_golden
+from .judge import run_judge
 from .metrics import METRICS, as_score, bootstrap_mean, bootstrap_ratio, load_function
 
 
@@ -150,8 +152,6 @@ def evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | N
     judged: dict[str, dict[str, float]] = {}
     judge_result = None
     if config.judge is not None:
-        from .judge import run_judge
-
         judge_result = run_judge(config.judge, items, runs, config.student_name(), config.reference_name(),
                                  config.output_dir, console)
         judged = judge_result.rubric
@@ -181,8 +181,6 @@ def evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | N
     summary["gate"] = None if gate is None else {"passed": gate.passed, "reason": gate.reason}
     summary["elapsed_s"] = round(time.time() - started, 1)
     summary["examples"] = worst_examples(items, runs, scores, student, reference)
-
-    from .report import write_reports
 
     write_reports(config.output_dir, summary)
     (config.output_dir / "answers.jsonl").write_text(

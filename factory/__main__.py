@@ -1,90 +1,9 @@
-"""`python -m factory generate|review|stats` — thin; heavy imports happen inside the command."""
+"""`python -m factory generate|review|stats` — thin: the parser here, the commands in factory/commands.py."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-
-
-def _generate(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from rich.console import Console
-
-    from apprentice.errors import RecipeError
-
-    from .prompts import PromptError
-    from .recipe import load_factory_config
-    from .run import Run, print_result
-    from .store import StoreError
-    from .teachers.hosted import MissingKeyError
-
-    console = Console(stderr=True, soft_wrap=True)
-    try:
-        config = load_factory_config(args.recipe, args.set)
-        if args.limit is not None and args.limit < 1:
-            raise RecipeError("--limit must be at least 1")
-        console.print(f"[bold]factory generate[/] {args.recipe} → {config.output_dir}")
-        console.print_json(data=config.model_dump(mode="json"))
-        result = asyncio.run(Run(config, limit=args.limit, console=console).execute())
-    except (RecipeError, PromptError, MissingKeyError, StoreError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        return 2
-    except KeyboardInterrupt:  # before the run's own handler is installed (e.g. during the self-instruct expansion)
-        console.print("[yellow]interrupted: run the same command again to resume; answers paid for are in the "
-                      "run's cache and are not paid twice[/]")
-        return 130
-    print_result(result, console, config.output_dir)
-    return 0 if result.ok else (130 if result.status == "interrupted" else 1)
-
-
-def _stats(args: argparse.Namespace) -> int:
-    import json
-
-    from rich.console import Console
-
-    from .stats import StatsError, compute_stats, render_stats
-
-    try:
-        stats = compute_stats(args.run_dir)
-    except StatsError as exc:
-        from rich.markup import escape
-
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
-        return 2
-    if args.json:
-        print(json.dumps(stats, indent=2, ensure_ascii=False))
-    else:
-        render_stats(stats, args.run_dir, Console())
-    return 0
-
-
-def _review(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.markup import escape
-
-    from . import review, review_ledger
-    from .store import StoreError
-
-    console = Console()
-    errors = Console(stderr=True, soft_wrap=True)
-    try:
-        if args.promote or args.demote:
-            decide = review_ledger.promote if args.promote else review_ledger.demote
-            written = decide(args.run_dir, args.promote or args.demote, args.why or "")
-            action = "promoted" if args.promote else "demoted"
-            ledger = escape(str(args.run_dir / review_ledger.REVIEW))
-            console.print(f"{action} {len(written)} sample(s) in {ledger}", highlight=False)
-        elif args.reason:
-            interactive = sys.stdin.isatty() and sys.stdout.isatty()
-            review.show_reason(args.run_dir, args.reason, console, limit=args.limit,
-                               page_size=max(1, args.page_size), interactive=interactive)
-        else:
-            review.show_counts(args.run_dir, console)
-    except (review_ledger.ReviewError, StoreError) as exc:
-        errors.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
-        return 2
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,14 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     decide.add_argument("--demote", nargs="+", metavar="ID", help="count these samples as rejected")
     review.add_argument("--why", metavar="TEXT", help="the reason for --promote / --demote (required with them)")
     args = parser.parse_args(argv)
-    if args.command == "generate":
-        return _generate(args)
-    if args.command == "stats":
-        return _stats(args)
-    if args.command == "review":
-        return _review(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    from .commands import COMMANDS  # the one late import: --help stays instant and free of the engine
+
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from rich.console import Console
 
-from apprentice.errors import FATAL_STATUS, TeacherError
+from apprentice.errors import FATAL_STATUS, ApprenticeError, TeacherError
 
 from .asker import BudgetExhausted
 from .cache import cache_key
@@ -52,7 +52,7 @@ LEDGER = "batches.jsonl"
 BATCH_DIR = "batches"
 
 
-class _Stopped(Exception):
+class _Stopped(ApprenticeError):
     """The run is stopping (fatal error, Ctrl-C): leave the batches where they are."""
 
 

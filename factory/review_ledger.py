@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from apprentice.errors import ApprenticeError
+
 from .store import ACCEPTED, REJECTED, iter_ids
 
 REVIEW = "review.jsonl"
@@ -19,7 +21,7 @@ ACTIONS = ("promote", "demote")
 MIN_PREFIX = 6
 
 
-class ReviewError(Exception):
+class ReviewError(ApprenticeError):
     """A review request that cannot be applied; nothing was written."""
 
 

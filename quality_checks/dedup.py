@@ -17,6 +17,7 @@ from pydantic import Field
 from apprentice.text import fold_text
 
 from .base import PASS, Check, Verdict
+from .minhash import MinHasher, text_shingles
 from .registry import CheckConfigError, CheckOptions, register
 
 if TYPE_CHECKING:
@@ -103,8 +104,6 @@ class _Index:
     def __init__(self, options: MinHashOptions) -> None:
         from datasketch import MinHashLSH
 
-        from .minhash import MinHasher
-
         self.threshold = options.threshold
         self.hasher = MinHasher(options.num_perm, options.shingle)
         self.lsh = MinHashLSH(threshold=options.threshold, num_perm=options.num_perm, weights=self.WEIGHTS)
@@ -114,8 +113,6 @@ class _Index:
 
     def prepare(self, text: str) -> "np.ndarray | None":
         """The signature of a text, or None when it has no words to compare."""
-        from .minhash import text_shingles
-
         hashes = text_shingles(text, self.hasher.shingle)
         return self.hasher.signature_of_hashes(hashes) if hashes.size else None
 

@@ -1,0 +1,79 @@
+"""The factory's commands, behind the thin `python -m factory` parser (factory/__main__.py).
+
+Each command ends in one message and an exit code, never a traceback: every error Apprentice raises on
+purpose is an ApprenticeError whose message names the file, key or value at fault and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+from apprentice.errors import ApprenticeError, RecipeError
+
+from . import review, review_ledger
+from .recipe import load_factory_config
+from .run import Run, print_result
+from .stats import compute_stats, render_stats
+
+
+def generate(args: argparse.Namespace) -> int:
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        config = load_factory_config(args.recipe, args.set)
+        if args.limit is not None and args.limit < 1:
+            raise RecipeError("--limit must be at least 1")
+        console.print(f"[bold]factory generate[/] {escape(str(args.recipe))} → {escape(str(config.output_dir))}")
+        console.print_json(data=config.model_dump(mode="json"))
+        result = asyncio.run(Run(config, limit=args.limit, console=console).execute())
+    except ApprenticeError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:  # before the run's own handler is installed (e.g. during the self-instruct expansion)
+        console.print("[yellow]interrupted: run the same command again to resume; answers paid for are in the "
+                      "run's cache and are not paid twice[/]")
+        return 130
+    print_result(result, console, config.output_dir)
+    return 0 if result.ok else (130 if result.status == "interrupted" else 1)
+
+
+def stats(args: argparse.Namespace) -> int:
+    try:
+        figures = compute_stats(args.run_dir)
+    except ApprenticeError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        return exc.exit_code
+    if args.json:
+        print(json.dumps(figures, indent=2, ensure_ascii=False))
+    else:
+        render_stats(figures, args.run_dir, Console())
+    return 0
+
+
+def review_command(args: argparse.Namespace) -> int:
+    console = Console()
+    errors = Console(stderr=True, soft_wrap=True)
+    try:
+        if args.promote or args.demote:
+            decide = review_ledger.promote if args.promote else review_ledger.demote
+            written = decide(args.run_dir, args.promote or args.demote, args.why or "")
+            action = "promoted" if args.promote else "demoted"
+            ledger = escape(str(args.run_dir / review_ledger.REVIEW))
+            console.print(f"{action} {len(written)} sample(s) in {ledger}", highlight=False)
+        elif args.reason:
+            interactive = sys.stdin.isatty() and sys.stdout.isatty()
+            review.show_reason(args.run_dir, args.reason, console, limit=args.limit,
+                               page_size=max(1, args.page_size), interactive=interactive)
+        else:
+            review.show_counts(args.run_dir, console)
+    except ApprenticeError as exc:
+        errors.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        return exc.exit_code
+    return 0
+
+
+COMMANDS = {"generate": generate, "stats": stats, "review": review_command}
