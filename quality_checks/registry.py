@@ -9,15 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from apprentice.config import Strict
 from apprentice.errors import ApprenticeError
 
 
-class CheckOptions(BaseModel):
+class CheckOptions(Strict):
     """Options every check takes. A check with options subclasses this and adds its own fields."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str
     label: str | None = Field(
         default=None,
