@@ -6,6 +6,7 @@ instead of a traceback.
 """
 from __future__ import annotations
 
+import errno
 from typing import Mapping
 
 # Errors that no retry will mend and that every later request would hit too: stop the run.
@@ -16,6 +17,15 @@ class ApprenticeError(Exception):
     """An error whose message is meant for the user. `exit_code` is what a command exits with."""
 
     exit_code: int = 2
+
+
+def os_error_message(error: OSError) -> str:
+    """An OSError as one line that names the path: "no space left on runs/demo/accepted.jsonl"."""
+    where = error.filename or "the disk"
+    if error.errno == errno.ENOSPC:
+        return (f"no space left on {where}: free some space, then run the same command again; every line on "
+                "disk is whole and nothing done so far is lost")
+    return f"{error.strerror or error}: {where}"
 
 
 class RecipeError(ApprenticeError):

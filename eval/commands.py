@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from apprentice.errors import ApprenticeError
+from apprentice.errors import ApprenticeError, os_error_message
 
 from .config import load_eval_config
 from .report import print_table
@@ -24,6 +24,9 @@ def run(args: argparse.Namespace) -> int:
     except ApprenticeError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return exc.exit_code
+    except OSError as exc:  # a full disk, a permission: one line naming the path
+        console.print(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
+        return 1
     # A pipe or a log file gets the whole table rather than rich's 80-column default.
     print_table(summary, Console() if sys.stdout.isatty() else Console(width=160))
     console.print(f"report: {config.output_dir / 'report.html'}, {config.output_dir / 'report.md'}, "

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from apprentice.errors import RecipeError
+from factory.lock import DirectoryLock
 
 from . import distill
 from .answer import ModelRun, run_hosted, run_local
@@ -119,6 +120,12 @@ def _default_params(config: EvalConfig) -> None:
 
 
 def evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | None]:
+    """Answer, score, report and gate, holding the output directory's lock (a second eval is refused)."""
+    with DirectoryLock(config.output_dir, "eval.output_dir"):
+        return _evaluate(config, console)
+
+
+def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | None]:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

@@ -6,6 +6,7 @@ WAL with synchronous=NORMAL survives a killed process (not a power cut) at ~tens
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import sqlite3
@@ -43,10 +44,15 @@ class ResponseCache:
         return self._db.execute("SELECT 1 FROM responses WHERE key = ?", (key,)).fetchone() is not None
 
     def put(self, key: str, response: dict[str, Any], cost_usd: float) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO responses (key, response, cost_usd, created) VALUES (?, ?, ?, ?)",
-            (key, json.dumps(response, ensure_ascii=False), cost_usd, time.time()),
-        )
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO responses (key, response, cost_usd, created) VALUES (?, ?, ?, ?)",
+                (key, json.dumps(response, ensure_ascii=False), cost_usd, time.time()),
+            )
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):  # SQLITE_FULL: the same stop as a full disk under the JSONL files
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.path)) from None
+            raise
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]

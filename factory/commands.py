@@ -13,7 +13,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from apprentice.errors import ApprenticeError, RecipeError
+from apprentice.errors import ApprenticeError, os_error_message, RecipeError
 
 from . import review, review_ledger
 from .recipe import load_factory_config
@@ -33,6 +33,9 @@ def generate(args: argparse.Namespace) -> int:
     except ApprenticeError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return exc.exit_code
+    except OSError as exc:  # a full disk, a permission: one line naming the path
+        console.print(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
+        return 1
     except KeyboardInterrupt:  # before the run's own handler is installed (e.g. during the self-instruct expansion)
         console.print("[yellow]interrupted: run the same command again to resume; answers paid for are in the "
                       "run's cache and are not paid twice[/]")
@@ -47,6 +50,9 @@ def stats(args: argparse.Namespace) -> int:
     except ApprenticeError as exc:
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return exc.exit_code
+    except OSError as exc:  # a full disk, a permission: one line naming the path
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
+        return 1
     if args.json:
         print(json.dumps(figures, indent=2, ensure_ascii=False))
     else:
@@ -73,6 +79,9 @@ def review_command(args: argparse.Namespace) -> int:
     except ApprenticeError as exc:
         errors.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return exc.exit_code
+    except OSError as exc:  # a full disk, a permission: one line naming the path
+        errors.print(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
+        return 1
     return 0
 
 

@@ -11,6 +11,7 @@ started again finishes with no duplicate and no request paid twice.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import signal
 import sys
@@ -25,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from apprentice import __version__
-from apprentice.errors import RecipeError
+from apprentice.errors import RecipeError, os_error_message
 from quality_checks import Check, build_checks, prime
 
 from .asker import Asker, Budget
@@ -33,6 +34,7 @@ from .batch import BatchDriver
 from .cache import ResponseCache
 from .decide import Decider, Stop
 from .limiter import Limiter
+from .lock import DirectoryLock
 from .logprobs import open_sidecar
 from .online import OnlineDispatch
 from .pricing import Pricer, lookup
@@ -185,6 +187,11 @@ class Run:
 
     # ---- the run --------------------------------------------------------------------------------
     async def execute(self) -> RunResult:
+        """The run, holding its directory's lock throughout: a second writer is refused, not interleaved."""
+        with DirectoryLock(self.config.output_dir, "factory.output_dir"):
+            return await self._execute()
+
+    async def _execute(self) -> RunResult:
         config = self.config
         run_dir = config.output_dir
         source = source_name(config.prompts)
@@ -296,6 +303,10 @@ class Run:
             await dispatching
         except asyncio.CancelledError:
             self.stop()
+        except OSError as exc:  # a full disk under the records, the cache or the sidecar: stop, lose nothing
+            if exc.errno != errno.ENOSPC:
+                raise
+            self.stop(fatal=os_error_message(exc))
         finally:
             counters.finished = time.monotonic()
             refresher.cancel()
@@ -318,7 +329,10 @@ class Run:
             manifest = self._manifest(status, counters, previous)
             if status != "interrupted":  # Ctrl-C wants out now; `factory stats` computes them on demand
                 manifest["stats"] = _run_stats(run_dir, manifest, self.console)
-            write_manifest(run_dir, manifest)
+            try:
+                write_manifest(run_dir, manifest)
+            except OSError as exc:  # the last manifest is a summary; the records and the cache are the truth
+                self.console.print(f"[yellow]manifest.json not updated: {escape(os_error_message(exc))}[/]")
             self.store.close()
             cache.close()
         return RunResult(status, counters, self._message(status, counters))

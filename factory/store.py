@@ -124,7 +124,20 @@ class Store:
         return id_key(record_id) in self.accepted
 
     def write(self, name: str, line: str) -> None:
-        self._files[name].write((line + "\n").encode("utf-8"))
+        """Append one whole line, or nothing: a write cut short (a full disk) is undone before the error
+        goes up, so every line on disk stays whole and the same command resumes once there is space."""
+        handle = self._files[name]
+        data = (line + "\n").encode("utf-8")
+        start = handle.tell()
+        try:
+            written = handle.write(data)
+            while written < len(data):  # a raw write may take part of the bytes
+                written += handle.write(memoryview(data)[written:])
+        except OSError as exc:
+            handle.truncate(start)
+            if exc.filename is None:
+                exc.filename = str(self.run_dir / name)
+            raise
 
     def close(self) -> None:
         for handle in self._files.values():

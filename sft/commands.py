@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from apprentice.errors import ApprenticeError, RecipeError
+from apprentice.errors import ApprenticeError, os_error_message, RecipeError
 
 from .config import load_sft_config
 from .train import find_students, sweep, train
@@ -31,6 +31,9 @@ def train_or_sweep(args: argparse.Namespace) -> int:
     except ApprenticeError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return exc.exit_code
+    except OSError as exc:  # a full disk, a permission: one line naming the path
+        console.print(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
+        return 1
     return 0
 
 

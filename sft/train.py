@@ -16,8 +16,10 @@ Under `accelerate launch` (DDP, FSDP) every process runs this; files are written
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
+import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +29,7 @@ from typing import Any
 
 from apprentice.errors import RecipeError
 from factory.builtin import resolve_model
+from factory.lock import DirectoryLock
 
 from .config import SFTConfig
 from .data import load_splits
@@ -95,10 +98,25 @@ def last_checkpoint(checkpoints: Path) -> Path | None:
     return Path(found) if checkpoints.is_dir() and (found := get_last_checkpoint(str(checkpoints))) else None
 
 
+def output_lock(directory: Path | str, key: str) -> contextlib.AbstractContextManager:
+    """The output directory's lock, held by the main process of a launch (accelerate/torchrun start one
+    process per GPU, all writing through the main one), so that a second `sft train` on it is refused."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return DirectoryLock(Path(directory), key)
+
+
 def train(config: SFTConfig, *, resume: bool = False, console: Any = None, fraction: float = 1.0,
           export_merged: bool = True) -> TrainResult:
-    """Train, evaluate, save. `fraction` keeps that share of the training split (seeded; the held-out split
-    is unchanged), `export_merged=False` skips the merged model: both for sweeps of short runs."""
+    """Train, evaluate, save, holding the output directory's lock. `fraction` keeps that share of the
+    training split (seeded; the held-out split is unchanged), `export_merged=False` skips the merged model:
+    both for sweeps of short runs."""
+    with output_lock(config.output_dir, "sft.output_dir"):
+        return _train(config, resume=resume, console=console, fraction=fraction, export_merged=export_merged)
+
+
+def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, fraction: float = 1.0,
+          export_merged: bool = True) -> TrainResult:
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -395,6 +413,12 @@ def git_commit() -> str | None:
 
 # ---- sweep and list -------------------------------------------------------------------------------------------
 def sweep(config: SFTConfig, temperatures: list[float], *, fraction: float = 0.1, console: Any = None) -> list[dict]:
+    """The sweep, holding OUTPUT_DIR/sweep's lock (each temperature's run holds its own as well)."""
+    with output_lock(Path(config.output_dir) / "sweep", "sft.output_dir"):
+        return _sweep(config, temperatures, fraction=fraction, console=console)
+
+
+def _sweep(config: SFTConfig, temperatures: list[float], *, fraction: float, console: Any) -> list[dict]:
     """One short distillation run per temperature on `fraction` of the training split, compared on the same
     held-out split by cross-entropy (comparable across temperatures, unlike the KD loss itself).
 
