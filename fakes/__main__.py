@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> FakeConfig:
     parser.add_argument("--input-tpm", type=int, help="Anthropic input tokens per minute")
     parser.add_argument("--output-tpm", type=int, help="Anthropic output tokens per minute")
     parser.add_argument("--rate-mode", choices=("bucket", "sliding"), default="bucket")
+    parser.add_argument("--rate-quantum", type=float, default=None, metavar="S",
+                        help="also enforce the limits in fixed windows of S seconds (a quantised per-minute limit)")
     parser.add_argument("--api-key")
     parser.add_argument("--fault", action="append", default=[], metavar="SEQ=KIND",
                         help="e.g. 3=429, 7=drop (repeatable)")
@@ -54,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> FakeConfig:
     args = parser.parse_args(argv)
     return FakeConfig(
         port=args.port, latency_s=args.latency, api_key=args.api_key, rpm=args.rpm, tpm=args.tpm,
-        input_tpm=args.input_tpm, output_tpm=args.output_tpm, rate_mode=args.rate_mode,
+        input_tpm=args.input_tpm, output_tpm=args.output_tpm, rate_mode=args.rate_mode, rate_quantum_s=args.rate_quantum,
         faults=_pairs(args.fault, int, str, "--fault"),
         fault_rates=_pairs(args.fault_rate, str, float, "--fault-rate"),
         seed=args.seed, retry_after=args.retry_after, slow_s=args.slow, max_requests=args.max_requests,

@@ -46,6 +46,9 @@ class FakeConfig:
     output_tpm: int | None = None                  # Anthropic output tokens
     rate_window_s: float = 60.0
     rate_mode: str = "bucket"                      # "bucket" or "sliding"
+    # Also enforce each limit in fixed windows this long (limit * quantum / rate_window_s per window), as
+    # providers quantise a per-minute limit into seconds; the headers still describe the per-minute limit.
+    rate_quantum_s: float | None = None
     faults: dict[int, str] = field(default_factory=dict)
     fault_rates: dict[str, float] = field(default_factory=dict)
     seed: int = 0

@@ -23,7 +23,10 @@ Rate limits (`rpm`, `tpm`, and for Anthropic also `input_tpm`, `output_tpm`) are
 both endpoints, over `rate_window_s` (60 s). `rate_mode="bucket"` (default) refills continuously like
 the providers' token buckets (reset = time until full again); `rate_mode="sliding"` admits a request
 only if the last window's admitted cost plus its own stays within the limit (never more than the
-limit in any window). A request's token cost is its input tokens plus `n * max_tokens` (0 when it
+limit in any window). `rate_quantum_s` also enforces each limit in fixed windows of that many seconds
+(`limit * quantum / rate_window_s` per window), as providers quantise a per-minute limit into seconds;
+the headers still describe the per-minute limit, and a 429 from a spent quantum says so only by its
+`retry-after` (the time to the next window). A request's token cost is its input tokens plus `n * max_tokens` (0 when it
 sends no max_tokens); input-tokens cost the input, output-tokens cost `max_tokens`. Nothing is
 refunded. Only requests that reach the model are charged (not 401/404/400 or injected faults).
 
@@ -141,6 +144,25 @@ class _Bucket:
         return max(0.0, (self.capacity - self.level) * self.window / self.capacity)
 
 
+class _Quantum:
+    """Fixed windows of `quantum` seconds (aligned to the server's start), each admitting `share` at most."""
+
+    def __init__(self, share: float, quantum: float, start: float) -> None:
+        self.share, self.quantum, self.start = share, quantum, start
+        self.index, self.used = 0, 0.0
+
+    def wait(self, cost: float, now: float) -> float:
+        index = int((now - self.start) // self.quantum)
+        if index != self.index:
+            self.index, self.used = index, 0.0
+        if self.used + cost <= self.share or (self.used == 0 and cost > self.share):
+            return 0.0  # a request larger than a window's share goes through an empty window alone
+        return self.start + (index + 1) * self.quantum - now
+
+    def take(self, cost: float) -> None:
+        self.used += cost
+
+
 class _Sliding:
     """Sliding log: the admitted cost of the last `window` seconds never exceeds `capacity`."""
 
@@ -238,6 +260,8 @@ class ChatServer:
         self._rng = random.Random(self.config.seed)
         self._lifetime = 0
         self._limits: dict[str, Any] = {}
+        self._quanta: dict[str, _Quantum] = {}
+        self._started = time.monotonic()  # the quantum windows are aligned to it
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conns: set[_Connection] = set()
@@ -538,10 +562,20 @@ class ChatServer:
             active.append((name, family, limit, bucket, cost, bucket.wait(cost, now)))
         if not active:
             return True, ()
+        quantum = config.rate_quantum_s
+        if quantum:  # the same limits, also in fixed windows of `quantum` seconds
+            for i, (name, family, limit, bucket, cost, wait) in enumerate(active):
+                window = self._quanta.get(name)
+                share = limit * quantum / config.rate_window_s
+                if window is None or window.share != share or window.quantum != quantum:
+                    window = self._quanta[name] = _Quantum(share, quantum, self._started)
+                active[i] = (name, family, limit, bucket, cost, max(wait, window.wait(cost, now)))
         worst = max(active, key=lambda item: item[5])
         if worst[5] <= 0:
-            for _, _, _, bucket, cost, _ in active:
+            for name, _, _, bucket, cost, _ in active:
                 bucket.take(cost)
+                if quantum:
+                    self._quanta[name].take(cost)
         headers = []
         for name, family, limit, bucket, _, _ in active:
             if provider == "openai":
