@@ -7,8 +7,15 @@
   returned usage, and the chars→tokens estimate calibrates itself from returned usage.
 - Concurrency starts small and doubles every round trip (slow start) until it reaches the recipe's
   max_concurrency: the first responses bring the provider's limits before a burst can exceed them.
-  A 429 pauses every request until `retry-after` (or a backoff) has passed and halves concurrency;
-  after that it grows by one per window of successes (AIMD).
+- A 429 is a limit signal when its headers say the window is spent (a `remaining` of 0), when 429s come
+  together (5 of the last 20 answers), or when the server refused while its headers still showed room:
+  then every request pauses until `retry-after` (or a backoff) has passed and concurrency halves, growing
+  back by one per window of successes (AIMD). Any other 429 (a lone one, with room left) retries that
+  request alone after its `retry-after`: a stray 429 costs one request's wait, not the run's.
+- Providers may enforce a per-minute limit in windows of a second or two while the headers describe the
+  minute. A 429 with room left in the headers reveals it: from then on every bucket is also paced, at
+  most 97 % of a second's share of its limit in any second (costs counted as reserved, never refunded),
+  so no short window is overrun; before that, a full minute's bucket is used as the headers allow.
 - 5xx, timeouts and dropped connections back off exponentially with full jitter.
 - After `breaker_threshold` consecutive failures the circuit opens: all requests pause for a cooldown,
   then one probe goes through (half-open); a success closes it.
@@ -26,6 +33,12 @@ from typing import Awaitable, Callable, Mapping
 
 from apprentice.errors import ApprenticeError, TeacherError
 from apprentice.responses import TeacherResponse, parse_retry_after
+
+
+PACE_S = 1.0          # the window a paced bucket is held to
+PACE_SHARE = 0.97     # of `limit / 60 * PACE_S` in any such window: room for rounding at the server
+RECENT = 20           # answers remembered to tell a lone 429 from 429s that come together
+TOGETHER = 5          # 429s among them that make a limit signal
 
 
 class LimiterClosed(ApprenticeError):
@@ -128,6 +141,7 @@ HEADER_FAMILIES: dict[str, tuple[str, str, str]] = {
 }
 # Anthropic's request and combined-token families feed the same buckets as OpenAI's.
 _BUCKET_OF = {"a_requests": "requests", "a_tokens": "tokens"}
+BUCKETS = ("requests", "tokens", "input_tokens", "output_tokens")
 
 
 @dataclass(slots=True)
@@ -193,6 +207,10 @@ class Limiter:
         self._last_decrease = 0.0
         self.tokens_per_char = 1.0 / chars_per_token
         self.stats = LimiterStats()
+        self.recent: deque[bool] = deque(maxlen=RECENT)  # was each recent answer a 429?
+        self.paced = False  # the provider enforces its limits in short windows: pace every bucket
+        self._sent: deque[tuple[float, Reservation]] = deque()  # sends of the last PACE_S seconds
+        self._sent_sum: dict[str, float] = {}
         self.closed = False
         self._closed_event: asyncio.Event | None = None
 
@@ -275,12 +293,50 @@ class Limiter:
             if wait <= 0:
                 needs = self._needs(reservation)
                 wait = max((bucket.wait_for(amount, now) for bucket, amount in needs), default=0.0)
+                if self.paced:
+                    wait = max(wait, self._pace_wait(reservation, now))
                 if wait <= 0:
                     for bucket, amount in needs:
                         bucket.take(amount)
+                    self._record_send(reservation, now)
                     return
             self.stats.waited_s += wait
             await self._sleep(wait)
+
+    # ---- pacing: no more than a second's share of a limit in any second -------------------------------
+    def _forget_sends(self, now: float) -> None:
+        while self._sent and self._sent[0][0] <= now - PACE_S:
+            _, old = self._sent.popleft()
+            for name in self._sent_sum:
+                self._sent_sum[name] -= _amount(name, old)
+
+    def _record_send(self, reservation: Reservation, now: float) -> None:
+        """Every send is remembered for PACE_S seconds (paced or not yet: pacing starts from the truth)."""
+        self._forget_sends(now)
+        self._sent.append((now, reservation))
+        for name in BUCKETS:  # all of them: a bucket the headers bring later finds its history
+            self._sent_sum[name] = self._sent_sum.get(name, 0.0) + _amount(name, reservation)
+
+    def _pace_wait(self, reservation: Reservation, now: float) -> float:
+        """Seconds until sending `reservation` keeps every bucket within PACE_SHARE of its share of any
+        PACE_S window. A request larger than a window's share goes when the window is empty."""
+        self._forget_sends(now)
+        wait = 0.0
+        for name, bucket in self.buckets.items():
+            allowance = bucket.rate * PACE_S * PACE_SHARE
+            amount = _amount(name, reservation)
+            used = self._sent_sum.get(name, 0.0)
+            if used + amount <= allowance or not self._sent:
+                continue
+            excess, freed = used + amount - allowance, 0.0
+            until = self._sent[-1][0] + PACE_S - now
+            for stamp, old in self._sent:
+                freed += _amount(name, old)
+                if freed >= excess:
+                    until = stamp + PACE_S - now
+                    break
+            wait = max(wait, until)
+        return wait
 
     def observe_headers(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:
         """Adopt the limits a response reports. A bucket made here starts from the reported remainder
@@ -365,10 +421,24 @@ class Limiter:
         self.observe_headers(response.headers, reservation)
         self._refund(reservation, response)
         self.consecutive_failures = 0
+        self.recent.append(False)
         if self.breaker_open:
             self.breaker_open = False
             self._wake()  # the window grew back from 1
         self._increase()
+
+    def _limit_signal(self, headers: Mapping[str, str]) -> bool:
+        """Whether a 429 speaks for every request (see the module docstring), not just its own."""
+        remaining = [value for _, remaining_h, _ in HEADER_FAMILIES.values()
+                     if (value := _number(headers, remaining_h)) is not None]
+        if any(value <= 0 for value in remaining):
+            return True  # the headers say the window is spent
+        if sum(self.recent) >= TOGETHER:
+            return True  # 429s come together: whatever the headers say, the limit is reached
+        if remaining and not self.paced:
+            self.paced = True  # refused with room left: the limit is enforced in short windows
+            return True
+        return False
 
     def _on_failure(self, error: TeacherError, attempt: int) -> float | None:
         """Bookkeeping for a failed attempt; the delay before the next, or None to give up."""
@@ -378,17 +448,20 @@ class Limiter:
             return None
         if error.rate_limited:
             self.stats.rate_limited += 1
-            self._decrease(now)
+            self.recent.append(True)
             retry_after = error.retry_after
             if retry_after is None:
                 retry_after = parse_retry_after(error.headers)
             delay = retry_after if retry_after is not None else self.backoff(attempt)
-            # Everyone waits: the limit is shared, so other requests would hit it too.
-            self.pause_until = max(self.pause_until, now + delay)
-            # A 429 means the bucket is empty, whatever we thought.
-            for name in ("requests",):
-                if name in self.buckets:
-                    self.buckets[name].level = min(self.buckets[name].level, 0.0)
+            if self._limit_signal(error.headers):
+                self._decrease(now)
+                # Everyone waits: the limit is shared, so other requests would hit it too.
+                self.pause_until = max(self.pause_until, now + delay)
+                # A 429 means the bucket is empty, whatever we thought.
+                for name in ("requests",):
+                    if name in self.buckets:
+                        self.buckets[name].level = min(self.buckets[name].level, 0.0)
+            # else: a lone 429 with room left; this request alone waits its retry-after
         else:
             self.stats.server_errors += 1
             self.consecutive_failures += 1

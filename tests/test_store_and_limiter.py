@@ -95,7 +95,11 @@ def test_token_reservation_is_refunded_from_usage():
     asyncio.run(main())
 
 
-def test_429_pauses_everyone_halves_concurrency_and_obeys_retry_after():
+SPENT = {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "0"}
+ROOM = {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "590"}
+
+
+def test_a_429_whose_headers_say_the_window_is_spent_pauses_everyone_halves_concurrency_and_obeys_retry_after():
     async def main():
         limiter = Limiter(max_concurrency=16, max_retries=3)
         calls = []
@@ -103,7 +107,8 @@ def test_429_pauses_everyone_halves_concurrency_and_obeys_retry_after():
         async def call():
             calls.append(time.monotonic())
             if len(calls) == 1:
-                raise TeacherError("429", retryable=True, status=429, retry_after=0.3, rate_limited=True)
+                raise TeacherError("429", retryable=True, status=429, retry_after=0.3, rate_limited=True,
+                                   headers=SPENT)
             return ok_response()
 
         start = time.monotonic()
@@ -111,6 +116,63 @@ def test_429_pauses_everyone_halves_concurrency_and_obeys_retry_after():
         assert attempts == 2 and response.choices[0].text == "ok"
         assert calls[1] - start >= 0.29
         assert limiter.limit < 16 and limiter.stats.rate_limited == 1
+        assert limiter.pause_until > start, "everyone waits"
+
+    asyncio.run(main())
+
+
+def test_a_lone_429_retries_its_request_alone_and_leaves_the_others_and_the_concurrency_alone():
+    async def main():
+        limiter = Limiter(max_concurrency=16, initial_concurrency=16, max_retries=3)
+        first = True
+        finished: dict[int, float] = {}
+
+        async def call(i: int):
+            nonlocal first
+            if i == 0 and first:
+                first = False
+                raise TeacherError("429", retryable=True, status=429, retry_after=0.5, rate_limited=True)
+            await asyncio.sleep(0.01)
+            finished[i] = time.monotonic()
+            return ok_response()
+
+        start = time.monotonic()
+        await asyncio.gather(*(limiter.run(lambda i=i: call(i), input_tokens=1, output_tokens=1) for i in range(8)))
+        assert finished[0] - start >= 0.49, "the refused request waited its retry-after"
+        assert max(t for i, t in finished.items() if i) - start < 0.3, "the others did not wait for it"
+        assert limiter.limit >= 16 and limiter.pause_until < start + 0.1, "no pause for all, no halving"
+        assert limiter.stats.rate_limited == 1
+
+    asyncio.run(main())
+
+
+def test_429s_that_come_together_are_a_limit_signal_whatever_the_headers():
+    limiter = Limiter(max_concurrency=16)
+    lone = TeacherError("429", retryable=True, status=429, retry_after=0.01, rate_limited=True)
+    for _ in range(4):
+        limiter._on_failure(lone, 1)
+    assert limiter.pause_until < time.monotonic() and limiter.limit == 8, "four of twenty: each alone"
+    limiter._on_failure(lone, 1)
+    assert limiter.pause_until > 0 and limiter.limit == 4, "the fifth of twenty: everyone pauses, concurrency halves"
+
+
+def test_a_429_with_room_in_the_headers_reveals_short_windows_and_paces_every_bucket():
+    async def main():
+        limiter = Limiter(max_concurrency=64, initial_concurrency=64, max_retries=3)
+        limiter.observe_headers(ROOM)  # 600 a minute: a second's share is 10, paced at 97 %: 9.7
+        refused = TeacherError("429", retryable=True, status=429, retry_after=0.01, rate_limited=True, headers=ROOM)
+        assert limiter._on_failure(refused, 1) is not None
+        assert limiter.paced and limiter.pause_until > 0
+        sent = []
+
+        async def call():
+            sent.append(time.monotonic())
+            return ok_response()
+
+        await asyncio.gather(*(limiter.run(call, input_tokens=1, output_tokens=1) for _ in range(25)))
+        windows = [sum(1 for t in sent if start <= t < start + 1.0) for start in sent]
+        assert max(windows) <= 9, f"at most 97 % of a second's share in any second: {max(windows)}"
+        assert sent[-1] - sent[0] >= 2.0, "25 requests at 9.7 a second take more than two seconds"
 
     asyncio.run(main())
 
