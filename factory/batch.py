@@ -222,8 +222,8 @@ class BatchDriver:
                 if key in self.cache:
                     await decider.process(item)  # answered before: straight to the checks and the store
                     continue
-                worst = self.pricer.cost(self.limiter.estimate_tokens(chars),
-                                         config.teacher.max_tokens * len(item.indices))
+                worst = self.pricer.worst(self.limiter.estimate_tokens(chars),
+                                          config.teacher.max_tokens * len(item.indices))
                 self.waiting[key] = Waiting(item, key, worst, self.ledger.failures.get(key, 0))
 
     async def _resume_open(self) -> None:
@@ -368,12 +368,9 @@ class BatchDriver:
                         outcome.error = str(error)
                     else:
                         # Paid for: into the cache even when no record of this run needs it (--limit).
-                        cost = pricer.cost(response.input_tokens, response.output_tokens)
+                        cost = pricer.cost_of(response)
                         cache.put(outcome.key, response.to_cache(), cost)
-                        counters.requests += 1
-                        counters.input_tokens += response.input_tokens
-                        counters.output_tokens += response.output_tokens
-                        counters.cost_usd += cost
+                        counters.count(response, cost)
                 if outcome.error is None:
                     succeeded += 1
                     if waiting is not None:

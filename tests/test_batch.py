@@ -53,7 +53,8 @@ def test_openai_batches_split_fetch_price_and_a_second_run_sends_nothing(tmp_pat
     m = manifest(run)
     assert m["status"] == "complete" and m["this_run"]["requests"] == 10 and m["this_run"]["cache_hits"] == 0
     assert m["batches"]["fetched"] == 3 and m["batches"]["open"] == []
-    price_in, price_out = lookup("gpt-4o-mini")
+    rates = lookup("gpt-4o-mini", "openai")
+    price_in, price_out = rates.input, rates.output
     tokens_in, tokens_out = m["this_run"]["input_tokens"], m["this_run"]["output_tokens"]
     # The batch price: half the list price (the manifest rounds to micro-dollars).
     assert m["this_run"]["cost_usd"] == round(0.5 * (tokens_in * price_in + tokens_out * price_out) / 1e6, 6)

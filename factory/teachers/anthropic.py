@@ -71,10 +71,16 @@ class AnthropicTeacher:
             text = "".join(part.get("text", "") for part in data["content"] if part.get("type") == "text")
             usage = data.get("usage") or {}
             reason = data.get("stop_reason")
+            # Anthropic's input_tokens are those after the last cache breakpoint; the cache reads and writes
+            # are counted apart. TeacherResponse.input_tokens is every input token, as OpenAI counts them.
+            read = int(usage.get("cache_read_input_tokens") or 0)
+            written = int(usage.get("cache_creation_input_tokens") or 0)
             return TeacherResponse(
                 choices=[Choice(text, STOP_REASONS.get(reason, reason))],
-                input_tokens=int(usage.get("input_tokens") or 0),
+                input_tokens=int(usage.get("input_tokens") or 0) + read + written,
                 output_tokens=int(usage.get("output_tokens") or 0),
+                cached_input_tokens=read,
+                cache_write_tokens=written,
                 headers=headers or {},
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:

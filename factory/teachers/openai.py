@@ -105,6 +105,8 @@ class OpenAITeacher:
                 choices=choices,
                 input_tokens=int(usage.get("prompt_tokens") or 0),
                 output_tokens=int(usage.get("completion_tokens") or 0),
+                # Part of prompt_tokens, billed at the cached-input price (prompt caching is automatic).
+                cached_input_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
                 headers=headers or {},
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
