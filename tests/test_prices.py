@@ -82,7 +82,8 @@ def context_recipe(tmp_path: Path, server, provider: str, name: str, prompts: in
     return write_recipe(tmp_path / f"{name}.yaml", output_dir=tmp_path / name,
                         prompts=write_prompts(tmp_path / "p.jsonl", prompts), provider=provider, base_url=base_url,
                         model=MODELS[provider], extra=extra,
-                        extra_teacher=f"    context: [{{role: system, content: '{CONTEXT}'}}]\n    max_concurrency: 1\n")
+                        extra_teacher=f"    context: [{{role: system, content: '{CONTEXT}'}}]\n"
+                                      "    max_concurrency: 1\n")
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
@@ -93,7 +94,7 @@ def test_a_repeated_context_costs_less_by_the_table_and_the_budget_counts_the_lo
     records = read_jsonl(tmp_path / "free" / "accepted.jsonl")
     assert len(records) == 20
     cached = [r["usage"].get("cached_input_tokens", 0) for r in records]
-    assert sorted(cached)[1:] == [1000] * 19, f"every request after the first reads the context from the cache: {cached}"
+    assert sorted(cached)[1:] == [1000] * 19, f"after the first, every request reads the context cached: {cached}"
     if provider == "anthropic":
         assert sum(r["usage"].get("cache_write_tokens", 0) for r in records) == 1000, "written once"
     for record in records:
