@@ -20,6 +20,7 @@ class AnthropicTeacher:
     provider = "anthropic"
     supports_n = False
     max_useful_concurrency = None
+    batch_tagged = False  # find_batch matches by request count and creation time (see there)
 
     def __init__(self, config: TeacherConfig) -> None:
         import anthropic
@@ -93,11 +94,15 @@ class AnthropicTeacher:
     async def submit_batch(self, path: Path, *, file_id: str | None, tag: str, call: Call,
                            uploaded: Callable[[str], None]) -> str:
         requests = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        created = await call(lambda: self.client.messages.batches.create(requests=requests))
+        created = await call(lambda: self.client.messages.batches.create(requests=requests), once=True)
         return created.id
 
     async def find_batch(self, *, tag: str, count: int, since: float, call: Call) -> list[str]:
-        """Message Batches carry no metadata: every batch created since then with the same request count."""
+        """Every batch created since then with the same request count: candidates, not certainties.
+
+        A Message Batch keeps no metadata, and neither its requests nor its results can be read before it
+        ends (the results endpoint answers 400 until then), so nothing we control is readable earlier; the
+        driver confirms a candidate when it has ended, by the custom_id of its first result."""
         candidates = []
         page = await call(lambda: self.client.messages.batches.list(limit=100))
         async for found in page:

@@ -31,6 +31,7 @@ class OpenAITeacher:
     provider = "openai"
     supports_n = True
     max_useful_concurrency = None
+    batch_tagged = True  # find_batch reads the run's tag in a batch's metadata
 
     def __init__(self, config: TeacherConfig) -> None:
         import openai
@@ -155,7 +156,7 @@ class OpenAITeacher:
             uploaded(file_id)
         created = await call(lambda: client.batches.create(
             input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
-            metadata={"apprentice": tag}))
+            metadata={"apprentice": tag}), once=True)
         return created.id
 
     async def find_batch(self, *, tag: str, count: int, since: float, call: Call) -> list[str]:
