@@ -22,8 +22,13 @@ class Choice:
 @dataclass(slots=True)
 class TeacherResponse:
     choices: list[Choice]
-    input_tokens: int
+    input_tokens: int   # every input token the model read, the cached ones included (OpenAI's prompt_tokens)
     output_tokens: int
+    # Of input_tokens, those read from the provider's prompt cache and those written to it: they are billed
+    # at their own prices (OpenAI cached input at a share of the input price, Anthropic reads at ~0.1x and
+    # writes at ~1.25x). Anthropic reports its usage.input_tokens without them; the teacher adds them back.
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
     # Response headers (lower-case names) for the limiter; never cached, never written to disk.
     headers: Mapping[str, str] = field(default_factory=dict)
 
@@ -33,6 +38,12 @@ class TeacherResponse:
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
         }
+        # Only when there are any, so that entries without prompt caching stay byte-identical; entries written
+        # before these fields existed load with zero.
+        if self.cached_input_tokens:
+            data["cached_input_tokens"] = self.cached_input_tokens
+        if self.cache_write_tokens:
+            data["cache_write_tokens"] = self.cache_write_tokens
         # Logprobs are cached with the answer they belong to: a resumed run that takes the answer from the
         # cache must still be able to write the record's sidecar entry. Absent when not asked for, so the
         # cache entries of runs without logprobs stay byte-identical.
@@ -51,7 +62,18 @@ class TeacherResponse:
             choices=[Choice(text, reason, lp) for (text, reason), lp in zip(data["choices"], logprobs)],
             input_tokens=data["input_tokens"],
             output_tokens=data["output_tokens"],
+            cached_input_tokens=data.get("cached_input_tokens", 0),
+            cache_write_tokens=data.get("cache_write_tokens", 0),
         )
+
+    def usage(self) -> dict[str, int]:
+        """Token counts for a record's `usage`: the cache counts only when the provider reported any."""
+        usage = {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+        if self.cached_input_tokens:
+            usage["cached_input_tokens"] = self.cached_input_tokens
+        if self.cache_write_tokens:
+            usage["cache_write_tokens"] = self.cache_write_tokens
+        return usage
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:

@@ -107,7 +107,7 @@ class Asker:
 
     async def _send(self, key: str, body: dict[str, Any], chars: int, max_out: int) -> tuple[TeacherResponse, float]:
         est_in = self.limiter.estimate_tokens(chars)
-        worst = self.pricer.cost(est_in, max_out)
+        worst = self.pricer.worst(est_in, max_out)
         self.budget.reserve(worst)
         try:
             response, _ = await self.limiter.run(
@@ -115,12 +115,8 @@ class Asker:
             )
         finally:
             self.budget.release(worst)
-        cost = self.pricer.cost(response.input_tokens, response.output_tokens)
+        cost = self.pricer.cost_of(response)
         self.cache.put(key, response.to_cache(), cost)
         self.limiter.calibrate(chars, response.input_tokens)
-        usage = self.usage
-        usage.requests += 1
-        usage.input_tokens += response.input_tokens
-        usage.output_tokens += response.output_tokens
-        usage.cost_usd += cost
+        self.usage.count(response, cost)
         return response, cost

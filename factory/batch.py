@@ -14,11 +14,15 @@ the provider differs:
    fails, or fails for good (HTTP 400), goes to failed.jsonl and the next run retries it.
 
 The ledger `batches.jsonl` is append-only, one whole line an event (prepared, uploaded, submitted,
-fetched), written before the step it announces completes is relied on. After a crash, a batch whose
-submission was announced but whose id was never written is found at the provider (OpenAI: by the run
-token in its metadata; Anthropic, which has no metadata: by its request count and creation time) instead
-of being sent again. Killed at any point, the same command finishes the run with nothing resubmitted
-that the provider had accepted and nothing lost.
+candidates, not_ours, fetched, abandoned), written before the step it announces completes is relied on.
+A batch the provider may hold without our knowing its id (the create's answer was lost to a timeout, a
+dropped connection or a 5xx; or the process died before the ledger recorded the id) is looked up before
+it is sent again. OpenAI: by the run's tag in the batch's metadata, certain. Anthropic keeps no metadata
+and shows neither requests nor results before a batch ends, so the batches created since then with the
+same request count (and not already in the ledger) become candidates; each is confirmed or dismissed once
+it has ended, by whether its first result's custom_id (a cache key of this batch) is ours, and only when
+none was ours is the batch sent again. Killed at any point, the same command finishes the run with
+nothing resubmitted that the provider had accepted and nothing lost.
 
 What differs between providers (the line format, submitting, finding, polling, reading results) is in
 the teachers' batch hooks (factory/teachers/batching.py); this driver has no provider branches, and it
@@ -29,8 +33,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -40,20 +44,23 @@ from rich.console import Console
 from apprentice.errors import FATAL_STATUS, ApprenticeError, TeacherError
 
 from .asker import BudgetExhausted
+from .batch_ledger import Batch, Ledger
 from .cache import cache_key
 from .decide import Decider, Stop, WorkItem
 from .limiter import Limiter
 from .prompts import iter_prompts
-from .store import repair_tail
-from .teachers.batching import BatchState, BatchTeacher, Outcome
+from .teachers.batching import BatchTeacher, Outcome
 from .teachers.hosted import map_sdk_error
 
-LEDGER = "batches.jsonl"
-BATCH_DIR = "batches"
+CLOCK_SKEW_S = 120.0  # between this machine's clock and the provider's, when matching creation times
 
 
 class _Stopped(ApprenticeError):
     """The run is stopping (fatal error, Ctrl-C): leave the batches where they are."""
+
+
+class _Adopted(ApprenticeError):
+    """A create whose answer was lost was found at the provider (the ledger says so): do not send it again."""
 
 
 @dataclass(slots=True)
@@ -64,92 +71,6 @@ class Waiting:
     key: str                       # cache key; the custom_id at the provider
     worst_usd: float
     attempts: int = 0
-
-
-@dataclass
-class Batch:
-    name: str
-    round: int
-    count: int
-    worst_usd: float
-    prepared_at: float
-    file_id: str | None = None
-    provider_id: str | None = None
-    fetched: bool = False
-    abandoned: bool = False
-    answered: int = 0          # the provider's count of finished requests, for the progress line
-    status: str = "prepared"
-    state: BatchState | None = None  # the provider's last word on it
-
-    @property
-    def open(self) -> bool:
-        return not (self.fetched or self.abandoned)
-
-
-class Ledger:
-    """`batches.jsonl`: what was prepared, uploaded, submitted and fetched, folded into Batch objects."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / LEDGER
-        self.dir = run_dir / BATCH_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
-        repair_tail(self.path)
-        self.batches: dict[str, Batch] = {}
-        self.token: str | None = None
-        self.failures: dict[str, int] = {}  # custom_id → failed attempts since the last `run` event
-        if self.path.exists():
-            with self.path.open("r", encoding="utf-8") as handle:
-                for line in handle:
-                    self._fold(json.loads(line))
-        self._file = open(self.path, "ab", buffering=0)
-        if self.token is None:
-            self.append({"event": "ledger", "token": secrets.token_hex(8)})
-        self.append({"event": "run", "at": time.time()})
-
-    def _fold(self, event: dict[str, Any]) -> None:
-        kind = event["event"]
-        if kind == "ledger":
-            self.token = event["token"]
-        elif kind == "run":
-            self.failures = {}
-        elif kind == "prepared":
-            self.batches[event["batch"]] = Batch(event["batch"], event["round"], event["count"],
-                                                 event["worst_usd"], event["at"])
-        else:
-            batch = self.batches[event["batch"]]
-            if kind == "uploaded":
-                batch.file_id = event["file_id"]
-            elif kind == "submitted":
-                batch.provider_id = event["provider_id"]
-                batch.status = "submitted"
-            elif kind == "fetched":
-                batch.fetched = True
-                batch.status = event.get("status", "fetched")
-                for key in event.get("failed", ()):
-                    self.failures[key] = self.failures.get(key, 0) + 1
-            elif kind == "abandoned":
-                batch.abandoned = True
-                batch.status = "abandoned"
-
-    def append(self, event: dict[str, Any]) -> None:
-        self._fold(event)
-        self._file.write((json.dumps(event, separators=(",", ":")) + "\n").encode("utf-8"))
-
-    def input_path(self, name: str) -> Path:
-        return self.dir / f"{name}.jsonl"
-
-    def keys(self, name: str) -> list[str]:
-        keys = []
-        with self.input_path(name).open("r", encoding="utf-8") as handle:
-            for line in handle:
-                keys.append(json.loads(line)["custom_id"])
-        return keys
-
-    def next_name(self) -> str:
-        return f"b{len(self.batches) + 1:05d}"
-
-    def close(self) -> None:
-        self._file.close()
 
 
 class BatchDriver:
@@ -188,8 +109,8 @@ class BatchDriver:
     def summary(self) -> dict[str, Any]:
         batches = list(self.ledger.batches.values()) if self.ledger else []
         return {
-            "open": [{"name": b.name, "id": b.provider_id, "requests": b.count, "status": b.status}
-                     for b in batches if b.open],
+            "open": [{"name": b.name, "id": b.provider_id, "requests": b.count, "status": b.status,
+                      **({"candidates": b.candidates} if b.candidates else {})} for b in batches if b.open],
             "fetched": sum(1 for b in batches if b.fetched),
             "abandoned": sum(1 for b in batches if b.abandoned),
             "submitted": sum(1 for b in batches if b.provider_id),
@@ -222,8 +143,8 @@ class BatchDriver:
                 if key in self.cache:
                     await decider.process(item)  # answered before: straight to the checks and the store
                     continue
-                worst = self.pricer.cost(self.limiter.estimate_tokens(chars),
-                                         config.teacher.max_tokens * len(item.indices))
+                worst = self.pricer.worst(self.limiter.estimate_tokens(chars),
+                                          config.teacher.max_tokens * len(item.indices))
                 self.waiting[key] = Waiting(item, key, worst, self.ledger.failures.get(key, 0))
 
     async def _resume_open(self) -> None:
@@ -236,14 +157,10 @@ class BatchDriver:
             for key in self.ledger.keys(batch.name):
                 if key in self.waiting:
                     self.in_batch[key] = batch.name
-            if batch.provider_id is None:
-                found = await self._find_submitted(batch)
-                if found is not None:
-                    self.console.print(f"batch {batch.name}: found at the provider as {found} "
-                                           "(submitted before the crash); not sent again")
-                    self.ledger.append({"event": "submitted", "batch": batch.name, "provider_id": found,
-                                        "adopted": True})
-                else:
+            # Submitted before the crash but never confirmed: look before sending again. Candidates found by
+            # an earlier run wait in _poll for their results.
+            if batch.provider_id is None and not batch.candidates:
+                if not await self._find_submitted(batch, batch.prepared_at - CLOCK_SKEW_S, "before the crash"):
                     await self._send(batch)
 
     # ---- submit ---------------------------------------------------------------------------------------
@@ -287,13 +204,23 @@ class BatchDriver:
 
     async def _send(self, batch: Batch) -> None:
         path = self.ledger.input_path(batch.name)
+        sent_at = time.time()
 
         def uploaded(file_id: str) -> None:
             self.ledger.append({"event": "uploaded", "batch": batch.name, "file_id": file_id})
 
+        async def lost() -> None:
+            if await self._find_submitted(batch, sent_at - CLOCK_SKEW_S, "although its answer was lost"):
+                raise _Adopted
+
+        async def call(make: Callable[[], Awaitable[Any]], *, once: bool = False) -> Any:
+            return await self._call(make, lost=lost if once else None)
+
         try:
             provider_id = await self.teacher.submit_batch(path, file_id=batch.file_id, tag=self._tag(batch),
-                                                          call=self._call, uploaded=uploaded)
+                                                          call=call, uploaded=uploaded)
+        except _Adopted:
+            return
         except TeacherError as error:  # the provider refused the batch itself: its requests fail
             self.ledger.append({"event": "abandoned", "batch": batch.name, "error": str(error)})
             self.budget.release(batch.worst_usd)
@@ -310,29 +237,66 @@ class BatchDriver:
         """What marks a batch at the provider as this run's: the ledger's token and the batch's name."""
         return f"{self.ledger.token}:{batch.name}"
 
-    async def _find_submitted(self, batch: Batch) -> str | None:
-        """The provider's id of a batch whose submission was announced but never confirmed, if it exists."""
-        since = batch.prepared_at - 120.0  # clock skew between here and the provider
-        candidates = await self.teacher.find_batch(tag=self._tag(batch), count=batch.count, since=since,
-                                                   call=self._call)
-        if len(candidates) > 1:
+    async def _find_submitted(self, batch: Batch, since: float, why: str) -> bool:
+        """Whether the provider may hold `batch` (submitted, its id never seen); the ledger records what was
+        found: the batch itself (a tag matched), or the candidates to confirm once they end."""
+        known = self.ledger.known_ids()
+        found = [found for found in await self.teacher.find_batch(tag=self._tag(batch), count=batch.count,
+                                                                  since=since, call=self._call)
+                 if found not in known]
+        if not found:
+            return False
+        if self.teacher.batch_tagged:
+            self.console.print(f"batch {batch.name}: found at the provider as {found[0]} (submitted {why}); "
+                               "not sent again", highlight=False)
+            self.ledger.append({"event": "submitted", "batch": batch.name, "provider_id": found[0], "adopted": True})
+        else:
             self.console.print(
-                f"[yellow]batch {batch.name}: {len(candidates)} batches at the provider could be the one submitted "
-                f"before the crash ({', '.join(candidates)}); sending it again. Cancel the extra one if it "
-                "was ours.[/]")
-            return None
-        return candidates[0] if candidates else None
+                f"batch {batch.name}: {', '.join(found)} at the provider may be it (submitted {why}; same request "
+                "count, created since); not sent again: confirmed by its results once it ends", highlight=False)
+            self.ledger.append({"event": "candidates", "batch": batch.name, "ids": found})
+        return True
+
+    async def _confirm(self, batch: Batch) -> bool:
+        """Poll the candidates of `batch`; an ended one is it if its first result is one of its requests, and
+        is dismissed otherwise. When none is left, the batch never reached the provider: send it. Whether
+        anything changed."""
+        keys = set(self.ledger.keys(batch.name))
+        changed = False
+        for candidate in list(batch.candidates):
+            state = await self.teacher.batch_status(candidate, self._call)
+            if not state.ended:
+                continue
+            changed = True
+            outcomes = self.teacher.batch_outcomes(state, candidate, self.ledger.dir, f"{batch.name}.{candidate}",
+                                                   self._call)
+            async with aclosing(outcomes):  # one result tells: no need to read a whole batch that is not ours
+                first = await anext(outcomes, None)
+            if first is not None and first.key in keys:
+                self.console.print(f"batch {batch.name}: {candidate} is it (its results are ours)", highlight=False)
+                self.ledger.append({"event": "submitted", "batch": batch.name, "provider_id": candidate,
+                                    "adopted": True})
+                return True
+            self.ledger.append({"event": "not_ours", "batch": batch.name, "id": candidate})
+        if not batch.candidates:
+            self.console.print(f"batch {batch.name}: no batch at the provider was it; sending it", highlight=False)
+            await self._send(batch)
+        return changed
 
     # ---- poll and fetch -------------------------------------------------------------------------------
     async def _poll(self) -> None:
         interval = self.options.poll_s
         while not self.stop.stopping:
-            open_batches = [b for b in self.ledger.batches.values() if b.open and b.provider_id]
+            open_batches = [b for b in self.ledger.batches.values() if b.open and (b.provider_id or b.candidates)]
             if not open_batches:
                 return
             changed = False
             resend: list[Waiting] = []
             for batch in open_batches:
+                if batch.provider_id is None:
+                    changed = await self._confirm(batch) or changed
+                    if batch.provider_id is None:
+                        continue
                 ended, answered = await self._status(batch)
                 if answered != batch.answered:
                     batch.answered, changed = answered, True
@@ -342,7 +306,7 @@ class BatchDriver:
             if resend:
                 await self._submit(resend, max(w.attempts for w in resend))
             interval = self.options.poll_s if changed else min(interval * 1.5, self.options.poll_max_s)
-            if any(b.open and b.provider_id for b in self.ledger.batches.values()):
+            if any(b.open and (b.provider_id or b.candidates) for b in self.ledger.batches.values()):
                 await self._sleep(interval)
 
     async def _status(self, batch: Batch) -> tuple[bool, int]:
@@ -368,12 +332,9 @@ class BatchDriver:
                         outcome.error = str(error)
                     else:
                         # Paid for: into the cache even when no record of this run needs it (--limit).
-                        cost = pricer.cost(response.input_tokens, response.output_tokens)
+                        cost = pricer.cost_of(response)
                         cache.put(outcome.key, response.to_cache(), cost)
-                        counters.requests += 1
-                        counters.input_tokens += response.input_tokens
-                        counters.output_tokens += response.output_tokens
-                        counters.cost_usd += cost
+                        counters.count(response, cost)
                 if outcome.error is None:
                     succeeded += 1
                     if waiting is not None:
@@ -423,8 +384,11 @@ class BatchDriver:
                              attempts=max(1, waiting.attempts))
         self.decider.fail_item(waiting.item, error)
 
-    async def _call(self, make: Callable[[], Awaitable[Any]]) -> Any:
-        """One call to the batch endpoints, retried with backoff like an online request."""
+    async def _call(self, make: Callable[[], Awaitable[Any]], *,
+                    lost: Callable[[], Awaitable[None]] | None = None) -> Any:
+        """One call to the batch endpoints, retried with backoff like an online request. `lost`, for a call
+        that must not take effect twice (a create): after a failure that the provider may have acted on, it
+        looks for the effect before the call is made again, and raises to end the call when it is there."""
         sdk = self.teacher.sdk
         attempt = 0
         while True:
@@ -438,9 +402,13 @@ class BatchDriver:
                 self.stop(fatal=f"{FATAL_STATUS[error.status]} ({error})")
                 raise _Stopped
             attempt += 1
-            if not error.retryable or attempt > self.config.teacher.max_retries:
+            again = error.retryable and attempt <= self.config.teacher.max_retries
+            if again:
+                await self._sleep(error.retry_after if error.retry_after is not None else min(60.0, 2.0 ** attempt))
+            if lost is not None and error.retryable:  # a 400 was refused; a timeout or 5xx may have been accepted
+                await lost()
+            if not again:
                 raise error
-            await self._sleep(error.retry_after if error.retry_after is not None else min(60.0, 2.0 ** attempt))
 
     async def _sleep(self, seconds: float) -> None:
         self.next_poll_at = time.monotonic() + seconds

@@ -188,8 +188,7 @@ class Decider:
                 for entry in entries:
                     entry.error = error
             else:
-                usage = {"input_tokens": response.input_tokens, "output_tokens": response.output_tokens,
-                         "cost_usd": cost, "shared_by": len(item.indices)}
+                usage = {**response.usage(), "cost_usd": cost, "shared_by": len(item.indices)}
                 for pos, entry in zip(pending, entries):
                     choice = response.choices[pos]
                     entry.logprobs = choice.logprobs

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task
 from rich.text import Text
 
+from apprentice.responses import TeacherResponse
+
 
 @dataclass(slots=True)
 class Usage:
@@ -18,11 +20,27 @@ class Usage:
     cache_hits: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0  # of input_tokens: read from the provider's prompt cache
+    cache_write_tokens: int = 0   # of input_tokens: written to it
     cost_usd: float = 0.0
+
+    def count(self, response: TeacherResponse, cost_usd: float) -> None:
+        """One answer paid for (not one from the response cache)."""
+        _count(self, response, cost_usd)
 
     def as_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "cache_hits": self.cache_hits, "input_tokens": self.input_tokens,
-                "output_tokens": self.output_tokens, "cost_usd": round(self.cost_usd, 6)}
+                "output_tokens": self.output_tokens, "cached_input_tokens": self.cached_input_tokens,
+                "cache_write_tokens": self.cache_write_tokens, "cost_usd": round(self.cost_usd, 6)}
+
+
+def _count(usage: "Usage | Counters", response: TeacherResponse, cost_usd: float) -> None:
+    usage.requests += 1
+    usage.input_tokens += response.input_tokens
+    usage.output_tokens += response.output_tokens
+    usage.cached_input_tokens += response.cached_input_tokens
+    usage.cache_write_tokens += response.cache_write_tokens
+    usage.cost_usd += cost_usd
 
 
 @dataclass(slots=True)
@@ -36,10 +54,16 @@ class Counters:
     cache_hits: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
     cost_usd: float = 0.0
     judge: Usage = field(default_factory=Usage)  # the requests of model-backed checks (judge)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None  # when the last sample was written; closing the teacher is not run time
+
+    def count(self, response: TeacherResponse, cost_usd: float) -> None:
+        """One answer of the teacher paid for (not one from the response cache)."""
+        _count(self, response, cost_usd)
 
     @property
     def written(self) -> int:

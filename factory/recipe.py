@@ -26,8 +26,18 @@ CheckItem = Annotated[Any, PlainValidator(parse_check_item)]
 
 
 class Price(Strict):
+    """`teacher.price`: overrides the price table (factory/pricing.py); the batch discount still applies."""
+
     input: float = Field(ge=0, description="USD per 1M input tokens")
     output: float = Field(ge=0, description="USD per 1M output tokens")
+    cached_input: float | None = Field(
+        default=None, ge=0,
+        description="USD per 1M input tokens read from the provider's prompt cache; default: the input price",
+    )
+    cache_write: float | None = Field(
+        default=None, ge=0,
+        description="USD per 1M input tokens written to the prompt cache (Anthropic); default: 1.25 × input",
+    )
 
 
 class LogprobsConfig(Strict):
@@ -155,7 +165,7 @@ class TeacherConfig(Strict):
     tpm: float | None = Field(default=None, gt=0, description="tokens per minute cap; headers rule otherwise")
     timeout_s: float = Field(default=600.0, gt=0)
     max_retries: int = Field(default=8, ge=0, description="retries per request for 429, 5xx, timeouts")
-    price: Price | None = Field(default=None, description="overrides the built-in price table")
+    price: Price | None = Field(default=None, description="overrides the price table (genai-prices)")
     batch_size: int = Field(default=8, ge=1, description="provider local: prompts per generate() call")
     device: str | None = Field(default=None, description="provider local: cpu, cuda, …; default picks")
     engine_args: dict[str, Any] = Field(

@@ -37,7 +37,7 @@ from .limiter import Limiter
 from .lock import DirectoryLock
 from .logprobs import open_sidecar
 from .online import OnlineDispatch
-from .pricing import Pricer, lookup
+from .pricing import Pricer, Rates, lookup
 from .progress import Counters, ProgressView, Usage, summary_line
 from .prompts import SourceEnv, check_prompts
 from .recipe import IN_PROCESS, FactoryConfig, TeacherConfig
@@ -111,13 +111,12 @@ class Run:
         # The Batch APIs bill a share of the list price (half, for both providers).
         scale = teacher.batch.discount if teacher.mode == "batch" else 1.0
         if teacher.price is not None:
-            return Pricer((teacher.price.input * scale, teacher.price.output * scale))
+            price = teacher.price
+            return Pricer(Rates.of(price.input, price.output, price.cached_input, price.cache_write), scale)
         if teacher.provider in IN_PROCESS:
-            return Pricer((0.0, 0.0))
-        price = lookup(teacher.model)
-        if price is not None:
-            price = (price[0] * scale, price[1] * scale)
-        if price is None:
+            return Pricer(Rates.of(0.0, 0.0, 0.0, 0.0))
+        rates = lookup(teacher.model, teacher.provider)
+        if rates is None:
             if self.config.budget_usd is not None:
                 raise RecipeError(
                     f"factory.budget_usd is set but no price is known for model {teacher.model!r}: "
@@ -128,7 +127,7 @@ class Run:
                     f"[yellow]no price known for {teacher.model!r}; cost is shown as $0. "
                     f"Set {key}.price to track it.[/]"
                 )
-        return Pricer(price)
+        return Pricer(rates, scale)
 
     def _manifest(self, status: str, counters: Counters, previous: dict[str, Any] | None) -> dict[str, Any]:
         totals = (previous or {}).get("totals", {})
@@ -158,6 +157,8 @@ class Run:
                 "repaired_bytes": self.store.repaired,
                 "input_tokens": counters.input_tokens,
                 "output_tokens": counters.output_tokens,
+                "cached_input_tokens": counters.cached_input_tokens,
+                "cache_write_tokens": counters.cache_write_tokens,
                 "cost_usd": round(counters.cost_usd, 6),
                 "requests_per_s": round(counters.requests / counters.elapsed, 3),
                 "output_tokens_per_s": round(counters.output_tokens / counters.elapsed, 3),

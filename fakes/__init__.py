@@ -36,7 +36,12 @@ it), `GET /v1/files/{id}`, `GET /v1/files/{id}/content`, `DELETE /v1/files/{id}`
 `batch_fault(custom_id, attempt)` says: "error" (500), "invalid" (400) or "expired"; attempt is 1 + the
 number of earlier batches on this server that held that custom_id. Results come shuffled. Batch
 requests skip the faults table, rate limits and latency, but need the API key and count towards
-`max_requests` and `stats.total`.
+`max_requests` and `stats.total`; `batch_create_lost: ["drop", "500"]` creates the next batches and then
+loses their answers.
+
+Prompt caching: with `prompt_cache_min_tokens` set, a prompt whose prefix was seen before reports it as
+cached (OpenAI `prompt_tokens_details.cached_tokens`; Anthropic `cache_read_input_tokens` and
+`cache_creation_input_tokens`); see fakes/server.py.
 
 Token counts, rate limits, the order of decisions for one request and the fault kinds are described
 in fakes/server.py. The config is read on every request, so tests may change it while the server runs

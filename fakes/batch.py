@@ -17,6 +17,10 @@ stops processing where the schedule stands: later items end "canceled" (OpenAI: 
 code "batch_cancelled").
 
 Ids are random (`batch_…`, `file-…`, `msgbatch_…`), so a stale id from another server is a 404 here.
+
+Lost answers: while `config.batch_create_lost` holds entries, each batch create (either provider) takes
+the first one: the batch is created as usual, and then its answer is replaced by a dropped connection
+("drop") or an error status ("500"): the provider accepted a batch whose id the client never saw.
 """
 from __future__ import annotations
 
@@ -208,6 +212,19 @@ class FakeBatches:
             stats.batch_items.update(custom_id for custom_id, _ in requests)
         return batch
 
+    def _lost(self, provider: str) -> Reply | None:
+        """The answer that replaces a create's when `config.batch_create_lost` says it is lost (the batch exists)."""
+        lost = self.server.config.batch_create_lost
+        if not lost:
+            return None
+        kind = lost.pop(0)
+        with self.server.stats.lock:
+            self.server.stats.faults[f"batch_create_{kind}"] += 1
+        if kind == "drop":
+            return Reply(None, "drop")
+        status = int(kind) if kind.isdigit() else 500
+        return self.server.error(provider, status, f"fake server: injected {kind} after the batch was created")
+
     def _page(self, provider: str, query: dict, after_key: str, before_key: str, most: int) -> dict[str, Any]:
         """One page of this provider's batches, newest first."""
         newest = [batch for batch in reversed(self.batches.values()) if batch.provider == provider]
@@ -398,7 +415,7 @@ class FakeBatches:
         if metadata is not None and not isinstance(metadata, dict):
             raise BatchError(400, "metadata: an object is required")
         batch = self._new_batch("openai", "batch_", file.requests, input_file_id=file.id, metadata=metadata)
-        return json_reply(self._openai_view(batch, "validating"))
+        return self._lost("openai") or json_reply(self._openai_view(batch, "validating"))
 
     def _openai_retrieve(self, batch_id: str, query: dict, headers: dict, raw: bytes) -> Reply:
         return json_reply(self._openai_view(self._batch("openai", batch_id)))
@@ -470,7 +487,8 @@ class FakeBatches:
                 raise BatchError(400, f"requests.{index}.params: an object is required")
             seen.add(custom_id)
             pairs.append((custom_id, request["params"]))
-        return json_reply(self._anthropic_view(self._new_batch("anthropic", "msgbatch_", pairs), "in_progress"))
+        batch = self._new_batch("anthropic", "msgbatch_", pairs)
+        return self._lost("anthropic") or json_reply(self._anthropic_view(batch, "in_progress"))
 
     def _anthropic_retrieve(self, batch_id: str, query: dict, headers: dict, raw: bytes) -> Reply:
         return json_reply(self._anthropic_view(self._batch("anthropic", batch_id)))

@@ -60,6 +60,11 @@ class FakeConfig:
     batch_delay_s: float = 0.0                     # a batch is in progress this long after creation
     # asked per batch item as it is processed: (custom_id, attempt) -> None | "error" | "invalid" | "expired"
     batch_fault: Callable[[str, int], str | None] | None = None
+    # Prompt caching (see fakes/server.py): None reports none; a number is the fewest tokens a cached prefix has.
+    prompt_cache_min_tokens: int | None = None
+    # One entry per batch create, first to last: the batch is created, then its answer is lost: "drop"
+    # (the connection closes) or an HTTP status as digits ("500"). Entries are used up.
+    batch_create_lost: list[str] = field(default_factory=list)
 
 
 class FakeStats:

@@ -41,6 +41,15 @@ no response), "malformed" (200 with a body that is not JSON), "slow" / "timeout"
 `slow_s` later), or an HTTP status as digits ("429" with `retry-after`, "500", "503", "529", ...) with
 a provider-shaped error body.
 
+Prompt caching (`prompt_cache_min_tokens`, off when None): the server remembers prompt prefixes, cut at
+message boundaries (Anthropic's `system` is the first block), and reports the longest one it has seen
+before, of at least that many tokens, as cached. OpenAI (automatic, like the real API): every prefix of an
+answered prompt is remembered, and `usage.prompt_tokens_details.cached_tokens` counts the cached part of
+`prompt_tokens`. Anthropic: everything before the last message is written to the cache as if a
+`cache_control` breakpoint ended it (the real API caches only at breakpoints, which the fake does not
+require): `cache_creation_input_tokens` when that prefix is new, `cache_read_input_tokens` for the longest
+prefix written before, and `input_tokens` the rest. The online and batch endpoints share the cache.
+
 The config is read on every request, so tests may change it while the server runs
 (`server.config.faults[5] = "drop"`, `server.config.responder = fn`, `server.config.rpm = 10`).
 """
@@ -55,13 +64,14 @@ import sys
 import threading
 import time
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import replace
 from typing import Any, NamedTuple
 
 from fakes.common import HOST, FakeConfig, FakeStats, Reply, error_body, http_reply
 
 MAX_HEADER_BYTES = 64 * 1024
+PROMPT_CACHE_ENTRIES = 100_000  # prefixes remembered, oldest forgotten first
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
 MALFORMED_BODY = b'{"id": "broken", "choices": [{"index": 0, "message": {"role": "assis'
@@ -269,6 +279,7 @@ class ChatServer:
         self._stopped: asyncio.Event | None = None
         self._warned = False
         self.batches: Any = None  # the batch APIs, set by whoever assembles the fake (fakes.app)
+        self._prompt_cache: OrderedDict[str, None] = OrderedDict()  # digests of cached prompt prefixes
 
     # -- addresses -----------------------------------------------------------------------------------
 
@@ -509,19 +520,53 @@ class ChatServer:
                 logprobs = fake_logprobs(text, top_logprobs or 0, bool(body.get("return_tokens_as_token_ids")))
             choices.append({"index": index, "message": {"role": "assistant", "content": text},
                             "finish_reason": reason, "logprobs": logprobs})
+        caching = self.config.prompt_cache_min_tokens is not None
+        read, written = self._cached(provider, body, messages) if caching else (0, 0)
         if provider == "anthropic":  # n = 1: the one choice's text, reason and tokens
+            usage = {"input_tokens": input_tokens - read - written, "output_tokens": tokens}
+            if caching:
+                usage.update(cache_creation_input_tokens=written, cache_read_input_tokens=read)
             return {
                 "id": answer_id, "type": "message", "role": "assistant",
                 "content": [{"type": "text", "text": text}], "model": body.get("model", "fake"),
                 "stop_reason": "max_tokens" if reason == "length" else "end_turn", "stop_sequence": None,
-                "usage": {"input_tokens": input_tokens, "output_tokens": tokens},
+                "usage": usage,
             }
+        usage = {"prompt_tokens": input_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": input_tokens + completion_tokens}
+        if caching:
+            usage["prompt_tokens_details"] = {"cached_tokens": read}
         return {
             "id": answer_id, "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model", "fake"), "choices": choices,
-            "usage": {"prompt_tokens": input_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": input_tokens + completion_tokens},
+            "model": body.get("model", "fake"), "choices": choices, "usage": usage,
         }
+
+    def _cached(self, provider: str, body: dict, messages: list) -> tuple[int, int]:
+        """(tokens read from the prompt cache, tokens written to it) for one prompt; remembers its prefixes.
+        See the module docstring for the rules of each provider."""
+        blocks = [(m.get("role"), content_text(m.get("content"))) if isinstance(m, dict) else ("", "")
+                  for m in messages]
+        if provider == "anthropic" and body.get("system"):
+            blocks.insert(0, ("system", content_text(body.get("system"))))
+        least = self.config.prompt_cache_min_tokens or 0
+        digest, text, prefixes = hashlib.sha256(provider.encode()), "", []
+        for role, content in blocks:
+            digest.update(json.dumps([role, content]).encode() + b"\0")
+            text += content
+            prefixes.append((digest.hexdigest(), count_tokens(text)))
+        # OpenAI caches any prefix, the whole prompt too; Anthropic up to its breakpoint, before the last message.
+        usable = [(key, tokens) for key, tokens in (prefixes if provider == "openai" else prefixes[:-1])
+                  if tokens >= least]
+        read = max((tokens for key, tokens in usable if key in self._prompt_cache), default=0)
+        written = 0
+        if provider == "anthropic" and usable and usable[-1][0] not in self._prompt_cache:
+            written = usable[-1][1] - read
+        for key, _ in (usable if provider == "openai" else usable[-1:]):
+            self._prompt_cache[key] = None
+            self._prompt_cache.move_to_end(key)
+        while len(self._prompt_cache) > PROMPT_CACHE_ENTRIES:
+            self._prompt_cache.popitem(last=False)
+        return read, written
 
     def _answer(self, messages: list, index: int, body: dict, max_tokens: int | None):
         """(text, finish_reason, tokens), or (None, error message, 0) when the responder raised."""

@@ -53,7 +53,8 @@ def test_openai_batches_split_fetch_price_and_a_second_run_sends_nothing(tmp_pat
     m = manifest(run)
     assert m["status"] == "complete" and m["this_run"]["requests"] == 10 and m["this_run"]["cache_hits"] == 0
     assert m["batches"]["fetched"] == 3 and m["batches"]["open"] == []
-    price_in, price_out = lookup("gpt-4o-mini")
+    rates = lookup("gpt-4o-mini", "openai")
+    price_in, price_out = rates.input, rates.output
     tokens_in, tokens_out = m["this_run"]["input_tokens"], m["this_run"]["output_tokens"]
     # The batch price: half the list price (the manifest rounds to micro-dollars).
     assert m["this_run"]["cost_usd"] == round(0.5 * (tokens_in * price_in + tokens_out * price_out) / 1e6, 6)
@@ -136,6 +137,71 @@ def test_a_batch_submitted_just_before_a_crash_is_found_not_sent_again(tmp_path,
     assert server.stats.batches_created == 1  # found at the provider (metadata, or count and time)
     assert len(read_jsonl(run / "accepted.jsonl")) == 3
     assert any(e.get("adopted") for e in ledger(run))
+
+
+@pytest.mark.parametrize("provider,lost", [("openai", "drop"), ("anthropic", "500")])
+def test_a_create_whose_answer_is_lost_is_looked_up_not_sent_twice(tmp_path, server, env_key, provider, lost):
+    """The provider accepts the batch, then the answer is lost (connection reset, or a 5xx after accepting)."""
+    server.config.batch_delay_s = 0.2
+    server.config.batch_create_lost = [lost]
+    recipe, run = batch_recipe(tmp_path, server, provider, prompts=3, n=1, max_requests=10)
+    assert main(["generate", str(recipe)]) == 0
+    stats = server.stats
+    assert stats.batches_created == 1, "the batch exists once at the provider"
+    assert max(stats.batch_items.values()) == 1 and max(stats.batch_answered.values()) == 1, "nothing paid twice"
+    assert len(read_jsonl(run / "accepted.jsonl")) == 3
+    assert manifest(run)["this_run"]["requests"] == 3
+    events = ledger(run)
+    assert [e["event"] for e in events if e["event"] in ("submitted", "candidates")] == (
+        ["submitted"] if provider == "openai" else ["candidates", "submitted"])
+    assert events[-2]["event"] == "submitted" and events[-2]["adopted"], "found by the lookup, then fetched"
+
+
+@pytest.mark.parametrize("accepted", [True, False], ids=["accepted-before-the-crash", "never-sent"])
+def test_anthropic_candidates_are_told_apart_by_their_results(tmp_path, server, env_key, monkeypatch, accepted):
+    """Another client's batch with as many requests, created in the same window, is a candidate too: it is
+    dismissed by its results, and ours is adopted, or sent when it never reached the provider."""
+    import anthropic
+
+    from factory import batch as batch_module
+    from factory.teachers.anthropic import AnthropicTeacher
+
+    server.config.batch_delay_s = 0.2
+    recipe, run = batch_recipe(tmp_path, server, "anthropic", prompts=3, n=1, max_requests=10)
+
+    def crash(*args, **kwargs):
+        raise SystemExit("simulated crash")
+
+    if accepted:
+        real_append = batch_module.Ledger.append
+        monkeypatch.setattr(batch_module.Ledger, "append",
+                            lambda self, event: crash() if event["event"] == "submitted" else real_append(self, event))
+    else:
+        monkeypatch.setattr(AnthropicTeacher, "submit_batch", crash)
+    with pytest.raises(SystemExit):
+        main(["generate", str(recipe)])
+    monkeypatch.undo()
+    monkeypatch.setenv("APPRENTICE_TEST_KEY", API_KEY)
+    client = anthropic.Anthropic(base_url=server.anthropic_base_url, api_key=API_KEY, max_retries=0)
+    foreign = client.messages.batches.create(requests=[
+        {"custom_id": f"other-{i}", "params": {"model": "m", "max_tokens": 8, "messages": [
+            {"role": "user", "content": f"not ours {i}"}]}} for i in range(3)])
+
+    assert main(["generate", str(recipe)]) == 0
+    events = ledger(run)
+    [candidates] = [e["ids"] for e in events if e["event"] == "candidates"]
+    assert foreign.id in candidates and len(candidates) == (2 if accepted else 1)
+    dismissed = [e["id"] for e in events if e["event"] == "not_ours"]
+    # Once ours is confirmed the others no longer matter; with ours never sent, the other one is dismissed.
+    assert dismissed in ([[], [foreign.id]] if accepted else [[foreign.id]])
+    assert [e["provider_id"] for e in events if e["event"] == "submitted"] != [foreign.id]
+    assert server.stats.batches_created == 2, "ours once (adopted, or sent once none was ours) and the other one"
+    ours = {key: count for key, count in server.stats.batch_answered.items() if not key.startswith("other-")}
+    assert len(ours) == 3 and max(ours.values()) == 1
+    accepted_records = read_jsonl(run / "accepted.jsonl")
+    assert sorted(r["completion"][0]["content"] for r in accepted_records) == [f"Answer 0: question {i}"
+                                                                               for i in range(3)]
+    assert manifest(run)["this_run"]["requests"] == 3, "the other batch's results are not ours to count"
 
 
 def test_kill_9_between_submit_and_fetch_resubmits_nothing_and_loses_nothing(tmp_path, server, env_key):

@@ -344,3 +344,16 @@ def test_batch_routes_leave_online_endpoints_alone(server):
     server.config.max_requests = server._lifetime
     with pytest.raises(openai.InternalServerError):
         openai_client.batches.list()
+
+
+def test_a_lost_create_answer_leaves_the_batch_at_the_provider(server):
+    server.config.batch_create_lost = ["drop", "500"]
+    with pytest.raises(openai.APIConnectionError):
+        submit(oai(server), [line("a", "question a")], metadata={"apprentice": "tag"})
+    with pytest.raises(anthropic.InternalServerError):
+        ant(server).messages.batches.create(requests=[{"custom_id": "b", "params": params("question b")}])
+    assert [batch.metadata for batch in oai(server).batches.list()] == [{"apprentice": "tag"}]
+    assert len(ant(server).messages.batches.list().data) == 1
+    stats = server.stats.snapshot()
+    assert stats["batches_created"] == 2 and server.config.batch_create_lost == []
+    assert stats["faults"] == {"batch_create_drop": 1, "batch_create_500": 1}

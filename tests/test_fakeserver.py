@@ -412,3 +412,38 @@ def test_cli_subprocess_serves_until_sigterm():
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert "2 requests" in err
+
+
+def test_prompt_cache_reports_a_repeated_prefix_as_cached_on_both_providers(fake):
+    server = fake(prompt_cache_min_tokens=50)
+    context = "Rules of the house. " * 20  # 400 characters: 100 tokens
+    system = {"role": "system", "content": context}
+
+    async def go():
+        async with oai(server) as o, ant(server) as a:
+            openai_usage = [(await o.chat.completions.create(
+                model="m", messages=[system, {"role": "user", "content": f"question {i}"}])).usage for i in range(2)]
+            anthropic_usage = [(await a.messages.create(
+                model="m", max_tokens=10, system=context,
+                messages=[{"role": "user", "content": f"question {i}"}])).usage for i in range(2)]
+            short = (await o.chat.completions.create(model="m", messages=USER)).usage
+            return openai_usage, anthropic_usage, short
+
+    openai_usage, anthropic_usage, short = run(go())
+    total = count_tokens(context + "question 0")
+    assert [u.prompt_tokens for u in openai_usage] == [total, total], "prompt_tokens include the cached ones"
+    assert [u.prompt_tokens_details.cached_tokens for u in openai_usage] == [0, count_tokens(context)]
+    first, second = anthropic_usage
+    assert (first.cache_creation_input_tokens, first.cache_read_input_tokens) == (count_tokens(context), 0)
+    assert (second.cache_creation_input_tokens, second.cache_read_input_tokens) == (0, count_tokens(context))
+    assert second.input_tokens == total - count_tokens(context), "Anthropic's input_tokens leave the cache out"
+    assert short.prompt_tokens_details.cached_tokens == 0, "a prefix under prompt_cache_min_tokens is not cached"
+
+
+def test_without_prompt_cache_usage_has_no_cache_fields(server):
+    async def go():
+        async with oai(server) as client:
+            raw = await client.chat.completions.with_raw_response.create(model="m", messages=USER * 2)
+            return json.loads(raw.content)["usage"]
+
+    assert "prompt_tokens_details" not in run(go())

@@ -25,8 +25,8 @@ ALLOWED_LATE = {
 CONFIG = {"apprentice.config", "factory.recipe", "factory.prompt_config", "sft.config", "eval.config",
           "quality_checks.registry"}
 STORAGE = {"factory.records", "factory.store", "factory.cache", "factory.logprobs", "factory.review_ledger"}
-ENGINE = {"factory.run", "factory.decide", "factory.online", "factory.batch", "factory.asker", "factory.sources",
-          "factory.answers", "factory.commands"}
+ENGINE = {"factory.run", "factory.decide", "factory.online", "factory.batch", "factory.batch_ledger", "factory.asker",
+          "factory.sources", "factory.answers", "factory.commands"}
 
 
 def _modules() -> dict[str, Path]:

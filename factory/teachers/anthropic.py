@@ -20,6 +20,7 @@ class AnthropicTeacher:
     provider = "anthropic"
     supports_n = False
     max_useful_concurrency = None
+    batch_tagged = False  # find_batch matches by request count and creation time (see there)
 
     def __init__(self, config: TeacherConfig) -> None:
         import anthropic
@@ -71,10 +72,16 @@ class AnthropicTeacher:
             text = "".join(part.get("text", "") for part in data["content"] if part.get("type") == "text")
             usage = data.get("usage") or {}
             reason = data.get("stop_reason")
+            # Anthropic's input_tokens are those after the last cache breakpoint; the cache reads and writes
+            # are counted apart. TeacherResponse.input_tokens is every input token, as OpenAI counts them.
+            read = int(usage.get("cache_read_input_tokens") or 0)
+            written = int(usage.get("cache_creation_input_tokens") or 0)
             return TeacherResponse(
                 choices=[Choice(text, STOP_REASONS.get(reason, reason))],
-                input_tokens=int(usage.get("input_tokens") or 0),
+                input_tokens=int(usage.get("input_tokens") or 0) + read + written,
                 output_tokens=int(usage.get("output_tokens") or 0),
+                cached_input_tokens=read,
+                cache_write_tokens=written,
                 headers=headers or {},
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -87,11 +94,15 @@ class AnthropicTeacher:
     async def submit_batch(self, path: Path, *, file_id: str | None, tag: str, call: Call,
                            uploaded: Callable[[str], None]) -> str:
         requests = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        created = await call(lambda: self.client.messages.batches.create(requests=requests))
+        created = await call(lambda: self.client.messages.batches.create(requests=requests), once=True)
         return created.id
 
     async def find_batch(self, *, tag: str, count: int, since: float, call: Call) -> list[str]:
-        """Message Batches carry no metadata: every batch created since then with the same request count."""
+        """Every batch created since then with the same request count: candidates, not certainties.
+
+        A Message Batch keeps no metadata, and neither its requests nor its results can be read before it
+        ends (the results endpoint answers 400 until then), so nothing we control is readable earlier; the
+        driver confirms a candidate when it has ended, by the custom_id of its first result."""
         candidates = []
         page = await call(lambda: self.client.messages.batches.list(limit=100))
         async for found in page:

@@ -12,8 +12,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
-# Calls one batch endpoint through the driver's retry loop: `await call(lambda: client.batches.create(...))`.
-Call = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+class Call(Protocol):
+    """Calls one batch endpoint through the driver's retry loop: `await call(lambda: client.batches.list())`.
+
+    `once=True` (submit_batch's create) marks a call that must not take effect twice: when its answer is
+    lost (a timeout, a dropped connection, a 5xx: the provider may have accepted it), the driver looks the
+    batch up with `find_batch` before sending it again, and when it is there the submission ends without
+    returning (the driver records what it found)."""
+
+    def __call__(self, make: Callable[[], Awaitable[Any]], *, once: bool = False) -> Awaitable[Any]: ...
 
 
 @dataclass
@@ -41,6 +49,9 @@ class BatchTeacher(Protocol):
     """The hooks of a teacher that has a Batch API (OpenAI, Anthropic)."""
 
     sdk: Any  # the SDK module: its APIError is what `Call` retries
+    # True when find_batch matches a tag the batch carries (certain); False when it matches by request count
+    # and creation time, and the driver confirms a candidate by its results once it has ended.
+    batch_tagged: bool
 
     def batch_entry(self, custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """One line of a batch input file."""
@@ -54,7 +65,7 @@ class BatchTeacher(Protocol):
 
     async def find_batch(self, *, tag: str, count: int, since: float, call: Call) -> list[str]:
         """Ids of the batches at the provider that may be the one submitted as `tag` (count requests, not
-        created before `since`): one id when it is certain, several when it cannot tell."""
+        created before `since`): at most one when `batch_tagged`, else every candidate."""
         ...
 
     async def batch_status(self, provider_id: str, call: Call) -> BatchState: ...

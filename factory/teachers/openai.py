@@ -31,6 +31,7 @@ class OpenAITeacher:
     provider = "openai"
     supports_n = True
     max_useful_concurrency = None
+    batch_tagged = True  # find_batch reads the run's tag in a batch's metadata
 
     def __init__(self, config: TeacherConfig) -> None:
         import openai
@@ -105,6 +106,8 @@ class OpenAITeacher:
                 choices=choices,
                 input_tokens=int(usage.get("prompt_tokens") or 0),
                 output_tokens=int(usage.get("completion_tokens") or 0),
+                # Part of prompt_tokens, billed at the cached-input price (prompt caching is automatic).
+                cached_input_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
                 headers=headers or {},
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -153,7 +156,7 @@ class OpenAITeacher:
             uploaded(file_id)
         created = await call(lambda: client.batches.create(
             input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
-            metadata={"apprentice": tag}))
+            metadata={"apprentice": tag}), once=True)
         return created.id
 
     async def find_batch(self, *, tag: str, count: int, since: float, call: Call) -> list[str]:
