@@ -10,7 +10,8 @@ from conftest import read_jsonl, write_prompts, write_recipe
 
 from apprentice.errors import RecipeError
 from factory.__main__ import main
-from factory.recipe import load_factory_config
+from factory.recipe import TeacherConfig, load_factory_config
+from factory.teachers.openai import OpenAITeacher
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
           "required": ["city", "population"], "additionalProperties": False}
@@ -68,3 +69,11 @@ def test_answers_are_the_json_the_schema_asks_for(tmp_path, server, env_key, pro
     # a forced tool call ends the answer as a stop does: the truncated check passes it
     assert {r["finish_reason"] for r in accepted} == {"stop"}
     assert read_jsonl(run / "rejected.jsonl") == []
+
+
+def test_an_openai_refusal_is_the_answer_text_not_an_empty_answer():
+    """A model that declines a structured answer sends `refusal` and no content: the refusal check sees why."""
+    teacher = OpenAITeacher(TeacherConfig(provider="openai", model="gpt-4o", base_url="http://127.0.0.1:9/v1"))
+    data = {"choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": None, "refusal": "I can't help with that."}}]}
+    assert teacher.parse(data).choices[0].text == "I can't help with that."
