@@ -112,12 +112,12 @@ def test_a_local_judge_gets_the_text_prompt_it_always_had():
 
 
 def test_a_judge_takes_no_structured_output_of_its_own():
+    structured = {"name": "x", "json_schema": {"type": "object"}}
     with pytest.raises(ValueError, match="the judge asks for its own verdict format"):
-        JudgeOptions.model_validate({"name": "judge", "rubric": "r", "teacher": {"provider": "openai", "structured_output": {
-            "name": "x", "json_schema": {"type": "object"}}}})
+        JudgeOptions.model_validate({"name": "judge", "rubric": "r",
+                                     "teacher": {"provider": "openai", "structured_output": structured}})
     with pytest.raises(ValueError, match="the judge asks for its own verdict format"):
-        JudgeConfig.model_validate({"provider": "openai", "structured_output": {
-            "name": "x", "json_schema": {"type": "object"}}})
+        JudgeConfig.model_validate({"provider": "openai", "structured_output": structured})
 
 
 def test_eval_judge_through_a_forced_anthropic_tool_counts_what_it_cannot_read(tmp_path, server, env_key):
@@ -136,11 +136,12 @@ def test_eval_judge_through_a_forced_anthropic_tool_counts_what_it_cannot_read(t
     server.config.responder = responder
     items = [GoldenItem(id=f"q{i}", set="g", messages=[{"role": "user", "content": f"question {i}"}]) for i in range(2)]
     texts = {"teacher": ["teacher says 0", "teacher says 1"], "student": ["student says 0", "student rambles 1"]}
-    runs = {name: ModelRun(ModelConfig(name=name), {item.key: Answer(text) for item, text in zip(items, answers)})
+    runs = {name: ModelRun(ModelConfig(name=name),
+                           {item.key: Answer(text) for item, text in zip(items, answers, strict=True)})
             for name, answers in texts.items()}
     config = JudgeConfig(provider="anthropic", model="claude-haiku-4-5", base_url=server.anthropic_base_url,
-                         api_key_env="APPRENTICE_TEST_KEY", rubric="correct", params={"temperature": 0, "max_tokens": 64},
-                         max_retries=0)
+                         api_key_env="APPRENTICE_TEST_KEY", rubric="correct", max_retries=0,
+                         params={"temperature": 0, "max_tokens": 64})
     result = run_judge(config, items, runs, "student", "teacher", tmp_path, Console(quiet=True))
     assert result.rubric == {"teacher": {"g/q0": 0.8, "g/q1": 0.8}, "student": {"g/q0": 0.6, "g/q1": 0.0}}
     assert result.unparsed == 1, "the cut verdict is counted, not read as a score"

@@ -21,7 +21,8 @@ STRUCTURED = f"    structured_output: {{name: city_facts, json_schema: {json.dum
 def test_structured_output_is_for_providers_that_have_it_and_in_the_fingerprint(tmp_path):
     base = "factory:\n  prompts: {path: p.jsonl}\n  teacher:\n"
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(base + "    provider: local\n    structured_output: {name: 'bad name', json_schema: {type: array}}\n")
+    recipe.write_text(base + "    provider: local\n"
+                      "    structured_output: {name: 'bad name', json_schema: {type: array}}\n")
     with pytest.raises(RecipeError) as info:
         load_factory_config(recipe)
     text = str(info.value)
@@ -61,7 +62,8 @@ def test_answers_are_the_json_the_schema_asks_for(tmp_path, server, env_key, pro
         assert body["response_format"] == {"type": "json_schema", "json_schema": {
             "name": "city_facts", "strict": True, "schema": SCHEMA}}
     elif body is not None:
-        assert body["tools"] == [{"name": "city_facts", "description": "Record the city_facts.", "input_schema": SCHEMA}]
+        assert body["tools"] == [
+            {"name": "city_facts", "description": "Record the city_facts.", "input_schema": SCHEMA}]
         assert body["tool_choice"] == {"type": "tool", "name": "city_facts"}
     accepted = sorted(read_jsonl(run / "accepted.jsonl"), key=lambda r: r["prompt_id"])
     assert [json.loads(r["completion"][0]["content"]) for r in accepted] == [
