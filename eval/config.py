@@ -31,6 +31,12 @@ class JudgeConfig(TeacherConfig):
     )
     pairwise: bool = Field(default=True, description="judge the student against the reference model, both orders")
 
+    @model_validator(mode="after")
+    def _own_verdict_format(self) -> "JudgeConfig":
+        if self.structured_output is not None:
+            raise ValueError("structured_output: the judge asks for its own verdict format; remove it")
+        return self
+
 
 class GateConfig(Strict):
     min_retention: float = Field(default=0.95, gt=0, description="student score ÷ reference score, overall")

@@ -1,33 +1,33 @@
 """LLM judge: a rubric score per answer, and the student against the reference model pairwise.
 
-The judge is any teacher backend; its requests go through the factory pipeline, so they are cached (an
-unchanged answer is never judged, nor paid for, twice), rate-limited and priced. Pairwise comparisons are
-asked in both orders; a pair whose two verdicts disagree (position bias) counts as a tie.
+The judge is the factory's (quality_checks/judging.py: one prompt family, structured output where the
+provider has it, one strict parser) on any teacher backend; its requests go through the factory pipeline,
+so they are cached (an unchanged answer is never judged, nor paid for, twice), rate-limited and priced.
+Rubric and pairwise questions are two runs (`judge/rubric-…`, `judge/pairwise-…`), as each asks for its
+own verdict schema. Pairwise comparisons are asked in both orders; a pair whose two verdicts disagree
+(position bias) counts as a tie. A verdict the parser cannot read is counted in `unparsed`.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from factory.answers import answer_prompts
+from quality_checks.judging import (
+    JUDGE_SYSTEM,
+    PAIRWISE_OUTPUT,
+    RUBRIC_OUTPUT,
+    judge_teacher,
+    pairwise_prompt,
+    parse_judgement,
+    parse_verdict,
+    rubric_prompt,
+)
 
 from .answer import ModelRun
 from .config import JudgeConfig
 from .golden import GoldenItem
-
-JUDGE_SYSTEM = "You are a careful, impartial judge of answers to user requests."
-PAIRWISE = (
-    "Request:\n{question}\n\n{reference}Answer A:\n{a}\n\nAnswer B:\n{b}\n\n"
-    "Which answer serves the request better? Reply with exactly one of: A, B, tie."
-)
-RUBRIC = (
-    "Request:\n{question}\n\n{reference}Answer:\n{answer}\n\nRubric: {rubric}\n\n"
-    "Score the answer from 1 (worst) to 10 (best) against the rubric. Reply with the number only."
-)
-_SCORE = re.compile(r"\b(10|[1-9])\b")
-_VERDICT = re.compile(r"^\W*(A|B|tie)\b", re.IGNORECASE)
 
 
 @dataclass
@@ -40,17 +40,9 @@ class JudgeResult:
 
 
 def parse_score(text: str) -> float | None:
-    match = _SCORE.search(text)
-    return int(match.group(1)) / 10 if match else None
-
-
-def parse_verdict(text: str) -> str | None:
-    """"A", "B" or "tie" from the judge's first word; None when it said something else."""
-    match = _VERDICT.search(text.strip())
-    if match is None:
-        return None
-    word = match.group(1)
-    return "tie" if word.lower() == "tie" else word.upper()
+    """The rubric score in [0, 1] (score / 10); None when the verdict holds no clear score."""
+    parsed = parse_judgement(text)
+    return parsed[0] / 10 if parsed is not None else None
 
 
 def pair_outcome(first: str | None, second: str | None) -> tuple[float, bool]:
@@ -62,43 +54,42 @@ def pair_outcome(first: str | None, second: str | None) -> tuple[float, bool]:
     return 0.5, False
 
 
-def _reference_block(item: GoldenItem) -> str:
-    if item.reference is None:
-        return ""
-    return f"Reference answer:\n{item.reference}\n\n"
-
-
 def run_judge(config: JudgeConfig, items: list[GoldenItem], runs: dict[str, ModelRun], student: str,
               reference: str | None, output_dir: Path, console: Any) -> JudgeResult:
-    lines: list[dict[str, Any]] = []
+    rubric_judge = judge_teacher(config, RUBRIC_OUTPUT)
+    pairwise_judge = judge_teacher(config, PAIRWISE_OUTPUT)
+    rubric_lines: list[dict[str, Any]] = []
+    pair_lines: list[dict[str, Any]] = []
     for item in items:
         question = item.prompt_text
-        ref = _reference_block(item)
         if config.rubric:
+            structured = rubric_judge.structured_output is not None
             for name, run in runs.items():
-                text = RUBRIC.format(question=question, reference=ref, answer=run.answers[item.key].text,
-                                     rubric=config.rubric)
-                lines.append({"id": f"rubric|{name}|{item.key}", "prompt": text})
+                text = rubric_prompt(question, run.answers[item.key].text, config.rubric, item.reference,
+                                     structured=structured)
+                rubric_lines.append({"id": f"rubric|{name}|{item.key}", "prompt": text})
         if config.pairwise and reference and reference != student:
+            structured = pairwise_judge.structured_output is not None
             s, t = runs[student].answers[item.key].text, runs[reference].answers[item.key].text
-            lines.append({"id": f"pair|ab|{item.key}", "prompt": PAIRWISE.format(question=question, reference=ref, a=s, b=t)})
-            lines.append({"id": f"pair|ba|{item.key}", "prompt": PAIRWISE.format(question=question, reference=ref, a=t, b=s)})
+            for order, (a, b) in (("ab", (s, t)), ("ba", (t, s))):
+                pair_lines.append({"id": f"pair|{order}|{item.key}",
+                                   "prompt": pairwise_prompt(question, a, b, item.reference, structured=structured)})
     result = JudgeResult()
-    if not lines:
-        return result
-    teacher = config.model_dump(exclude={"rubric", "pairwise"})
-    answers = answer_prompts(teacher, lines, output_dir / "judge", name="run", system=JUDGE_SYSTEM, console=console)
-    verdicts = {key: answer.text for key, answer in answers.by_id.items() if answer.error is None}
-    result.cost_usd += sum(answer.cost_usd for answer in answers.by_id.values())
-    for line in lines:
-        kind, part, key = line["id"].split("|", 2)
-        text = verdicts.get(line["id"], "")
-        if kind == "rubric":
-            score = parse_score(text)
-            if score is None:
-                result.unparsed += 1
-            result.rubric.setdefault(part, {})[key] = score or 0.0
-    asked = {line["id"] for line in lines}
+    verdicts: dict[str, str] = {}
+    for name, judge, lines in (("rubric", rubric_judge, rubric_lines), ("pairwise", pairwise_judge, pair_lines)):
+        if not lines:
+            continue
+        teacher = judge.model_dump(exclude={"rubric", "pairwise"})
+        answers = answer_prompts(teacher, lines, output_dir / "judge", name=name, system=JUDGE_SYSTEM, console=console)
+        verdicts.update({key: answer.text for key, answer in answers.by_id.items() if answer.error is None})
+        result.cost_usd += sum(answer.cost_usd for answer in answers.by_id.values())
+    for line in rubric_lines:
+        _, model, key = line["id"].split("|", 2)
+        score = parse_score(verdicts.get(line["id"], ""))
+        if score is None:
+            result.unparsed += 1
+        result.rubric.setdefault(model, {})[key] = score or 0.0
+    asked = {line["id"] for line in pair_lines}
     for item in items:
         ab, ba = f"pair|ab|{item.key}", f"pair|ba|{item.key}"
         if ab not in asked:

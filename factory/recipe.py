@@ -59,6 +59,28 @@ class LogprobsConfig(Strict):
         return self.model_dump(exclude={"shard_records"})
 
 
+class StructuredOutput(Strict):
+    """An answer that is one JSON object matching `json_schema`: OpenAI's `response_format` (json_schema,
+    strict), Anthropic's one tool the model must call (the answer is its input). The other providers have none."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="the schema's name (Anthropic: the tool's name)")
+    description: str = Field(default="", description="what the object is; Anthropic shows it as the tool's description")
+    json_schema: dict[str, Any] = Field(
+        description="a JSON schema of an object; OpenAI's strict mode wants every property required and "
+        "additionalProperties: false"
+    )
+
+    @field_validator("json_schema")
+    @classmethod
+    def _an_object(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        if schema.get("type") != "object":
+            raise ValueError("the schema must describe an object (type: object)")
+        return schema
+
+
+# The providers whose APIs constrain an answer to a JSON schema (teacher.structured_output).
+STRUCTURED_OUTPUT_PROVIDERS = ("openai", "anthropic")
+
 # The providers' own limits for one batch (requests, bytes of the input), with a margin on the bytes.
 BATCH_LIMITS = {"openai": (50_000, 190_000_000), "anthropic": (100_000, 250_000_000)}
 
@@ -181,6 +203,11 @@ class TeacherConfig(Strict):
         description="messages (instructions, few-shot turns) sent to the teacher before every prompt and NOT "
         "stored in the records: the student learns to behave as if it had this context",
     )
+    structured_output: StructuredOutput | None = Field(
+        default=None,
+        description="{name, json_schema}: every answer is one JSON object matching the schema (providers openai "
+        "and anthropic)",
+    )
 
     @model_validator(mode="after")
     def _defaults(self) -> "TeacherConfig":
@@ -217,6 +244,9 @@ class TeacherConfig(Strict):
                 )
             if self.provider == "anthropic" and "temperature" in ranges and ranges["temperature"][1] > 1:
                 raise ValueError("param_ranges.temperature: the Anthropic API takes temperatures in [0, 1]")
+        if self.structured_output is not None and self.provider not in STRUCTURED_OUTPUT_PROVIDERS:
+            raise ValueError(f"structured_output: provider {self.provider} cannot constrain its answers to a schema; "
+                             f"remove it, or use provider {' or '.join(STRUCTURED_OUTPUT_PROVIDERS)}")
         for i, message in enumerate(self.context or []):
             if set(message) != {"role", "content"} or message["role"] not in ("system", "user", "assistant"):
                 raise ValueError(f"context[{i}] must be {{role: system|user|assistant, content: ...}}")
@@ -317,6 +347,8 @@ class FactoryConfig(Strict):
             **({"param_ranges": teacher.param_ranges.model_dump(exclude_none=True, mode="json")}
                if teacher.param_ranges is not None else {}),
             **({"best_of": self.best_of.model_dump()} if self.best_of is not None else {}),
+            **({"structured_output": teacher.structured_output.model_dump()}
+               if teacher.structured_output is not None else {}),
         }
 
     def fingerprint_hash(self) -> str:

@@ -20,7 +20,8 @@ imports it.
                     --fault-rate 500=0.1]       # prints "PORT <n>", serves until SIGTERM
 
 Modules: fakes/common.py (config, stats, replies, error vocabulary: what both halves share),
-fakes/server.py (the chat endpoints, rate limits, faults, HTTP), fakes/batch.py (the Batch APIs),
+fakes/server.py (the chat endpoints, rate limits, faults, HTTP), fakes/structured.py (response_format,
+tools: request checks and schema-bound answers), fakes/batch.py (the Batch APIs),
 fakes/app.py (`FakeServer`: the two composed), fakes/__main__.py (the command line).
 
 Endpoints: POST to any path ending in `/chat/completions` (OpenAI) or `/messages` (Anthropic); the

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 HOST = "127.0.0.1"
 
-Responder = Callable[[list, int, dict], str]
+Responder = Callable[[list, int, dict], Any]  # the answer: text, or a JSON value (a dict) sent as JSON
 
 REASONS = {
     200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",

@@ -14,6 +14,10 @@ deterministic logprob and k alternatives (the token itself first, then "<token>~
 strings; with vLLM's `return_tokens_as_token_ids: true` every token is written "token_id:<n>" instead
 (n = crc32 of the string mod 50,000).
 
+Structured output (OpenAI `response_format`, Anthropic `tools` / `tool_choice`): checked, and answered
+with JSON that matches the schema or with a forced tool call, as fakes/structured.py describes; a
+responder may return a dict, sent as JSON.
+
 Token counts are approximate: a text of `c` characters is `max(1, c // 4)` tokens. Input tokens are
 counted over the text of every message (plus `system` for Anthropic); an answer longer than
 `max_tokens` (`max_completion_tokens` for OpenAI) is cut to `max_tokens * 4` characters and ends with
@@ -68,6 +72,7 @@ from collections import OrderedDict, deque
 from dataclasses import replace
 from typing import Any, NamedTuple
 
+import fakes.structured as structured
 from fakes.common import HOST, FakeConfig, FakeStats, Reply, error_body, http_reply
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -500,6 +505,9 @@ class ChatServer:
             if top_logprobs is not None and (not body.get("logprobs") or not isinstance(top_logprobs, int)
                                              or not 0 <= top_logprobs <= 20):
                 return "top_logprobs must be an integer in [0, 20] and needs logprobs: true"
+        problem = structured.request_problem(provider, body)
+        if problem:
+            return problem
         chars = "".join(content_text(m.get("content")) for m in messages if isinstance(m, dict))
         if provider == "anthropic":
             chars = content_text(body.get("system")) + chars
@@ -511,7 +519,7 @@ class ChatServer:
         messages, n, max_tokens, top_logprobs, input_tokens = parsed
         choices, completion_tokens = [], 0
         for index in range(n):
-            text, reason, tokens = self._answer(messages, index, body, max_tokens)
+            text, reason, tokens = self._answer(messages, index, body, max_tokens, provider)
             if text is None:
                 return reason
             completion_tokens += tokens
@@ -523,13 +531,20 @@ class ChatServer:
         caching = self.config.prompt_cache_min_tokens is not None
         read, written = self._cached(provider, body, messages) if caching else (0, 0)
         if provider == "anthropic":  # n = 1: the one choice's text, reason and tokens
+            content: list[dict] = [{"type": "text", "text": text}]
+            stop_reason = "max_tokens" if reason == "length" else "end_turn"
+            tool = structured.forced_tool(body)
+            if tool is not None:  # cut short, the call has no input yet
+                content = [{"type": "tool_use", "id": f"toolu_{answer_id}", "name": tool["name"],
+                            "input": {} if reason == "length" else json.loads(text)}]
+                stop_reason = "max_tokens" if reason == "length" else "tool_use"
             usage = {"input_tokens": input_tokens - read - written, "output_tokens": tokens}
             if caching:
                 usage.update(cache_creation_input_tokens=written, cache_read_input_tokens=read)
             return {
                 "id": answer_id, "type": "message", "role": "assistant",
-                "content": [{"type": "text", "text": text}], "model": body.get("model", "fake"),
-                "stop_reason": "max_tokens" if reason == "length" else "end_turn", "stop_sequence": None,
+                "content": content, "model": body.get("model", "fake"),
+                "stop_reason": stop_reason, "stop_sequence": None,
                 "usage": usage,
             }
         usage = {"prompt_tokens": input_tokens, "completion_tokens": completion_tokens,
@@ -568,13 +583,19 @@ class ChatServer:
             self._prompt_cache.popitem(last=False)
         return read, written
 
-    def _answer(self, messages: list, index: int, body: dict, max_tokens: int | None):
-        """(text, finish_reason, tokens), or (None, error message, 0) when the responder raised."""
+    def _answer(self, messages: list, index: int, body: dict, max_tokens: int | None, provider: str):
+        """(text, finish_reason, tokens), or (None, error message, 0) when the responder raised or its answer
+        breaks the schema the request holds answers to (fakes/structured.py)."""
         try:
-            text = (self.config.responder or default_responder)(messages, index, body)
-            text = "" if text is None else str(text)
+            answer = (self.config.responder or default_responder)(messages, index, body)
+            text = "" if answer is None else answer if isinstance(answer, str) else json.dumps(answer)
         except Exception as exc:  # noqa: BLE001 - a test's responder bug becomes a 500
             return None, f"fake server: responder raised {type(exc).__name__}: {exc}", 0
+        schema = structured.required_schema(provider, body)
+        if schema is not None:
+            _, problem = structured.answer_value(text, schema)
+            if problem:
+                return None, f"fake server: the responder's structured answer is wrong: {problem}", 0
         tokens = count_tokens(text)
         if max_tokens is not None and tokens > max_tokens:
             return text[: max_tokens * 4], "length", max_tokens

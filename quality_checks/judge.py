@@ -12,14 +12,15 @@ same endpoint), retries, the run's `cache.sqlite` (a judgement paid for is never
 and `budget_usd`; its tokens and cost are counted apart from the teacher's (`manifest.json`: `this_run.judge`,
 `totals.judge`). Put it after the cheap checks: a sample reaches it only when every check before it passed.
 
-The judge writes a short rationale and a last line `Score: N`. A sample scoring below the threshold is
-rejected with "judge 4/10 < 7: <the rationale's first line>"; the score is the CheckResult's `score` (also
-for passing samples, so `best_of: {by: judge}` can rank them). An answer with no score in it is rejected
-with "judge: unparsed verdict"; a judge request that fails after retries puts the sample in failed.jsonl.
+The judge is the one eval uses too (quality_checks/judging.py): an OpenAI or Anthropic judge answers with
+structured output (`{"rationale", "score"}`), a local or vLLM one with a short rationale and a last line
+`Score: N`, read by a strict parser. A sample scoring below the threshold is rejected with "judge 4/10 < 7:
+<the rationale's first line>"; the score is the CheckResult's `score` (also for passing samples, so
+`best_of: {by: judge}` can rank them). An answer with no clear score is rejected with "judge: unparsed
+verdict"; a judge request that fails after retries puts the sample in failed.jsonl.
 """
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
@@ -27,22 +28,12 @@ from pydantic import Field, model_validator
 from factory.recipe import TeacherConfig
 
 from .base import Check, Verdict
+from .judging import RUBRIC_OUTPUT, conversation_text, judge_messages, judge_teacher, parse_judgement, rubric_prompt
 from .registry import CheckOptions, register
 
 if TYPE_CHECKING:
     from factory.asker import Asker
     from factory.records import Sample
-
-JUDGE_SYSTEM = "You are a careful, impartial judge of answers to user requests."  # as eval/judge.py
-RUBRIC_PROMPT = (
-    "Request:\n{question}\n\n{reference}Answer:\n{answer}\n\nRubric: {rubric}\n\n"
-    "Judge the answer against the rubric. Write one or two sentences of rationale, then a last line "
-    "`Score: N` with N from 1 (worst) to 10 (best)."
-)
-_SCORE_LINE = re.compile(r"^[\W_]*score[\W_]*?(10|[1-9])(?:\s*/\s*10)?\b", re.IGNORECASE | re.MULTILINE)
-_BARE_SCORE = re.compile(r"^\W*(10|[1-9])(?:\s*/\s*10)?\W*$")
-_LABEL = re.compile(r"^[\W_]*(?:rationale|reasoning|explanation)[\W_]*:[\W_]*", re.IGNORECASE)
-RATIONALE_CHARS = 200
 
 
 class JudgeTeacher(TeacherConfig):
@@ -51,9 +42,11 @@ class JudgeTeacher(TeacherConfig):
     params: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.0, "max_tokens": 256})
 
     @model_validator(mode="after")
-    def _no_logprobs(self) -> "JudgeTeacher":
+    def _what_a_judge_takes(self) -> "JudgeTeacher":
         if self.logprobs is not None:
             raise ValueError("logprobs: a judge's logprobs are not kept; remove judge.teacher.logprobs")
+        if self.structured_output is not None:
+            raise ValueError("structured_output: the judge asks for its own verdict format; remove it")
         return self
 
 
@@ -73,35 +66,6 @@ class JudgeOptions(CheckOptions):
         return data
 
 
-def parse_judgement(text: str) -> tuple[int, str] | None:
-    """(score 1-10, the rationale's first line) from a judge's answer; None when it holds no score.
-
-    The score is the last `Score: N` line (`**Score:** 8/10` too), or an answer that is only a number."""
-    matches = _SCORE_LINE.findall(text)
-    if matches:
-        score = int(matches[-1])
-    else:
-        bare = _BARE_SCORE.match(text.strip())
-        if bare is None:
-            return None
-        score = int(bare.group(1))
-    rationale = ""
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not _SCORE_LINE.match(line) and not _BARE_SCORE.match(line):
-            line = _LABEL.sub("", line)
-            rationale = line if len(line) <= RATIONALE_CHARS else line[: RATIONALE_CHARS - 1] + "…"
-            break
-    return score, rationale
-
-
-def conversation_text(messages: list[dict[str, str]]) -> str:
-    """The request as the judge reads it: the user's message, or the whole conversation with roles."""
-    if len(messages) == 1 and messages[0].get("role") == "user":
-        return str(messages[0].get("content") or "")
-    return "\n\n".join(f"{m.get('role', 'user').capitalize()}: {m.get('content') or ''}" for m in messages)
-
-
 @register("judge", JudgeOptions)
 class Judge(Check):
     awaits = True
@@ -109,7 +73,10 @@ class Judge(Check):
 
     def __init__(self, options: JudgeOptions) -> None:
         self.options = options
-        self.teacher = options.teacher
+        # The config the run builds the judge's model from: with the verdict's schema where the provider has
+        # structured output. Not in the fingerprint (JudgeOptions.fingerprint_data): the code decides it.
+        self.teacher = judge_teacher(options.teacher, RUBRIC_OUTPUT)
+        self.structured = self.teacher.structured_output is not None
         self.threshold = options.threshold
         self.asker: Asker | None = None
 
@@ -117,10 +84,8 @@ class Judge(Check):
         self.asker = asker
 
     def messages(self, sample: "Sample") -> list[dict[str, str]]:
-        reference = f"Reference answer:\n{sample.reference}\n\n" if sample.reference is not None else ""
-        prompt = RUBRIC_PROMPT.format(question=conversation_text(sample.prompt), reference=reference,
-                                      answer=sample.text, rubric=self.options.rubric)
-        return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
+        return judge_messages(rubric_prompt(conversation_text(sample.prompt), sample.text, self.options.rubric,
+                                            sample.reference, structured=self.structured))
 
     async def averdict(self, sample: "Sample") -> Verdict:
         if self.asker is None:

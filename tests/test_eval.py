@@ -130,10 +130,12 @@ def _golden(tmp_path: Path, count: int = 6) -> Path:
 
 
 def _responder(messages, index, body):
-    """teacher: always right; student: right on even items, a <script> on odd ones; judge: prefers A."""
+    """teacher: always right; student: right on even items, a <script> on odd ones; judge: 7/10, prefers A
+    (as the JSON its structured-output request asks for)."""
     model, question = body["model"], messages[-1]["content"]
     if model == "judge":
-        return "7" if "Rubric" in question else "A"
+        assert body["response_format"]["type"] == "json_schema", "a hosted judge asks for structured output"
+        return {"rationale": "r", "score": 7} if "Rubric" in question else {"rationale": "r", "winner": "A"}
     number = question.split()[-1]
     if model == "teacher-model" or int(number) % 2 == 0:
         return f"city {number}"
@@ -182,7 +184,7 @@ def test_gate_exit_codes_and_escaped_report(tmp_path, server, env_key):
 def test_judge_rubric_and_pairwise_through_the_sdk(tmp_path, server, env_key):
     server.config.responder = _responder
     judge = (f"  judge: {{provider: openai, model: judge, base_url: '{server.openai_base_url}', "
-             "api_key_env: APPRENTICE_TEST_KEY, rubric: 'correct city', params: {temperature: 0, max_tokens: 4}}\n")
+             "api_key_env: APPRENTICE_TEST_KEY, rubric: 'correct city', params: {temperature: 0, max_tokens: 16}}\n")
     recipe = _eval_recipe(tmp_path, server, judge)
     assert main(["run", str(recipe)]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -190,6 +192,7 @@ def test_judge_rubric_and_pairwise_through_the_sdk(tmp_path, server, env_key):
     pairwise = results["pairwise"]
     # The judge always says "A": every pair disagrees with itself across the two orders → all ties.
     assert pairwise["win_rate"] == 0.5 and pairwise["inconsistent_pairs"] == 6
+    assert pairwise["unparsed"] == 0, "every structured verdict is read"
     asked = [json.dumps(b, sort_keys=True) for b in server.stats.bodies if b["model"] == "judge"]
     # Rubric for 2 models + pairwise in 2 orders, 6 items each: 24 questions, each distinct body sent once
     # (where the two models gave the same answer, their rubric questions are the same request).

@@ -314,6 +314,61 @@ def test_responder_errors_and_max_requests_bound(fake):
     assert server.stats.over_max_requests == 1
 
 
+VERDICT = {"type": "object",
+           "properties": {"rationale": {"type": "string"}, "score": {"type": "integer", "enum": [1, 2, 3]}},
+           "required": ["rationale", "score"], "additionalProperties": False}
+
+
+def test_openai_response_format_json_schema_is_checked_and_answered_as_json(server):
+    answers = iter([{"rationale": "fine", "score": 3}, {"rationale": "fine", "score": 9}, "not json"])
+    server.config.responder = lambda messages, index, body: next(answers)
+    strict = {"type": "json_schema", "json_schema": {"name": "verdict", "strict": True, "schema": VERDICT}}
+    not_strict_enough = {"type": "json_schema",
+                         "json_schema": {"name": "v", "strict": True, "schema": {**VERDICT, "required": ["score"]}}}
+
+    async def go():
+        async with oai(server) as client:
+            good = await client.chat.completions.create(model="m", messages=USER, response_format=strict)
+            errors = []
+            for response_format in (strict, strict,  # the responder breaks the schema: 500s
+                                    not_strict_enough,
+                                    {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": VERDICT}},
+                                    {"type": "xml"}):
+                with pytest.raises(openai.APIStatusError) as caught:
+                    await client.chat.completions.create(model="m", messages=USER, response_format=response_format)
+                errors.append((caught.value.status_code, caught.value.message))
+            return good, errors
+
+    good, errors = run(go())
+    assert json.loads(good.choices[0].message.content) == {"rationale": "fine", "score": 3}
+    assert [status for status, _ in errors] == [500, 500, 400, 400, 400]
+    assert "$.score is not one of [1, 2, 3]" in errors[0][1] and "not JSON" in errors[1][1]
+    assert "'required' must list every property" in errors[2][1], errors[2][1]
+    assert "name must match" in errors[3][1] and "response_format.type" in errors[4][1]
+
+
+def test_anthropic_forced_tool_is_answered_with_a_tool_use_block(server):
+    server.config.responder = lambda messages, index, body: {"rationale": "ok", "score": 2}
+    tool = {"name": "verdict", "description": "Record it.", "input_schema": VERDICT}
+
+    async def go():
+        async with ant(server) as client:
+            forced = await client.messages.create(model="m", max_tokens=100, messages=USER, tools=[tool],
+                                                  tool_choice={"type": "tool", "name": "verdict"})
+            cut = await client.messages.create(model="m", max_tokens=2, messages=USER, tools=[tool],
+                                               tool_choice={"type": "tool", "name": "verdict"})
+            with pytest.raises(anthropic.BadRequestError) as unknown:
+                await client.messages.create(model="m", max_tokens=100, messages=USER, tools=[tool],
+                                             tool_choice={"type": "tool", "name": "other"})
+            return forced, cut, unknown.value
+
+    forced, cut, unknown = run(go())
+    assert forced.stop_reason == "tool_use" and [block.type for block in forced.content] == ["tool_use"]
+    assert forced.content[0].name == "verdict" and forced.content[0].input == {"rationale": "ok", "score": 2}
+    assert cut.stop_reason == "max_tokens" and cut.content[0].input == {}
+    assert "no tool named 'other'" in unknown.message
+
+
 def _raw_exchange(port: int, payload: bytes, responses: int) -> list[tuple[bytes, dict, bytes]]:
     """Send raw bytes on one connection; read `responses` Content-Length responses back."""
     out = []

@@ -12,7 +12,7 @@ from conftest import read_jsonl, write_recipe
 from apprentice.errors import RecipeError
 from factory.__main__ import main
 from factory.recipe import load_factory_config
-from quality_checks.judge import JUDGE_SYSTEM, parse_judgement
+from quality_checks.judging import JUDGE_SYSTEM, parse_judgement
 
 
 def is_judge(messages: list) -> bool:
@@ -23,6 +23,14 @@ def judged_answer(messages: list) -> str:
     """The answer text inside a judge prompt."""
     prompt = messages[-1]["content"]
     return prompt.split("Answer:\n", 1)[1].split("\n\nRubric:", 1)[0]
+
+
+def verdict(body: dict, rationale: str, score: int) -> dict | str:
+    """The judge's answer in the form its request asks for: the structured object where the body asks for
+    one (OpenAI response_format, Anthropic's forced tool), else text with a last line `Score: N`."""
+    if body.get("response_format") or body.get("tools"):
+        return {"rationale": rationale, "score": score}
+    return f"{rationale}\nScore: {score}"
 
 
 def split(server) -> tuple[list[dict], list[dict]]:
@@ -99,16 +107,16 @@ def test_judge_options_are_checked_with_key_paths_and_fingerprinted_by_what_deci
 
 # ---- a run with a judge -----------------------------------------------------------------------------
 
-def teacher_and_judge(messages: list, index: int, body: dict) -> str:
+def teacher_and_judge(messages: list, index: int, body: dict) -> dict | str:
     if is_judge(messages) or body.get("system") == JUDGE_SYSTEM:
         answer = judged_answer(messages)
         if answer.startswith("good"):
-            return "Correct, and polite about it.\nScore: 9"
+            return verdict(body, "Correct, and polite about it.", 9)
         if answer.startswith("bad"):
-            return "The date is wrong and the tone is rude.\nMore detail on a second line.\nScore: 3"
+            return verdict(body, "The date is wrong and the tone is rude.\nMore detail on a second line.", 3)
         if answer.startswith("boom"):
             raise RuntimeError("judge overloaded")
-        return "Hard to say."  # no score: unparsed
+        return verdict(body, "Hard to say. " * 100, 5)  # cut at the judge's max_tokens: no score, unparsed
     question = messages[-1]["content"]
     return "" if question.startswith("empty") else f"{question.split()[0]} answer to {question}"
 
@@ -152,7 +160,7 @@ def test_judge_rejects_below_threshold_counts_its_cost_and_is_never_paid_twice(t
     # the cache, and pays for one judgement.
     server.reset_stats()
     server.config.responder = lambda m, i, b: (
-        "Fine.\nScore: 8" if (is_judge(m) or b.get("system") == JUDGE_SYSTEM) else teacher_and_judge(m, i, b))
+        verdict(b, "Fine.", 8) if (is_judge(m) or b.get("system") == JUDGE_SYSTEM) else teacher_and_judge(m, i, b))
     assert main(["generate", str(recipe)]) == 0
     assert [len(bodies) for bodies in split(server)] == [0, 1]
     assert len(read_jsonl(run / "accepted.jsonl")) == 6
@@ -178,7 +186,7 @@ def test_duplicates_judged_at_the_same_time_are_still_caught(tmp_path, server, e
 
     def responder(messages, index, body):
         if body.get("system") == JUDGE_SYSTEM:
-            return "Good.\nScore: 8"
+            return verdict(body, "Good.", 8)
         return "the same answer for everyone"
 
     server.config.responder = responder
@@ -198,7 +206,7 @@ def test_duplicates_judged_at_the_same_time_are_still_caught(tmp_path, server, e
 
 
 def test_equal_samples_of_one_request_are_duplicates_with_or_without_a_judge(tmp_path, server, env_key):
-    server.config.responder = lambda m, i, b: "Good.\nScore: 8" if is_judge(m) else f"the same answer to {m[-1]['content']}"
+    server.config.responder = lambda m, i, b: verdict(b, "Good.", 8) if is_judge(m) else f"the same answer to {m[-1]['content']}"
     prompts = prompts_file(tmp_path / "p.jsonl", ["q 0", "q 1"])
     for name, judge in (("plain", ""), ("judged", judge_item(server))):
         run = tmp_path / name
@@ -229,7 +237,7 @@ def best_of_responder(calls: dict):
     def respond(messages, index, body):
         if is_judge(messages) or body.get("system") == JUDGE_SYSTEM:
             score = int(judged_answer(messages).split()[0][1:])
-            return f"Rated by the table.\nScore: {score}"
+            return verdict(body, "Rated by the table.", score)
         prompt = messages[-1]["content"]
         if "n" not in body and body.get("system") is None and "anthropic" in calls:
             index = calls.setdefault(prompt, 0)
@@ -401,7 +409,7 @@ def test_best_of_prompt_with_a_failed_sample_is_failed_whole_and_decided_by_the_
 
 
 def test_judge_cost_counts_against_the_budget(tmp_path, server, env_key):
-    server.config.responder = lambda m, i, b: "Fine.\nScore: 8" if is_judge(m) else f"answer to {m[-1]['content']}"
+    server.config.responder = lambda m, i, b: verdict(b, "Fine.", 8) if is_judge(m) else f"answer to {m[-1]['content']}"
     run = tmp_path / "run"
     judge = judge_item(server).replace("price: {input: 1, output: 2}", "price: {input: 1000, output: 1000}")
     recipe = write_recipe(tmp_path / "r.yaml", output_dir=run,

@@ -1,4 +1,7 @@
-"""Anthropic Messages API. It has no `n`: the pipeline sends one request per sample."""
+"""Anthropic Messages API. It has no `n`: the pipeline sends one request per sample.
+
+`teacher.structured_output` is a tool the model must call (`tool_choice` names it): its input is the answer,
+kept as the choice's text in JSON."""
 from __future__ import annotations
 
 import json
@@ -8,7 +11,7 @@ from typing import Any, AsyncIterator, Callable
 from apprentice.errors import TeacherError
 from apprentice.responses import Choice, TeacherResponse
 
-from ..recipe import TeacherConfig
+from ..recipe import StructuredOutput, TeacherConfig
 from .batching import BatchState, Call, Outcome, epoch
 from .hosted import api_key, lower_headers, map_sdk_error, parse_json_body, sdk_call_args
 
@@ -36,6 +39,7 @@ class AnthropicTeacher:
             params["stop_sequences"] = [stop] if isinstance(stop, str) else stop
         params.pop("seed", None)  # not an Anthropic parameter
         self.params = params
+        self.tool = _tool(config.structured_output)
         self.client = anthropic.AsyncAnthropic(
             api_key=api_key(config.api_key_env, "Anthropic", config.base_url),
             base_url=config.base_url,
@@ -57,6 +61,9 @@ class AnthropicTeacher:
         }
         if system:
             body["system"] = system
+        if self.tool is not None:
+            body["tools"] = [self.tool]
+            body["tool_choice"] = {"type": "tool", "name": self.tool["name"]}
         return body
 
     async def complete(self, body: dict[str, Any]) -> TeacherResponse:
@@ -69,13 +76,19 @@ class AnthropicTeacher:
     def parse(self, data: dict[str, Any], headers: dict[str, str] | None = None) -> TeacherResponse:
         """A Message as JSON (an online answer, or the message of a Message Batches result)."""
         try:
-            text = "".join(part.get("text", "") for part in data["content"] if part.get("type") == "text")
+            calls = [part for part in data["content"] if part.get("type") == "tool_use"]
+            if self.tool is not None and calls:  # the forced tool's input is the answer
+                text = json.dumps(calls[0]["input"], ensure_ascii=False)
+            else:
+                text = "".join(part.get("text", "") for part in data["content"] if part.get("type") == "text")
             usage = data.get("usage") or {}
             reason = data.get("stop_reason")
             # Anthropic's input_tokens are those after the last cache breakpoint; the cache reads and writes
             # are counted apart. TeacherResponse.input_tokens is every input token, as OpenAI counts them.
             read = int(usage.get("cache_read_input_tokens") or 0)
             written = int(usage.get("cache_creation_input_tokens") or 0)
+            if reason == "tool_use" and self.tool is not None:
+                reason = "end_turn"  # calling the forced tool is how a structured answer ends
             return TeacherResponse(
                 choices=[Choice(text, STOP_REASONS.get(reason, reason))],
                 input_tokens=int(usage.get("input_tokens") or 0) + read + written,
@@ -139,3 +152,11 @@ class AnthropicTeacher:
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def _tool(structured: StructuredOutput | None) -> dict[str, Any] | None:
+    """`teacher.structured_output` as the one tool of every request."""
+    if structured is None:
+        return None
+    return {"name": structured.name, "description": structured.description or f"Record the {structured.name}.",
+            "input_schema": structured.json_schema}

@@ -19,7 +19,7 @@ from apprentice.tokens import TokenLogprobs, from_rows
 
 from ..builtin import resolve_model
 from ..logprobs import tokenizer_fingerprint
-from ..recipe import TeacherConfig
+from ..recipe import StructuredOutput, TeacherConfig
 from .batching import BatchState, Call, Outcome
 from .hosted import RETRYABLE_STATUS, api_key, lower_headers, map_sdk_error, parse_json_body, sdk_call_args
 
@@ -49,6 +49,7 @@ class OpenAITeacher:
         )
         self._create = self.client.chat.completions.with_raw_response.create
         self.logprobs = config.logprobs
+        self.response_format = _response_format(config.structured_output)
         # The signature of the typed method (create), not of its raw-response wrapper.
         self._signature = self.client.chat.completions.create
 
@@ -61,6 +62,8 @@ class OpenAITeacher:
             body["top_logprobs"] = self.logprobs.top_k
             if self.logprobs.token_ids:
                 body["return_tokens_as_token_ids"] = True
+        if self.response_format is not None:
+            body["response_format"] = self.response_format
         return body
 
     def logprobs_meta(self) -> dict[str, Any]:
@@ -96,9 +99,10 @@ class OpenAITeacher:
     def parse(self, data: dict[str, Any], headers: dict[str, str] | None = None) -> TeacherResponse:
         """A chat.completion as JSON (an online answer, or one line of a Batch API output file)."""
         try:
+            # A model that declines a structured answer says why in `refusal`, with no content.
             choices = [
-                Choice((item["message"].get("content") or ""), item.get("finish_reason"),
-                       self._logprobs(item) if self.logprobs is not None else None)
+                Choice(item["message"].get("content") or item["message"].get("refusal") or "",
+                       item.get("finish_reason"), self._logprobs(item) if self.logprobs is not None else None)
                 for item in sorted(data["choices"], key=lambda c: c.get("index", 0))
             ]
             usage = data.get("usage") or {}
@@ -207,6 +211,16 @@ class OpenAITeacher:
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def _response_format(structured: StructuredOutput | None) -> dict[str, Any] | None:
+    """`teacher.structured_output` as OpenAI's strict json_schema response format: the answer is the JSON."""
+    if structured is None:
+        return None
+    schema: dict[str, Any] = {"name": structured.name, "strict": True, "schema": structured.json_schema}
+    if structured.description:
+        schema["description"] = structured.description
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def _batch_outcome(entry: dict[str, Any]) -> Outcome:
