@@ -7,15 +7,17 @@
   returned usage, and the chars→tokens estimate calibrates itself from returned usage.
 - Concurrency starts small and doubles every round trip (slow start) until it reaches the recipe's
   max_concurrency: the first responses bring the provider's limits before a burst can exceed them.
-- A 429 is a limit signal when its headers say the window is spent (a `remaining` of 0), when 429s come
-  together (5 of the last 20 answers), or when the server refused while its headers still showed room:
-  then every request pauses until `retry-after` (or a backoff) has passed and concurrency halves, growing
-  back by one per window of successes (AIMD). Any other 429 (a lone one, with room left) retries that
-  request alone after its `retry-after`: a stray 429 costs one request's wait, not the run's.
-- Providers may enforce a per-minute limit in windows of a second or two while the headers describe the
-  minute. A 429 with room left in the headers reveals it: from then on every bucket is also paced, at
-  most 97 % of a second's share of its limit in any second (costs counted as reserved, never refunded),
-  so no short window is overrun; before that, a full minute's bucket is used as the headers allow.
+- Sends are paced: evenly spaced at 97 % of each limit (costs counted as reserved, never refunded). The
+  providers may enforce a per-minute limit in windows of a second or two while the headers describe the
+  minute (OpenAI and Anthropic both say so), and a minute's worth sent at once overruns such a window: a
+  bucket that starts full is only used as fast as the limit refills. A 429 with room left in the headers
+  means the pace is still too fast for the provider's windows: it cuts the pace by 5 % (answers give it
+  back slowly) and retries that request alone.
+- A 429 is a limit signal when its headers say the window is spent (a `remaining` of 0) or when 429s come
+  together (5 of the last 20 answers): then every request pauses until `retry-after` (or a backoff) has
+  passed and concurrency halves, growing back by one per window of successes (AIMD). Any other 429 (a
+  lone one) retries that request alone after its `retry-after`: a stray 429 costs one request's wait,
+  not the run's.
 - 5xx, timeouts and dropped connections back off exponentially with full jitter.
 - After `breaker_threshold` consecutive failures the circuit opens: all requests pause for a cooldown,
   then one probe goes through (half-open); a success closes it.
@@ -35,8 +37,8 @@ from apprentice.errors import ApprenticeError, TeacherError
 from apprentice.responses import TeacherResponse, parse_retry_after
 
 
-PACE_S = 1.0          # the window a paced bucket is held to
-PACE_SHARE = 0.97     # of `limit / 60 * PACE_S` in any such window: room for rounding at the server
+PACE_SHARE = 0.97     # paced, each bucket is sent at most this share of its limit, evenly spaced
+PACE_GAIN = 0.0001    # what each answer gives back to the paced share after a cut
 RECENT = 20           # answers remembered to tell a lone 429 from 429s that come together
 TOGETHER = 5          # 429s among them that make a limit signal
 
@@ -208,9 +210,10 @@ class Limiter:
         self.tokens_per_char = 1.0 / chars_per_token
         self.stats = LimiterStats()
         self.recent: deque[bool] = deque(maxlen=RECENT)  # was each recent answer a 429?
-        self.paced = False  # the provider enforces its limits in short windows: pace every bucket
-        self._sent: deque[tuple[float, Reservation]] = deque()  # sends of the last PACE_S seconds
-        self._sent_sum: dict[str, float] = {}
+        self.pace_share = PACE_SHARE
+        self._due: dict[str, float] = {}  # paced: when each bucket's next send is due
+        self._last_pace_cut = 0.0
+        self._first_send: float | None = None
         self.closed = False
         self._closed_event: asyncio.Event | None = None
 
@@ -293,50 +296,38 @@ class Limiter:
             if wait <= 0:
                 needs = self._needs(reservation)
                 wait = max((bucket.wait_for(amount, now) for bucket, amount in needs), default=0.0)
-                if self.paced:
-                    wait = max(wait, self._pace_wait(reservation, now))
+                wait = max(wait, self._pace_wait(reservation, now))
                 if wait <= 0:
                     for bucket, amount in needs:
                         bucket.take(amount)
                     self._record_send(reservation, now)
+                    if self._first_send is None:
+                        self._first_send = now
                     return
             self.stats.waited_s += wait
             await self._sleep(wait)
 
-    # ---- pacing: no more than a second's share of a limit in any second -------------------------------
-    def _forget_sends(self, now: float) -> None:
-        while self._sent and self._sent[0][0] <= now - PACE_S:
-            _, old = self._sent.popleft()
-            for name in self._sent_sum:
-                self._sent_sum[name] -= _amount(name, old)
+    # ---- pacing: sends spaced evenly, so that no short window at the server is overrun -----------------
+    def _pace_wait(self, reservation: Reservation, now: float) -> float:
+        """Seconds until this send keeps to the paced rate of every bucket (`_paced_at`)."""
+        return max((self._due.get(name, 0.0) - now for name in self.buckets), default=0.0)
 
     def _record_send(self, reservation: Reservation, now: float) -> None:
-        """Every send is remembered for PACE_S seconds (paced or not yet: pacing starts from the truth)."""
-        self._forget_sends(now)
-        self._sent.append((now, reservation))
-        for name in BUCKETS:  # all of them: a bucket the headers bring later finds its history
-            self._sent_sum[name] = self._sent_sum.get(name, 0.0) + _amount(name, reservation)
-
-    def _pace_wait(self, reservation: Reservation, now: float) -> float:
-        """Seconds until sending `reservation` keeps every bucket within PACE_SHARE of its share of any
-        PACE_S window. A request larger than a window's share goes when the window is empty."""
-        self._forget_sends(now)
-        wait = 0.0
+        """The next send of each bucket is due once this one's cost has flowed at the paced rate."""
         for name, bucket in self.buckets.items():
-            allowance = bucket.rate * PACE_S * PACE_SHARE
-            amount = _amount(name, reservation)
-            used = self._sent_sum.get(name, 0.0)
-            if used + amount <= allowance or not self._sent:
-                continue
-            excess, freed = used + amount - allowance, 0.0
-            until = self._sent[-1][0] + PACE_S - now
-            for stamp, old in self._sent:
-                freed += _amount(name, old)
-                if freed >= excess:
-                    until = stamp + PACE_S - now
-                    break
-            wait = max(wait, until)
-        return wait
+            rate = bucket.rate * self.pace_share
+            self._due[name] = max(self._due.get(name, now), now) + _amount(name, reservation) / rate
+
+    def _paced_at(self, now: float, refused: bool) -> None:
+        """The paced rate, as a share of each limit: PACE_SHARE to start; a 429 with room left cuts it by 5 %
+        (at most once a second: a window's worth of 429s is one overrun); each answer gives a little back.
+        Whole requests per window cap what can be used (a window of 666 tokens holds 9 requests of 69)."""
+        if refused:
+            if now - self._last_pace_cut >= 1.0:
+                self.pace_share = max(0.5, self.pace_share * 0.95)
+                self._last_pace_cut = now
+        else:
+            self.pace_share = min(PACE_SHARE, self.pace_share + PACE_GAIN)
 
     def observe_headers(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:
         """Adopt the limits a response reports. A bucket made here starts from the reported remainder
@@ -362,8 +353,14 @@ class Limiter:
                 bucket.observe(limit, remaining, parse_duration(headers.get(reset_h)))
                 if reservation is not None:
                     bucket.take(others * _amount(name, reservation))
+                    # Pacing starts as if the requests sent before the limit was known had been paced.
+                    sent = (self.stats.requests * _amount(name, reservation)) / (bucket.rate * self.pace_share)
+                    self._due[name] = time.monotonic() + max(0.0, sent - self._since_first())
                 continue
             bucket.observe(limit, remaining, parse_duration(headers.get(reset_h)))
+
+    def _since_first(self) -> float:
+        return time.monotonic() - self._first_send if self._first_send is not None else 0.0
 
     def _refund(self, reservation: Reservation, response: TeacherResponse) -> None:
         unused_in = max(0.0, reservation.input_tokens - response.input_tokens)
@@ -422,6 +419,8 @@ class Limiter:
         self._refund(reservation, response)
         self.consecutive_failures = 0
         self.recent.append(False)
+        if self.pace_share < PACE_SHARE:
+            self._paced_at(time.monotonic(), refused=False)
         if self.breaker_open:
             self.breaker_open = False
             self._wake()  # the window grew back from 1
@@ -435,9 +434,8 @@ class Limiter:
             return True  # the headers say the window is spent
         if sum(self.recent) >= TOGETHER:
             return True  # 429s come together: whatever the headers say, the limit is reached
-        if remaining and not self.paced:
-            self.paced = True  # refused with room left: the limit is enforced in short windows
-            return True
+        if remaining:  # refused with room left: the pace is too fast for the provider's short windows
+            self._paced_at(time.monotonic(), refused=True)
         return False
 
     def _on_failure(self, error: TeacherError, attempt: int) -> float | None:

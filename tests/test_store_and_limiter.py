@@ -8,7 +8,7 @@ import pytest
 
 from apprentice.errors import TeacherError
 from apprentice.responses import Choice, TeacherResponse, parse_retry_after
-from factory.limiter import Bucket, Limiter, parse_duration
+from factory.limiter import Bucket, Limiter, Reservation, parse_duration
 from factory.store import ACCEPTED, FAILED, FAILED_HISTORY, Store, StoreError, repair_tail
 
 
@@ -156,13 +156,10 @@ def test_429s_that_come_together_are_a_limit_signal_whatever_the_headers():
     assert limiter.pause_until > 0 and limiter.limit == 4, "the fifth of twenty: everyone pauses, concurrency halves"
 
 
-def test_a_429_with_room_in_the_headers_reveals_short_windows_and_paces_every_bucket():
+def test_sends_are_paced_evenly_at_97_percent_of_the_limit_the_headers_give():
     async def main():
         limiter = Limiter(max_concurrency=64, initial_concurrency=64, max_retries=3)
-        limiter.observe_headers(ROOM)  # 600 a minute: a second's share is 10, paced at 97 %: 9.7
-        refused = TeacherError("429", retryable=True, status=429, retry_after=0.01, rate_limited=True, headers=ROOM)
-        assert limiter._on_failure(refused, 1) is not None
-        assert limiter.paced and limiter.pause_until > 0
+        limiter.observe_headers(ROOM)  # 600 a minute, 590 left: a full bucket, used only as fast as it refills
         sent = []
 
         async def call():
@@ -171,10 +168,24 @@ def test_a_429_with_room_in_the_headers_reveals_short_windows_and_paces_every_bu
 
         await asyncio.gather(*(limiter.run(call, input_tokens=1, output_tokens=1) for _ in range(25)))
         windows = [sum(1 for t in sent if start <= t < start + 1.0) for start in sent]
-        assert max(windows) <= 9, f"at most 97 % of a second's share in any second: {max(windows)}"
-        assert sent[-1] - sent[0] >= 2.0, "25 requests at 9.7 a second take more than two seconds"
+        assert max(windows) <= 10, f"no second holds more than a second's share of the limit: {max(windows)}"
+        assert sent[-1] - sent[0] >= 24 / 9.7 - 0.05, "25 sends, evenly spaced at 9.7 a second"
 
     asyncio.run(main())
+
+
+def test_a_429_with_room_left_cuts_the_pace_once_a_second_and_answers_give_it_back():
+    limiter = Limiter(max_concurrency=16)
+    limiter.observe_headers(ROOM)
+    refused = TeacherError("429", retryable=True, status=429, retry_after=0.01, rate_limited=True, headers=ROOM)
+    assert limiter._on_failure(refused, 1) is not None
+    assert limiter.pace_share == pytest.approx(0.97 * 0.95), "a 429 with room left: the pace was too fast"
+    assert limiter.pause_until == 0 and limiter.limit == 8, "it waits alone: no pause for all, no halving"
+    limiter._on_failure(refused, 1)
+    assert limiter.pace_share == pytest.approx(0.97 * 0.95), "the same window's 429s count once"
+    for _ in range(100):
+        limiter._on_success(Reservation(1, 1), ok_response())
+    assert limiter.pace_share == pytest.approx(0.97 * 0.95 + 0.01), "each answer gives a little back"
 
 
 def test_non_retryable_errors_are_raised_at_once_and_retries_are_bounded():
