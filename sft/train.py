@@ -204,6 +204,9 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
                    "held_out": config.held_out, "seed": config.seed},
         "sft": config.model_dump(mode="json"),
         "hardware": asdict(hardware),
+        # How it was launched: one process, or DDP / FSDP / DeepSpeed over several (accelerate, torchrun).
+        "launch": {"processes": trainer.accelerator.num_processes,
+                   "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1]},
         "resumed_from": str(resume_from) if resume and resume_from else None,
         "global_step": trainer.state.global_step,
         "metrics": metrics,

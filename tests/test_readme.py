@@ -47,13 +47,20 @@ def test_every_yaml_block_in_the_readme_validates(line, block):
 
 
 def test_the_accelerate_configs_the_readme_names_load_in_accelerate():
-    """`accelerate launch --config_file configs/accelerate/{ddp,fsdp}.yaml -m sft train …` (README, Scaling out):
-    accelerate's own loader reads both files (an unknown key or a bad value is an error there)."""
+    """`accelerate launch --config_file configs/accelerate/NAME.yaml -m sft train …` (README, Scaling out):
+    accelerate's own loader reads every file (an unknown key or a bad value is an error there)."""
     from accelerate.commands.config.config_args import ClusterConfig
 
     text = README.read_text(encoding="utf-8")
-    assert "configs/accelerate/ddp.yaml" in text and "fsdp.yaml" in text
+    names = sorted(path.stem for path in (REPO / "configs" / "accelerate").glob("*.yaml"))
+    assert names == ["ddp", "ddp-multinode", "deepspeed-zero3", "fsdp", "fsdp-multinode"]
+    for name in names:
+        assert f"configs/accelerate/{name}.yaml" in text, f"the README names {name}.yaml with its launch command"
     loaded = {name: ClusterConfig.from_yaml_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
-              for name in ("ddp", "fsdp")}
+              for name in names}
     assert loaded["ddp"].distributed_type.value == "MULTI_GPU"
     assert loaded["fsdp"].distributed_type.value == "FSDP" and loaded["fsdp"].fsdp_config
+    assert loaded["ddp-multinode"].num_machines == 2 and loaded["ddp-multinode"].main_process_ip
+    assert loaded["fsdp-multinode"].distributed_type.value == "FSDP" and loaded["fsdp-multinode"].num_machines == 2
+    assert loaded["deepspeed-zero3"].distributed_type.value == "DEEPSPEED"
+    assert loaded["deepspeed-zero3"].deepspeed_config["zero_stage"] == 3

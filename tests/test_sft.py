@@ -307,3 +307,22 @@ def test_the_embedded_student_learns_a_small_task(tmp_path):
     assert accuracy(resolve_model(student)) <= 0.2
     result = train(config)
     assert accuracy(result.merged_dir) >= 0.9
+
+
+# ---- past one machine: data parallel with two processes on the CPU (gloo) -----------------------------------
+@pytest.mark.slow
+def test_two_processes_train_one_student_data_parallel_on_the_cpu(tmp_path, tiny_student):
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m sft train`: on a machine
+    without GPUs the two processes join over gloo (MULTI_CPU); the main one writes the adapter and lineage."""
+    run = write_run(tmp_path / "run", upper_task(40))
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", sft_section(tiny_student, [run], out))
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/ddp.yaml"),
+         "--num_processes", "2", "--mixed_precision", "no", "-m", "sft", "train", str(recipe)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["launch"] == {"processes": 2, "distributed_type": "MULTI_CPU"}, "one training over two processes"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "merged" / "model.safetensors").is_file()
+    assert lineage["global_step"] == 4
