@@ -134,7 +134,7 @@ class Run:
         prev_cost = float(totals.get("cost_usd", 0.0))
         prev_elapsed = float(totals.get("elapsed_s", 0.0))
         limiter = self.limiter.stats
-        load_s = getattr(self.asker.teacher, "load_s", None)
+        load_s = self.asker.teacher.load_s
         manifest = {
             "status": status,
             "recipe": self.config.model_dump(mode="json"),

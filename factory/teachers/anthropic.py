@@ -23,6 +23,7 @@ class AnthropicTeacher:
     provider = "anthropic"
     supports_n = False
     max_useful_concurrency = None
+    load_s = None  # nothing loads in this process
     batch_tagged = False  # find_batch matches by request count and creation time (see there)
 
     def __init__(self, config: TeacherConfig) -> None:

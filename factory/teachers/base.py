@@ -19,6 +19,8 @@ class Teacher(Protocol):
     supports_n: bool
     # Upper bound on useful concurrency for this backend (a local model batches; an API does not care).
     max_useful_concurrency: int | None
+    # Seconds an in-process model took to load (None for an API, or before it loaded): part of the run's time.
+    load_s: float | None
 
     def build_request(self, messages: list[dict[str, str]], n: int) -> dict[str, Any]:
         """The exact body that will be sent for `messages` asking for `n` completions."""

@@ -31,6 +31,7 @@ class OpenAITeacher:
     provider = "openai"
     supports_n = True
     max_useful_concurrency = None
+    load_s = None  # nothing loads in this process
     batch_tagged = True  # find_batch reads the run's tag in a batch's metadata
 
     def __init__(self, config: TeacherConfig) -> None:
