@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any, Callable, Sequence
 
 from apprentice.errors import RecipeError
-from apprentice.text import rouge_l_words, squad_text
+from apprentice.text import answer_words, fold_answer, rouge_l_words
 from quality_checks.structured import extract_json_text
 
 from .config import METRIC_NAMES
@@ -23,11 +23,12 @@ def exact(answer: str, reference: Any) -> float:
 
 
 def normalized(answer: str, reference: Any) -> float:
-    return float(squad_text(answer) == squad_text(str(reference)))
+    """Equal after `fold_answer`: the factory's `reference` check in `normalized` mode, the same rule."""
+    return float(fold_answer(answer) == fold_answer(str(reference)))
 
 
 def token_f1(answer: str, reference: Any) -> float:
-    pred, gold = squad_text(answer).split(), squad_text(str(reference)).split()
+    pred, gold = answer_words(answer), answer_words(str(reference))
     if not pred or not gold:
         return float(pred == gold)
     common = sum((Counter(pred) & Counter(gold)).values())
@@ -38,8 +39,8 @@ def token_f1(answer: str, reference: Any) -> float:
 
 
 def rouge_l(answer: str, reference: Any) -> float:
-    """ROUGE-L F1 over normalized words (longest common subsequence)."""
-    return rouge_l_words(squad_text(answer).split(), squad_text(str(reference)).split())
+    """ROUGE-L F1 over `answer_words` (longest common subsequence)."""
+    return rouge_l_words(answer_words(answer), answer_words(str(reference)))
 
 
 def regex(answer: str, reference: Any) -> float:

@@ -17,6 +17,8 @@ from eval.config import EvalConfig, load_eval_config
 from eval.distill import cascade
 from eval.golden import load_golden
 from eval.judge import pair_outcome, parse_score, parse_verdict
+from factory.records import Sample
+from quality_checks import build_checks
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
@@ -25,6 +27,37 @@ def test_exact_and_normalized():
     assert metrics.exact("paris", "Paris") == 0.0
     assert metrics.normalized("The Paris!", "paris") == 1.0
     assert metrics.normalized("Paris, France", "Paris") == 0.0
+
+
+# (answer, reference, same answer?): the factory's `reference: normalized` check and eval's `normalized`
+# metric must agree on every line, with `fold_answer` the one rule behind both.
+NORMALIZED_TABLE = [
+    ("don't", "dont", True),                    # apostrophe deleted, not turned into a space
+    ("Don’t", "dont", True),                    # the typographic apostrophe too
+    ("It's Paris", "its paris", True),
+    ("The Paris!", "paris", True),              # articles dropped, punctuation deleted
+    ("an apple", "Apple", True),
+    ("A", "", True),                            # an article alone folds to nothing
+    ("Theatre", "atre", False),                 # "the" only as a whole word
+    ("Paris, France", "Paris", False),
+    ("  New   York. ", "new york", True),
+    ("«Zürich»", "zürich", True),               # Unicode punctuation and letters
+    ("ÉCOLE", "école", True),
+    ("Straße", "STRASSE", True),                # casefold, not lower
+    ("Ｐａｒｉｓ", "Paris", True),                # fullwidth (NFKC)
+    ("ﬁnal", "final", True),                    # ligature (NFKC)
+    ("3.5", "35", True),                        # the price of deleting punctuation
+    ("New-York", "new york", False),
+]
+
+
+@pytest.mark.parametrize("answer, reference, same", NORMALIZED_TABLE)
+def test_the_factory_reference_check_and_the_normalized_metric_agree(answer, reference, same):
+    check = build_checks([{"name": "reference", "mode": "normalized"}])[0]
+    sample = Sample(id="s", prompt=[{"role": "user", "content": "q"}],
+                    completion=[{"role": "assistant", "content": answer}], teacher={}, reference=reference)
+    assert check(sample).passed is same, f"factory check on {answer!r} vs {reference!r}"
+    assert metrics.normalized(answer, reference) == float(same), f"eval metric on {answer!r} vs {reference!r}"
 
 
 def test_token_f1_by_hand():
