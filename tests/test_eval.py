@@ -88,14 +88,33 @@ def test_regex_and_json_metrics():
     assert metrics.json_match("not json", '{"a": 1}') == 0.0
 
 
-def test_bootstrap_intervals():
-    mean, low, high = metrics.bootstrap_mean([1.0] * 10)
-    assert (mean, low, high) == (1.0, 1.0, 1.0)
-    mean, low, high = metrics.bootstrap_mean([0.0, 1.0] * 50, seed=1)
-    assert mean == 0.5 and low < 0.5 < high and high - low < 0.3
-    ratio, low, high = metrics.bootstrap_ratio([1, 0, 1, 1], [1, 1, 1, 1])
-    assert ratio == 0.75 and low <= 0.75 <= high
-    assert math.isnan(metrics.bootstrap_ratio([1], [0])[0])
+def test_pass_fail_means_get_a_wilson_interval_by_hand():
+    # Wilson, z = 1.95996: 0 of n → [0, z²/(n + z²)]; n of n → [n/(n + z²), 1]; 60 + z² = 63.84146.
+    assert metrics.mean_interval([0.0] * 60) == pytest.approx((0.0, 0.0, 3.841459 / 63.841459, "wilson"))
+    assert metrics.mean_interval([1.0] * 60) == pytest.approx((1.0, 60 / 63.841459, 1.0, "wilson"))
+    # 30 of 60: centre 0.5, half-width z/(1 + z²/60) · √(0.25/60 + z²/(4·60²)) = 1.842029 · 0.066584 = 0.12265
+    mean, low, high, method = metrics.mean_interval([0.0, 1.0] * 30)
+    assert (mean, method) == (0.5, "wilson")
+    assert (low, high) == pytest.approx((0.37735, 0.62265), abs=1e-5)
+    assert metrics.mean_interval([True, False]).method == "wilson", "a boolean verifier is pass/fail too"
+    assert metrics.mean_interval([]).method == "none"
+
+
+def test_graded_means_and_retention_get_a_bca_interval():
+    values = [0.1, 0.5, 0.7, 0.9, 0.3, 0.6] * 10
+    mean, low, high, method = metrics.mean_interval(values, seed=1)
+    assert method == "bca"
+    assert low < mean < high, f"[{low}, {high}] must contain the mean {mean}"
+    assert 0.02 < high - low < 0.2, f"a varied graded mean of 60 items has a real width: [{low}, {high}]"
+    # Every value equal: BCa is undefined; the percentile interval of the same resamples says so.
+    assert metrics.mean_interval([0.5] * 10) == (0.5, 0.5, 0.5, "percentile")
+
+    ratio, low, high, method = metrics.ratio_interval([1, 0, 1, 1] * 5, [1, 1, 1, 1] * 5)
+    assert (ratio, method) == (0.75, "paired bca")
+    assert low < 0.75 < high <= 1.0
+    assert math.isnan(metrics.ratio_interval([1], [0]).value)
+    # Student and teacher right on the same items: every paired resample gives 1.0.
+    assert metrics.ratio_interval([1, 0, 1], [1, 0, 1]) == (1.0, 1.0, 1.0, "paired percentile")
 
 
 def test_judge_parsing_and_both_orders():
@@ -209,7 +228,7 @@ def test_gate_exit_codes_and_escaped_report(tmp_path, server, env_key):
     assert main(["run", str(recipe), "--set", "eval.gate.min_retention=0.9"]) == 1
     assert server.stats.total == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["gate"] == {"passed": False, "reason": "student: retention 0.500 < min_retention 0.9"}
+    assert results["gate"] == {"passed": False, "reason": "student: retention 50.0 % < min_retention 90 %"}
 
 
 def test_judge_rubric_and_pairwise_through_the_sdk(tmp_path, server, env_key):
