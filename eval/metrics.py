@@ -133,6 +133,8 @@ INTERVAL_METHODS = {
     "paired bca": "BCa bootstrap of the ratio of means, items resampled in pairs",
     "percentile": "percentile bootstrap (BCa undefined: every resample gives the same value)",
     "paired percentile": "percentile bootstrap of the ratio, items in pairs (BCa undefined)",
+    "mover wilson": "MOVER-R ratio of the two Wilson intervals (pass/fail scores where every paired resample gives "
+                    "the same ratio, e.g. a student with none right; pairing ignored, so it errs wide)",
     "none": "no interval (no values, or the ratio is undefined)",
 }
 
@@ -167,7 +169,7 @@ def mean_interval(values: Sequence[float], *, resamples: int = 1000, seed: int =
     if data.size == 0:
         return Interval(float("nan"), float("nan"), float("nan"), "none")
     mean = float(data.mean())
-    if np.isin(data, (0.0, 1.0)).all():
+    if _pass_fail(data):
         return Interval(mean, *wilson(float(data.sum()), int(data.size)), "wilson")
     return _bootstrap((data,), _mean, mean, resamples, seed, paired=False)
 
@@ -180,7 +182,33 @@ def ratio_interval(numerator: Sequence[float], denominator: Sequence[float], *, 
     a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
     if a.size == 0 or b.sum() == 0:
         return Interval(float("nan"), float("nan"), float("nan"), "none")
-    return _bootstrap((a, b), _ratio, float(a.mean() / b.mean()), resamples, seed, paired=True)
+    found = _bootstrap((a, b), _ratio, float(a.mean() / b.mean()), resamples, seed, paired=True)
+    if found.method == "paired bca" or not (_pass_fail(a) and _pass_fail(b)):
+        return found
+    # 0 of 60 against 48 of 60: every resample's ratio is 0, and [0, 0] would claim certainty; the
+    # Wilson intervals of the two proportions still say how large the ratio could be.
+    low, high = mover_ratio(float(a.mean()), wilson(float(a.sum()), a.size), float(b.mean()), wilson(float(b.sum()), b.size))
+    return Interval(found.value, low, high, "mover wilson")
+
+
+def mover_ratio(top: float, top_ci: tuple[float, float], bottom: float, bottom_ci: tuple[float, float]) -> tuple[float, float]:
+    """MOVER-R (Newcombe 2016, Stat Methods Med Res 25:1774): an interval for top ÷ bottom from the
+    intervals of the two, as if independent (for paired scores that correlate positively, wider)."""
+    (l1, u1), (l2, u2) = top_ci, bottom_ci
+    product = top * bottom
+    below = u2 * (2 * bottom - u2)
+    above = l2 * (2 * bottom - l2)
+    low = (product - math.sqrt(max(0.0, product**2 - l1 * u2 * (2 * top - l1) * (2 * bottom - u2)))) / below \
+        if below > 0 else 0.0
+    high = (product + math.sqrt(max(0.0, product**2 - u1 * l2 * (2 * top - u1) * (2 * bottom - l2)))) / above \
+        if above > 0 else math.inf
+    return max(0.0, low), high
+
+
+def _pass_fail(data: Any) -> bool:
+    import numpy as np
+
+    return bool(np.isin(data, (0.0, 1.0)).all())
 
 
 def _mean(data: Any, axis: int = -1) -> Any:

@@ -71,7 +71,8 @@ def summarize(config: EvalConfig, items: list[GoldenItem], runs: dict[str, Model
         return {tag: sum(overall[k] for k in members) / len(members) for tag, members in tagged.items()}
 
     reference = config.reference_name()
-    out: dict[str, Any] = {"models": {}, "reference": reference, "student": config.student_name(), "units": UNITS}
+    out: dict[str, Any] = {"models": {}, "reference": reference, "student": config.student_name(), "units": UNITS,
+                           "bootstrap_resamples": config.bootstrap}
     for name, table in scores.items():
         model: dict[str, Any] = {"metrics": {}, "perf": runs[name].perf,
                                  "provider": runs[name].config.provider, "model": runs[name].config.model,
