@@ -240,22 +240,28 @@ def speculative(summary: dict[str, Any]) -> Section | None:
              _seconds(spec.get("with_draft_s")), "–" if _missing(speedup) else f"{speedup:.2f}×"]]
     draft = summary["models"][student]["perf"].get("parameters")
     target = summary["models"][reference]["perf"].get("parameters") if reference else None
+    # A draft model does a forward pass per drafted token: only one much smaller than the target saves work.
+    large = bool(draft and target and draft >= target / 2)
+    size = f"the draft model ({_params(draft)} parameters) is as large as the target ({_params(target)})"
     if _missing(speedup):
-        reading = "speculative decoding: not measured"
+        reading = "not measured"
+    elif speedup >= 1.05 and not large:
+        reading = f"{speedup:.2f}× — faster: {reference} accepts {pct(accepted)} of {student}'s drafted tokens"
     elif speedup >= 1.05:
-        reading = (f"speculative decoding: {speedup:.2f}× — faster: {reference} accepts {pct(accepted)} of "
-                   f"{student}'s drafted tokens")
+        reading = (f"{speedup:.2f}× — faster on this run, but {size}, so drafting cannot save work: read the gain "
+                   f"as timing noise ({spec['prompts']} prompts, timed once)")
     elif speedup > 0.95:
-        reading = f"speculative decoding: {speedup:.2f}× — no gain: drafting costs about what it saves"
-    elif draft and target and draft >= target / 2:
-        reading = (f"speculative decoding: {speedup:.2f}× — slower: the draft model ({_params(draft)} parameters) is "
-                   f"as large as the target ({_params(target)}); it pays off only with a much smaller draft")
+        reading = f"{speedup:.2f}× — no gain: " + (f"{size}; it pays off only with a much smaller draft" if large
+                                                  else "drafting costs about what it saves")
+    elif large:
+        reading = f"{speedup:.2f}× — slower: {size}; it pays off only with a much smaller draft"
     else:
-        reading = (f"speculative decoding: {speedup:.2f}× — slower: only {pct(accepted)} of the drafted tokens are "
-                   "accepted, too few to pay for drafting them")
-    return Section("speculative", "Speculative decoding (the student drafts for the teacher)", reading + ".",
+        reading = (f"{speedup:.2f}× — slower: only {pct(accepted)} of the drafted tokens are accepted, too few to pay "
+                   "for drafting them")
+    return Section("speculative", "Speculative decoding", reading + ".",
                    ["prompts", "draft tokens accepted", "teacher alone", "with the draft", "speed-up"], rows,
-                   ["Greedy assisted generation (transformers); speed-up = teacher alone ÷ teacher with the draft."])
+                   [f"{student} drafts, {reference} verifies: greedy assisted generation (transformers); speed-up = "
+                    "teacher alone ÷ teacher with the draft."])
 
 
 def divergence(summary: dict[str, Any]) -> Section | None:

@@ -117,14 +117,16 @@ td{white-space:nowrap}td:first-child{white-space:normal}table{font-size:0.95em}
 td:first-child,th:first-child{text-align:left}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap;margin:0}
 .reading{font-size:1.05em;margin:0.4em 0}.note{color:#555;font-size:0.9em;margin:0.2em 0}
 .pass{color:#1a7f37;font-weight:bold}.fail{color:#cf222e;font-weight:bold}img{max-width:100%}
-td.text{text-align:left;white-space:normal;max-width:420px;overflow-wrap:anywhere}"""
+td.text,th.text{text-align:left;white-space:normal;max-width:420px;overflow-wrap:anywhere}"""
 
 
 def _html_section(section: Section, summary: dict[str, Any], images: dict[str, str]) -> list[str]:
     e = html.escape
+    # Columns of free text (answers, references, lineage values) read left-aligned and may wrap.
+    text_columns = {i for i in range(1, len(section.header)) if section.key in ("examples", "lineage")}
     parts = [f"<h2 id='{e(section.key)}'>{e(section.title)}</h2>", f"<p class='reading'>{e(section.reading)}</p>",
-             "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in section.header) + "</tr>"]
-    text_columns = {i for i, h in enumerate(section.header) if section.key in ("examples", "lineage") and i > 0}
+             "<table><tr>" + "".join(f"<th class='text'>{e(h)}</th>" if i in text_columns else f"<th>{e(h)}</th>"
+                                     for i, h in enumerate(section.header)) + "</tr>"]
     parts += ["<tr>" + "".join(f"<td class='text'>{e(c)}</td>" if i in text_columns else f"<td>{e(c)}</td>"
                                for i, c in enumerate(row)) + "</tr>" for row in section.rows]
     parts.append("</table>")

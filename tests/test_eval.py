@@ -328,8 +328,8 @@ def test_every_report_section_has_a_table_and_a_reading_and_no_raw_json(tmp_path
         ("cascade", "routing the 20.0 % least confident answers of trained student to teacher lifts the score "
                     "from 90.0 % to 93.3 %"),
         ("pairwise", "win rate 55.0 %, so it is level with it"),
-        ("speculative", "speculative decoding: 0.64× — slower: the draft model (135 M parameters) is as large as the "
-                        "target (135 M); it pays off only with a much smaller draft"),
+        ("speculative", "0.64× — slower: the draft model (135 M parameters) is as large as the target (135 M); "
+                        "it pays off only with a much smaller draft"),
         ("divergence", "0.412 nats per token"),
         ("examples", "the 1 golden item(s) where trained student falls furthest behind teacher"),
         ("lineage", "trained student is LoRA r16 alpha 32 on builtin:smollm2-135m-instruct, 26 steps on 207 samples"),
@@ -347,11 +347,27 @@ def test_every_report_section_has_a_table_and_a_reading_and_no_raw_json(tmp_path
     assert "Wilson" in page and "paired BCa bootstrap" in page
     assert "1.125" not in page and "112.5 %" in page
     md = (tmp_path / "report.md").read_text()
-    assert "speculative decoding: 0.64× — slower" in md and "| json_match |" in md and "Wilson" in md
+    assert "0.64× — slower" in md and "| json_match |" in md and "Wilson" in md
     assert "```json" not in md, "a raw JSON dump is left in report.md"
     assert "| &lt;script&gt;alert(1)&lt;/script&gt; |" in md, "model text in a Markdown table cell is escaped"
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["models"]["trained student"]["retention"]["overall"]["ratio"] == 1.125
+
+
+@pytest.mark.parametrize("speedup, draft, reading", [
+    (0.64, 134_515_008, "0.64× — slower: the draft model (135 M parameters) is as large as the target (135 M)"),
+    (1.38, 134_515_008, "1.38× — faster on this run, but the draft model (135 M parameters) is as large as the target"),
+    (1.0, 134_515_008, "1.00× — no gain: the draft model"),
+    (1.9, 20_000_000, "1.90× — faster: teacher accepts 55.0 % of trained student's drafted tokens"),
+    (0.8, 20_000_000, "0.80× — slower: only 55.0 % of the drafted tokens are accepted"),
+])
+def test_the_speculative_reading_says_why(speedup, draft, reading):
+    from eval.readings import speculative
+
+    summary = _summary()
+    summary["speculative"]["speedup"] = speedup
+    summary["models"]["trained student"]["perf"]["parameters"] = draft
+    assert speculative(summary).reading.startswith(reading)
 
 
 def test_the_terminal_table_prints_retention_as_percent_with_its_interval():
@@ -363,7 +379,7 @@ def test_the_terminal_table_prints_retention_as_percent_with_its_interval():
     print_table(_summary(), console)
     text = console.export_text()
     assert "112.5 % [98.0, 129.0]" in text and "1.125" not in text
-    assert "speculative decoding: 0.64× — slower" in text
+    assert "Speculative decoding: 0.64× — slower: the draft model" in text
 
 
 # ---- local models -------------------------------------------------------------------------------
