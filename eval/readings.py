@@ -171,7 +171,7 @@ def perf(summary: dict[str, Any]) -> Section | None:
     if not any(m["perf"] for m in models.values()):
         return None
     header = ["model", "p50 latency", "p99 latency", "first token p50", "tokens/s", "params", "on disk",
-              "memory after load", "$/1k answers"]
+              "RSS added by load", "$/1k answers"]
     rows = [[_label(summary, n), _seconds(p.get("latency_p50_s")), _seconds(p.get("latency_p99_s")),
              _seconds(p.get("ttft_p50_s")), num(p.get("output_tokens_per_s"), 1), _params(p.get("parameters")),
              _size(p.get("disk_bytes")), "–" if p.get("loaded_mib") is None else f"{p['loaded_mib']:.0f} MiB",
@@ -192,8 +192,9 @@ def perf(summary: dict[str, Any]) -> Section | None:
     else:
         reading = "hosted models are priced, not timed"
     timed = mine.get("timed_prompts")
-    notes = [f"Latency: {timed} prompts one at a time, as a user waits for them." if timed else
-             "Hosted models: cost from the usage of each answer and the price table."]
+    notes = [f"Latency: {timed} prompts one at a time, as a user waits for them. RSS added by load: the process's "
+             "growth while loading, so a model loaded after another of the same base reuses memory and adds less."
+             if timed else "Hosted models: cost from the usage of each answer and the price table."]
     return Section("latency", "Latency and size", reading + ".", header, rows, notes)
 
 
