@@ -1,22 +1,32 @@
 """Text normalisers and word-level similarity, named for what they do.
 
-`fold_text` is the factory's rule (dedup, reference matching, diversity stats); `squad_text` is eval's
-SQuAD-style rule (it also drops articles). They differ on purpose today; each caller names the one it uses.
+Two rules, one built on the other:
+
+- `fold_text`: casefold, delete punctuation, collapse whitespace. Near-duplicate and exact-duplicate
+  hashing (`exact_dup`, `near_dup`) and the diversity stats use it; it keeps articles, so "a cat" and
+  "cat" are different texts to dedup. Changing it would change the dedup hashes of existing runs.
+- `fold_answer`: `fold_text` after Unicode NFKC, with the English articles a / an / the dropped: the rule
+  of the official SQuAD v1.1 script (which deletes punctuation too) made Unicode-aware. Whenever an
+  answer is compared with a reference, it is the one rule: the factory's `reference` check (`normalized`
+  and `contains`), eval's `normalized`, `token_f1` and `rouge_l` metrics and its agreement figure, and
+  self-instruct's ROUGE-L between prompts. So the factory and the eval judge an answer the same way.
+
+Punctuation is deleted, not replaced by a space, so "don't", "don’t" and "dont" are one word (and so are
+"3.5" and "35"; a reference should not hinge on punctuation). NFKC folds compatibility forms
+(fullwidth "Ｐａｒｉｓ", the ligature "ﬁ", a non-breaking space) into their plain letters.
 """
 from __future__ import annotations
 
 import re
-import string
 import unicodedata
 from typing import Sequence
 
 _PUNCTUATION = re.compile(r"[^\w\s]+")
-_ASCII_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_ARTICLES = frozenset({"a", "an", "the"})
 
 
 def fold_text(text: str) -> str:
-    """Casefold, strip punctuation, collapse whitespace: "Paris!" and " paris" are the same answer.
+    """Casefold, strip punctuation, collapse whitespace: "Paris!" and " paris" are the same text.
 
     Punctuation is removed, not replaced by a space, so "don't" and "dont" agree.
     """
@@ -27,12 +37,17 @@ def fold_words(text: str) -> list[str]:
     return fold_text(text).split()
 
 
-def squad_text(text: str) -> str:
-    """SQuAD-style: NFKC, casefold, punctuation to spaces, articles dropped, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = _ASCII_PUNCT.sub(" ", text)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+def answer_words(text: str) -> list[str]:
+    """The words `fold_answer` keeps, in order (token F1 and ROUGE-L count these)."""
+    return [word for word in fold_text(unicodedata.normalize("NFKC", text)).split() if word not in _ARTICLES]
+
+
+def fold_answer(text: str) -> str:
+    """An answer as compared with a reference: NFKC, casefold, punctuation deleted, articles dropped.
+
+    "The Paris!" and "paris" agree; "Don’t" and "dont" agree; "Paris, France" and "Paris" do not.
+    """
+    return " ".join(answer_words(text))
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:

@@ -64,7 +64,9 @@ class EvalConfig(Strict):
     judge: JudgeConfig | None = None
     gate: GateConfig | None = None
     perf_prompts: int = Field(default=8, ge=0, description="local models: prompts timed one at a time for latency")
-    bootstrap: int = Field(default=1000, ge=100, description="bootstrap resamples for confidence intervals")
+    bootstrap: int = Field(
+        default=1000, ge=100, description="BCa bootstrap resamples (graded means, retention; pass/fail means use Wilson)"
+    )
     seed: int = 0
     cascade: bool = Field(default=True, description="simulate student → teacher routing by student confidence")
     speculative: bool = Field(

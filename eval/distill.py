@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from apprentice.text import squad_text
+from apprentice.text import fold_answer
 from factory.hf import encode_chat
 from factory.logprobs import tokenizer_fingerprint
 
@@ -15,7 +15,7 @@ from .golden import GoldenItem
 
 def agreement(student: ModelRun, teacher: ModelRun, keys: list[str]) -> float:
     """Share of golden prompts where both give the same answer (after normalization)."""
-    same = sum(squad_text(student.answers[k].text) == squad_text(teacher.answers[k].text) for k in keys)
+    same = sum(fold_answer(student.answers[k].text) == fold_answer(teacher.answers[k].text) for k in keys)
     return same / len(keys) if keys else float("nan")
 
 

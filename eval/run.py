@@ -16,7 +16,7 @@ from .config import EvalConfig
 from .report import write_reports
 from .golden import GoldenItem, load_golden
 from .judge import run_judge
-from .metrics import METRICS, as_score, bootstrap_mean, bootstrap_ratio, load_function
+from .metrics import INTERVAL_METHODS, METRICS, as_score, load_function, mean_interval, ratio_interval
 
 
 @dataclass
@@ -53,6 +53,15 @@ def score_runs(config: EvalConfig, items: list[GoldenItem], runs: dict[str, Mode
     return scores
 
 
+# results.json keeps fractions and ratios; the reports and the terminal print both as percent.
+UNITS = {
+    "metrics": "mean score, a fraction in [0, 1], with its 95 % interval [low, high]",
+    "retention": "ratio: the student's mean score ÷ the reference model's (1.0 = 100 %), with its 95 % interval",
+    "retention_by_tag": "ratio, as retention, per tag (no interval)",
+    "interval": INTERVAL_METHODS,
+}
+
+
 def summarize(config: EvalConfig, items: list[GoldenItem], runs: dict[str, ModelRun],
               scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
     keys = [item.key for item in items]
@@ -63,15 +72,16 @@ def summarize(config: EvalConfig, items: list[GoldenItem], runs: dict[str, Model
         return {tag: sum(overall[k] for k in members) / len(members) for tag, members in tagged.items()}
 
     reference = config.reference_name()
-    out: dict[str, Any] = {"models": {}, "reference": reference, "student": config.student_name()}
+    out: dict[str, Any] = {"models": {}, "reference": reference, "student": config.student_name(), "units": UNITS,
+                           "bootstrap_resamples": config.bootstrap}
     for name, table in scores.items():
         model: dict[str, Any] = {"metrics": {}, "perf": runs[name].perf,
                                  "provider": runs[name].config.provider, "model": runs[name].config.model,
                                  "role": runs[name].config.role, "lineage": runs[name].lineage}
         for metric, values in table.items():
-            mean, low, high = bootstrap_mean([values[k] for k in keys if k in values],
-                                             resamples=config.bootstrap, seed=config.seed)
-            model["metrics"][metric] = {"mean": mean, "low": low, "high": high, "n": len(values)}
+            mean, low, high, method = mean_interval([values[k] for k in keys if k in values],
+                                                    resamples=config.bootstrap, seed=config.seed)
+            model["metrics"][metric] = {"mean": mean, "low": low, "high": high, "n": len(values), "interval": method}
         model["tags"] = tag_means(table["overall"])
         if reference and name != reference and reference in scores:
             ref = scores[reference]
@@ -79,10 +89,10 @@ def summarize(config: EvalConfig, items: list[GoldenItem], runs: dict[str, Model
             for metric in table:
                 if metric in ref:
                     common = [k for k in keys if k in table[metric] and k in ref[metric]]
-                    ratio, low, high = bootstrap_ratio([table[metric][k] for k in common],
-                                                       [ref[metric][k] for k in common],
-                                                       resamples=config.bootstrap, seed=config.seed)
-                    model["retention"][metric] = {"ratio": ratio, "low": low, "high": high}
+                    ratio, low, high, method = ratio_interval([table[metric][k] for k in common],
+                                                              [ref[metric][k] for k in common],
+                                                              resamples=config.bootstrap, seed=config.seed)
+                    model["retention"][metric] = {"ratio": ratio, "low": low, "high": high, "interval": method}
             ref_tags = tag_means(ref["overall"])
             model["retention_by_tag"] = {tag: model["tags"][tag] / ref_tags[tag] if ref_tags[tag] else float("nan")
                                          for tag in tags}
@@ -104,13 +114,25 @@ def check_gate(config: EvalConfig, summary: dict[str, Any]) -> Gate | None:
     elif retention is None or math.isnan(retention):
         reasons.append("retention undefined (the reference scored 0)")
     elif retention < gate.min_retention:
-        reasons.append(f"retention {retention:.3f} < min_retention {gate.min_retention}")
+        reasons.append(f"retention {_percent(retention, gate.min_retention)} < min_retention {_percent(gate.min_retention)}")
     score = model["metrics"]["overall"]["mean"]
     if gate.min_score is not None and score < gate.min_score:
-        reasons.append(f"score {score:.3f} < min_score {gate.min_score}")
+        reasons.append(f"score {_percent(score, gate.min_score)} < min_score {_percent(gate.min_score)}")
     if reasons:
         return Gate(False, f"{student}: " + "; ".join(reasons))
-    return Gate(True, f"{student}: retention {retention:.3f} ≥ {gate.min_retention}")
+    return Gate(True, f"{student}: retention {_percent(retention, gate.min_retention)} ≥ min_retention "
+                      f"{_percent(gate.min_retention)}")
+
+
+def _percent(fraction: float, limit: float | None = None) -> str:
+    """0.9 → "90 %", 1.125 → "112.5 %" (retention reads as percent everywhere); with a limit, enough
+    digits that the two differ: 0.8996 against 0.9 is "89.96 %", not "90.0 %"."""
+    digits = 1
+    while limit is not None and fraction != limit and round(100 * fraction, digits) == round(100 * limit, digits) \
+            and digits < 6:
+        digits += 1
+    text = f"{100 * fraction:.{digits}f}"
+    return (text.removesuffix(".0") if limit is None else text) + " %"
 
 
 def _default_params(config: EvalConfig) -> None:
@@ -170,8 +192,10 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
     reference, student = config.reference_name(), config.student_name()
     extra: dict[str, Any] = {}
     if judge_result is not None and judge_result.pairwise:
-        mean, low, high = bootstrap_mean(list(judge_result.pairwise.values()), resamples=config.bootstrap, seed=config.seed)
+        mean, low, high, method = mean_interval(list(judge_result.pairwise.values()), resamples=config.bootstrap,
+                                                seed=config.seed)
         extra["pairwise"] = {"student": student, "against": reference, "win_rate": mean, "low": low, "high": high,
+                             "interval": method,
                              "inconsistent_pairs": judge_result.inconsistent, "unparsed": judge_result.unparsed,
                              "cost_usd": judge_result.cost_usd}
     if reference in runs and student in runs and reference != student:

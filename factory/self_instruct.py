@@ -38,7 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from apprentice.errors import FATAL_STATUS, TeacherError
 from apprentice.responses import TeacherResponse
-from apprentice.text import rouge_l_words, squad_text
+from apprentice.text import answer_words, rouge_l_words
 from quality_checks.minhash import MinHasher, text_shingles
 
 from .asker import Asker, BudgetExhausted
@@ -129,7 +129,7 @@ class _Index:
     def prepare(self, text: str) -> Any:
         """The candidate's comparable form, or None when it has no words."""
         if self.method == "rouge_l":
-            words = squad_text(text).split()
+            words = answer_words(text)
             return words or None
         shingles = text_shingles(text, MINHASH_SHINGLE)
         return self.hasher.signature_of_hashes(shingles) if shingles.size else None

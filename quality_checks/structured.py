@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ConfigDict, Field
 
-from apprentice.text import fold_text
+from apprentice.text import fold_answer
 
 from .base import PASS, Check, Verdict
 from .registry import CheckConfigError, CheckOptions, register
@@ -110,9 +110,9 @@ def last_number(text: str) -> float | None:
 class Reference(Check):
     """Compare the answer with the `reference` of its prompt line.
 
-    exact: equal after stripping whitespace; normalized: equal after casefolding, dropping punctuation
-    and collapsing whitespace; contains: the normalized reference appears as whole words in the
-    normalized answer; number: the last number in the answer equals the reference number (the
+    exact: equal after stripping whitespace; normalized: equal after `apprentice.text.fold_answer`
+    (NFKC, casefold, punctuation deleted, articles dropped: eval's `normalized` metric, the same rule);
+    contains: the normalized reference appears as whole words in the normalized answer; number: the last number in the answer equals the reference number (the
     convention of GSM8K-style "... so the answer is 42"); json: the answer (or its ```json block) parses
     to the same JSON value as the reference, so key order and spacing do not matter.
     """
@@ -134,9 +134,9 @@ class Reference(Check):
         if self.mode == "exact":
             ok = answer.strip() == reference.strip()
         elif self.mode == "normalized":
-            ok = fold_text(answer) == fold_text(reference)
+            ok = fold_answer(answer) == fold_answer(reference)
         elif self.mode == "contains":
-            ok = f" {fold_text(reference)} " in f" {fold_text(answer)} "
+            ok = f" {fold_answer(reference)} " in f" {fold_answer(answer)} "
         elif self.mode == "json":
             try:
                 expected = json.loads(reference)

@@ -2,6 +2,7 @@
 the judge through the real openai SDK against the fake server, HTML escaping, and a local model run."""
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,8 @@ from eval.config import EvalConfig, load_eval_config
 from eval.distill import cascade
 from eval.golden import load_golden
 from eval.judge import pair_outcome, parse_score, parse_verdict
+from factory.records import Sample
+from quality_checks import build_checks
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
@@ -25,6 +28,37 @@ def test_exact_and_normalized():
     assert metrics.exact("paris", "Paris") == 0.0
     assert metrics.normalized("The Paris!", "paris") == 1.0
     assert metrics.normalized("Paris, France", "Paris") == 0.0
+
+
+# (answer, reference, same answer?): the factory's `reference: normalized` check and eval's `normalized`
+# metric must agree on every line, with `fold_answer` the one rule behind both.
+NORMALIZED_TABLE = [
+    ("don't", "dont", True),                    # apostrophe deleted, not turned into a space
+    ("Don’t", "dont", True),                    # the typographic apostrophe too
+    ("It's Paris", "its paris", True),
+    ("The Paris!", "paris", True),              # articles dropped, punctuation deleted
+    ("an apple", "Apple", True),
+    ("A", "", True),                            # an article alone folds to nothing
+    ("Theatre", "atre", False),                 # "the" only as a whole word
+    ("Paris, France", "Paris", False),
+    ("  New   York. ", "new york", True),
+    ("«Zürich»", "zürich", True),               # Unicode punctuation and letters
+    ("ÉCOLE", "école", True),
+    ("Straße", "STRASSE", True),                # casefold, not lower
+    ("Ｐａｒｉｓ", "Paris", True),                # fullwidth (NFKC)
+    ("ﬁnal", "final", True),                    # ligature (NFKC)
+    ("3.5", "35", True),                        # the price of deleting punctuation
+    ("New-York", "new york", False),
+]
+
+
+@pytest.mark.parametrize("answer, reference, same", NORMALIZED_TABLE)
+def test_the_factory_reference_check_and_the_normalized_metric_agree(answer, reference, same):
+    check = build_checks([{"name": "reference", "mode": "normalized"}])[0]
+    sample = Sample(id="s", prompt=[{"role": "user", "content": "q"}],
+                    completion=[{"role": "assistant", "content": answer}], teacher={}, reference=reference)
+    assert check(sample).passed is same, f"factory check on {answer!r} vs {reference!r}"
+    assert metrics.normalized(answer, reference) == float(same), f"eval metric on {answer!r} vs {reference!r}"
 
 
 def test_token_f1_by_hand():
@@ -55,14 +89,44 @@ def test_regex_and_json_metrics():
     assert metrics.json_match("not json", '{"a": 1}') == 0.0
 
 
-def test_bootstrap_intervals():
-    mean, low, high = metrics.bootstrap_mean([1.0] * 10)
-    assert (mean, low, high) == (1.0, 1.0, 1.0)
-    mean, low, high = metrics.bootstrap_mean([0.0, 1.0] * 50, seed=1)
-    assert mean == 0.5 and low < 0.5 < high and high - low < 0.3
-    ratio, low, high = metrics.bootstrap_ratio([1, 0, 1, 1], [1, 1, 1, 1])
-    assert ratio == 0.75 and low <= 0.75 <= high
-    assert math.isnan(metrics.bootstrap_ratio([1], [0])[0])
+def test_pass_fail_means_get_a_wilson_interval_by_hand():
+    # Wilson, z = 1.95996: 0 of n → [0, z²/(n + z²)]; n of n → [n/(n + z²), 1]; 60 + z² = 63.84146.
+    assert metrics.mean_interval([0.0] * 60) == pytest.approx((0.0, 0.0, 3.841459 / 63.841459, "wilson"))
+    assert metrics.mean_interval([1.0] * 60) == pytest.approx((1.0, 60 / 63.841459, 1.0, "wilson"))
+    # 30 of 60: centre 0.5, half-width z/(1 + z²/60) · √(0.25/60 + z²/(4·60²)) = 1.842029 · 0.066584 = 0.12265
+    mean, low, high, method = metrics.mean_interval([0.0, 1.0] * 30)
+    assert (mean, method) == (0.5, "wilson")
+    assert (low, high) == pytest.approx((0.37735, 0.62265), abs=1e-5)
+    assert metrics.mean_interval([True, False]).method == "wilson", "a boolean verifier is pass/fail too"
+    assert metrics.mean_interval([]).method == "none"
+
+
+def test_graded_means_and_retention_get_a_bca_interval():
+    values = [0.1, 0.5, 0.7, 0.9, 0.3, 0.6] * 10
+    mean, low, high, method = metrics.mean_interval(values, seed=1)
+    assert method == "bca"
+    assert low < mean < high, f"[{low}, {high}] must contain the mean {mean}"
+    assert 0.02 < high - low < 0.2, f"a varied graded mean of 60 items has a real width: [{low}, {high}]"
+    # Every value equal: BCa is undefined; the percentile interval of the same resamples says so.
+    assert metrics.mean_interval([0.5] * 10) == (0.5, 0.5, 0.5, "percentile")
+
+    ratio, low, high, method = metrics.ratio_interval([1, 0, 1, 1] * 5, [1, 1, 1, 1] * 5)
+    assert (ratio, method) == (0.75, "paired bca")
+    assert low < 0.75 < high <= 1.0
+    assert math.isnan(metrics.ratio_interval([1], [0]).value)
+    # Graded and equal item by item: every paired resample gives 1.0; BCa is undefined and the label says so.
+    assert metrics.ratio_interval([0.5] * 3, [0.5] * 3) == (1.0, 1.0, 1.0, "paired percentile")
+
+
+def test_a_student_with_none_right_keeps_an_upper_bound_on_its_retention():
+    # 0 of 60 against 48 of 60: every paired resample's ratio is 0. MOVER-R from the Wilson intervals:
+    # low 0; high = u1 / √(l2 (2·0.8 − l2)) with u1 = 0.060172 (0 of 60) and l2 = 0.682182 (48 of 60) = 0.07604.
+    ratio, low, high, method = metrics.ratio_interval([0] * 60, [1] * 48 + [0] * 12)
+    assert (ratio, low, method) == (0.0, 0.0, "mover wilson")
+    assert high == pytest.approx(0.07604, abs=1e-5)
+    # The same items right: the ratio is 1, and the interval is not [1, 1].
+    ratio, low, high, method = metrics.ratio_interval([1, 0, 1] * 20, [1, 0, 1] * 20)
+    assert (ratio, method) == (1.0, "mover wilson") and low < 0.9 and high > 1.1
 
 
 def test_judge_parsing_and_both_orders():
@@ -178,7 +242,7 @@ def test_gate_exit_codes_and_escaped_report(tmp_path, server, env_key):
     assert main(["run", str(recipe), "--set", "eval.gate.min_retention=0.9"]) == 1
     assert server.stats.total == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["gate"] == {"passed": False, "reason": "student: retention 0.500 < min_retention 0.9"}
+    assert results["gate"] == {"passed": False, "reason": "student: retention 50.0 % < min_retention 90 %"}
 
 
 def test_judge_rubric_and_pairwise_through_the_sdk(tmp_path, server, env_key):
@@ -208,6 +272,117 @@ def test_missing_golden_file_and_missing_verifier(tmp_path, server, env_key):
     golden.write_text('{"prompt": "q", "metric": "verifier"}\n')
     recipe.write_text(text.replace(str(tmp_path / "nope.jsonl"), str(golden)))
     assert main(["run", str(recipe)]) == 2
+
+
+# ---- the report ------------------------------------------------------------------------------------
+def _summary() -> dict:
+    """A summary as eval/run.py writes it: a local teacher and a student of the same size, everything on."""
+    def model(role, mean, low, high, interval="wilson", **extra):
+        perf = {"latency_p50_s": 0.5, "latency_p99_s": 0.9, "ttft_p50_s": 0.05, "output_tokens_per_s": 40.0,
+                "parameters": 134_515_008, "disk_bytes": 270 * 2**20, "loaded_mib": 600.0, "timed_prompts": 8,
+                "latencies_s": [0.4, 0.5, 0.6]}
+        return {"role": role, "provider": "local", "model": "m", "perf": perf, "lineage": None,
+                "metrics": {m: {"mean": mean, "low": low, "high": high, "n": 60, "interval": interval}
+                            for m in ("overall", "json_match")},
+                "tags": {"golden": mean, "hard": mean / 2}, **extra}
+
+    retention = {m: {"ratio": 1.125, "low": 0.98, "high": 1.29, "interval": "paired bca"}
+                 for m in ("overall", "json_match")}
+    lineage = {"base_model": {"name": "builtin:smollm2-135m-instruct"}, "data": [{"path": "runs/demo", "samples": 234}],
+               "splits": {"train": 207, "eval": 27, "held_out": 0.1, "seed": 0}, "global_step": 26,
+               "metrics": {"eval_loss": 0.049}, "sft": {"lora": {"r": 16, "alpha": 32}, "learning_rate": 2e-4,
+                                                        "epochs": 1, "distill": None},
+               "hardware": {"device": "cpu"}, "git_commit": "abc1234", "started_at": "2025-01-01T00:00:00",
+               "seconds": 150.2}
+    return {
+        "items": 60, "golden": ["data/golden/extraction.jsonl"], "reference": "teacher", "student": "trained student",
+        "bootstrap_resamples": 1000, "gate": {"passed": True, "reason": "trained student: retention 112.5 % ≥ 90 %"},
+        "models": {
+            "teacher": model("teacher", 0.8, 0.68, 0.88),
+            "untrained student": model("baseline", 0.0, 0.0, 0.0602, retention={
+                "overall": {"ratio": 0.0, "low": 0.0, "high": 0.0, "interval": "paired percentile"}},
+                retention_by_tag={"golden": 0.0, "hard": 0.0}, agreement=0.0),
+            "trained student": {**model("student", 0.9, 0.8, 0.95, lineage=lineage), "retention": retention,
+                                "retention_by_tag": {"golden": 1.125, "hard": 1.125}, "agreement": 0.8},
+        },
+        "cascade": [{"routed": 0.0, "quality": 0.9, "threshold": None}, {"routed": 0.2, "quality": 0.933,
+                                                                        "threshold": -0.31},
+                    {"routed": 1.0, "quality": 0.8, "threshold": -0.01}],
+        "divergence_kl": 0.412,
+        "speculative": {"prompts": 4, "acceptance_rate": 0.55, "teacher_alone_s": 3.1, "with_draft_s": 4.84,
+                        "speedup": 0.64},
+        "pairwise": {"student": "trained student", "against": "teacher", "win_rate": 0.55, "low": 0.45, "high": 0.65,
+                     "interval": "bca", "inconsistent_pairs": 6, "unparsed": 0, "cost_usd": 0.0},
+        "examples": [{"key": "q1", "prompt": "Ann <b>lives</b> in Rome", "reference": '{"name": "Ann"}', "gap": 1.0,
+                      "answers": {"teacher": '{"name": "Ann"}', "trained student": "<script>alert(1)</script>"}}],
+    }
+
+
+def test_every_report_section_has_a_table_and_a_reading_and_no_raw_json(tmp_path):
+    from eval.report import write_reports
+
+    write_reports(tmp_path, _summary())
+    page = (tmp_path / "report.html").read_text()
+    for key, reading in [
+        ("scores", "trained student scores 90.0 % [80.0, 95.0], keeping 112.5 % [98.0, 129.0] of teacher's 80.0 %"),
+        ("metrics", "json_match is the only metric"),
+        ("tags", "trained student is weakest on tag hard (45.0 %, retention 112.5 %)"),
+        ("latency", "trained student answers in 0.50 s at p50, 1.00× the time teacher takes"),
+        ("cascade", "routing the 20.0 % least confident answers of trained student to teacher lifts the score "
+                    "from 90.0 % to 93.3 %"),
+        ("pairwise", "win rate 55.0 %, so it is level with it"),
+        ("speculative", "0.64× — slower: the draft model (135 M parameters) is as large as the target (135 M); "
+                        "it pays off only with a much smaller draft"),
+        ("divergence", "0.412 nats per token"),
+        ("examples", "the 1 golden item(s) where trained student falls furthest behind teacher"),
+        ("lineage", "trained student is LoRA r16 alpha 32 on builtin:smollm2-135m-instruct, 26 steps on 207 samples"),
+    ]:
+        section = page.split(f"<h2 id='{key}'>")
+        assert len(section) == 2, f"report.html has no section {key!r}"
+        body = section[1].split("<h2")[0]
+        assert "<table>" in body, f"section {key!r} has no table"
+        assert html.escape(reading) in body, f"section {key!r} lacks its reading {reading!r}"
+    assert '{"' not in page.replace(html.escape('{"name": "Ann"}'), ""), "a raw JSON dump is left in report.html"
+    assert "&quot;prompts&quot;" not in page and "&quot;base_model&quot;" not in page, "speculative/lineage as JSON"
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<b>lives</b>" not in page
+    # Every interval names its method; retention reads as percent, never as a ratio.
+    assert "Wilson" in page and "paired BCa bootstrap" in page
+    assert "1.125" not in page and "112.5 %" in page
+    md = (tmp_path / "report.md").read_text()
+    assert "0.64× — slower" in md and "| json_match |" in md and "Wilson" in md
+    assert "```json" not in md, "a raw JSON dump is left in report.md"
+    assert "| &lt;script&gt;alert(1)&lt;/script&gt; |" in md, "model text in a Markdown table cell is escaped"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["models"]["trained student"]["retention"]["overall"]["ratio"] == 1.125
+
+
+@pytest.mark.parametrize("speedup, draft, reading", [
+    (0.64, 134_515_008, "0.64× — slower: the draft model (135 M parameters) is as large as the target (135 M)"),
+    (1.38, 134_515_008, "1.38× — faster on this run, but the draft model (135 M parameters) is as large as the target"),
+    (1.0, 134_515_008, "1.00× — no gain: the draft model"),
+    (1.9, 20_000_000, "1.90× — faster: teacher accepts 55.0 % of trained student's drafted tokens"),
+    (0.8, 20_000_000, "0.80× — slower: only 55.0 % of the drafted tokens are accepted"),
+])
+def test_the_speculative_reading_says_why(speedup, draft, reading):
+    from eval.readings import speculative
+
+    summary = _summary()
+    summary["speculative"]["speedup"] = speedup
+    summary["models"]["trained student"]["perf"]["parameters"] = draft
+    assert speculative(summary).reading.startswith(reading)
+
+
+def test_the_terminal_table_prints_retention_as_percent_with_its_interval():
+    from rich.console import Console
+
+    from eval.report import print_table
+
+    console = Console(record=True, width=220)
+    print_table(_summary(), console)
+    text = console.export_text()
+    assert "112.5 % [98.0, 129.0]" in text and "1.125" not in text
+    assert "Speculative decoding: 0.64× — slower: the draft model" in text
 
 
 # ---- local models -------------------------------------------------------------------------------
