@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 
 def _pct(value: Any) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f} %"
@@ -56,12 +58,13 @@ def print_table(summary: dict[str, Any], console: Any) -> None:
     for column in header:
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(escape(str(cell)) for cell in row))
     console.print(table)
     gate = summary.get("gate")
     if gate:
         colour = "green" if gate["passed"] else "red"
-        console.print(f"[{colour}]gate {'passed' if gate['passed'] else 'FAILED'}:[/] {gate['reason']}", highlight=False)
+        console.print(f"[{colour}]gate {'passed' if gate['passed'] else 'FAILED'}:[/] {escape(str(gate['reason']))}",
+                      highlight=False)
 
 
 # ---- plots ------------------------------------------------------------------------------------------
