@@ -16,6 +16,8 @@ def add_commands(sub: argparse._SubParsersAction, launcher: str) -> None:
     gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key, e.g. --set factory.samples_per_prompt=4 (repeatable)")
     gen.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N prompts")
+    gen.add_argument("--dry-run", action="store_true",
+                     help="check everything, count the requests, estimate tokens and cost; send and write nothing")
     add_output_options(gen)
     stats = sub.add_parser("stats", help="counts by reason, tokens, cost, throughput, coverage, diversity of a run")
     stats.add_argument("run_dir", type=Path)

@@ -19,6 +19,7 @@ from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError, os_error_message, RecipeError
 
 from . import review, review_ledger
+from .plan import plan_run, print_plan
 from .recipe import load_factory_config
 from .run import Run, print_result
 from .stats import compute_stats, render_stats
@@ -48,8 +49,16 @@ def _generate(args: argparse.Namespace, console: CommandConsole) -> int:
     if args.limit is not None and args.limit < 1:
         raise RecipeError("--limit must be at least 1")
     this = command_line(args.launcher, "factory", "generate", args.recipe)
-    console.print(f"[bold]{escape(this)}[/] → {escape(str(config.output_dir))}", highlight=False)
+    dry = " (dry run: nothing is sent or written)" if args.dry_run else ""
+    console.print(f"[bold]{escape(this)}[/] → {escape(str(config.output_dir))}{dry}", highlight=False)
     console.detail_json(config.model_dump(mode="json"))  # -v; it is in manifest.json too
+    if args.dry_run:
+        plan = asyncio.run(plan_run(config, limit=args.limit, console=console))
+        print_plan(plan, config, console)
+        again = " ".join([this] + [f"--set {item}" for item in args.set]
+                         + ([f"--limit {args.limit}"] if args.limit is not None else []))
+        console.final(f"next: {escape(again)} (without --dry-run) to run it", highlight=False)
+        return 0
     result = asyncio.run(Run(config, limit=args.limit, console=console).execute())
     print_result(result, console, config.output_dir)
     if result.ok:

@@ -1,5 +1,6 @@
 """The command lines a person reads: the `apprentice` script, the short summary of `generate` (-q, -v),
-run.log, escaped output, the next-step lines."""
+run.log, escaped output, the next-step lines, and `generate --dry-run` (which sends nothing
+to the fake server and leaves the run directory as it was)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from apprentice import __version__
 from apprentice.commandline import APPRENTICE_NAMES, VERBOSE
 from apprentice.console import CommandConsole
 from factory.__main__ import main as factory_main
+from factory.plan import TokenCounter
 from quality_checks.judging import JUDGE_SYSTEM
 
 SUMMARY = ("teacher", "prompts", "checks", "output", "budget")
@@ -180,7 +182,130 @@ def test_paths_and_errors_with_markup_are_printed_as_they_are(tmp_path, server, 
                       f"  teacher: {{provider: openai, model: gpt-4o-mini, base_url: '{server.openai_base_url}', "
                       "api_key_env: APPRENTICE_TEST_KEY, params: {max_tokens: 64}}\n")
     assert generate(recipe) == 0, capsys.readouterr().err
+    assert generate(recipe, "--dry-run") == 0
     err = capsys.readouterr().err
     assert f"→ {run}" in err and f"output   {run}" in err
     assert generate(recipe, "--set", f"factory.prompts.path={folder / '[bold]missing.jsonl'}") == 2
     assert f"{folder / '[bold]missing.jsonl'}: prompts file not found" in capsys.readouterr().err
+
+
+# ---- generate --dry-run -------------------------------------------------------------------------------------
+def dry(recipe: Path, capsys, *extra: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = generate(recipe, "--dry-run", *extra)
+    return code, capsys.readouterr().err
+
+
+def row(err: str, name: str) -> str:
+    return next(line for line in err.splitlines() if line.startswith(f"{name} "))
+
+
+@pytest.mark.parametrize("provider,n,extra_teacher,requests", [
+    ("openai", 3, "", 6),  # the API's n: one request a prompt
+    ("anthropic", 2, "", 12),  # no n: one request a sample
+    ("openai", 3, "    param_ranges: {temperature: [0.2, 1.0]}\n", 18),  # a draw a sample: a request each
+])
+def test_dry_run_counts_requests_sends_nothing_and_creates_nothing(tmp_path, server, env_key, capsys, provider, n,
+                                                                   extra_teacher, requests):
+    run = tmp_path / "run"
+    base_url = server.openai_base_url if provider == "openai" else server.anthropic_base_url
+    model = "gpt-4o-mini" if provider == "openai" else "claude-haiku-4-5"
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", 6),
+                          provider=provider, base_url=base_url, model=model, n=n, extra_teacher=extra_teacher,
+                          extra="  budget_usd: 1\n")
+    code, err = dry(recipe, capsys)
+    assert code == 0, err
+    assert server.stats.total == 0, "a dry run sends nothing"
+    assert not run.exists(), "a dry run neither creates nor locks the run directory"
+    assert f"6 from {tmp_path / 'p.jsonl'} → {requests} request(s) → {6 * n} sample(s)" in row(err, "prompts")
+    assert f"(max_tokens 64 × {6 * n} sample(s))" in row(err, "tokens")
+    assert row(err, "cost").startswith("cost     $") and "every answer max_tokens long" in row(err, "cost")
+    assert "fits even if every answer is max_tokens long" in row(err, "budget")
+    assert lines(err)[-1] == f"next: python -m factory generate {recipe} (without --dry-run) to run it"
+
+
+def test_dry_run_of_a_started_run_counts_what_is_left_reads_its_records_and_changes_nothing(
+        tmp_path, server, env_key, capsys):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", 10),
+                          provider="openai", base_url=server.openai_base_url, n=2)
+    assert generate(recipe, "--limit", "4") == 0
+    records = read_jsonl(run / "accepted.jsonl")
+    mean = sum(r["usage"]["output_tokens"] / r["usage"]["shared_by"] for r in records) / len(records)
+    before = snapshot(run)
+    server.reset_stats()
+    code, err = dry(recipe, capsys)
+    assert code == 0, err
+    assert server.stats.total == 0 and snapshot(run) == before, "the run directory is read, never written"
+    assert "8 sample(s) done, 0 request(s) answered by the cache → 6 request(s) to send" in row(err, "on disk")
+    assert f"~{round(mean * 12):,} at the mean of 8 record(s)" in row(err, "tokens")
+    assert "calibrated on the run's records" in row(err, "tokens") or "bpe-openai" in row(err, "tokens")
+    # Answers paid for but not written (a crash between the cache and the records) are free next time.
+    (run / "accepted.jsonl").write_text("")
+    code, err = dry(recipe, capsys, "--limit", "4")
+    assert "0 sample(s) done, 4 request(s) answered by the cache → 0 request(s) to send" in row(err, "on disk")
+    assert row(err, "cost").startswith("cost     $0 (input only) to $0 (")
+
+
+def test_dry_run_refuses_what_the_run_would_refuse(tmp_path, server, env_key, monkeypatch, capsys):
+    run = tmp_path / "run"
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=prompts, provider="openai",
+                          base_url=server.openai_base_url)
+    code, err = dry(recipe, capsys, "--set", "factory.teacher.model=my-own-model", "--set", "factory.budget_usd=1")
+    assert code == 2 and "factory.teacher.price" in err
+    code, err = dry(recipe, capsys, "--set", "factory.budget_usd=0.000001")
+    assert code == 0 and "too small even for the input" in row(err, "budget"), err
+    code, err = dry(recipe, capsys, "--set", "factory.budget_usd=0.00002")
+    assert code == 0 and "may be reached: the run then stops" in row(err, "budget"), err
+    with prompts.open("a") as handle:
+        handle.write('{"prompt": 42}\n')
+    code, err = dry(recipe, capsys)
+    assert code == 2 and f"{prompts}:4:" in err
+    monkeypatch.delenv("APPRENTICE_TEST_KEY")
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "q.jsonl", 1),
+                          provider="anthropic", base_url="null")
+    code, err = dry(recipe, capsys)
+    assert code == 2 and "APPRENTICE_TEST_KEY is not set" in err
+    assert server.stats.total == 0 and not run.exists()
+
+
+def test_dry_run_refuses_settings_that_differ_from_the_run_directory(tmp_path, server, env_key, capsys):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", 2),
+                          provider="openai", base_url=server.openai_base_url)
+    assert generate(recipe) == 0
+    code, err = dry(recipe, capsys, "--set", "factory.teacher.model=gpt-4o")
+    assert code == 2 and "holds samples made with other settings" in err
+
+
+def test_dry_run_of_a_grid_and_of_self_instruct_writes_nothing(tmp_path, server, env_key, capsys):
+    run = tmp_path / "run"
+    seeds = write_prompts(tmp_path / "seeds.jsonl", 4, prefix="a seed question of some length")
+    recipe = tmp_path / "r.yaml"
+    teacher = (f"  teacher: {{provider: openai, model: gpt-4o-mini, base_url: '{server.openai_base_url}', "
+               "api_key_env: APPRENTICE_TEST_KEY, params: {max_tokens: 100}}\n")
+    recipe.write_text(f"factory:\n  output_dir: {run}\n"
+                      "  prompts: {grid: {template: 'Explain {t} to {p}.', attributes: {t: [a, b, c], p: [x, y]}}}\n"
+                      + teacher)
+    code, err = dry(recipe, capsys)
+    assert code == 0, err
+    assert "6 from " in row(err, "prompts") and "→ 6 request(s)" in row(err, "prompts")
+    recipe.write_text(f"factory:\n  output_dir: {run}\n"
+                      f"  prompts: {{self_instruct: {{seeds: {seeds}, count: 20, per_request: 4}}}}\n" + teacher)
+    code, err = dry(recipe, capsys)
+    assert code == 0, err
+    assert "20 from self-instruct (not written yet: sized like the 4 seeds)" in row(err, "prompts")
+    assert "self-instruct first: 5 to 25 request(s)" in row(err, "expand")
+    assert server.stats.total == 0 and not run.exists()
+
+
+def test_input_tokens_with_the_models_encoding_or_the_character_estimate():
+    text = [{"role": "user", "content": "Hello world, how are you?"}]
+    assert TokenCounter("anthropic", "claude-haiku-4-5", None).count(text) == len(text[0]["content"]) // 4 + 4
+    assert TokenCounter("openai", "my-own-model", None).name == "characters / 4"
+    pytest.importorskip("bpe_openai")
+    counter = TokenCounter("openai", "gpt-4o-mini-2024-07-18", None)
+    assert counter.name == "o200k_base (bpe-openai)"
+    assert counter.count(text) == 7 + 3 + 3, "o200k_base: 7 tokens, 3 of framing for the message, 3 for the answer"
+    assert TokenCounter("openai", "gpt-4-turbo", None).name == "cl100k_base (bpe-openai)"
