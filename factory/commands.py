@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 
 from rich.console import Console
@@ -55,7 +56,7 @@ def _generate(args: argparse.Namespace, console: CommandConsole) -> int:
     if args.dry_run:
         plan = asyncio.run(plan_run(config, limit=args.limit, console=console))
         print_plan(plan, config, console)
-        again = " ".join([this] + [f"--set {item}" for item in args.set]
+        again = " ".join([this] + [f"--set {shlex.quote(item)}" for item in args.set]
                          + ([f"--limit {args.limit}"] if args.limit is not None else []))
         console.final(f"next: {escape(again)} (without --dry-run) to run it", highlight=False)
         return 0

@@ -35,7 +35,7 @@ from .decide import work_items
 from .limiter import estimate_tokens
 from .pricing import Pricer, pricer_for, usd
 from .prompts import PromptError, SourceEnv, check_prompts, iter_prompts
-from .recipe import FactoryConfig
+from .recipe import IN_PROCESS, FactoryConfig
 from .run import check_compatible, describe_teacher
 from .self_instruct import INSTRUCTION, KEY as SELF_INSTRUCT, finished_expansion, user_text
 from .sources import source_name, write_prompts
@@ -337,10 +337,12 @@ def print_plan(plan: Plan, config: FactoryConfig, console: Any) -> None:
         e = plan.expansion
         rows.append(("expand", f"self-instruct first: {e['least']:,} to {e['requests']:,} request(s), "
                                f"{e['input_tokens']:,} input tokens at most, ≤ {usd(e['cost_max'])}"))
-    priced = plan.pricer is not None and plan.pricer.known or teacher.provider in ("local", "vllm")
+    priced = plan.pricer is not None and plan.pricer.known
     expansion = plan.expansion["cost_max"] if plan.expansion else 0.0
     low, high = plan.cost_input, plan.cost_max + expansion
-    if not priced:
+    if teacher.provider in IN_PROCESS:
+        rows.append(("cost", "none: the model runs in this process"))
+    elif not priced:
         rows.append(("cost", f"unknown: no price for {teacher.model!r} (set factory.teacher.price)"))
     else:
         cost = f"{usd(low)} (input only) to {usd(high)} (every answer max_tokens long)"

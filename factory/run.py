@@ -421,15 +421,15 @@ class _Spent:
 
 def describe_teacher(teacher: TeacherConfig) -> str:
     """The teacher in one line: provider, model, where it runs, the mode and the sampling parameters."""
-    where = teacher.base_url or {"openai": "api.openai.com", "anthropic": "api.anthropic.com",
-                                 "local": f"in this process ({teacher.device or 'auto device'})",
-                                 "vllm": "vLLM in this process"}[teacher.provider]
+    where = f"at {teacher.base_url}" if teacher.base_url else {
+        "openai": "at api.openai.com", "anthropic": "at api.anthropic.com",
+        "local": f"in this process ({teacher.device or 'auto device'})", "vllm": "in this process (vLLM)"}[teacher.provider]
     mode = f"batch at {teacher.batch.discount:g}× the price" if teacher.mode == "batch" else "online"
     params = ", ".join(f"{key} {value}" for key, value in teacher.params.items())
     if teacher.param_ranges is not None:
         params += "; drawn per sample: " + ", ".join(f"{key} {low:g}–{high:g}"
                                                      for key, (low, high) in teacher.param_ranges.ranges().items())
-    return f"{teacher.provider} {teacher.model} at {where} · {mode} · {params}"
+    return f"{teacher.provider} {teacher.model} {where} · {mode} · {params}"
 
 
 def _same_endpoint(a: TeacherConfig, b: TeacherConfig) -> bool:
