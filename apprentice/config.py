@@ -8,6 +8,9 @@ sft/config.py and eval/config.py, which import no behaviour module.
 """
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +27,12 @@ class Strict(BaseModel):
     """A recipe model: unknown keys are errors (a typo must not be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def item_model(cls, field: str, item: Any) -> type[BaseModel] | None:
+        """The model of one item of `field` when its type does not say (a check's options depend on its
+        name); for the "did you mean" of an unknown key. None: not known."""
+        return None
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, raw_value: str) -> None:
@@ -47,23 +56,67 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
         _set_dotted(data, key.strip(), value)
 
 
-def with_section_prefix(error: ValidationError, section: str) -> ValidationError:
-    """The same errors with `section.` in front of each key path, so they read like the recipe file."""
-    errors = []
-    for item in error.errors():
-        item = dict(item)
-        item["loc"] = (section, *item["loc"])
-        errors.append(item)
-    return ValidationError.from_exception_data(error.title, errors)  # type: ignore[arg-type]
+def _models_in(annotation: Any) -> list[Any]:
+    """The types an annotation may hold: `X | None`, `list[X]`, `dict[str, X]` and `Annotated[X, ...]` opened."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [found for arg in typing.get_args(annotation) for found in _models_in(arg)]
+    return [annotation]
 
 
-def format_validation_error(path: Path | str, error: ValidationError) -> str:
+def _is_any(annotation: Any) -> bool:
+    return all(kind is Any for kind in _models_in(annotation))
+
+
+def closest_key(model: type[BaseModel], data: Any, loc: tuple[str | int, ...]) -> str | None:
+    """The known key nearest to the unknown one at the end of `loc` (difflib's ratio), or None.
+
+    Walks the models along `loc` beside the raw `data`: a field's annotation, a list's items, a mapping's
+    values; an item typed Any (a check) is asked of its owner's `item_model`."""
+    # (annotation here, the model that declared the field we are in, that field's name)
+    here: list[tuple[Any, Any, str]] = [(model, None, "")]
+    for part in loc[:-1]:
+        value = data[part] if _has(data, part) else None
+        down: list[tuple[Any, Any, str]] = []
+        for annotation, owner, field in here:
+            for kind in _models_in(annotation):
+                origin, args = typing.get_origin(kind), typing.get_args(kind)
+                if isinstance(kind, type) and issubclass(kind, BaseModel) and part in kind.model_fields:
+                    down.append((kind.model_fields[part].annotation, kind, str(part)))
+                elif isinstance(part, int) and origin in (list, tuple) and args:
+                    item = args[0]
+                    if _is_any(item) and isinstance(owner, type) and issubclass(owner, Strict):
+                        item = owner.item_model(field, value) or item
+                    down.append((item, owner, field))
+                elif isinstance(part, str) and origin is dict and len(args) == 2:
+                    down.append((args[1], owner, field))
+        here, data = down, value
+    known = sorted({name for annotation, _, _ in here for kind in _models_in(annotation)
+                    if isinstance(kind, type) and issubclass(kind, BaseModel) for name in kind.model_fields})
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _has(data: Any, part: str | int) -> bool:
+    if isinstance(data, dict):
+        return part in data
+    return isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data)
+
+
+def format_validation_error(path: Path | str, error: ValidationError, model: type[BaseModel] | None = None,
+                            data: Any = None, section: str | None = None) -> str:
+    """Every error of a recipe section, each with its key path; an unknown key with the known key nearest to
+    it when `model` (the section's, whose raw mapping is `data`) has one. `section` prefixes the key paths."""
     lines = [f"{path}: {error.error_count()} problem(s) in the recipe:"]
     for item in error.errors():
-        loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        loc = ".".join(str(part) for part in ((section,) if section else ()) + tuple(item["loc"])) or "(top level)"
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the README for the keys of each section)"
+            close = closest_key(model, data, tuple(item["loc"])) if model is not None else None
+            msg = (f"unknown key; did you mean `{close}`?" if close else
+                   "unknown key (check the spelling; see the README for the keys of each section)")
         elif item["type"] == "missing":
             msg = "required key is missing"
         lines.append(f"  {loc}: {msg}")
@@ -94,7 +147,7 @@ def validate_section(model: type[Section], section: str, value: Any, path: Path 
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(path, with_section_prefix(exc, section))) from None
+        raise RecipeError(format_validation_error(path, exc, model, value, section)) from None
 
 
 def load_section(model: type[Section], section: str, path: Path | str,
@@ -103,7 +156,9 @@ def load_section(model: type[Section], section: str, path: Path | str,
     data = load_recipe_data(path, overrides)
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
-        raise RecipeError(f"{path}: unknown top-level section(s) {', '.join(unknown)}; expected factory, sft, eval")
+        hints = [f"{name} (did you mean `{close[0]}`?)" if (close := difflib.get_close_matches(str(name), SECTIONS, n=1))
+                 else str(name) for name in unknown]
+        raise RecipeError(f"{path}: unknown top-level section(s) {', '.join(hints)}; expected factory, sft, eval")
     if data.get(section) is None:
         raise RecipeError(f"{path}: no `{section}:` section; add one (see data/recipes/demo.yaml)")
     return validate_section(model, section, data[section], path)

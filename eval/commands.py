@@ -8,6 +8,8 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+from apprentice.commandline import command_line
+from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError, os_error_message
 
 from .config import load_eval_config
@@ -16,21 +18,32 @@ from .run import evaluate
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console(stderr=True, soft_wrap=True)
+    console = CommandConsole(args.verbosity, transcript=False)
     try:
         config = load_eval_config(args.recipe, args.set)
-        console.print(f"[bold]eval run[/] {args.recipe} → {config.output_dir}")
+        this = command_line(args.launcher, "eval", "run", args.recipe)
+        console.print(f"[bold]{escape(this)}[/] → {escape(str(config.output_dir))}", highlight=False)
+        console.detail_json(config.model_dump(mode="json"))
         summary, gate = evaluate(config, console)
     except ApprenticeError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        console.final(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return exc.exit_code
     except OSError as exc:  # a full disk, a permission: one line naming the path
-        console.print(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
+        console.final(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
         return 1
-    # A pipe or a log file gets the whole table rather than rich's 80-column default.
-    print_table(summary, Console() if sys.stdout.isatty() else Console(width=160))
-    console.print(f"report: {config.output_dir / 'report.html'}, {config.output_dir / 'report.md'}, "
-                  f"{config.output_dir / 'results.json'}", highlight=False)
+    if args.verbosity >= 0:  # the table is the result: on stdout, apart from the progress on stderr
+        # A pipe or a log file gets the whole table rather than rich's 80-column default.
+        print_table(summary, Console() if sys.stdout.isatty() else Console(width=160))
+    report = config.output_dir / "report.html"
+    console.print(escape(f"also: {config.output_dir / 'report.md'}, {config.output_dir / 'results.json'}"),
+                  highlight=False)
+    if gate is None:
+        verdict = "no gate set (eval.gate)"
+    elif gate.passed:
+        verdict = "gate passed: the student may ship"
+    else:
+        verdict = f"gate FAILED (exit 1): {gate.reason}"
+    console.final(escape(f"report: {report} · {verdict}"), highlight=False)
     return 1 if gate is not None and not gate.passed else 0
 
 

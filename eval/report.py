@@ -26,14 +26,14 @@ def print_table(summary: dict[str, Any], console: Any) -> None:
     for column in header:
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:
-        table.add_row(*(escape(cell) for cell in row))
+        table.add_row(*(escape(str(cell)) for cell in row))
     console.print(table)
     for section in sections(summary):
         console.print(f"[bold]{section.title}:[/] {escape(section.reading)}", highlight=False)
     gate = summary.get("gate")
     if gate:
         colour = "green" if gate["passed"] else "red"
-        console.print(f"[{colour}]gate {'passed' if gate['passed'] else 'FAILED'}:[/] {escape(gate['reason'])}",
+        console.print(f"[{colour}]gate {'passed' if gate['passed'] else 'FAILED'}:[/] {escape(str(gate['reason']))}",
                       highlight=False)
 
 

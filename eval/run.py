@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from rich.markup import escape
+
 from apprentice.errors import RecipeError
 from factory.lock import DirectoryLock
 
@@ -161,8 +163,8 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
     items = load_golden(config.golden, config.metrics)
     _default_params(config)
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"{len(items)} golden item(s) from {', '.join(str(p) for p in config.golden)}; "
-                  f"{len(config.models)} model(s)")
+    console.print(escape(f"{len(items)} golden item(s) from {', '.join(str(p) for p in config.golden)}; "
+                         f"{len(config.models)} model(s)"), highlight=False)
     runs: dict[str, ModelRun] = {}
     for model in config.models:
         if model.provider == "local":
@@ -172,10 +174,11 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
             with progress:
                 runs[model.name] = run_local(model, items, perf_prompts=config.perf_prompts, progress=progress)
             perf = runs[model.name].perf
-            console.print(f"{model.name}: {len(items)} answers and {perf.get('timed_prompts', 0)} timed prompts in "
-                          f"{time.monotonic() - began:.0f} s", highlight=False)
+            console.print(escape(f"{model.name}: {len(items)} answers and {perf.get('timed_prompts', 0)} timed "
+                                 f"prompts in {time.monotonic() - began:.0f} s"), highlight=False)
         else:
-            console.print(f"{model.name}: {model.provider} {model.model} through the factory pipeline")
+            console.print(escape(f"{model.name}: {model.provider} {model.model} through the factory pipeline"),
+                          highlight=False)
             runs[model.name] = run_hosted(model, items, config.output_dir, console)
 
     judged: dict[str, dict[str, float]] = {}

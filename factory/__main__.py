@@ -1,19 +1,24 @@
-"""`python -m factory generate|review|stats` — thin: the parser here, the commands in factory/commands.py."""
+"""`python -m factory generate|review|stats` — thin: the parser here, the commands in factory/commands.py.
+The same subcommands are `apprentice generate|review|stats` (apprentice_cli builds them with `add_commands`)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+from apprentice.commandline import PYTHON_M, add_output_options
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m factory", description="Apprentice data factory")
-    sub = parser.add_subparsers(dest="command", required=True)
+
+def add_commands(sub: argparse._SubParsersAction, launcher: str) -> None:
+    """The factory's subcommands on `sub`; `launcher` says how the user runs them (for the next-step lines)."""
     gen = sub.add_parser("generate", help="build or resume a dataset run from a recipe")
     gen.add_argument("recipe", type=Path, help="recipe YAML with a factory: section")
     gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key, e.g. --set factory.samples_per_prompt=4 (repeatable)")
     gen.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N prompts")
+    gen.add_argument("--dry-run", action="store_true",
+                     help="check everything, count the requests, estimate tokens and cost; send and write nothing")
+    add_output_options(gen)
     stats = sub.add_parser("stats", help="counts by reason, tokens, cost, throughput, coverage, diversity of a run")
     stats.add_argument("run_dir", type=Path)
     stats.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
@@ -26,10 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     decide.add_argument("--promote", nargs="+", metavar="ID", help="count these samples as accepted")
     decide.add_argument("--demote", nargs="+", metavar="ID", help="count these samples as rejected")
     review.add_argument("--why", metavar="TEXT", help="the reason for --promote / --demote (required with them)")
-    args = parser.parse_args(argv)
+    for name, command in (("generate", gen), ("stats", stats), ("review", review)):
+        command.set_defaults(run=run, launcher=launcher, command=name)
+
+
+def run(args: argparse.Namespace) -> int:
     from .commands import COMMANDS  # the one late import: --help stays instant and free of the engine
 
     return COMMANDS[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m factory", description="Apprentice data factory")
+    add_commands(parser.add_subparsers(dest="command", required=True), PYTHON_M)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

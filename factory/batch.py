@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 from apprentice.errors import FATAL_STATUS, ApprenticeError, TeacherError
 
@@ -230,7 +231,7 @@ class BatchDriver:
                     self._fail(self.waiting.pop(key), f"batch {batch.name} refused: {error}", error.status)
             return
         self.ledger.append({"event": "submitted", "batch": batch.name, "provider_id": provider_id})
-        self.console.print(f"batch {batch.name}: {batch.count:,} requests submitted as {provider_id}",
+        self.console.print(escape(f"batch {batch.name}: {batch.count:,} requests submitted as {provider_id}"),
                            highlight=False)
 
     def _tag(self, batch: Batch) -> str:
@@ -247,13 +248,13 @@ class BatchDriver:
         if not found:
             return False
         if self.teacher.batch_tagged:
-            self.console.print(f"batch {batch.name}: found at the provider as {found[0]} (submitted {why}); "
-                               "not sent again", highlight=False)
+            self.console.print(escape(f"batch {batch.name}: found at the provider as {found[0]} (submitted {why}); "
+                                      "not sent again"), highlight=False)
             self.ledger.append({"event": "submitted", "batch": batch.name, "provider_id": found[0], "adopted": True})
         else:
-            self.console.print(
+            self.console.print(escape(
                 f"batch {batch.name}: {', '.join(found)} at the provider may be it (submitted {why}; same request "
-                "count, created since); not sent again: confirmed by its results once it ends", highlight=False)
+                "count, created since); not sent again: confirmed by its results once it ends"), highlight=False)
             self.ledger.append({"event": "candidates", "batch": batch.name, "ids": found})
         return True
 
@@ -273,7 +274,7 @@ class BatchDriver:
             async with aclosing(outcomes):  # one result tells: no need to read a whole batch that is not ours
                 first = await anext(outcomes, None)
             if first is not None and first.key in keys:
-                self.console.print(f"batch {batch.name}: {candidate} is it (its results are ours)", highlight=False)
+                self.console.print(escape(f"batch {batch.name}: {candidate} is it (its results are ours)"), highlight=False)
                 self.ledger.append({"event": "submitted", "batch": batch.name, "provider_id": candidate,
                                     "adopted": True})
                 return True
@@ -357,9 +358,9 @@ class BatchDriver:
         self.ledger.append({"event": "fetched", "batch": batch.name, "status": batch.status,
                             "succeeded": succeeded, "failed": failed})
         self.budget.release(batch.worst_usd)
-        self.console.print(
+        self.console.print(escape(
             f"batch {batch.name} ({batch.provider_id}) {batch.status}: {succeeded:,} answered, {len(failed):,} failed"
-            + (f", {len(resend):,} sent again" if resend else ""), highlight=False)
+            + (f", {len(resend):,} sent again" if resend else "")), highlight=False)
         return resend
 
     async def _outcomes(self, batch: Batch) -> AsyncIterator[Outcome]:

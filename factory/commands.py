@@ -8,39 +8,67 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 
 from rich.console import Console
 from rich.markup import escape
 
+from apprentice.commandline import command_line
+from apprentice.config import load_recipe_data
+from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError, os_error_message, RecipeError
 
 from . import review, review_ledger
+from .plan import plan_run, print_plan
 from .recipe import load_factory_config
 from .run import Run, print_result
 from .stats import compute_stats, render_stats
 
 
 def generate(args: argparse.Namespace) -> int:
-    console = Console(stderr=True, soft_wrap=True)
+    console = CommandConsole(args.verbosity)
     try:
-        config = load_factory_config(args.recipe, args.set)
-        if args.limit is not None and args.limit < 1:
-            raise RecipeError("--limit must be at least 1")
-        console.print(f"[bold]factory generate[/] {escape(str(args.recipe))} → {escape(str(config.output_dir))}")
-        console.print_json(data=config.model_dump(mode="json"))
-        result = asyncio.run(Run(config, limit=args.limit, console=console).execute())
+        with console.warnings_shown():
+            return _generate(args, console)
     except ApprenticeError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        console.final(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return exc.exit_code
     except OSError as exc:  # a full disk, a permission: one line naming the path
-        console.print(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
+        console.final(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
         return 1
     except KeyboardInterrupt:  # before the run's own handler is installed (e.g. during the self-instruct expansion)
-        console.print("[yellow]interrupted: run the same command again to resume; answers paid for are in the "
+        console.final("[yellow]interrupted: run the same command again to resume; answers paid for are in the "
                       "run's cache and are not paid twice[/]")
         return 130
+    finally:
+        console.close_log()
+
+
+def _generate(args: argparse.Namespace, console: CommandConsole) -> int:
+    config = load_factory_config(args.recipe, args.set)
+    if args.limit is not None and args.limit < 1:
+        raise RecipeError("--limit must be at least 1")
+    this = command_line(args.launcher, "factory", "generate", args.recipe)
+    dry = " (dry run: nothing is sent or written)" if args.dry_run else ""
+    console.print(f"[bold]{escape(this)}[/] → {escape(str(config.output_dir))}{dry}", highlight=False)
+    console.detail_json(config.model_dump(mode="json"))  # -v; it is in manifest.json too
+    if args.dry_run:
+        plan = asyncio.run(plan_run(config, limit=args.limit, console=console))
+        print_plan(plan, config, console)
+        again = " ".join([this] + [f"--set {shlex.quote(item)}" for item in args.set]
+                         + ([f"--limit {args.limit}"] if args.limit is not None else []))
+        console.final(f"next: {escape(again)} (without --dry-run) to run it", highlight=False)
+        return 0
+    result = asyncio.run(Run(config, limit=args.limit, console=console).execute())
     print_result(result, console, config.output_dir)
+    if result.ok:
+        run_dir = config.output_dir
+        review_it = command_line(args.launcher, "factory", "review", run_dir)
+        train = command_line(args.launcher, "sft", "train", args.recipe)
+        if "sft" not in load_recipe_data(args.recipe):
+            train = f"add an sft: section (data: [{run_dir}]) to {args.recipe}, then {train}"
+        console.final(f"next: {escape(review_it)} (the rejected samples), then {escape(train)}", highlight=False)
     return 0 if result.ok else (130 if result.status == "interrupted" else 1)
 
 

@@ -81,6 +81,34 @@ class _Entry:
     kept: bool = False  # best_of: accepted before a crash cut its prompt short; checked again for its score only
 
 
+def work_items(prompt: PromptItem, config: FactoryConfig, build: Callable[[list[dict[str, str]], int], dict[str, Any]],
+               supports_n: bool) -> list[WorkItem]:
+    """The requests of one prompt, each with the record ids of the samples it answers. `build(messages, n)`
+    is the exact body (the asker's, with the teacher's context); `supports_n`: the API can answer n at once.
+    `generate --dry-run` (factory/plan.py) counts the same requests."""
+    n = config.samples_per_prompt
+    ranges = config.teacher.param_ranges
+    if ranges is not None:
+        # Each sample its own draw, hence its own request even where the API has `n`: one temperature
+        # shared by n samples would tie every sample of a prompt to one setting, and quality could not be
+        # told apart from the prompt. The price is the prompt's input tokens paid once per sample.
+        body = build(prompt.messages, 1)
+        drawn = [ranges.draw(prompt.id, i) for i in range(n)]
+        slots = [([i], {**body, **values}, {**config.teacher.params, **values}) for i, values in enumerate(drawn)]
+    elif supports_n:
+        slots = [(list(range(n)), build(prompt.messages, n), None)]
+    else:
+        body = build(prompt.messages, 1)
+        slots = [([i], body, None) for i in range(n)]
+    items = []
+    for indices, body, params in slots:
+        body_json = canonical_json(body)
+        request_key = stable_hash(body_json)
+        ids = [sample_id(prompt.id, index, request_key) for index in indices]
+        items.append(WorkItem(prompt, indices, body, body_json, ids, params=params))
+    return items
+
+
 class Decider:
     """Turns work items into records: asks, checks, ranks (best_of), writes."""
 
@@ -126,28 +154,7 @@ class Decider:
         return open_items
 
     def _work_items(self, prompt: PromptItem) -> list[WorkItem]:
-        n = self.config.samples_per_prompt
-        ranges = self.config.teacher.param_ranges
-        if ranges is not None:
-            # Each sample its own draw, hence its own request even where the API has `n`: one temperature
-            # shared by n samples would tie every sample of a prompt to one setting, and quality could not be
-            # told apart from the prompt. The price is the prompt's input tokens paid once per sample.
-            body = self.asker.build(prompt.messages, 1)
-            drawn = [ranges.draw(prompt.id, i) for i in range(n)]
-            slots = [([i], {**body, **values}, {**self.config.teacher.params, **values})
-                     for i, values in enumerate(drawn)]
-        elif self.asker.teacher.supports_n:
-            slots = [(list(range(n)), self.asker.build(prompt.messages, n), None)]
-        else:
-            body = self.asker.build(prompt.messages, 1)
-            slots = [([i], body, None) for i in range(n)]
-        items = []
-        for indices, body, params in slots:
-            body_json = canonical_json(body)
-            request_key = stable_hash(body_json)
-            ids = [sample_id(prompt.id, index, request_key) for index in indices]
-            items.append(WorkItem(prompt, indices, body, body_json, ids, params=params))
-        return items
+        return work_items(prompt, self.config, self.asker.build, self.asker.teacher.supports_n)
 
     def fail_item(self, item: WorkItem, error: TeacherError) -> None:
         """Every open sample slot of `item` failed with `error` (batch mode: a request no batch answered)."""

@@ -41,6 +41,13 @@ PACE_SHARE = 0.97     # paced, each bucket is sent at most this share of its lim
 PACE_GAIN = 0.0001    # what each answer gives back to the paced share after a cut
 RECENT = 20           # answers remembered to tell a lone 429 from 429s that come together
 TOGETHER = 5          # 429s among them that make a limit signal
+DEFAULT_CHARS_PER_TOKEN = 4.0  # the input-token estimate before any answer calibrates it
+
+
+def estimate_tokens(chars: int, tokens_per_char: float = 1.0 / DEFAULT_CHARS_PER_TOKEN) -> int:
+    """A request's input tokens from the characters of its messages (a few tokens of message framing added);
+    a limiter calibrates `tokens_per_char` from the usage its answers report."""
+    return int(chars * tokens_per_char) + 4
 
 
 class LimiterClosed(ApprenticeError):
@@ -184,7 +191,7 @@ class Limiter:
         max_backoff_s: float = 60.0,
         breaker_threshold: int = 8,
         breaker_cooldown_s: float = 5.0,
-        chars_per_token: float = 4.0,
+        chars_per_token: float = DEFAULT_CHARS_PER_TOKEN,
         initial_concurrency: int = 8,
     ) -> None:
         self.max_concurrency = max_concurrency
@@ -238,7 +245,7 @@ class Limiter:
 
     # ---- token estimate -------------------------------------------------------------------------
     def estimate_tokens(self, chars: int) -> int:
-        return int(chars * self.tokens_per_char) + 4
+        return estimate_tokens(chars, self.tokens_per_char)
 
     def calibrate(self, chars: int, input_tokens: int) -> None:
         if chars > 0 and input_tokens > 0:

@@ -16,7 +16,10 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
+from apprentice.errors import RecipeError
 from apprentice.responses import TeacherResponse
+
+from .recipe import IN_PROCESS, TeacherConfig
 
 # A cache write's price as a share of the input price when a price says none: Anthropic's 5-minute write.
 CACHE_WRITE_SHARE = 1.25
@@ -118,3 +121,33 @@ class Pricer:
             return 0.0
         rates = self.rates.for_input(input_tokens)
         return (input_tokens * max(rates.input, rates.cache_write) + output_tokens * rates.output) / 1e6
+
+
+def pricer_for(teacher: TeacherConfig, budget_usd: float | None, key: str = "factory.teacher") -> tuple[Pricer, str | None]:
+    """The pricer of a model the run pays (`key` is its place in the recipe), and a warning when its price is
+    unknown. Raises RecipeError when a budget is set and no price is known: a budget needs a price."""
+    # The Batch APIs bill a share of the list price (half, for both providers).
+    scale = teacher.batch.discount if teacher.mode == "batch" else 1.0
+    if teacher.price is not None:
+        price = teacher.price
+        return Pricer(Rates.of(price.input, price.output, price.cached_input, price.cache_write), scale), None
+    if teacher.provider in IN_PROCESS:
+        return Pricer(Rates.of(0.0, 0.0, 0.0, 0.0)), None
+    rates = lookup(teacher.model, teacher.provider)
+    warning = None
+    if rates is None:
+        if budget_usd is not None:
+            raise RecipeError(
+                f"factory.budget_usd is set but no price is known for model {teacher.model!r}: "
+                f"set {key}.price: {{input: USD per 1M, output: USD per 1M}}"
+            )
+        if teacher.base_url is None:
+            warning = f"no price known for {teacher.model!r}; cost is shown as $0. Set {key}.price to track it."
+    return Pricer(rates, scale), warning
+
+
+def usd(amount: float) -> str:
+    """Dollars to the cent, or to the millionth below a cent (a small run's cost is not $0.00); $0 for nothing."""
+    if amount == 0:
+        return "$0"
+    return f"${amount:,.2f}" if abs(amount) >= 0.01 else f"${amount:.6f}"

@@ -147,7 +147,7 @@ class ProgressView:
         self.counters = counters
         self.note = note  # one more line of state (batch mode: batches at the provider, next poll)
         self.console = console
-        self.live = console.is_terminal
+        self.live = console.is_terminal and not console.quiet  # -q: no bar
         self.log_every_s = log_every_s
         self._last_log = time.monotonic()
         self._progress: Progress | None = None

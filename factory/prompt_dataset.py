@@ -26,6 +26,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from rich.markup import escape
+
 from .prompt_config import DATASET_FORMATS as FORMATS
 from .prompt_config import DatasetConfig
 from .prompts import MAX_REPORTED, PromptError, SourceEnv, parse_messages
@@ -140,7 +142,8 @@ def write_dataset(config: DatasetConfig, run_dir: Path, console: Any = None) -> 
     if not config.is_local() and path.is_file() and source.is_file():
         if json.loads(source.read_text(encoding="utf-8")) == recorded:
             if console is not None:
-                console.print(f"prompts from {path} (written from {config.path} earlier; delete it to read again)")
+                console.print(escape(f"prompts from {path} (written from {config.path} earlier; delete it to read "
+                                     "again)"), highlight=False)
             return path
     rows = _open(config)
     _check_columns(config, _columns(rows))
@@ -163,7 +166,7 @@ def write_dataset(config: DatasetConfig, run_dir: Path, console: Any = None) -> 
     tmp.replace(path)
     source.write_text(json.dumps(recorded), encoding="utf-8")
     if console is not None:
-        console.print(f"prompts: {count} rows of {config.path} (split {config.split}) → {path}")
+        console.print(escape(f"prompts: {count} rows of {config.path} (split {config.split}) → {path}"), highlight=False)
     return path
 
 

@@ -12,11 +12,11 @@ import random
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PlainValidator, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, PlainValidator, ValidationInfo, field_validator, model_validator
 
 from apprentice.config import Strict, load_section
 from apprentice.hashing import stable_hash
-from quality_checks.registry import check_fingerprint, check_options, duplicate_names, parse_check_item
+from quality_checks.registry import check_fingerprint, check_options, duplicate_names, options_model, parse_check_item
 
 from .prompt_config import PromptsConfig
 
@@ -306,6 +306,10 @@ class FactoryConfig(Strict):
         default=None, description="{by: judge, keep: 1}: keep the best samples of each prompt by a check's score"
     )
     budget_usd: float | None = Field(default=None, ge=0)
+
+    @classmethod
+    def item_model(cls, field: str, item: Any) -> type[BaseModel] | None:
+        return options_model(item) if field == "checks" else None
 
     @field_validator("best_of")
     @classmethod

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from apprentice import __version__
+from apprentice.console import CommandConsole
 from apprentice.errors import RecipeError, os_error_message
 from quality_checks import Check, build_checks, prime
 
@@ -37,7 +38,7 @@ from .limiter import Limiter
 from .lock import DirectoryLock
 from .logprobs import open_sidecar
 from .online import OnlineDispatch
-from .pricing import Pricer, Rates, lookup
+from .pricing import Pricer, pricer_for, usd
 from .progress import Counters, ProgressView, Usage, summary_line
 from .prompts import SourceEnv, check_prompts
 from .recipe import IN_PROCESS, FactoryConfig, TeacherConfig
@@ -47,6 +48,7 @@ from .store import ACCEPTED, CACHE, FAILED, REJECTED, Store, read_manifest, writ
 from .teachers import Teacher, make_teacher
 
 MANIFEST_EVERY_S = 10.0
+RUN_LOG = "run.log"  # what the terminal showed, each run appended (factory generate's transcript)
 
 
 @dataclass
@@ -99,7 +101,7 @@ class Run:
     ) -> None:
         self.config = config
         self.limit = limit
-        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.console = console or CommandConsole()
         self._teacher = teacher
         self.limiters: list[Limiter] = []
         self.stop = Stop(self._close_limiters)
@@ -108,26 +110,10 @@ class Run:
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _pricer(self, teacher: TeacherConfig, key: str = "factory.teacher") -> Pricer:
-        # The Batch APIs bill a share of the list price (half, for both providers).
-        scale = teacher.batch.discount if teacher.mode == "batch" else 1.0
-        if teacher.price is not None:
-            price = teacher.price
-            return Pricer(Rates.of(price.input, price.output, price.cached_input, price.cache_write), scale)
-        if teacher.provider in IN_PROCESS:
-            return Pricer(Rates.of(0.0, 0.0, 0.0, 0.0))
-        rates = lookup(teacher.model, teacher.provider)
-        if rates is None:
-            if self.config.budget_usd is not None:
-                raise RecipeError(
-                    f"factory.budget_usd is set but no price is known for model {teacher.model!r}: "
-                    f"set {key}.price: {{input: USD per 1M, output: USD per 1M}}"
-                )
-            if teacher.base_url is None:
-                self.console.print(
-                    f"[yellow]no price known for {teacher.model!r}; cost is shown as $0. "
-                    f"Set {key}.price to track it.[/]"
-                )
-        return Pricer(rates, scale)
+        pricer, warning = pricer_for(teacher, self.config.budget_usd, key)
+        if warning:
+            self.console.print(f"[yellow]{escape(warning)}[/]")
+        return pricer
 
     def _manifest(self, status: str, counters: Counters, previous: dict[str, Any] | None) -> dict[str, Any]:
         totals = (previous or {}).get("totals", {})
@@ -213,6 +199,9 @@ class Run:
         teacher = self._teacher or make_teacher(config.teacher)
         self.limiter = self._limiter(config.teacher, teacher)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.console, CommandConsole):  # a command's console keeps a transcript for run.log
+            self.console.open_log(run_dir / RUN_LOG, [config.teacher.api_key_env]
+                                  + [teacher.api_key_env for _, teacher, _, _ in self.check_models])
         cache = ResponseCache(run_dir / CACHE)
         if source in ASKS_TEACHER:  # the teacher writes the prompts first, through an asker of its own
             usage = Usage()
@@ -261,12 +250,7 @@ class Run:
                 concurrency=sum(limiter.max_concurrency for limiter in self.limiters))
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_manifest(run_dir, self._manifest("running", counters, previous))
-        if self.store.resumed_accepted or self.store.resumed_rejected or self.store.previous_failures:
-            self.console.print(
-                f"resuming {run_dir}: {self.store.resumed_accepted} accepted and "
-                f"{self.store.resumed_rejected} rejected records kept, "
-                f"{self.store.previous_failures} earlier failure(s) will be retried"
-            )
+        self._print_summary(prompts_path, count, teacher, checks, budget_before=spent_before.cost_usd)
         if primed:
             self.console.print(f"dedup index rebuilt from {primed} accepted samples in {primed_s:.1f} s")
         view = ProgressView(counters, self.console, note=self.dispatch.note)
@@ -338,6 +322,33 @@ class Run:
             cache.close()
         return RunResult(status, counters, self._message(status, counters))
 
+    def _print_summary(self, prompts_path: Path, count: int, teacher: Teacher, checks: list[Check],
+                       budget_before: float) -> None:
+        """What the run is about to do, in a few lines (the resolved recipe is in manifest.json, and on the
+        terminal with -v)."""
+        config, store = self.config, self.store
+        n = config.samples_per_prompt
+        separate = config.teacher.param_ranges is not None or not teacher.supports_n
+        requests = count * (n if separate else 1)
+        how = "" if n == 1 else (f" ({n} per prompt, one request each)" if separate else f" ({n} per prompt, n={n} in one request)")
+        rows = [
+            ("teacher", describe_teacher(config.teacher)),
+            ("prompts", f"{count:,} from {prompts_path} → {requests:,} request(s) → {count * n:,} sample(s){how}"),
+            ("checks", " → ".join(check.name + (f" ({check.teacher.model})" if check.teacher is not None else "")
+                                  for check in checks) or "none"),
+        ]
+        output = str(config.output_dir)
+        if store.resumed_accepted or store.resumed_rejected or store.previous_failures:
+            output += (f" (resuming: {store.resumed_accepted} accepted and {store.resumed_rejected} rejected records "
+                       f"kept, {store.previous_failures} earlier failure(s) will be retried)")
+        rows.append(("output", output))
+        if config.budget_usd is None:
+            rows.append(("budget", "none (factory.budget_usd)"))
+        else:
+            rows.append(("budget", f"${config.budget_usd:,.2f} for the run directory, {usd(budget_before)} spent before"))
+        for name, text in rows:
+            self.console.print(f"[bold]{name:<8}[/] {escape(text)}", highlight=False)
+
     def _status(self) -> str:
         if self.stop.fatal:
             return "stopped"
@@ -408,6 +419,19 @@ class _Spent:
     cost_usd: float
 
 
+def describe_teacher(teacher: TeacherConfig) -> str:
+    """The teacher in one line: provider, model, where it runs, the mode and the sampling parameters."""
+    where = f"at {teacher.base_url}" if teacher.base_url else {
+        "openai": "at api.openai.com", "anthropic": "at api.anthropic.com",
+        "local": f"in this process ({teacher.device or 'auto device'})", "vllm": "in this process (vLLM)"}[teacher.provider]
+    mode = f"batch at {teacher.batch.discount:g}× the price" if teacher.mode == "batch" else "online"
+    params = ", ".join(f"{key} {value}" for key, value in teacher.params.items())
+    if teacher.param_ranges is not None:
+        params += "; drawn per sample: " + ", ".join(f"{key} {low:g}–{high:g}"
+                                                     for key, (low, high) in teacher.param_ranges.ranges().items())
+    return f"{teacher.provider} {teacher.model} {where} · {mode} · {params}"
+
+
 def _same_endpoint(a: TeacherConfig, b: TeacherConfig) -> bool:
     """Two models whose requests count against the same rate limits share a limiter."""
     return (a.provider, a.base_url, a.api_key_env, a.model) == (b.provider, b.base_url, b.api_key_env, b.model) \
@@ -432,16 +456,17 @@ def _count_rejected(path: Path) -> Counter:
     return counts
 
 
-def print_result(result: RunResult, console: Console, run_dir: Path) -> None:
+def print_result(result: RunResult, console: CommandConsole, run_dir: Path) -> None:
+    """The run's figures; when it did not complete, the last line says why and what to do (shown with -q)."""
     console.print(f"this run: {summary_line(result.counters)}", highlight=False)
     counts = (read_manifest(run_dir) or {}).get("counts", {})
     by = counts.get("rejected_by") or {}
     reasons = ", ".join(f"{name} {n}" for name, n in sorted(by.items(), key=lambda kv: -kv[1]))
     console.print(
-        f"{run_dir}: {counts.get('accepted', 0)} accepted, {counts.get('rejected', 0)} rejected"
-        + (f" ({reasons})" if reasons else "")
-        + f", {counts.get('failed', 0)} failed — {ACCEPTED}, {REJECTED}, {FAILED}, manifest.json",
+        escape(f"{run_dir}: {counts.get('accepted', 0)} accepted, {counts.get('rejected', 0)} rejected"
+               + (f" ({reasons})" if reasons else "")
+               + f", {counts.get('failed', 0)} failed — {ACCEPTED}, {REJECTED}, {FAILED}, manifest.json, {RUN_LOG}"),
         highlight=False,
     )
     if not result.ok:
-        console.print(f"[yellow]{result.message}[/]")
+        console.final(f"[yellow]{escape(result.message)}[/]")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from apprentice.errors import FATAL_STATUS, TeacherError
@@ -162,6 +163,23 @@ def user_text(messages: list[dict[str, str]]) -> str:
 
 
 # ---- the expansion ---------------------------------------------------------------------------------------------
+def expansion_settings(config: SelfInstructConfig, provider: str, model: str) -> dict[str, Any]:
+    """What decides the prompts: the settings, the seeds' content and the teacher."""
+    seeds = config.seeds
+    digest = hashlib.sha256(seeds.read_bytes()).hexdigest() if seeds.is_file() else None
+    return {"self_instruct": config.model_dump(mode="json"), "seeds_sha256": digest,
+            "teacher": {"provider": provider, "model": model}}
+
+
+def finished_expansion(config: SelfInstructConfig, run_dir: Path, provider: str, model: str) -> Path | None:
+    """The prompts file of an expansion finished in `run_dir` with these settings (reused as it is), or None."""
+    path, state_path = run_dir / PROMPTS_FILE, run_dir / STATE_FILE
+    if not (state_path.is_file() and path.is_file()):
+        return None
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    return path if state.get("settings") == expansion_settings(config, provider, model) else None
+
+
 class Expansion:
     """One self-instruct expansion in a run directory; `await run()` returns the prompts file.
 
@@ -181,22 +199,15 @@ class Expansion:
         return self.asker.usage.cost_usd
 
     def _recorded(self) -> dict[str, Any]:
-        """What decides the prompts: the settings, the seeds' content and the teacher."""
-        seeds = self.config.seeds
-        digest = hashlib.sha256(seeds.read_bytes()).hexdigest() if seeds.is_file() else None
-        teacher = self.asker.teacher
-        return {"self_instruct": self.config.model_dump(mode="json"), "seeds_sha256": digest,
-                "teacher": {"provider": teacher.provider, "model": teacher.model}}
+        return expansion_settings(self.config, self.asker.teacher.provider, self.asker.teacher.model)
 
     async def run(self) -> Path:
         config = self.config
         path, rejected_path, state_path = (self.run_dir / name for name in (PROMPTS_FILE, REJECTED_FILE, STATE_FILE))
-        if state_path.is_file() and path.is_file():
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-            if state.get("settings") == self._recorded():
-                self.stats = state["stats"]
-                self._report(path, reused=True)
-                return path
+        if finished_expansion(config, self.run_dir, self.asker.teacher.provider, self.asker.teacher.model):
+            self.stats = json.loads(state_path.read_text(encoding="utf-8"))["stats"]
+            self._report(path, reused=True)
+            return path
         if not config.seeds.is_file():
             raise PromptError(f"{KEY}.seeds: {config.seeds} not found; give a JSONL file of prompt lines")
         try:
@@ -224,7 +235,7 @@ class Expansion:
                                        f"${stats['cost_usd']:.4f}")
         self.console.print(
             f"self-instruct: {stats['prompts']} new prompts in {stats['rounds']} round(s), {stats['rejected']} "
-            f"dropped ({REJECTED_FILE}) → {path} ({how})", highlight=False,
+            f"dropped ({REJECTED_FILE}) → {escape(str(path))} ({how})", highlight=False,
         )
         if stats["prompts"] < self.config.count:
             self.console.print(

@@ -70,6 +70,13 @@ def _options_model(name: Any) -> type[CheckOptions]:
     return _REGISTRY[name][0]
 
 
+def options_model(item: Any) -> type[CheckOptions] | None:
+    """The options model of a recipe item (a name, or a mapping with `name:`), or None when it names no check."""
+    name = item.get("name") if isinstance(item, dict) else item
+    available()
+    return _REGISTRY[name][0] if isinstance(name, str) and name in _REGISTRY else None
+
+
 def parse_check_item(value: Any) -> str | CheckOptions:
     """Validate one item of `factory.checks`; a bare name stays a string so fingerprints stay as they were.
 

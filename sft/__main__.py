@@ -1,6 +1,7 @@
 """`python -m sft train|sweep|list` — thin: the parser here, the commands in sft/commands.py.
+The same subcommands are `apprentice train|sweep|list` (apprentice_cli builds them with `add_commands`).
 
-    python -m sft train RECIPE.yaml [--set sft.key=value ...] [--resume]
+    python -m sft train RECIPE.yaml [--set sft.key=value ...] [--resume] [-q | -v]
     python -m sft sweep RECIPE.yaml --temperatures 1,2,4,8,16 --fraction 0.1 [--set ...]
     python -m sft list [DIR]                     (default: runs)
 """
@@ -10,26 +11,39 @@ import argparse
 import sys
 from pathlib import Path
 
+from apprentice.commandline import PYTHON_M, add_output_options
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sft", description="Apprentice student fine-tuning")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmd = sub.add_parser("train", help="fine-tune a student (LoRA/QLoRA, optionally distilled) on factory runs")
-    cmd.add_argument("recipe", type=Path, help="recipe YAML with an sft: section")
-    cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe key, e.g. --set sft.max_steps=10 (repeatable)")
-    cmd.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-    cmd = sub.add_parser("sweep", help="short distillation runs at several temperatures, held-out loss table")
-    cmd.add_argument("recipe", type=Path, help="recipe YAML with an sft: section that has distill:")
-    cmd.add_argument("--temperatures", default="1,2,4,8,16", help="comma-separated, e.g. 1,2,4,8,16")
-    cmd.add_argument("--fraction", type=float, default=0.1, help="share of the training split per run (default 0.1)")
-    cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    cmd = sub.add_parser("list", help="trained students: base model, data runs, date, final held-out loss")
-    cmd.add_argument("dir", nargs="?", type=Path, default=Path("runs"), help="where to look (default: runs)")
-    args = parser.parse_args(argv)
+
+def add_commands(sub: argparse._SubParsersAction, launcher: str) -> None:
+    """The sft subcommands on `sub`; `launcher` says how the user runs them (for the next-step lines)."""
+    train = sub.add_parser("train", help="fine-tune a student (LoRA/QLoRA, optionally distilled) on factory runs")
+    train.add_argument("recipe", type=Path, help="recipe YAML with an sft: section")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. --set sft.max_steps=10 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    add_output_options(train)
+    sweep = sub.add_parser("sweep", help="short distillation runs at several temperatures, held-out loss table")
+    sweep.add_argument("recipe", type=Path, help="recipe YAML with an sft: section that has distill:")
+    sweep.add_argument("--temperatures", default="1,2,4,8,16", help="comma-separated, e.g. 1,2,4,8,16")
+    sweep.add_argument("--fraction", type=float, default=0.1, help="share of the training split per run (default 0.1)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    add_output_options(sweep)
+    listing = sub.add_parser("list", help="trained students: base model, data runs, date, final held-out loss")
+    listing.add_argument("dir", nargs="?", type=Path, default=Path("runs"), help="where to look (default: runs)")
+    for name, command in (("train", train), ("sweep", sweep), ("list", listing)):
+        command.set_defaults(run=run, launcher=launcher, command=name)
+
+
+def run(args: argparse.Namespace) -> int:
     from .commands import COMMANDS  # the one late import: --help stays instant
 
     return COMMANDS[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sft", description="Apprentice student fine-tuning")
+    add_commands(parser.add_subparsers(dest="command", required=True), PYTHON_M)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,33 +8,57 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from apprentice.commandline import command_line
+from apprentice.config import load_recipe_data
+from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError, os_error_message, RecipeError
 
-from .config import load_sft_config
+from .config import SFTConfig, load_sft_config
 from .train import find_students, sweep, train
 
 
 def train_or_sweep(args: argparse.Namespace) -> int:
-    console = Console(stderr=True, soft_wrap=True)
+    console = CommandConsole(args.verbosity, transcript=False)
     try:
         config = load_sft_config(args.recipe, args.set)
+        this = command_line(args.launcher, "sft", args.command, args.recipe)
         if args.command == "sweep":
             temperatures = _temperatures(args.temperatures)
             if not 0 < args.fraction <= 1:
                 raise RecipeError(f"--fraction {args.fraction}: expected a share of the training data in (0, 1]")
-            console.print(f"[bold]sft sweep[/] {args.recipe}: T in {temperatures}, fraction {args.fraction:g}")
+            console.print(f"[bold]{escape(this)}[/]: T in {temperatures}, fraction {args.fraction:g}", highlight=False)
+            console.detail_json(config.model_dump(mode="json"))
             sweep(config, temperatures, fraction=args.fraction, console=console)
+            console.final(f"next: set sft.distill.temperature to the best T in {escape(str(config.output_dir))}"
+                          f"/sweep/sweep.md, then {escape(command_line(args.launcher, 'sft', 'train', args.recipe))}",
+                          highlight=False)
             return 0
-        console.print(f"[bold]sft train[/] {args.recipe} → {config.output_dir}")
-        console.print_json(data=config.model_dump(mode="json"))
-        train(config, resume=args.resume, console=console)
+        console.print(f"[bold]{escape(this)}[/] → {escape(str(config.output_dir))}", highlight=False)
+        console.print(escape(describe(config)), highlight=False)
+        console.detail_json(config.model_dump(mode="json"))  # -v; lineage.json keeps it too
+        result = train(config, resume=args.resume, console=console)
     except ApprenticeError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        console.final(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return exc.exit_code
     except OSError as exc:  # a full disk, a permission: one line naming the path
-        console.print(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
+        console.final(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
         return 1
+    evaluate = command_line(args.launcher, "eval", "run", args.recipe)
+    if "eval" not in load_recipe_data(args.recipe):
+        evaluate = f"add an eval: section (a model with path: {result.adapter_dir}) to {args.recipe}, then {evaluate}"
+    console.final(f"next: {escape(evaluate)} (scores the student against its teacher)", highlight=False)
     return 0
+
+
+def describe(config: SFTConfig) -> str:
+    """The training in one line: student, method, data, schedule."""
+    method = f"{'QLoRA' if config.qlora else 'LoRA'} r={config.lora.r} alpha={config.lora.alpha}"
+    if config.distill is not None:
+        method += f" + distill alpha={config.distill.alpha} T={config.distill.temperature:g}"
+    steps = f"{config.max_steps} steps" if config.max_steps else f"{config.epochs:g} epoch(s)"
+    runs = ", ".join(str(path) for path in config.data)
+    return (f"student {config.student} · {method} · lr {config.learning_rate:g} {config.lr_scheduler} · {steps} · "
+            f"data {runs} ({config.held_out:.0%} held out)")
 
 
 def _temperatures(text: str) -> list[float]:
@@ -51,15 +75,16 @@ def list_students(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True)
     students = find_students(args.dir)
     if not students:
-        console.print(f"no trained students under {args.dir} (looked for */lineage.json)")
+        console.print(f"no trained students under {escape(str(args.dir))} (looked for */lineage.json)", highlight=False)
         return 0
-    table = Table(title=f"students under {args.dir}")
+    table = Table(title=f"students under {escape(str(args.dir))}")
     for name in ("output", "base model", "data runs", "date", "steps", "eval loss", "distill"):
         table.add_column(name)
     for s in students:
         loss = "—" if s["eval_loss"] is None else f"{s['eval_loss']:.4f}"
-        table.add_row(s["output_dir"], str(s["base_model"]), ", ".join(map(str, s["data"])), str(s["date"] or "—"),
-                      str(s["steps"]), loss, s["distill"] or "—")
+        cells = [s["output_dir"], str(s["base_model"]), ", ".join(map(str, s["data"])), str(s["date"] or "—"),
+                 str(s["steps"]), loss, s["distill"] or "—"]
+        table.add_row(*(escape(str(cell)) for cell in cells))
     console.print(table)
     return 0
 

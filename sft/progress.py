@@ -53,7 +53,7 @@ class RichProgress:
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = self.last_line = time.monotonic()
         self.first_step = state.global_step
-        if self.console.is_terminal:
+        if self.console.is_terminal and not self.console.quiet:  # -q: no bar
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),

@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from apprentice.errors import RecipeError
 from factory.builtin import resolve_model
 from factory.lock import DirectoryLock
@@ -130,7 +132,8 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
             "or choose another sft.output_dir"
         )
     if resume and resume_from is None:
-        console.print(f"[yellow]--resume:[/] no checkpoint in {checkpoints}; starting from the beginning")
+        console.print(f"[yellow]--resume:[/] no checkpoint in {escape(str(checkpoints))}; starting from the beginning",
+                      highlight=False)
 
     train_set, eval_set, runs = load_splits(config.data, config.held_out, config.seed, config.stratify_by)
     if fraction < 1.0:
@@ -173,7 +176,7 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
     started = time.time()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if resume_from is not None and resume:
-        console.print(f"[bold]resuming[/] from {resume_from}")
+        console.print(f"[bold]resuming[/] from {escape(str(resume_from))}", highlight=False)
     outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume and resume_from else None)
     metrics = {k: float(v) for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
     # Tokens trained on (prompt and completion, padding excluded), as SFTTrainer counts them in its logs.
@@ -219,8 +222,8 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
     }
     lineage_path.write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
     merged_note = f", merged → {merged_dir}" if export_merged else ""
-    console.print(f"[green]done[/] adapter → {adapter_dir}{merged_note}, lineage → {lineage_path}"
-                  + (f", loss curves → {curves}" if curves else ""))
+    console.print("[green]done[/] " + escape(f"adapter → {adapter_dir}{merged_note}, lineage → {lineage_path}"
+                                             + (f", loss curves → {curves}" if curves else "")), highlight=False)
     return TrainResult(output_dir, adapter_dir, merged_dir if export_merged else None, lineage_path,
                        len(train_set), len(eval_set) if eval_set is not None else 0, trainer.state.global_step,
                        metrics, distill_info)
@@ -443,11 +446,12 @@ def _sweep(config: SFTConfig, temperatures: list[float], *, fraction: float, con
         run_dir = root / f"T{temperature:g}"
         lineage_path = run_dir / "lineage.json"
         if lineage_path.is_file():
-            console.print(f"[bold]sweep[/] T={temperature:g}: done before, read from {lineage_path}")
+            console.print(f"[bold]sweep[/] T={temperature:g}: done before, read from {escape(str(lineage_path))}",
+                          highlight=False)
             lineage = json.loads(lineage_path.read_text(encoding="utf-8"))
             metrics, steps, seconds = lineage["metrics"], lineage["global_step"], lineage["seconds"]
         else:
-            console.print(f"[bold]sweep[/] T={temperature:g} → {run_dir}")
+            console.print(f"[bold]sweep[/] T={temperature:g} → {escape(str(run_dir))}", highlight=False)
             one = config.model_copy(update={
                 "output_dir": run_dir,
                 "distill": config.distill.model_copy(update={"temperature": temperature}),
@@ -474,7 +478,7 @@ def _sweep(config: SFTConfig, temperatures: list[float], *, fraction: float, con
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    table = Table(title=f"sweep: {config.student}, alpha={config.distill.alpha}, fraction={fraction:g}")
+    table = Table(title=escape(f"sweep: {config.student}, alpha={config.distill.alpha}, fraction={fraction:g}"))
     for name in header:
         table.add_column(name)
     for row in rows:
@@ -482,11 +486,11 @@ def _sweep(config: SFTConfig, temperatures: list[float], *, fraction: float, con
         cells = [f"{row['temperature']:g}{mark}", fmt(row["eval_loss"]), fmt(row["train_loss"]), str(row["steps"]),
                  f"{row['seconds']:.0f}", row["output_dir"]]
         lines.append("| " + " | ".join(cells) + " |")
-        table.add_row(*cells)
+        table.add_row(*(escape(cell) for cell in cells))
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     console.print(table)
-    console.print(f"table → {root / 'sweep.md'}")
+    console.print(escape(f"table → {root / 'sweep.md'}"), highlight=False)
     return rows
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("apprentice", "factory", "quality_checks", "sft", "eval", "fakes")
+PACKAGES = ("apprentice", "apprentice_cli", "factory", "quality_checks", "sft", "eval", "fakes")
 
 # The only imports of project modules inside functions, each with its reason. Everything else is at the top
 # of its module, where a reader sees it and a cycle cannot hide.
@@ -26,7 +26,7 @@ CONFIG = {"apprentice.config", "factory.recipe", "factory.prompt_config", "sft.c
           "quality_checks.registry"}
 STORAGE = {"factory.records", "factory.store", "factory.cache", "factory.logprobs", "factory.review_ledger"}
 ENGINE = {"factory.run", "factory.decide", "factory.online", "factory.batch", "factory.batch_ledger", "factory.asker",
-          "factory.sources", "factory.answers", "factory.commands"}
+          "factory.sources", "factory.answers", "factory.commands", "factory.plan"}
 
 
 def _modules() -> dict[str, Path]:
@@ -155,11 +155,25 @@ def test_config_imports_no_behaviour(graph):
     assert {m: t for m, t in wrong.items() if t} == {}, "a config module imports a behaviour module"
 
 
+def _shared(module: str) -> bool:
+    return module == "apprentice" or module.startswith("apprentice.")
+
+
 def test_the_shared_vocabulary_is_a_leaf(graph):
     edges, _ = graph
-    wrong = {module: sorted(t for t in targets if not t.startswith("apprentice"))
-             for module, targets in edges.items() if module.startswith("apprentice")}
+    wrong = {module: sorted(t for t in targets if not _shared(t))
+             for module, targets in edges.items() if _shared(module)}
     assert {m: t for m, t in wrong.items() if t} == {}, "apprentice/ imports the packages built on it"
+
+
+def test_the_apprentice_script_imports_only_the_stages_parsers(graph):
+    """`apprentice --help` stays instant: the script reaches the stages through their argparse-only
+    `__main__` modules, which import their commands once one is chosen."""
+    edges, _ = graph
+    parsers = {"factory", "factory.__main__", "sft", "sft.__main__", "eval", "eval.__main__"}
+    beyond = sorted(t for t in edges["apprentice_cli"] | edges["apprentice_cli.__main__"]
+                    if not _shared(t) and t not in parsers and t != "apprentice_cli")
+    assert beyond == [], "the apprentice script imports more than the stages' parsers"
 
 
 def test_storage_imports_no_check_teacher_or_engine(graph):

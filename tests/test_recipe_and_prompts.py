@@ -9,6 +9,7 @@ import pytest
 from apprentice.errors import RecipeError
 from factory.prompts import PromptError, check_prompts, iter_prompts
 from factory.recipe import load_factory_config
+from sft.config import load_sft_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,3 +108,25 @@ def test_empty_or_missing_prompt_file(tmp_path):
         check_prompts(write(tmp_path / "e.jsonl", "\n"))
     with pytest.raises(PromptError, match="not found"):
         check_prompts(tmp_path / "nope.jsonl")
+
+
+def test_unknown_keys_suggest_the_closest_known_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("factory:\n  prompts: {path: p.jsonl}\n  samples_per_promt: 2\n"
+                      "  teacher: {provider: openai, temprature: 1}\n"
+                      "  checks: [empty, {name: regex, pattern: x, mdoe: must_match}, {name: judge, rubric: r, "
+                      "teacher: {provider: openai, modle: gpt-4o}}]\n  colour: blue\n")
+    with pytest.raises(RecipeError) as info:
+        load_factory_config(recipe)
+    text = str(info.value)
+    assert "factory.samples_per_promt: unknown key; did you mean `samples_per_prompt`?" in text
+    assert "factory.teacher.temprature: unknown key" in text  # a sampling parameter goes in params: no guess
+    assert "factory.checks.1.mdoe: unknown key; did you mean `mode`?" in text
+    assert "factory.checks.2.teacher.modle: unknown key; did you mean" in text
+    assert "factory.colour: unknown key (check the spelling" in text  # nothing close: no guess
+    recipe.write_text("factory:\n  prompts: {path: p.jsonl}\nsft:\n  data: [runs/x]\n  lerning_rate: 1e-4\n")
+    with pytest.raises(RecipeError, match=r"sft.lerning_rate: unknown key; did you mean `learning_rate`\?"):
+        load_sft_config(recipe)
+    recipe.write_text("factroy:\n  prompts: {path: p.jsonl}\n")
+    with pytest.raises(RecipeError, match=r"factroy \(did you mean `factory`\?\)"):
+        load_factory_config(recipe)
