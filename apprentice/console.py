@@ -24,6 +24,7 @@ from rich.control import Control
 from rich.markup import escape
 
 from .commandline import NORMAL, VERBOSE
+from .errors import ApprenticeError, os_error_message
 
 TRANSCRIPT_WIDTH = 120
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
@@ -110,6 +111,16 @@ class CommandConsole(Console):
             self.print(*objects, **kwargs)
         finally:
             self.quiet = quiet
+
+    def stopped(self, error: Exception) -> int:
+        """The one line a command ends on when it stops on `error`, and the exit code: an ApprenticeError's
+        own message and code, an OSError (a full disk, a permission) as one line naming the path, code 1."""
+        if isinstance(error, ApprenticeError):
+            self.final(f"[red]error:[/] {escape(str(error))}", highlight=False)
+            return error.exit_code
+        assert isinstance(error, OSError), error
+        self.final(f"[red]error:[/] {escape(os_error_message(error))}", highlight=False)
+        return 1
 
     def detail(self, *objects: Any, **kwargs: Any) -> None:
         """A line shown (and logged) only with -v."""

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from apprentice.commandline import command_line
 from apprentice.console import CommandConsole
-from apprentice.errors import ApprenticeError, os_error_message
+from apprentice.errors import ApprenticeError
 
 from .config import load_eval_config
 from .report import print_table
@@ -25,12 +25,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold]{escape(this)}[/] → {escape(str(config.output_dir))}", highlight=False)
         console.detail_json(config.model_dump(mode="json"))
         summary, gate = evaluate(config, console)
-    except ApprenticeError as exc:
-        console.final(f"[red]error:[/] {escape(str(exc))}", highlight=False)
-        return exc.exit_code
-    except OSError as exc:  # a full disk, a permission: one line naming the path
-        console.final(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
-        return 1
+    except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
+        return console.stopped(exc)
     if args.verbosity >= 0:  # the table is the result: on stdout, apart from the progress on stderr
         # A pipe or a log file gets the whole table rather than rich's 80-column default.
         print_table(summary, Console() if sys.stdout.isatty() else Console(width=160))

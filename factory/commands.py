@@ -17,7 +17,7 @@ from rich.markup import escape
 from apprentice.commandline import command_line
 from apprentice.config import load_recipe_data
 from apprentice.console import CommandConsole
-from apprentice.errors import ApprenticeError, os_error_message, RecipeError
+from apprentice.errors import ApprenticeError, RecipeError
 
 from . import review, review_ledger
 from .plan import plan_run, print_plan
@@ -31,12 +31,8 @@ def generate(args: argparse.Namespace) -> int:
     try:
         with console.warnings_shown():
             return _generate(args, console)
-    except ApprenticeError as exc:
-        console.final(f"[red]error:[/] {escape(str(exc))}", highlight=False)
-        return exc.exit_code
-    except OSError as exc:  # a full disk, a permission: one line naming the path
-        console.final(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
-        return 1
+    except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
+        return console.stopped(exc)
     except KeyboardInterrupt:  # before the run's own handler is installed (e.g. during the self-instruct expansion)
         console.final("[yellow]interrupted: run the same command again to resume; answers paid for are in the "
                       "run's cache and are not paid twice[/]")
@@ -75,12 +71,8 @@ def _generate(args: argparse.Namespace, console: CommandConsole) -> int:
 def stats(args: argparse.Namespace) -> int:
     try:
         figures = compute_stats(args.run_dir)
-    except ApprenticeError as exc:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
-        return exc.exit_code
-    except OSError as exc:  # a full disk, a permission: one line naming the path
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
-        return 1
+    except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
+        return CommandConsole(transcript=False).stopped(exc)
     if args.json:
         print(json.dumps(figures, indent=2, ensure_ascii=False))
     else:
@@ -90,7 +82,6 @@ def stats(args: argparse.Namespace) -> int:
 
 def review_command(args: argparse.Namespace) -> int:
     console = Console()
-    errors = Console(stderr=True, soft_wrap=True)
     try:
         if args.promote or args.demote:
             decide = review_ledger.promote if args.promote else review_ledger.demote
@@ -104,12 +95,8 @@ def review_command(args: argparse.Namespace) -> int:
                                page_size=max(1, args.page_size), interactive=interactive)
         else:
             review.show_counts(args.run_dir, console)
-    except ApprenticeError as exc:
-        errors.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
-        return exc.exit_code
-    except OSError as exc:  # a full disk, a permission: one line naming the path
-        errors.print(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
-        return 1
+    except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
+        return CommandConsole(transcript=False).stopped(exc)
     return 0
 
 

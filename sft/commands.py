@@ -11,7 +11,7 @@ from rich.table import Table
 from apprentice.commandline import command_line
 from apprentice.config import load_recipe_data
 from apprentice.console import CommandConsole
-from apprentice.errors import ApprenticeError, os_error_message, RecipeError
+from apprentice.errors import ApprenticeError, RecipeError
 
 from .config import SFTConfig, load_sft_config
 from .train import find_students, sweep, train
@@ -37,12 +37,8 @@ def train_or_sweep(args: argparse.Namespace) -> int:
         console.print(escape(describe(config)), highlight=False)
         console.detail_json(config.model_dump(mode="json"))  # -v; lineage.json keeps it too
         result = train(config, resume=args.resume, console=console)
-    except ApprenticeError as exc:
-        console.final(f"[red]error:[/] {escape(str(exc))}", highlight=False)
-        return exc.exit_code
-    except OSError as exc:  # a full disk, a permission: one line naming the path
-        console.final(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False)
-        return 1
+    except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
+        return console.stopped(exc)
     evaluate = command_line(args.launcher, "eval", "run", args.recipe)
     if "eval" not in load_recipe_data(args.recipe):
         evaluate = f"add an eval: section (a model with path: {result.adapter_dir}) to {args.recipe}, then {evaluate}"
