@@ -169,7 +169,9 @@ class TeacherConfig(Strict):
     )
     batch: BatchOptions = Field(default_factory=BatchOptions)
     model: str = "builtin:smollm2-135m-instruct"
-    base_url: str | None = None
+    base_url: str | list[str] | None = Field(
+        default=None, description="an OpenAI-compatible server, or a list of them: a fleet, least outstanding "
+        "requests first, each with its own limits and circuit breaker (factory/teachers/fleet.py)")
     api_key_env: str | None = Field(
         default=None, description="environment variable holding the API key (default by provider)"
     )
@@ -218,6 +220,12 @@ class TeacherConfig(Strict):
                              "a local teacher batches on its own (batch_size)")
         if self.max_tokens < 1:
             raise ValueError("params.max_tokens must be at least 1")
+        if isinstance(self.base_url, list):
+            if self.provider != "openai" or self.mode != "online":
+                raise ValueError("base_url: a list of servers (a fleet) is for provider openai in mode online; "
+                                 "give one URL")
+            if not self.base_url or len(set(self.base_url)) != len(self.base_url):
+                raise ValueError("base_url: a fleet lists one or more distinct URLs")
         if self.engine_args and self.provider != "vllm":
             raise ValueError(f"engine_args are for provider vllm, not {self.provider}; remove them or set "
                              "provider: vllm")

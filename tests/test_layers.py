@@ -20,6 +20,7 @@ ALLOWED_LATE = {
     ("factory.teachers", "factory.teachers.anthropic"): "teacher registry: only the backend a recipe names loads",
     ("factory.teachers", "factory.teachers.local"): "teacher registry: only the backend a recipe names loads",
     ("factory.teachers", "factory.teachers.vllm"): "teacher registry: only the backend a recipe names loads",
+    ("factory.teachers", "factory.teachers.fleet"): "teacher registry: only the backend a recipe names loads",
     ("sft.train", "sft.distill_trainer"): "its module imports torch and TRL; only sft.distill needs it",
 }
 CONFIG = {"apprentice.config", "factory.recipe", "factory.prompt_config", "sft.config", "eval.config",

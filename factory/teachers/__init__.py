@@ -15,6 +15,10 @@ __all__ = ["Choice", "Teacher", "TeacherError", "TeacherResponse", "make_teacher
 
 
 def make_teacher(config: "TeacherConfig") -> Teacher:
+    if config.provider == "openai" and isinstance(config.base_url, list):
+        from .fleet import FleetTeacher
+
+        return FleetTeacher(config)
     if config.provider == "openai":
         from .openai import OpenAITeacher
 
