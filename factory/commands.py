@@ -20,6 +20,7 @@ from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError, RecipeError
 
 from . import review, review_ledger
+from .export import export_run
 from .plan import plan_run, print_plan
 from .recipe import load_factory_config
 from .run import Run, print_result
@@ -100,4 +101,17 @@ def review_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": generate, "stats": stats, "review": review_command}
+def export_command(args: argparse.Namespace) -> int:
+    console = CommandConsole(args.verbosity, transcript=False)
+    try:
+        result = export_run(args.run_dir, args.format, args.out, rejected=args.rejected)
+    except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
+        return console.stopped(exc)
+    which = "rejected" if args.rejected else "accepted"
+    console.print(f"exported {result.samples} {which} sample(s) as {result.format} to "
+                  f"{escape(str(result.data))}", highlight=False)
+    console.final(f"dataset card: {escape(str(result.card))}", highlight=False)
+    return 0
+
+
+COMMANDS = {"generate": generate, "stats": stats, "review": review_command, "export": export_command}
