@@ -239,11 +239,11 @@ def dataset_card(run_dir: Path, fmt: str, exported: int, *, rejected: bool = Fal
         f"| prompts | {_prompt_source(manifest)} |",
         f"| format | {fmt} (`{files.get(fmt, DATA_JSONL)}`) |",
         f"| samples in this export | {exported} |",
-        f"| run: accepted / rejected / failed | {counts['accepted']} / {counts['rejected']} / {counts['failed']} |",
+        f"| run before review: accepted / rejected / failed | {counts['accepted']} / {counts['rejected']} / {counts['failed']} |",
         f"| review: promoted / demoted | {review['promoted']} / {review['demoted']} |",
         f"| run fingerprint | `{manifest.get('fingerprint_hash') or 'unknown'}` |",
         "",
-        "## Rejected, by check",
+        "## Rejected, by check (before review)",
         "",
     ]
     if stats["rejected_by"]:

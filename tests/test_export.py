@@ -11,7 +11,7 @@ from factory import review_ledger
 from factory.__main__ import main as factory_main
 from factory.export import FORMATS, ExportError, export_run, iter_samples
 
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, read_jsonl, write_prompts, write_recipe
 
 
 def _record(i: int, question: str, answer: str, *, rejected_by: str | None = None, prompt=None) -> dict:
@@ -98,7 +98,7 @@ def test_every_format_loads_with_datasets(run, tmp_path, fmt):
         assert first["completion"] == [{"role": "assistant", "content": "answer 0 is here"}]
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "openai / `gpt-4o-mini`" in card and "prompts/questions.jsonl" in card
-    assert "| run: accepted / rejected / failed | 5 / 3 / 1 |" in card
+    assert "| run before review: accepted / rejected / failed | 5 / 3 / 1 |" in card
     assert "| length | 2 |" in card and "| refusal | 1 |" in card
     assert "| review: promoted / demoted | 1 / 1 |" in card
     assert "distinct-1" in card and "terms of use" in card
@@ -152,6 +152,36 @@ def test_errors_end_in_one_message_and_an_exit_code(run, tmp_path, capsys, case)
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     with pytest.raises(ExportError):
         export_run(Path(args[0]), args[2], out)
+
+
+def test_a_generated_run_exports_through_the_apprentice_script(tmp_path, server, env_key, capsys):
+    """Six prompts through the fake OpenAI server: p0 and p3 refused; then review, export, read back."""
+    import datasets
+
+    def answers(messages, index, body):
+        i = int(messages[-1]["content"].split()[-1])
+        return "I'm sorry, but I can't help with that." if i % 3 == 0 else f"A fine answer number {i}."
+
+    server.config.responder = answers
+    run = tmp_path / "run"
+    prompts = write_prompts(tmp_path / "p.jsonl", 6)
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=prompts, provider="openai",
+                          base_url=server.openai_base_url)
+    assert apprentice_cli.main(["generate", str(recipe)]) == 0
+    accepted = {r["prompt_id"]: r["id"] for r in read_jsonl(run / "accepted.jsonl")}
+    rejected = {r["prompt_id"]: r["id"] for r in read_jsonl(run / "rejected.jsonl")}
+    assert len(accepted) == 4 and len(rejected) == 2
+    assert apprentice_cli.main(["review", str(run), "--promote", rejected["p3"], "--why", "fine"]) == 0
+    assert apprentice_cli.main(["review", str(run), "--demote", accepted["p1"], "--why", "wrong"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "export"
+    assert apprentice_cli.main(["export", str(run), "--format", "parquet", "--out", str(out)]) == 0
+    assert f"exported 4 accepted sample(s) as parquet to {out / 'data.parquet'}" in capsys.readouterr().err
+    data = datasets.load_dataset("parquet", data_files=str(out / "data.parquet"), split="train")
+    assert sorted(data["id"]) == sorted({*accepted.values(), rejected["p3"]} - {accepted["p1"]})
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "openai / `gpt-4o-mini`" in card and str(prompts) in card
+    assert "| run before review: accepted / rejected / failed | 4 / 2 / 0 |" in card and "| refusal | 2 |" in card
 
 
 @pytest.mark.slow
