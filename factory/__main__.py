@@ -40,6 +40,9 @@ def add_commands(sub: argparse._SubParsersAction, launcher: str) -> None:
     export.add_argument("--out", type=Path, required=True, metavar="DIR", help="a new or empty folder")
     export.add_argument("--rejected", action="store_true",
                         help="export the rejected samples (after review) instead of the accepted ones")
+    export.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None,
+                        help="then upload the folder to this Hub dataset repo (private; needs `hf auth login`)")
+    export.add_argument("--public", action="store_true", help="with --push-to-hub: create the repo public")
     add_output_options(export)
     for name, command in (("generate", gen), ("stats", stats), ("review", review), ("export", export)):
         command.set_defaults(run=run, launcher=launcher, command=name)

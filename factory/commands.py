@@ -104,12 +104,15 @@ def review_command(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     console = CommandConsole(args.verbosity, transcript=False)
     try:
-        result = export_run(args.run_dir, args.format, args.out, rejected=args.rejected)
+        result = export_run(args.run_dir, args.format, args.out, rejected=args.rejected,
+                            push_to_hub=args.push_to_hub, private=not args.public)
     except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
         return console.stopped(exc)
     which = "rejected" if args.rejected else "accepted"
     console.print(f"exported {result.samples} {which} sample(s) as {result.format} to "
                   f"{escape(str(result.data))}", highlight=False)
+    if result.pushed:
+        console.print(f"pushed to {escape(result.pushed)}", highlight=False)
     console.final(f"dataset card: {escape(str(result.card))}", highlight=False)
     return 0
 

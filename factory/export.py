@@ -42,6 +42,12 @@ class ExportError(ApprenticeError):
     """An export that cannot be made; the message names the run, sample or folder and the fix."""
 
 
+class HubPushError(ExportError):
+    """The export is written but the Hub push failed (offline, no token, no access); it can be pushed later."""
+
+    exit_code = 1
+
+
 @dataclass
 class ExportResult:
     out: Path
@@ -49,6 +55,7 @@ class ExportResult:
     samples: int
     data: Path  # the data file or folder
     card: Path
+    pushed: str | None = None  # the Hub dataset repo's URL
 
 
 def iter_samples(run_dir: Path, *, rejected: bool = False) -> Iterator[dict[str, Any]]:
@@ -135,11 +142,19 @@ def _check_out(out: Path) -> None:
         raise ExportError(f"{out}: folder is not empty; give --out a new or empty folder (nothing was written)")
 
 
-def export_run(run_dir: Path, fmt: str, out: Path, *, rejected: bool = False) -> ExportResult:
-    """Write the run's samples in `fmt` into the new or empty folder `out`, and a dataset card."""
+def export_run(run_dir: Path, fmt: str, out: Path, *, rejected: bool = False,
+               push_to_hub: str | None = None, private: bool = True) -> ExportResult:
+    """Write the run's samples in `fmt` into the new or empty folder `out`, and a dataset card; with
+    `push_to_hub` ("owner/name"), upload that folder to a Hub dataset repo (private unless told)."""
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if push_to_hub is not None:
+        if fmt == "hf":
+            raise ExportError("--push-to-hub: the hf format is a save_to_disk folder, which the Hub does not "
+                              "load; push --format parquet (or a JSONL format) instead")
+        if push_to_hub.count("/") != 1 or not all(push_to_hub.split("/")):
+            raise ExportError(f"--push-to-hub {push_to_hub!r}: give a dataset repo as OWNER/NAME")
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir}: run directory not found")
     if not (run_dir / ACCEPTED).exists() and not (run_dir / REJECTED).exists():
@@ -156,7 +171,29 @@ def export_run(run_dir: Path, fmt: str, out: Path, *, rejected: bool = False) ->
     except BaseException:
         _clear(out)  # no half export: the folder is left empty, as it was found
         raise
-    return ExportResult(out, fmt, count, data, card)
+    result = ExportResult(out, fmt, count, data, card)
+    if push_to_hub is not None:
+        result.pushed = push_folder(out, push_to_hub, private=private)
+    return result
+
+
+def push_folder(out: Path, repo: str, *, private: bool = True) -> str:
+    """Upload the export folder to the Hub dataset repo `repo` (created if missing); its URL. Any failure
+    (offline, no token, no access) is one HubPushError; the export on disk is kept either way."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        url = api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=repo, repo_type="dataset",
+                          commit_message="Apprentice export")
+    except Exception as exc:  # huggingface_hub raises HTTP, offline, auth and OS errors alike
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise HubPushError(
+            f"pushing {out} to the Hub dataset {repo} failed: {first}; the export is written in {out}: push it "
+            f"later with `hf upload {repo} {out} --repo-type dataset` once online and logged in (`hf auth login`)"
+        ) from None
+    return str(url)
 
 
 def _write_jsonl(run_dir: Path, fmt: str, path: Path, rejected: bool) -> int:

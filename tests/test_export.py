@@ -5,13 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import build_tiny_llama, read_jsonl, write_prompts, write_recipe
 
 import apprentice_cli
 from factory import review_ledger
 from factory.__main__ import main as factory_main
 from factory.export import FORMATS, ExportError, export_run, iter_samples
-
-from conftest import build_tiny_llama, read_jsonl, write_prompts, write_recipe
 
 
 def _record(i: int, question: str, answer: str, *, rejected_by: str | None = None, prompt=None) -> dict:
@@ -184,11 +183,58 @@ def test_a_generated_run_exports_through_the_apprentice_script(tmp_path, server,
     assert "| run before review: accepted / rejected / failed | 4 / 2 / 0 |" in card and "| refusal | 2 |" in card
 
 
+def test_push_to_hub_offline_fails_in_one_message_and_keeps_the_export(run, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    assert apprentice_cli.main(["export", str(run), "--format", "messages", "--out", str(out),
+                                "--push-to-hub", "someone/apprentice-demo"]) == 1
+    err = capsys.readouterr().err
+    assert "pushing" in err and "someone/apprentice-demo failed" in err and "offline" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "data.jsonl"], "the export is kept"
+
+
+def test_push_to_hub_uploads_the_folder_as_a_private_dataset(run, tmp_path, capsys, monkeypatch):
+    """Up to the network boundary: HfApi is replaced by one that records what it is asked."""
+    import huggingface_hub
+
+    calls = []
+
+    class RecordingApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+            return f"https://huggingface.co/datasets/{repo_id}"
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+            assert sorted(p.name for p in Path(kwargs["folder_path"]).iterdir()) == ["README.md", "data.parquet"]
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    out = tmp_path / "out"
+    assert factory_main(["export", str(run), "--format", "parquet", "--out", str(out),
+                         "--push-to-hub", "me/data"]) == 0
+    assert "pushed to https://huggingface.co/datasets/me/data" in capsys.readouterr().err
+    (_, repo, create), (_, repo2, upload) = calls
+    assert repo == repo2 == "me/data" and create["repo_type"] == upload["repo_type"] == "dataset"
+    assert create["private"] is True and create["exist_ok"] is True and upload["folder_path"] == str(out)
+
+
+@pytest.mark.parametrize("fmt,repo,expected", [("hf", "me/data", "the hf format is a save_to_disk folder"),
+                                               ("messages", "nodash", "give a dataset repo as OWNER/NAME")])
+def test_push_to_hub_refuses_before_writing(run, tmp_path, capsys, fmt, repo, expected):
+    out = tmp_path / "out"
+    assert factory_main(["export", str(run), "--format", fmt, "--out", str(out), "--push-to-hub", repo]) == 2
+    assert expected in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.slow
 def test_the_messages_export_trains_with_trl_for_two_steps(run, tmp_path):
     import datasets
-    from trl import SFTConfig, SFTTrainer
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
 
     export_run(run, "messages", tmp_path / "out")
     data = datasets.load_dataset("json", data_files=str(tmp_path / "out" / "data.jsonl"), split="train")
