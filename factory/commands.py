@@ -108,6 +108,11 @@ def export_command(args: argparse.Namespace) -> int:
                             push_to_hub=args.push_to_hub, private=not args.public)
     except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
         return console.stopped(exc)
+    except KeyboardInterrupt:  # a half export is removed; one interrupted while it was pushed is kept
+        kept = args.out.is_dir() and any(args.out.iterdir())
+        state = "the export is kept, not pushed" if kept else "nothing was kept"
+        console.final(f"[yellow]interrupted: {state} in {escape(str(args.out))}[/]", highlight=False)
+        return 130
     which = "rejected" if args.rejected else "accepted"
     console.print(f"exported {result.samples} {which} sample(s) as {result.format} to "
                   f"{escape(str(result.data))}", highlight=False)
