@@ -16,6 +16,7 @@ APPRENTICE_NAMES = {
     ("factory", "generate"): "generate",
     ("factory", "review"): "review",
     ("factory", "stats"): "stats",
+    ("factory", "export"): "export",
     ("sft", "train"): "train",
     ("sft", "sweep"): "sweep",
     ("sft", "list"): "list",

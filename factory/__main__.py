@@ -1,5 +1,5 @@
-"""`python -m factory generate|review|stats` — thin: the parser here, the commands in factory/commands.py.
-The same subcommands are `apprentice generate|review|stats` (apprentice_cli builds them with `add_commands`)."""
+"""`python -m factory generate|review|stats|export` — thin: the parser here, the commands in factory/commands.py.
+The same subcommands are `apprentice generate|review|stats|export` (apprentice_cli builds them with `add_commands`)."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +31,20 @@ def add_commands(sub: argparse._SubParsersAction, launcher: str) -> None:
     decide.add_argument("--promote", nargs="+", metavar="ID", help="count these samples as accepted")
     decide.add_argument("--demote", nargs="+", metavar="ID", help="count these samples as rejected")
     review.add_argument("--why", metavar="TEXT", help="the reason for --promote / --demote (required with them)")
-    for name, command in (("generate", gen), ("stats", stats), ("review", review)):
+    export = sub.add_parser("export", help="write a run's samples as messages, sharegpt, alpaca, parquet or hf, "
+                                           "with a dataset card")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--format", required=True, metavar="{messages,sharegpt,alpaca,parquet,hf}",
+                        help="messages/sharegpt/alpaca: JSONL; parquet: TRL prompt-completion columns; "
+                             "hf: datasets save_to_disk")
+    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="a new or empty folder")
+    export.add_argument("--rejected", action="store_true",
+                        help="export the rejected samples (after review) instead of the accepted ones")
+    export.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None,
+                        help="then upload the folder to this Hub dataset repo (private; needs `hf auth login`)")
+    export.add_argument("--public", action="store_true", help="with --push-to-hub: create the repo public")
+    add_output_options(export)
+    for name, command in (("generate", gen), ("stats", stats), ("review", review), ("export", export)):
         command.set_defaults(run=run, launcher=launcher, command=name)
 
 

@@ -20,6 +20,7 @@ from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError, RecipeError
 
 from . import review, review_ledger
+from .export import export_run
 from .plan import plan_run, print_plan
 from .recipe import load_factory_config
 from .run import Run, print_result
@@ -100,4 +101,25 @@ def review_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": generate, "stats": stats, "review": review_command}
+def export_command(args: argparse.Namespace) -> int:
+    console = CommandConsole(args.verbosity, transcript=False)
+    try:
+        result = export_run(args.run_dir, args.format, args.out, rejected=args.rejected,
+                            push_to_hub=args.push_to_hub, private=not args.public)
+    except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
+        return console.stopped(exc)
+    except KeyboardInterrupt:  # a half export is removed; one interrupted while it was pushed is kept
+        kept = args.out.is_dir() and any(args.out.iterdir())
+        state = "the export is kept, not pushed" if kept else "nothing was kept"
+        console.final(f"[yellow]interrupted: {state} in {escape(str(args.out))}[/]", highlight=False)
+        return 130
+    which = "rejected" if args.rejected else "accepted"
+    console.print(f"exported {result.samples} {which} sample(s) as {result.format} to "
+                  f"{escape(str(result.data))}", highlight=False)
+    if result.pushed:
+        console.print(f"pushed to {escape(result.pushed)}", highlight=False)
+    console.final(f"dataset card: {escape(str(result.card))}", highlight=False)
+    return 0
+
+
+COMMANDS = {"generate": generate, "stats": stats, "review": review_command, "export": export_command}
