@@ -5,12 +5,14 @@ near-duplicates: a copy of an earlier original with 1 to 8 words substituted. Th
 in a factory run: `check(sample)`, then `remember(sample)` when it passed. Reported: samples/s, memory
 (RSS growth of the process over the run, and bytes per indexed sample), recall of the planted
 near-duplicates (all of them, and those whose true word-trigram Jaccard is at least the threshold), and
-false positives among the originals. Beside it, in the same process: the same loop with datasketch's own
-`MinHash.update_batch` (SHA-1 per shingle) on a subset, the `exact_dup` check, the resume rebuild
-(`quality_checks.prime` from an accepted.jsonl) and the `factory stats` pass.
+false positives among the originals. Beside it, in the same process and on the same corpus: `near_dup`
+as it was with datasketch's MinHashLSH for the index (and how many decisions agree), the same loop with
+datasketch's own `MinHash.update_batch` (SHA-1 per shingle) on a subset, the `exact_dup` check, the resume
+rebuild (`quality_checks.prime` from an accepted.jsonl) and the `factory stats` pass.
 
     .venv/bin/python benchmarks/dedup.py                  # 100,000 samples, 10% planted
     .venv/bin/python benchmarks/dedup.py --samples 20000  # quicker
+    .venv/bin/python benchmarks/dedup.py --samples 1000000 --words 50 --near-dup-only  # the index at 1M
 """
 from __future__ import annotations
 
@@ -106,6 +108,44 @@ def run_online(check, texts: list[str]) -> tuple[float, list[str | None]]:
     return time.perf_counter() - start, found
 
 
+class DatasketchIndexNearDup:
+    """`near_dup` as it was before quality_checks/lsh.py: the same numpy signatures, confirmed the same way,
+    with candidates from datasketch's MinHashLSH (a bytes key and a Python set per band and answer)."""
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 128) -> None:
+        from datasketch import MinHash, MinHashLSH
+
+        from quality_checks.minhash import MinHasher
+
+        self.hasher = MinHasher(num_perm, 3)
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.05, 0.95))
+        self.probe = MinHash(num_perm=num_perm, permutations=self.hasher.permutations, scheme="affine32")
+        self.threshold = threshold
+        self.signatures: list[np.ndarray] = []
+        self.labels: list[str] = []
+        self._last = None
+
+    def __call__(self, sample):
+        from quality_checks import PASS, Verdict
+
+        self._last = signature = self.hasher.signature(sample.text)
+        self.probe.hashvalues = signature
+        best_row, best = -1, -1.0
+        for row in self.lsh.query(self.probe):
+            similarity = np.count_nonzero(self.signatures[row] == signature) / len(signature)
+            if similarity > best:
+                best_row, best = row, similarity
+        if best_row >= 0 and best >= self.threshold:
+            return Verdict(False, f"near-duplicate of {self.labels[best_row]} (Jaccard ~{best:.2f})", best)
+        return PASS
+
+    def remember(self, sample):
+        self.probe.hashvalues = self._last
+        self.lsh.insert(len(self.signatures), self.probe, check_duplication=False)
+        self.signatures.append(self._last)
+        self.labels.append(sample.id)
+
+
 class DatasketchNearDup:
     """The same online loop with datasketch doing the hashing: MinHash.update_batch over the shingles."""
 
@@ -145,6 +185,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--reference-samples", type=int, default=5_000, help="samples for the datasketch row")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--near-dup-only", action="store_true",
+                        help="only the near_dup rows (for a 1M run): no datasketch, exact_dup, resume or stats rows")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
@@ -155,36 +197,46 @@ def main() -> None:
 
     load_before = os.getloadavg()
     rows = []
-    # near_dup, the check as the factory runs it; RSS growth is taken first, on a heap that has not
-    # freed and reused anything yet, and tracemalloc (which slows the loop) in a second, untimed pass
+    # near_dup, the check as the factory runs it, and beside it (same corpus) the datasketch-LSH index it
+    # replaced; RSS growth is taken first, on a heap that has not freed and reused anything yet, and
+    # tracemalloc (which slows the loop) in a second, untimed pass
     near_dup = {"name": "near_dup", "threshold": args.threshold}
-    check = build_checks([near_dup])[0]
-    gc.collect()
-    before = rss_bytes()
-    seconds, found = run_online(check, texts)
-    grown = rss_bytes() - before
-    indexed = sum(1 for f in found if f is None)
-    del check
-    gc.collect()
-    traced = traced_bytes(build_checks([near_dup])[0], texts)
+    variants = [("near_dup (numpy signatures + numpy band index)", lambda: build_checks([near_dup])[0])]
+    if not args.near_dup_only:
+        variants.append(("near_dup before (numpy signatures + datasketch MinHashLSH)",
+                         lambda: DatasketchIndexNearDup(args.threshold)))
     planted_ids = {i: s for i, s in sources.items()}
     truth = {i: true_jaccard(texts[i], texts[s]) for i, (s, _) in planted_ids.items()}
     above = [i for i, j in truth.items() if j >= args.threshold]
-    hit = {i for i in planted_ids if found[i] is not None}
-    false_pos = sum(1 for i, f in enumerate(found) if f is not None and i not in planted_ids)
-    rows.append(("near_dup (numpy signatures + datasketch MinHashLSH)", len(texts), seconds, grown, traced, indexed))
-    recall_all = len(hit) / max(1, len(planted_ids))
-    recall_above = len(hit & set(above)) / max(1, len(above))
     below = [i for i in planted_ids if truth[i] < args.threshold]
-    flagged_below = len(hit & set(below)) / max(1, len(below))
-    print(f"near_dup: {len(texts) / seconds:,.0f} samples/s, RSS +{grown / 2**20:.0f} MiB, traced "
-          f"{traced / 2**20:.0f} MiB, recall {recall_all:.3f} (true J >= {args.threshold}: {recall_above:.4f}), "
-          f"{false_pos} false positives", flush=True)
+    detections = []
+    for label, make in variants:
+        check = make()
+        gc.collect()
+        before = rss_bytes()
+        seconds, found = run_online(check, texts)
+        grown = rss_bytes() - before
+        indexed = sum(1 for f in found if f is None)
+        del check
+        gc.collect()
+        traced = traced_bytes(make(), texts)
+        gc.collect()
+        rows.append((label, len(texts), seconds, grown, traced, indexed))
+        hit = {i for i in planted_ids if found[i] is not None}
+        false_pos = sum(1 for i, f in enumerate(found) if f is not None and i not in planted_ids)
+        detections.append((label, found, hit, false_pos))
+        print(f"{label}: {len(texts) / seconds:,.0f} samples/s, RSS +{grown / 2**20:.0f} MiB, traced "
+              f"{traced / 2**20:.0f} MiB ({traced / indexed:,.0f} bytes per indexed sample), found "
+              f"{len(hit)} of {len(planted_ids)} planted, {false_pos} false positives", flush=True)
+    found, hit = detections[0][1:3]
     buckets = {}
     for i, j in truth.items():
         low = min(0.95, int(j * 20) / 20)
         found_, total_ = buckets.get(low, (0, 0))
         buckets[low] = (found_ + (i in hit), total_ + 1)
+    if args.near_dup_only:
+        print_report(args, texts, sources, load_before, rows, detections, planted_ids, above, below, buckets)
+        return
 
     # datasketch doing the hashing itself, on a subset: the per-shingle loop this project avoids
     reference = DatasketchNearDup(args.threshold)
@@ -219,6 +271,16 @@ def main() -> None:
         compute_stats(run_dir, {})
         stats_seconds = time.perf_counter() - start
 
+    print_report(args, texts, sources, load_before, rows, detections, planted_ids, above, below, buckets,
+                 (primed, prime_seconds, stats_seconds))
+
+
+def print_report(args, texts, sources, load_before, rows, detections, planted_ids, above, below, buckets,
+                 resume=None) -> None:
+    _, found, hit, false_pos = detections[0]
+    recall_all = len(hit) / max(1, len(planted_ids))
+    recall_above = len(hit & set(above)) / max(1, len(above))
+    flagged_below = len(hit & set(below)) / max(1, len(below))
     print()
     print(f"Command: `.venv/bin/python benchmarks/dedup.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`")
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores (pinned to one), Python {platform.python_version()}, "
@@ -239,6 +301,13 @@ def main() -> None:
         print(f"| {name} | {n:,} | {n / secs:,.0f} | {rss} | {mem} | {per} |")
     print()
     print(f"| near_dup detection | value |\n|---|---|")
+    if len(detections) > 1:
+        (_, new, _, _), (_, old, old_hit, old_false) = detections[:2]
+        same = sum(1 for a, b in zip(new, old) if (a is None) == (b is None))
+        same_id = sum(1 for a, b in zip(new, old) if a == b)
+        print(f"| before (datasketch MinHashLSH): planted found, false positives | {len(old_hit):,} of "
+              f"{len(planted_ids):,} ({len(old_hit) / max(1, len(planted_ids)):.1%}), {old_false} |")
+        print(f"| same decision as before / same duplicate named | {same:,} / {same_id:,} of {len(new):,} |")
     print(f"| planted near-duplicates found | {len(hit):,} of {len(planted_ids):,} ({recall_all:.1%}) |")
     print(f"| ... of those with true trigram Jaccard >= {args.threshold} | {len(hit & set(above)):,} of {len(above):,} ({recall_above:.2%}) |")
     print(f"| ... of those below {args.threshold} (flagged anyway) | {len(hit & set(below)):,} of {len(below):,} ({flagged_below:.1%}) |")
@@ -248,6 +317,9 @@ def main() -> None:
     for low in sorted(buckets):
         found_, total_ = buckets[low]
         print(f"| {low:.2f}-{low + 0.05:.2f} | {total_:,} | {found_:,} ({found_ / total_:.1%}) |")
+    if resume is None:
+        return
+    primed, prime_seconds, stats_seconds = resume
     print()
     print(f"| resume and stats | value |\n|---|---|")
     print(f"| rebuild exact_dup + near_dup from accepted.jsonl ({primed:,} samples) | {prime_seconds:.1f} s "

@@ -4,11 +4,10 @@ datasketch's `MinHash.update` hashes each shingle with SHA-1 in a Python loop; f
 that costs about a millisecond. Here the words of the normalized text are hashed together as arrays
 (a polynomial hash over the UTF-8 bytes, by prefix sums), shingles are combined and permuted as arrays,
 and a signature costs about 0.15 ms. The permutation is datasketch's "affine32" scheme (MurmurHash3
-finalizer, then `a * h + b mod 2**32` with odd `a`), so the signatures go straight into a
-`datasketch.MinHashLSH` through a `MinHash(scheme="affine32")` whose `hashvalues` are set to them.
+finalizer, then `a * h + b mod 2**32` with odd `a`), so a signature equals datasketch's
+`MinHash(scheme="affine32")` of the same shingle hashes (tests/test_checks.py holds them to it).
 
-numpy only at import: datasketch takes most of a second to import (it pulls in scipy), so it is imported
-only by the checks that build an LSH index, never by `factory stats`.
+numpy only at import: the LSH index over these signatures is `quality_checks.lsh`, numpy too.
 """
 from __future__ import annotations
 
@@ -108,19 +107,6 @@ class MinHasher:
 
     def signature(self, text: str) -> np.ndarray:
         return self.signature_of_hashes(text_shingles(text, self.shingle))
-
-    def minhash(self, signature: np.ndarray | None = None):
-        """A datasketch MinHash with these permutations (holding `signature`), for MinHashLSH.
-
-        MinHashLSH reads `hashvalues` only during insert and query, so one MinHash can be reused for
-        every text by assigning its `hashvalues`; building one per text costs more than the query.
-        """
-        from datasketch import MinHash
-
-        minhash = MinHash(num_perm=self.num_perm, permutations=self.permutations, scheme="affine32")
-        if signature is not None:
-            minhash.hashvalues = signature
-        return minhash
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
