@@ -40,7 +40,8 @@ class Wire:
         # A proxy from the environment, as the SDK's HTTP client honours it; looked up once, not per request.
         scheme, _, rest = self.url.partition("://")
         host = rest.split("/", 1)[0].rsplit(":", 1)[0]
-        self.proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(scheme)
+        proxies = urllib.request.getproxies()
+        self.proxy = None if urllib.request.proxy_bypass(host) else proxies.get(scheme) or proxies.get("all")
         self.session: aiohttp.ClientSession | None = None
 
     async def post(self, body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
