@@ -8,10 +8,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, read_jsonl, write_prompts, write_recipe
+from pydantic import ValidationError
 
 from apprentice.errors import TeacherError
-from factory.recipe import TeacherConfig
+from factory.__main__ import main
+from factory.recipe import CLIENT_ENV, TeacherConfig
 from factory.teachers import make_teacher
 
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}
@@ -160,3 +162,29 @@ def test_the_key_travels_in_the_headers_the_sdk_sends_and_a_wrong_one_is_fatal(s
     monkeypatch.setenv("APPRENTICE_TEST_KEY", API_KEY)
     sdk, raw = ask_both(server, "openai", HELLO)
     assert not isinstance(raw, TeacherError), raw
+
+
+@pytest.mark.one_client
+def test_a_run_made_on_one_path_resumes_on_the_other_and_sends_nothing_again(tmp_path, server, env_key):
+    """`client` changes how requests are sent, not what: the same fingerprint, the same cache keys."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", 5),
+                          provider="openai", base_url=server.openai_base_url, n=2, extra_teacher="    client: sdk\n")
+    assert main(["generate", str(recipe)]) == 0
+    assert server.stats.total == 5
+    (run / "accepted.jsonl").unlink()  # the records go; the cache keeps what was paid for
+    server.reset_stats()
+    assert main(["generate", str(recipe), "--set", "factory.teacher.client=raw"]) == 0
+    assert server.stats.total == 0, "every answer came from the cache the sdk path filled"
+    assert len(read_jsonl(run / "accepted.jsonl")) == 10
+
+
+def test_client_is_for_the_hosted_providers_and_the_variable_must_name_a_path(monkeypatch):
+    with pytest.raises(ValidationError, match="client is for providers openai and anthropic"):
+        TeacherConfig(provider="local", client="raw")
+    monkeypatch.setenv(CLIENT_ENV, "fast")
+    with pytest.raises(ValidationError, match=f"{CLIENT_ENV}='fast': set it to raw or sdk"):
+        TeacherConfig(provider="openai", model="m")
+    monkeypatch.setenv(CLIENT_ENV, "sdk")
+    assert TeacherConfig(provider="anthropic", model="m").client == "sdk"
+    assert TeacherConfig(provider="anthropic", model="m", client="raw").client == "raw", "the recipe rules"
