@@ -109,23 +109,15 @@ def parse_json_body(content: bytes, provider: str) -> Mapping[str, Any]:
     try:
         data = orjson.loads(content)
     except orjson.JSONDecodeError:
-        data = _lenient_json(content)
-    if data is _NOT_JSON:
-        raise TeacherError(
-            f"{provider} answered 200 with a body that is not JSON: {shorten(content[:200].decode('utf-8', 'replace'))}",
-            retryable=True,
-        ) from None
+        try:  # what json reads and orjson refuses: NaN, Infinity, integers beyond 64 bits
+            data = json.loads(content)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise TeacherError(
+                f"{provider} answered 200 with a body that is not JSON: "
+                f"{shorten(content[:200].decode('utf-8', 'replace'))}",
+                retryable=True,
+            ) from None
     if not isinstance(data, dict):
         raise TeacherError(f"{provider} answered 200 with JSON that is not an object", retryable=True)
     return data
 
-
-_NOT_JSON = object()
-
-
-def _lenient_json(content: bytes) -> Any:
-    """What json.loads reads and orjson refuses (NaN, Infinity, integers beyond 64 bits), or _NOT_JSON."""
-    try:
-        return json.loads(content)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _NOT_JSON

@@ -7,11 +7,13 @@ max_concurrency, posts the body as orjson bytes and hands back the answer's byte
 
 What the SDK decides is read from the SDK client the teacher builds anyway (the Batch APIs use it): the URL
 (`base_url` as the SDK resolves it, from the recipe or its environment variable) and the headers (the API key,
-organisation, project, API version). So both paths send the same request to the same place; a status, a
-timeout or a dropped connection becomes the TeacherError that `hosted.map_sdk_error` makes of the SDK's.
+organisation, project, API version). So both paths send the same request to the same place. An error status
+is worded by the SDK itself and becomes the TeacherError that `hosted.map_sdk_error` makes of the SDK's; so do
+a timeout and a dropped connection (whose message ends with aiohttp's words for it instead of httpx's).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from types import ModuleType
@@ -54,7 +56,7 @@ class Wire:
                     raise sdk_status_error(self.client, self.sdk, self.url, status,
                                            list(response.headers.items()), content)
                 headers = {key.lower(): value for key, value in response.headers.items()}
-        except TimeoutError:  # before ClientError: aiohttp's timeouts are both
+        except asyncio.TimeoutError:  # before ClientError: aiohttp's timeouts are both
             raise TeacherError(TIMEOUT_MESSAGE, retryable=True) from None
         except aiohttp.ClientError as exc:
             raise TeacherError(f"connection error: {shorten(str(exc) or type(exc).__name__)}",
