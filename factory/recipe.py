@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -160,6 +161,9 @@ class ParamRanges(Strict):
 
 
 DEFAULT_MAX_CONCURRENCY = 64  # requests in flight to an API when the recipe does not say
+# The default of `teacher.client` where a recipe leaves it out (raw unless set): an operator's switch back to the
+# SDKs without editing recipes, and how the tests run every hosted-teacher test on both request paths.
+CLIENT_ENV = "APPRENTICE_TEACHER_CLIENT"
 
 
 class TeacherConfig(Strict):
@@ -188,6 +192,12 @@ class TeacherConfig(Strict):
     rpm: float | None = Field(default=None, gt=0, description="requests per minute cap; headers rule otherwise")
     tpm: float | None = Field(default=None, gt=0, description="tokens per minute cap; headers rule otherwise")
     timeout_s: float = Field(default=600.0, gt=0)
+    client: Literal["raw", "sdk"] | None = Field(
+        default=None,
+        description="providers openai and anthropic: raw (default) sends and reads each request on one pooled "
+        "aiohttp session, sdk through the official SDK; the same bodies, headers and errors either way; not part "
+        f"of the fingerprint (default from ${CLIENT_ENV} when set)",
+    )
     max_retries: int = Field(default=8, ge=0, description="retries per request for 429, 5xx, timeouts")
     price: Price | None = Field(default=None, description="overrides the price table (genai-prices)")
     batch_size: int = Field(default=8, ge=1, description="provider local: prompts per generate() call")
@@ -215,6 +225,15 @@ class TeacherConfig(Strict):
     def _defaults(self) -> "TeacherConfig":
         if self.api_key_env is None:
             self.api_key_env = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}.get(self.provider)
+        if self.provider in IN_PROCESS:
+            if self.client is not None:
+                raise ValueError(f"client is for providers openai and anthropic; provider {self.provider} runs in "
+                                 "this process: remove it")
+        elif self.client is None:
+            chosen = os.environ.get(CLIENT_ENV) or "raw"
+            if chosen not in ("raw", "sdk"):
+                raise ValueError(f"${CLIENT_ENV}={chosen!r}: set it to raw or sdk, or unset it")
+            self.client = chosen
         if self.mode == "batch" and self.provider not in BATCH_LIMITS:
             raise ValueError(f"mode: batch is for provider openai or anthropic, not {self.provider}; "
                              "a local teacher batches on its own (batch_size)")

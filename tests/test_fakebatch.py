@@ -17,7 +17,8 @@ from anthropic.types.messages import (
 from conftest import API_KEY
 from openai.types.chat import ChatCompletion
 
-pytestmark = pytest.mark.timeout(60)
+# The SDKs against the fake, no teacher: one run, not one per teacher.client.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.one_client]
 
 OPENAI_DONE = {"completed", "expired", "cancelled", "failed"}
 FAULTS = {"boom": "error", "bad": "invalid"}

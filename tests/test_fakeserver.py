@@ -16,7 +16,8 @@ from conftest import API_KEY, PYTHON, REPO
 from factory.limiter import parse_duration
 from fakes import FakeConfig, FakeServer, count_tokens, openai_duration
 
-pytestmark = pytest.mark.timeout(60)
+# The SDKs against the fake, no teacher: one run, not one per teacher.client.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.one_client]
 
 USER = [{"role": "user", "content": "hello there, teacher"}]
 

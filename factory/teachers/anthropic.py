@@ -14,6 +14,7 @@ from apprentice.responses import Choice, TeacherResponse
 from ..recipe import StructuredOutput, TeacherConfig
 from .batching import BatchState, Call, Outcome, epoch
 from .hosted import api_key, lower_headers, map_sdk_error, parse_json_body, sdk_call_args
+from .wire import Wire
 
 # Anthropic's stop reasons in the OpenAI vocabulary the checks use; others (refusal, tool_use) pass as they are.
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
@@ -48,6 +49,8 @@ class AnthropicTeacher:
             timeout=config.timeout_s,
         )
         self._create = self.client.messages.with_raw_response.create
+        self.wire = None if config.client == "sdk" else Wire(
+            self.client, anthropic, "v1/messages", timeout_s=config.timeout_s, connections=config.concurrency_cap)
         # The signature of the typed method (create), not of its raw-response wrapper.
         self._signature = self.client.messages.create
 
@@ -68,11 +71,15 @@ class AnthropicTeacher:
         return body
 
     async def complete(self, body: dict[str, Any]) -> TeacherResponse:
-        try:
-            raw = await self._create(**sdk_call_args(self._signature, body))
-        except self.sdk.AnthropicError as exc:
-            raise map_sdk_error(exc, self.sdk) from None
-        return self.parse(parse_json_body(await raw.read(), "Anthropic"), lower_headers(raw.headers))
+        if self.wire is not None:
+            content, headers = await self.wire.post(body)
+        else:
+            try:
+                raw = await self._create(**sdk_call_args(self._signature, body))
+            except self.sdk.AnthropicError as exc:
+                raise map_sdk_error(exc, self.sdk) from None
+            content, headers = await raw.read(), lower_headers(raw.headers)
+        return self.parse(parse_json_body(content, "Anthropic"), headers)
 
     def parse(self, data: dict[str, Any], headers: dict[str, str] | None = None) -> TeacherResponse:
         """A Message as JSON (an online answer, or the message of a Message Batches result)."""
@@ -152,6 +159,8 @@ class AnthropicTeacher:
                 yield Outcome(entry.custom_id, error=result.type)
 
     async def aclose(self) -> None:
+        if self.wire is not None:
+            await self.wire.aclose()
         await self.client.close()
 
 

@@ -22,6 +22,7 @@ from ..logprobs import tokenizer_fingerprint
 from ..recipe import StructuredOutput, TeacherConfig
 from .batching import BatchState, Call, Outcome
 from .hosted import RETRYABLE_STATUS, api_key, lower_headers, map_sdk_error, parse_json_body, sdk_call_args
+from .wire import Wire
 
 # Batch states in which the batch still runs (or is being cancelled).
 OPENAI_RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
@@ -49,6 +50,8 @@ class OpenAITeacher:
             timeout=config.timeout_s,
         )
         self._create = self.client.chat.completions.with_raw_response.create
+        self.wire = None if config.client == "sdk" else Wire(
+            self.client, openai, "chat/completions", timeout_s=config.timeout_s, connections=config.concurrency_cap)
         self.logprobs = config.logprobs
         self.response_format = _response_format(config.structured_output)
         # The signature of the typed method (create), not of its raw-response wrapper.
@@ -90,12 +93,16 @@ class OpenAITeacher:
         return meta
 
     async def complete(self, body: dict[str, Any]) -> TeacherResponse:
-        try:
-            raw = await self._create(**sdk_call_args(self._signature, body))
-        except self.sdk.OpenAIError as exc:
-            raise map_sdk_error(exc, self.sdk) from None
+        if self.wire is not None:
+            content, headers = await self.wire.post(body)
+        else:
+            try:
+                raw = await self._create(**sdk_call_args(self._signature, body))
+            except self.sdk.OpenAIError as exc:
+                raise map_sdk_error(exc, self.sdk) from None
+            content, headers = raw.content, lower_headers(raw.headers)
         # Read the JSON directly: building the SDK's pydantic objects costs more CPU than the rest.
-        return self.parse(parse_json_body(raw.content, "OpenAI"), lower_headers(raw.headers))
+        return self.parse(parse_json_body(content, "OpenAI"), headers)
 
     def parse(self, data: dict[str, Any], headers: dict[str, str] | None = None) -> TeacherResponse:
         """A chat.completion as JSON (an online answer, or one line of a Batch API output file)."""
@@ -211,6 +218,8 @@ class OpenAITeacher:
         os.replace(part, path)
 
     async def aclose(self) -> None:
+        if self.wire is not None:
+            await self.wire.aclose()
         await self.client.close()
 
 
