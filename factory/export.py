@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from apprentice.errors import ApprenticeError
 
-from .review_ledger import read_actions
+from .review_ledger import ReviewError, reviewed_records
 from .stats import compute_stats
 from .store import ACCEPTED, REJECTED, read_manifest
 
@@ -61,38 +61,11 @@ class ExportResult:
 def iter_samples(run_dir: Path, *, rejected: bool = False) -> Iterator[dict[str, Any]]:
     """The run's records after review, streamed: accepted (less demoted, plus promoted) or, with
     `rejected`, rejected (less promoted, plus demoted). Only review.jsonl's decisions are held in memory."""
-    run_dir = Path(run_dir)
-    actions = read_actions(run_dir)
-    # (file, whether a record of it is exported when review left it alone, the action that flips that)
-    if rejected:
-        sources = [(run_dir / REJECTED, True, "promote"), (run_dir / ACCEPTED, False, "demote")]
-    else:
-        sources = [(run_dir / ACCEPTED, True, "demote"), (run_dir / REJECTED, False, "promote")]
-    for path, kept, flip in sources:
-        if not path.is_file() or (not kept and flip not in actions.values()):
-            continue
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    if not line.endswith("\n"):
-                        break  # a torn last line: a run still writing, or a crash
-                    raise ExportError(f"{path}:{number}: not valid JSON") from None
-                if kept == (actions.get(str(record.get("id"))) == flip):
-                    continue
-                if not isinstance(record.get("prompt"), list) or not isinstance(record.get("completion"), list):
-                    raise ExportError(f"{path}:{number}: expected conversational `prompt` and `completion` lists")
-                record["id"] = str(record.get("id", f"{run_dir.name}:{number}"))
-                record["prompt"] = [_message(m) for m in record["prompt"]]
-                record["completion"] = [_message(m) for m in record["completion"]]
-                yield record
-
-
-def _message(message: dict[str, Any]) -> dict[str, str]:
-    return {"role": str(message["role"]), "content": str(message.get("content") or "")}
+    try:
+        for _, _, record in reviewed_records(run_dir, rejected=rejected):
+            yield record
+    except ReviewError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def to_messages(record: dict[str, Any]) -> dict[str, Any]:

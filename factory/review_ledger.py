@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 from apprentice.errors import ApprenticeError
 
@@ -116,3 +116,43 @@ def promote(run_dir: Path, ids: Iterable[str], why: str) -> list[str]:
 def demote(run_dir: Path, ids: Iterable[str], why: str) -> list[str]:
     """Count these samples as rejected (never train on them); returns the full ids written."""
     return _append(run_dir, ids, "demote", why)
+
+
+def reviewed_records(run_dir: Path, *, rejected: bool = False) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    """The records on one side of a run as review left it, with (file, line) for messages: accepted minus
+    demoted plus promoted (or, `rejected`, the other side). Each has a string `id` and its `prompt` and
+    `completion` as plain {role, content} lists. A line that is no such record raises ReviewError naming
+    file:line; a torn last line (a run still writing, or killed) ends its file, as the store would cut it."""
+    run_dir = Path(run_dir)
+    actions = read_actions(run_dir)
+    # (file, whether a record of it is on this side when review left it alone, the action that moves it)
+    if rejected:
+        sources = [(run_dir / REJECTED, True, "promote"), (run_dir / ACCEPTED, False, "demote")]
+    else:
+        sources = [(run_dir / ACCEPTED, True, "demote"), (run_dir / REJECTED, False, "promote")]
+    for path, kept, flip in sources:
+        if not path.is_file() or (not kept and flip not in actions.values()):
+            continue
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    if not line.endswith("\n"):
+                        break
+                    raise ReviewError(f"{path}:{number}: not valid JSON: {exc}") from None
+                if kept == (actions.get(str(record.get("id"))) == flip):
+                    continue  # on this side, but moved by review (or on the other side, not moved)
+                if not isinstance(record.get("prompt"), list) or not isinstance(record.get("completion"), list):
+                    raise ReviewError(f"{path}:{number}: expected conversational `prompt` and `completion` lists")
+                record["id"] = str(record.get("id", f"{run_dir.name}:{number}"))
+                record["prompt"] = [_message(m) for m in record["prompt"]]
+                record["completion"] = [_message(m) for m in record["completion"]]
+                yield path, number, record
+
+
+def _message(message: dict[str, Any]) -> dict[str, str]:
+    return {"role": str(message["role"]), "content": str(message.get("content") or "")}
+

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from apprentice.errors import ApprenticeError
-from factory.review_ledger import ReviewError, read_actions
+from factory.review_ledger import ReviewError, reviewed_records
 
 KEEP = ("id", "prompt", "completion", "attributes")
 
@@ -35,46 +35,21 @@ def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], RunInfo]:
         raise DataError(
             f"{accepted}: no accepted.jsonl in this run directory; run `python -m factory generate` first"
         )
+    rows: list[dict[str, Any]] = []
     try:
-        actions = read_actions(run_dir)
+        for _, _, record in reviewed_records(run_dir):
+            rows.append({
+                "id": record["id"],
+                # The n samples of one prompt stay on one side of the held-out split.
+                "group": f"{run_dir}:{record.get('prompt_id') or record['id']}",
+                "prompt": record["prompt"],
+                "completion": record["completion"],
+                # JSON text: attributes differ between runs and Arrow needs one schema for the column
+                "attributes": json.dumps(record.get("attributes") or {}, sort_keys=True),
+            })
     except ReviewError as exc:
         raise DataError(str(exc)) from None
-    # (file, whether a record of it is kept when review left it alone, the review action that flips that)
-    sources = [(accepted, True, "demote")]
-    if "promote" in actions.values():
-        sources.append((run_dir / "rejected.jsonl", False, "promote"))
-    rows: list[dict[str, Any]] = []
-    for path, kept, flip in sources:
-        if not path.is_file():
-            continue
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: not valid JSON: {exc}") from None
-                flipped = actions.get(str(record.get("id"))) == flip
-                if kept == flipped:  # accepted but demoted, or rejected and not promoted
-                    continue
-                if not isinstance(record.get("prompt"), list) or not isinstance(record.get("completion"), list):
-                    raise DataError(f"{path}:{number}: expected conversational `prompt` and `completion` lists")
-                record_id = str(record.get("id", f"{run_dir.name}:{number}"))
-                rows.append({
-                    "id": record_id,
-                    # The n samples of one prompt stay on one side of the held-out split.
-                    "group": f"{run_dir}:{record.get('prompt_id') or record_id}",
-                    "prompt": [_message(m) for m in record["prompt"]],
-                    "completion": [_message(m) for m in record["completion"]],
-                    # JSON text: attributes differ between runs and Arrow needs one schema for the column
-                    "attributes": json.dumps(record.get("attributes") or {}, sort_keys=True),
-                })
     return rows, RunInfo(str(run_dir), len(rows), _fingerprint(run_dir))
-
-
-def _message(message: dict[str, Any]) -> dict[str, str]:
-    return {"role": str(message["role"]), "content": str(message.get("content") or "")}
 
 
 def _fingerprint(run_dir: Path) -> str | None:
