@@ -6,7 +6,7 @@ through the one recipe loader (apprentice/config.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -67,6 +67,12 @@ class SFTConfig(Strict):
         default=True, description="recompute activations in backward: less memory, about a third slower"
     )
     max_steps: int | None = Field(default=None, ge=1, description="stop after N optimizer steps (smoke runs)")
+    report_to: str | list[str] = Field(
+        default="none", description="where the trainer logs its figures, as transformers names them: none, "
+        "tensorboard, wandb, mlflow, trackio, ... (the tracker's package must be installed)")
+    trainer_args: dict[str, Any] = Field(
+        default_factory=dict, description="any other field of TRL's SFTConfig (optim, weight_decay, "
+        "max_grad_norm, attn_implementation, ...), passed as it is; checked against SFTConfig's fields")
     logging_steps: int = Field(default=10, ge=1)
     distill: DistillSettings | None = Field(
         default=None, description="{alpha: 0.8, temperature: 2.0}: add a KL term towards the teacher's logprobs"

@@ -17,6 +17,8 @@ Under `accelerate launch` (DDP, FSDP) every process runs this; files are written
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import importlib.metadata
 import json
 import os
@@ -135,6 +137,9 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
         console.print(f"[yellow]--resume:[/] no checkpoint in {escape(str(checkpoints))}; starting from the beginning",
                       highlight=False)
 
+    from trl import SFTConfig as TRLConfig
+
+    trainer_args(config, TRLConfig)  # a misspelt trainer_args key stops the run before any model loads
     train_set, eval_set, runs = load_splits(config.data, config.held_out, config.seed, config.stratify_by)
     if fraction < 1.0:
         keep = max(1, round(len(train_set) * fraction))
@@ -292,8 +297,9 @@ def _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, chec
         use_cpu=hardware.use_cpu,
         bf16=hardware.bf16,
         fp16=hardware.fp16,
-        report_to="none",
+        report_to=config.report_to,
         disable_tqdm=True,
+        **trainer_args(config, TRLConfig),
     )
     lora = LoraConfig(
         r=config.lora.r,
@@ -325,6 +331,39 @@ def _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, chec
 
 
 # ---- distillation -------------------------------------------------------------------------------------------
+# TRL SFTConfig fields the sft: section sets itself, and the sft key that owns each where there is one.
+OWNED = {"output_dir": "sft.output_dir", "seed": "sft.seed", "data_seed": "sft.seed",
+         "learning_rate": "sft.learning_rate", "num_train_epochs": "sft.epochs", "max_steps": "sft.max_steps",
+         "lr_scheduler_type": "sft.lr_scheduler", "warmup_steps": "sft.warmup_ratio",
+         "per_device_train_batch_size": "sft.per_device_batch_size",
+         "per_device_eval_batch_size": "sft.per_device_batch_size",
+         "gradient_accumulation_steps": "sft.gradient_accumulation_steps", "eval_steps": "sft.eval_every_steps",
+         "save_steps": "sft.eval_every_steps", "logging_steps": "sft.logging_steps",
+         "gradient_checkpointing": "sft.gradient_checkpointing", "max_length": "sft.max_length",
+         "packing": "sft.packing", "completion_only_loss": "sft.completion_only_loss", "report_to": "sft.report_to",
+         "eval_strategy": None, "save_strategy": None, "save_total_limit": None, "load_best_model_at_end": None,
+         "metric_for_best_model": None, "use_cpu": None, "bf16": None, "fp16": None, "disable_tqdm": None}
+
+
+def trainer_args(config: SFTConfig, trl_config: type) -> dict[str, Any]:
+    """`sft.trainer_args`, checked against TRL's SFTConfig fields: an unknown key is named with the closest
+    known one, and a field this section sets is named with the sft key to set instead."""
+    known = {field.name for field in dataclasses.fields(trl_config)}
+    problems = []
+    for key in config.trainer_args:
+        if key in OWNED:
+            owner = OWNED[key]
+            problems.append(f"sft.trainer_args.{key}: set by Apprentice" + (f"; set {owner} instead" if owner
+                                                                          else " from the hardware and the recipe"))
+        elif key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            problems.append(f"sft.trainer_args.{key}: not a field of TRL's SFTConfig"
+                            + (f"; did you mean `{close[0]}`?" if close else ""))
+    if problems:
+        raise RecipeError("\n".join(problems))
+    return dict(config.trainer_args)
+
+
 def _align_with_teacher(trainer: Any, teacher: Any) -> dict[str, Any]:
     """Give each prepared training example `kd_len`: how many of its completion tokens take the teacher's
     distribution (sft/kd.py `align`; 0 = plain CE). Streams the dataset in batches: memory stays flat."""

@@ -326,3 +326,39 @@ def test_two_processes_train_one_student_data_parallel_on_the_cpu(tmp_path, tiny
     assert lineage["launch"] == {"processes": 2, "distributed_type": "MULTI_CPU"}, "one training over two processes"
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "merged" / "model.safetensors").is_file()
     assert lineage["global_step"] == 4
+
+
+# ---- any TRL setting, and a tracker --------------------------------------------------------------------------
+def test_trainer_args_are_checked_against_trls_fields_before_anything_loads():
+    from trl import SFTConfig as TRLConfig
+
+    from sft.train import trainer_args
+
+    def config(**extra):
+        return SFTConfig(data=["x"], trainer_args=extra)
+
+    assert trainer_args(config(weight_decay=0.1, optim="adamw_torch"), TRLConfig) == {"weight_decay": 0.1,
+                                                                                     "optim": "adamw_torch"}
+    with pytest.raises(RecipeError, match=r"sft.trainer_args.weight_decy: not a field of TRL's SFTConfig; "
+                                          r"did you mean `weight_decay`\?"):
+        trainer_args(config(weight_decy=0.1), TRLConfig)
+    with pytest.raises(RecipeError, match="sft.trainer_args.learning_rate: set by Apprentice; set sft.learning_rate"):
+        trainer_args(config(learning_rate=1.0), TRLConfig)
+
+
+@pytest.mark.slow
+def test_trainer_args_reach_trl_and_report_to_tensorboard_writes_events(tmp_path, tiny_student):
+    pytest.importorskip("tensorboard")
+    import torch
+
+    from sft.__main__ import main
+
+    run = write_run(tmp_path / "run", upper_task(40))
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", sft_section(tiny_student, [run], out, report_to="tensorboard",
+                                                           trainer_args={"weight_decay": 0.125, "max_grad_norm": 0.5}))
+    assert main(["train", str(recipe)]) == 0
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, "tensorboard wrote its event files"
+    args = torch.load(next(out.rglob("training_args.bin")), weights_only=False)
+    assert args.weight_decay == 0.125 and args.max_grad_norm == 0.5 and "tensorboard" in args.report_to
