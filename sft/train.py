@@ -73,6 +73,10 @@ def detect_hardware(config: SFTConfig) -> Hardware:
     if config.qlora:
         _require_bitsandbytes(cpu=not torch.cuda.is_available())
     if not torch.cuda.is_available():
+        if not config.qlora and torch.backends.mps.is_available():
+            # A Mac's GPU: the Trainer moves the model there when use_cpu is off; full precision, as MPS's
+            # half-precision training support is partial. QLoRA stays on the CPU (bitsandbytes has no MPS).
+            return Hardware(device="mps", use_cpu=False, bf16=False, fp16=False, dtype="float32")
         return Hardware(device="cpu", use_cpu=True, bf16=False, fp16=False, dtype="float32")
     bf16 = torch.cuda.is_bf16_supported()
     return Hardware(device="cuda", use_cpu=False, bf16=bf16, fp16=not bf16, dtype="bfloat16" if bf16 else "float16")

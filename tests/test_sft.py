@@ -362,3 +362,18 @@ def test_trainer_args_reach_trl_and_report_to_tensorboard_writes_events(tmp_path
     assert events, "tensorboard wrote its event files"
     args = torch.load(next(out.rglob("training_args.bin")), weights_only=False)
     assert args.weight_decay == 0.125 and args.max_grad_norm == 0.5 and "tensorboard" in args.report_to
+
+
+def test_a_macs_gpu_is_used_when_there_is_no_cuda_and_qlora_stays_on_the_cpu(monkeypatch):
+    import torch
+
+    from sft.train import detect_hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    mps = detect_hardware(SFTConfig(data=["x"]))
+    assert (mps.device, mps.use_cpu, mps.dtype) == ("mps", False, "float32")
+    qlora = detect_hardware(SFTConfig(data=["x"], qlora=True))
+    assert (qlora.device, qlora.use_cpu) == ("cpu", True), "bitsandbytes has no MPS backend"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert detect_hardware(SFTConfig(data=["x"])).device == "cpu"
