@@ -1,8 +1,9 @@
-"""The README's YAML is what the code accepts: every ```yaml block validates against the recipe models.
+"""The docs' YAML is what the code accepts: every ```yaml block of the README and of docs/*.md validates
+against the recipe models.
 
 A block with a `factory:` key (or the keys of one: `teacher:`, `checks:`, `best_of:`, …) validates as the
 factory section, with a prompt file filled in where the block leaves the source out; `sft:` validates as
-the sft section, with a run directory filled in where it names none. A snippet the models reject (a renamed key, a placeholder) fails here, not in a user's run.
+the sft section, with a run directory filled in where it names none; `eval:` as the eval section. A snippet the models reject (a renamed key, a placeholder) fails here, not in a user's run.
 """
 from __future__ import annotations
 
@@ -16,34 +17,46 @@ README = REPO / "README.md"
 FACTORY_KEYS = {"output_dir", "prompts", "samples_per_prompt", "teacher", "checks", "best_of", "budget_usd"}
 
 
-def yaml_blocks() -> list[tuple[int, str]]:
-    text = README.read_text(encoding="utf-8")
-    return [(text[:m.start()].count("\n") + 1, m.group(1)) for m in re.finditer(r"```yaml\n(.*?)```", text, re.S)]
+def yaml_blocks() -> list[tuple[str, str]]:
+    """(file:line, block) of every ```yaml block in the README and the docs pages."""
+    blocks = []
+    for page in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        name = page.relative_to(REPO).as_posix()
+        blocks += [(f"{name}:{text[:m.start()].count(chr(10)) + 1}", m.group(1))
+                   for m in re.finditer(r"```yaml\n(.*?)```", text, re.S)]
+    return blocks
 
 
-def test_the_readme_has_yaml_blocks():
-    assert len(yaml_blocks()) >= 6
+def test_the_readme_and_the_docs_have_yaml_blocks():
+    assert sum(where.startswith("README.md") for where, _ in yaml_blocks()) >= 6
+    assert any(where.startswith("docs/use-your-student.md") for where, _ in yaml_blocks())
 
 
-@pytest.mark.parametrize("line,block", yaml_blocks(), ids=[f"README.md:{line}" for line, _ in yaml_blocks()])
-def test_every_yaml_block_in_the_readme_validates(line, block):
+@pytest.mark.parametrize("line,block", yaml_blocks(), ids=[where for where, _ in yaml_blocks()])
+def test_every_yaml_block_in_the_docs_validates(line, block):
+    from apprentice.config import validate_section
+    from eval.config import EvalConfig
     from factory.recipe import FactoryConfig
     from sft.config import validate_sft_section
 
     data = yaml.safe_load(block)
-    assert isinstance(data, dict), f"README.md:{line}: not a mapping"
+    assert isinstance(data, dict), f"{line}: not a mapping"
     factory = data.pop("factory", None)
     if factory is None and set(data) <= FACTORY_KEYS:
         factory, data = data, {}
     sft = data.pop("sft", None)
-    assert not data, f"README.md:{line}: keys of no section: {sorted(data)}"
-    assert factory is not None or sft is not None
+    evaluation = data.pop("eval", None)
+    assert not data, f"{line}: keys of no section: {sorted(data)}"
+    assert factory is not None or sft is not None or evaluation is not None
+    if evaluation is not None:
+        validate_section(EvalConfig, "eval", evaluation, line)
     if factory is not None:
         factory = dict(factory)
         factory.setdefault("prompts", {"path": "data/seeds/demo.jsonl"})
         FactoryConfig.model_validate(factory)
     if sft is not None:
-        validate_sft_section({"data": ["runs/demo"], **sft}, f"README.md:{line}")  # a fragment names no run
+        validate_sft_section({"data": ["runs/demo"], **sft}, line)  # a fragment names no run
 
 
 def test_the_accelerate_configs_the_readme_names_load_in_accelerate():
