@@ -323,8 +323,8 @@ async def open_sidecar(run_dir: Path, teacher_config: "TeacherConfig", teacher: 
     settings = teacher_config.logprobs
     if settings is None:
         return None
-    describe = getattr(teacher, "logprobs_meta", None)
-    info = await asyncio.to_thread(describe) if describe is not None else {}
+    # Every teacher that can give logprobs describes them (the recipe refuses teacher.logprobs for the others).
+    info = await asyncio.to_thread(teacher.logprobs_meta)
     meta = {
         "top_k": settings.top_k,
         "token_kind": info.get("token_kind", "ids"),
