@@ -34,10 +34,10 @@ from .cache import cache_key
 from .decide import work_items
 from .limiter import estimate_tokens
 from .pricing import Pricer, pricer_for, usd
-from .prompts import PromptError, SourceEnv, check_prompts, iter_prompts
+from .prompts import SourceEnv, check_prompts, iter_prompts
 from .recipe import IN_PROCESS, FactoryConfig
 from .run import check_compatible, describe_teacher
-from .self_instruct import INSTRUCTION, KEY as SELF_INSTRUCT, finished_expansion, user_text
+from .self_instruct import INSTRUCTION, check_seeds, finished_expansion, user_text
 from .sources import source_name, write_prompts
 from .store import ACCEPTED, CACHE, REJECTED, id_key
 from .teachers import make_teacher
@@ -214,12 +214,7 @@ def _estimate_self_instruct(plan: Plan, config: FactoryConfig, counter: TokenCou
     sized like the seeds."""
     options = config.prompts.self_instruct
     assert options is not None
-    if not options.seeds.is_file():
-        raise PromptError(f"{SELF_INSTRUCT}.seeds: {options.seeds} not found; give a JSONL file of prompt lines")
-    try:
-        check_prompts(options.seeds)
-    except PromptError as exc:
-        raise PromptError(f"{SELF_INSTRUCT}.seeds: {exc}") from None
+    check_seeds(options)
     seeds = [item.messages for item in iter_prompts(options.seeds, config.prompts.system)]
     seed_tokens = sum(counter.count(config.teacher.with_context(messages)) for messages in seeds) / len(seeds)
     shown = "\n".join(f"{i}. {user_text(messages)}" for i, messages in enumerate(seeds[:options.per_request], 1))

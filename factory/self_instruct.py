@@ -158,6 +158,16 @@ class _Index:
         self.labels.append((prompt_id, text))
 
 
+def check_seeds(config: SelfInstructConfig) -> None:
+    """The seeds file exists and every line is a prompt; each problem named under the recipe key."""
+    if not config.seeds.is_file():
+        raise PromptError(f"{KEY}.seeds: {config.seeds} not found; give a JSONL file of prompt lines")
+    try:
+        check_prompts(config.seeds)
+    except PromptError as exc:
+        raise PromptError(f"{KEY}.seeds: {exc}") from None
+
+
 def user_text(messages: list[dict[str, str]]) -> str:
     return "\n\n".join(m["content"] for m in messages if m["role"] == "user")
 
@@ -208,12 +218,7 @@ class Expansion:
             self.stats = json.loads(state_path.read_text(encoding="utf-8"))["stats"]
             self._report(path, reused=True)
             return path
-        if not config.seeds.is_file():
-            raise PromptError(f"{KEY}.seeds: {config.seeds} not found; give a JSONL file of prompt lines")
-        try:
-            check_prompts(config.seeds)
-        except PromptError as exc:
-            raise PromptError(f"{KEY}.seeds: {exc}") from None
+        check_seeds(config)
         seeds = [(item.id, user_text(item.messages)) for item in iter_prompts(config.seeds)]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state_path.unlink(missing_ok=True)

@@ -77,14 +77,15 @@ class FleetTeacher:
     async def complete(self, body: dict[str, Any]) -> TeacherResponse:
         """Send to the best endpoint; on a failure another may answer: a run fails a request only when
         every endpoint failed it (or when the failure is the request's own fault, a 400, or a fatal one)."""
-        reserved_in = len(str(body.get("messages", ""))) / 4
+        chars = sum(len(str(message.get("content", ""))) for message in body.get("messages", ()))
         reserved_out = int(body.get("max_tokens") or self.max_tokens) * int(body.get("n") or 1)
         last: TeacherError | None = None
         for endpoint in self._order():
             endpoint.outstanding += 1
             try:
                 response, _ = await endpoint.limiter.run(lambda: endpoint.teacher.complete(body),
-                                                         input_tokens=reserved_in, output_tokens=reserved_out)
+                                                         input_tokens=endpoint.limiter.estimate_tokens(chars),
+                                                         output_tokens=reserved_out)
             except TeacherError as error:
                 endpoint.failed += 1
                 if not error.retryable or error.fatal:
