@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from apprentice.config import Strict, load_section, validate_section
+from factory.recipe import TeacherConfig
 
 
 class LoraSettings(Strict):
@@ -30,6 +31,25 @@ class DistillSettings(Strict):
 
     alpha: float = Field(default=0.8, ge=0, le=1, description="weight of the KL term; 1 - alpha weighs the CE")
     temperature: float = Field(default=2.0, gt=0, description="softens teacher and student; the KL is scaled by T²")
+
+
+class OnPolicySettings(Strict):
+    """On-policy distillation (sft/on_policy.py): the student samples, the teacher scores every token of the
+    sample, the student minimises the divergence. TRL's DistillationTrainer (TRL 1.16) underneath."""
+
+    teacher: TeacherConfig | None = Field(
+        default=None, description="the teacher, as factory.teacher names one (provider local or vllm: loaded in this "
+        "process with transformers); default: the teacher of the first sft.data run (its manifest.json)")
+    use_context: bool = Field(
+        default=True, description="the teacher scores with its teacher.context in front of the prompt while the "
+        "student sees the bare prompt (on-policy context distillation)")
+    beta: float = Field(default=1.0, ge=0, le=1, description="1 = reverse KL, 0 = forward KL, between: generalised JSD")
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature, and the divergence's")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling of the student's completions")
+    max_completion_length: int = Field(default=64, ge=1, description="tokens the student samples per prompt at most")
+    num_generations: int = Field(
+        default=1, ge=1, description="samples per prompt per epoch (each prompt is repeated; TRL samples one "
+        "completion per row)")
 
 
 class SFTConfig(Strict):
@@ -74,9 +94,36 @@ class SFTConfig(Strict):
         default_factory=dict, description="any other field of TRL's SFTConfig (optim, weight_decay, "
         "max_grad_norm, attn_implementation, ...), passed as it is; checked against SFTConfig's fields")
     logging_steps: int = Field(default=10, ge=1)
+    method: Literal["sft", "kd", "on_policy"] | None = Field(
+        default=None, description="sft: the teacher's text; kd: plus its top-k logprobs (sft.distill); on_policy: "
+        "the student's own samples scored by the teacher (sft.on_policy). Default: kd when sft.distill is set, "
+        "else sft")
+    on_policy: OnPolicySettings | None = Field(
+        default=None, description="{beta: 1.0, temperature: 1.0, max_completion_length: 64}: settings of "
+        "method: on_policy")
+    init_from: Path | None = Field(
+        default=None, description="a trained student (its output_dir, or its adapter/ folder) whose LoRA adapter "
+        "training starts from, e.g. runs/sft-demo; default: a fresh adapter on sft.student")
     distill: DistillSettings | None = Field(
         default=None, description="{alpha: 0.8, temperature: 2.0}: add a KL term towards the teacher's logprobs"
     )
+
+    @model_validator(mode="after")
+    def _one_method(self) -> "SFTConfig":
+        if self.method is None:
+            self.method = "kd" if self.distill is not None else "on_policy" if self.on_policy is not None else "sft"
+        if self.method == "kd" and self.distill is None:
+            self.distill = DistillSettings()
+        if self.method != "kd" and self.distill is not None:
+            raise ValueError(f"method: {self.method} with distill set: distill is the kd method's; remove "
+                             "sft.distill, or set method: kd")
+        if self.method == "on_policy" and self.on_policy is None:
+            self.on_policy = OnPolicySettings()
+        if self.method != "on_policy" and self.on_policy is not None:
+            raise ValueError(f"method: {self.method} with on_policy set: remove sft.on_policy, or set method: on_policy")
+        if self.method == "on_policy" and self.qlora:
+            raise ValueError("method: on_policy trains a plain LoRA adapter here: set qlora: false")
+        return self
 
     @model_validator(mode="after")
     def _distill_needs_completions(self) -> "SFTConfig":

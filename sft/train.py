@@ -38,6 +38,7 @@ from factory.lock import DirectoryLock
 from .config import SFTConfig
 from .data import load_splits
 from .kd import TeacherLogprobs, align
+from .on_policy import figures, load_teacher, prompt_splits, resolve_teacher, start_from
 from .progress import RichProgress
 
 PACKAGES = ("apprentice", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes")
@@ -65,6 +66,7 @@ class TrainResult:
     global_step: int
     metrics: dict[str, float]
     distill: dict[str, Any] | None = None
+    on_policy: dict[str, Any] | None = None
 
 
 def detect_hardware(config: SFTConfig) -> Hardware:
@@ -141,10 +143,16 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
         console.print(f"[yellow]--resume:[/] no checkpoint in {escape(str(checkpoints))}; starting from the beginning",
                       highlight=False)
 
+    from trl import DistillationConfig
     from trl import SFTConfig as TRLConfig
 
-    trainer_args(config, TRLConfig)  # a misspelt trainer_args key stops the run before any model loads
+    on_policy = config.method == "on_policy"
+    trainer_args(config, DistillationConfig if on_policy else TRLConfig)  # misspelt keys stop before any model loads
     train_set, eval_set, runs = load_splits(config.data, config.held_out, config.seed, config.stratify_by)
+    teacher_config = resolve_teacher(config) if on_policy else None
+    if teacher_config is not None:  # the student's own samples of the runs' prompts, held-out prompts kept out
+        held = set(eval_set["group"]) if eval_set is not None else set()
+        train_set, eval_set = prompt_splits(config, teacher_config, held)
     if fraction < 1.0:
         keep = max(1, round(len(train_set) * fraction))
         train_set = train_set.shuffle(seed=config.seed).select(range(keep))
@@ -165,9 +173,19 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
 
     base_path = resolve_model(config.student)
     model, tokenizer = _load_student(base_path, config, hardware)
+    if config.init_from is not None:
+        model = start_from(model, config)
     if teacher is not None:
         teacher.check_student(tokenizer, config.student)
-    trainer = _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints, teacher)
+    if teacher_config is not None:
+        teacher_model, teacher_path = load_teacher(teacher_config, tokenizer, config, hardware.dtype)  # guards first
+        settings = config.on_policy
+        console.print(escape(f"on_policy teacher {teacher_config.model} ({len(teacher_config.context or [])} context "
+                             f"messages, {'used' if settings.use_context else 'not used'}) · beta={settings.beta} "
+                             f"T={settings.temperature:g} max_completion_length={settings.max_completion_length}"),
+                      highlight=False)
+    trainer = _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints,
+                             teacher_model if teacher_config is not None else teacher)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints each log dict raw; the progress line says the same
@@ -193,6 +211,7 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
     tokens = next((entry["num_tokens"] for entry in reversed(history) if "num_tokens" in entry), None)
     if tokens is not None:
         metrics["train_tokens"] = float(tokens)
+    on_policy_info = figures(trainer, teacher_config, teacher_path, config) if teacher_config is not None else None
     if eval_set is not None:
         metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
 
@@ -202,7 +221,7 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
     if not trainer.is_world_process_zero():
         return TrainResult(output_dir, adapter_dir, merged_dir if export_merged else None, lineage_path,
                            len(train_set), len(eval_set) if eval_set is not None else 0, trainer.state.global_step,
-                           metrics, distill_info)
+                           metrics, distill_info, on_policy_info)
     tokenizer.save_pretrained(adapter_dir)
     if export_merged:
         distributed = trainer.accelerator.num_processes > 1
@@ -222,7 +241,9 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
         "resumed_from": str(resume_from) if resume and resume_from else None,
         "global_step": trainer.state.global_step,
         "metrics": metrics,
+        "method": config.method,
         "distill": distill_info,
+        "on_policy": on_policy_info,
         "loss_curves": str(curves) if curves else None,
         "versions": package_versions(),
         "git_commit": git_commit(),
@@ -235,7 +256,7 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
                                              + (f", loss curves → {curves}" if curves else "")), highlight=False)
     return TrainResult(output_dir, adapter_dir, merged_dir if export_merged else None, lineage_path,
                        len(train_set), len(eval_set) if eval_set is not None else 0, trainer.state.global_step,
-                       metrics, distill_info)
+                       metrics, distill_info, on_policy_info)
 
 
 def _load_student(base_path: str, config: SFTConfig, hardware: Hardware):
@@ -269,11 +290,27 @@ def _load_student(base_path: str, config: SFTConfig, hardware: Hardware):
 def _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints, teacher=None):
     from peft import LoraConfig
     from transformers import EarlyStoppingCallback
+    from trl import DistillationConfig, SFTTrainer
     from trl import SFTConfig as TRLConfig
-    from trl import SFTTrainer
 
     has_eval = eval_set is not None
     early_stop = has_eval and config.early_stopping_patience is not None
+    callbacks = [EarlyStoppingCallback(config.early_stopping_patience)] if early_stop else []
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        modules_to_save=config.lora.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    peft_config = None if config.init_from is not None else lora  # init_from: the model carries its adapter
+    if config.method == "on_policy":
+        # Imported late: it subclasses TRL's DistillationTrainer, so importing it loads trl and torch.
+        from .on_policy_trainer import build_on_policy_trainer
+
+        return build_on_policy_trainer(config, hardware, model, tokenizer, teacher, train_set, eval_set, checkpoints,
+                                       trainer_args(config, DistillationConfig), peft_config, callbacks)
     args = TRLConfig(
         output_dir=str(checkpoints),
         seed=config.seed,
@@ -305,19 +342,10 @@ def _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, chec
         disable_tqdm=True,
         **trainer_args(config, TRLConfig),
     )
-    lora = LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=config.lora.target_modules,
-        modules_to_save=config.lora.modules_to_save,
-        task_type="CAUSAL_LM",
-    )
     columns = ["prompt", "completion"]
-    callbacks = [EarlyStoppingCallback(config.early_stopping_patience)] if early_stop else []
     trainer_class, extra = SFTTrainer, {}
     if teacher is not None:
-        # The one project module imported late: it subclasses SFTTrainer, so importing it loads trl and torch.
+        # Imported late: it subclasses SFTTrainer, so importing it loads trl and torch.
         from .distill_trainer import DistillTrainer
 
         trainer_class, extra = DistillTrainer, {"distill": config.distill, "teacher": teacher}
@@ -328,7 +356,7 @@ def _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, chec
         train_dataset=train_set.select_columns(columns + (["id"] if teacher is not None else [])),
         eval_dataset=eval_set.select_columns(columns) if has_eval else None,
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=peft_config,
         callbacks=callbacks,
         **extra,
     )

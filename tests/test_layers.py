@@ -22,6 +22,7 @@ ALLOWED_LATE = {
     ("factory.teachers", "factory.teachers.vllm"): "teacher registry: only the backend a recipe names loads",
     ("factory.teachers", "factory.teachers.fleet"): "teacher registry: only the backend a recipe names loads",
     ("sft.train", "sft.distill_trainer"): "its module imports torch and TRL; only sft.distill needs it",
+    ("sft.train", "sft.on_policy_trainer"): "its module imports torch and TRL; only method: on_policy needs it",
 }
 CONFIG = {"apprentice.config", "factory.recipe", "factory.prompt_config", "sft.config", "eval.config",
           "quality_checks.registry"}
