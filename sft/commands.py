@@ -51,6 +51,11 @@ def describe(config: SFTConfig) -> str:
     method = f"{'QLoRA' if config.qlora else 'LoRA'} r={config.lora.r} alpha={config.lora.alpha}"
     if config.distill is not None:
         method += f" + distill alpha={config.distill.alpha} T={config.distill.temperature:g}"
+    if config.on_policy is not None:
+        method += (f" on its own samples (on_policy beta={config.on_policy.beta:g} "
+                   f"T={config.on_policy.temperature:g})")
+    if config.init_from is not None:
+        method += f" from {config.init_from}"
     steps = f"{config.max_steps} steps" if config.max_steps else f"{config.epochs:g} epoch(s)"
     runs = ", ".join(str(path) for path in config.data)
     return (f"student {config.student} · {method} · lr {config.learning_rate:g} {config.lr_scheduler} · {steps} · "

@@ -577,6 +577,7 @@ def find_students(directory: Path) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError):
             continue
         distill = (lineage.get("sft") or {}).get("distill")
+        on_policy = (lineage.get("sft") or {}).get("on_policy")
         students.append({
             "output_dir": str(path.parent),
             "base_model": (lineage.get("base_model") or {}).get("name"),
@@ -584,6 +585,7 @@ def find_students(directory: Path) -> list[dict[str, Any]]:
             "date": lineage.get("started_at"),
             "steps": lineage.get("global_step"),
             "eval_loss": (lineage.get("metrics") or {}).get("eval_loss"),
-            "distill": f"alpha={distill['alpha']} T={distill['temperature']}" if distill else None,
+            "distill": f"alpha={distill['alpha']} T={distill['temperature']}" if distill else
+            f"on_policy beta={on_policy['beta']} T={on_policy['temperature']}" if on_policy else None,
         })
     return students

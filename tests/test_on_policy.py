@@ -271,3 +271,40 @@ def test_the_context_variant_lowers_the_kl_on_held_out_prompts_to_a_teacher_with
     assert before > 0.02, f"the context changes the teacher ({before:.4f})"
     assert after[True] < 0.5 * before, f"with context: held-out KL {before:.4f} → {after[True]:.4f}"
     assert after[False] == pytest.approx(before, rel=1e-3), "without context the teacher is the student: no change"
+
+
+# ---- starting from a trained student -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_init_from_starts_on_policy_from_an_sft_students_adapter(tmp_path, models):
+    from safetensors.torch import load_file
+
+    from sft.train import train
+
+    run = write_run(tmp_path / "run", models["student"], context=CONTEXT)
+    sft_section = on_policy_config(models["student"], run, tmp_path / "sft", method="sft", on_policy=None,
+                                   max_steps=2, learning_rate=5e-2, max_length=32)
+    first = train(sft_section, export_merged=False)
+    # A learning rate too small to move anything: the on-policy adapter is the sft adapter it started from.
+    second = train(on_policy_config(models["student"], run, tmp_path / "op", init_from=str(tmp_path / "sft"),
+                                    max_steps=1, learning_rate=1e-12), export_merged=False)
+    start, end = (load_file(result.adapter_dir / "adapter_model.safetensors") for result in (first, second))
+    assert start.keys() == end.keys(), "the same adapter modules"
+    moved = [name for name in start if "lora_B" in name and start[name].abs().max() > 0]
+    assert moved, "sft trained the adapter (its B matrices are no longer zero)"
+    assert all(torch.allclose(start[name], end[name], atol=1e-6) for name in start), "on_policy began from sft's adapter"
+    lineage = json.loads(second.lineage_path.read_text())
+    assert lineage["sft"]["init_from"] == str(tmp_path / "sft") and lineage["method"] == "on_policy"
+
+
+def test_init_from_refuses_a_folder_without_adapter_and_another_base(tmp_path, models):
+    from sft.on_policy import adapter_folder
+
+    run = write_run(tmp_path / "run", models["student"])
+    with pytest.raises(RecipeError, match="no LoRA adapter there"):
+        adapter_folder(on_policy_config(models["student"], run, tmp_path / "o", init_from=str(tmp_path)))
+    trained = tmp_path / "trained"
+    (trained / "adapter").mkdir(parents=True)
+    (trained / "adapter" / "adapter_config.json").write_text("{}")
+    (trained / "lineage.json").write_text(json.dumps({"base_model": {"name": "other/model"}}))
+    with pytest.raises(RecipeError, match="was trained on other/model, and sft.student is"):
+        adapter_folder(on_policy_config(models["student"], run, tmp_path / "o", init_from=str(trained)))
