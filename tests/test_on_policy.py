@@ -308,3 +308,29 @@ def test_init_from_refuses_a_folder_without_adapter_and_another_base(tmp_path, m
     (trained / "lineage.json").write_text(json.dumps({"base_model": {"name": "other/model"}}))
     with pytest.raises(RecipeError, match="was trained on other/model, and sft.student is"):
         adapter_folder(on_policy_config(models["student"], run, tmp_path / "o", init_from=str(trained)))
+
+
+# ---- a served teacher's scores ---------------------------------------------------------------------------------
+def test_served_scores_read_the_completions_rows_of_prompt_logprobs_and_refuse_an_answer_without_them():
+    from apprentice.errors import TeacherError
+    from factory.recipe import TeacherConfig
+    from factory.teachers.scoring import ServedScorer, parse_prompt_logprobs
+
+    def entry(*pairs):
+        return {str(token): {"logprob": logprob, "rank": rank, "decoded_token": "x"}
+                for rank, (token, logprob) in enumerate(pairs, 1)}
+
+    # Prompt [5, 6], completion [7, 9]: rows 2 and 3 are the completion's; token 9 ranks below the k = 2 best.
+    data = {"choices": [{"prompt_logprobs": [None, entry((6, -0.1)), entry((7, -0.2), (8, -1.9)),
+                                             entry((4, -0.3), (3, -1.5), (9, -4.0))]}]}
+    scores = parse_prompt_logprobs(data, 2, [7, 9], k=2)
+    assert scores.sampled_logprobs.tolist() == pytest.approx([-0.2, -4.0])
+    assert scores.top_ids.tolist() == [[7, 8], [4, 3]], "the k best, best first, the sampled token cut when below"
+    with pytest.raises(TeacherError, match="no usable prompt_logprobs"):
+        parse_prompt_logprobs({"choices": [{"text": "x"}]}, 2, [7, 9], k=2)
+    with pytest.raises(TeacherError, match="needs an OpenAI-compatible vLLM server"):
+        ServedScorer(TeacherConfig(provider="local", model="builtin:smollm2-135m-instruct"))
+    request = ServedScorer(TeacherConfig(provider="openai", model="m", base_url="http://127.0.0.1:9/v1"),
+                           top_k=3).build_request([1, 2])
+    assert request["top_p"] == 1.0 and request["temperature"] == 1.0, "untruncated: the model's own distribution"
+    assert request["prompt_logprobs"] == 3 and request["echo"] is True and request["max_tokens"] == 1

@@ -279,3 +279,46 @@ def test_in_process_teachers_start_at_what_they_batch_and_apis_slow_start():
     for config, cap, start in cases:
         limiter = run._limiter(config, make_teacher(config))
         assert (limiter.max_concurrency, limiter.limit) == (cap, start), config.provider
+
+
+@pytest.mark.slow
+def test_a_served_teacher_scores_a_student_sample_as_the_in_process_teacher_does(vllm_server, model_dir):
+    """On-policy distillation with a served teacher: the student's sample, scored through the factory's request
+    path by vLLM (prompt_logprobs), gets the log-probabilities the same model gives it in this process."""
+    import asyncio
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from factory.recipe import TeacherConfig
+    from factory.teachers.scoring import ServedScorer
+    from sft.on_policy_trainer import completion_logprobs
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    bare = [{"role": "user", "content": "Anna moved to Lisbon last spring."}]
+    context = [{"role": "system", "content": "Extract the person's name and the city as JSON."}]
+    student_prompt = tokenizer.apply_chat_template(bare, add_generation_prompt=True, tokenize=True, return_dict=False)
+    teacher_prompt = tokenizer.apply_chat_template(context + bare, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False)
+    torch.manual_seed(0)
+    with torch.no_grad():  # the student's own sample of the bare prompt
+        out = model.generate(torch.tensor([student_prompt]), do_sample=True, max_new_tokens=24, top_p=1.0)
+    sample = out[0, len(student_prompt):].tolist()
+    assert len(sample) >= 4
+
+    async def served():
+        scorer = ServedScorer(TeacherConfig(provider="openai", model="smollm2", base_url=vllm_server), top_k=5)
+        try:
+            return await scorer.score(teacher_prompt, sample)
+        finally:
+            await scorer.aclose()
+
+    scores = asyncio.run(served())
+    local = completion_logprobs(model, [teacher_prompt], [sample])[0]
+    expected = local[torch.arange(len(sample)), torch.tensor(sample)].numpy()
+    assert scores.input_tokens == len(teacher_prompt) + len(sample), "the server read the prompt and the sample"
+    assert np.allclose(scores.logprobs.sampled_logprobs, expected, atol=2e-2), (
+        f"served {scores.logprobs.sampled_logprobs} vs in-process {expected}")
+    assert scores.logprobs.top_ids[:, 0].tolist() == local.argmax(dim=-1).tolist(), "the same best token each time"
