@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from apprentice.errors import RecipeError
 from factory.builtin import resolve_model
 from factory.logprobs import tokenizer_fingerprint
@@ -99,7 +101,8 @@ def _render(tokenizer: Any, name: str) -> str:
     return tokenizer.apply_chat_template(PROBE, tokenize=False, add_generation_prompt=True)
 
 
-def load_teacher(teacher: TeacherConfig, student_tokenizer: Any, config: SFTConfig, dtype: str) -> tuple[Any, str]:
+def load_teacher(teacher: TeacherConfig, student_tokenizer: Any, config: SFTConfig, dtype: str,
+                 console: Any) -> tuple[Any, str]:
     """The teacher's model (eval mode) after the guards, which read only tokenizers and configs; and its path."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -111,6 +114,12 @@ def load_teacher(teacher: TeacherConfig, student_tokenizer: Any, config: SFTConf
     check_pair(student_tokenizer, teacher_tokenizer, student_vocab, teacher_vocab, config.student, teacher.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     model.eval()
+    settings = config.on_policy
+    assert settings is not None
+    console.print(escape(f"on_policy teacher {teacher.model} ({len(teacher.context or [])} context messages, "
+                         f"{'used' if settings.use_context else 'not used'}) · beta={settings.beta:g} "
+                         f"T={settings.temperature:g} max_completion_length={settings.max_completion_length}"),
+                  highlight=False)
     return model, path
 
 

@@ -178,12 +178,7 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
     if teacher is not None:
         teacher.check_student(tokenizer, config.student)
     if teacher_config is not None:
-        teacher_model, teacher_path = load_teacher(teacher_config, tokenizer, config, hardware.dtype)  # guards first
-        settings = config.on_policy
-        console.print(escape(f"on_policy teacher {teacher_config.model} ({len(teacher_config.context or [])} context "
-                             f"messages, {'used' if settings.use_context else 'not used'}) · beta={settings.beta} "
-                             f"T={settings.temperature:g} max_completion_length={settings.max_completion_length}"),
-                      highlight=False)
+        teacher_model, teacher_path = load_teacher(teacher_config, tokenizer, config, hardware.dtype, console)
     trainer = _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints,
                              teacher_model if teacher_config is not None else teacher)
     from transformers.trainer_callback import PrinterCallback

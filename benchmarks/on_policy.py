@@ -1,0 +1,151 @@
+"""sft, kd, on_policy from the base, and sft then on_policy, on the CPU demo task (data/recipes/demo.yaml).
+
+The teacher is the embedded SmolLM2-135M-Instruct with the demo's `teacher.context` (an instruction and three
+worked examples); every student is the same base model with a LoRA adapter and sees the bare sentences. One
+factory run (the demo's, with `teacher.logprobs: {top_k: 20}` so that kd has its logprobs) feeds all four;
+the eval scores each merged student on the demo's golden set (60 items, exact JSON match, 95 % intervals).
+
+Command (from the repository root; a finished step is not run again, so an interrupted run resumes):
+
+    .venv/bin/python benchmarks/on_policy.py [--work runs/bench-on-policy] [--on-policy-steps 30]
+
+Writes benchmarks/results/on_policy.md. Teacher tokens: for sft and kd, what the factory run's teacher read
+and wrote (its manifest); for on_policy, what the teacher read while scoring the training samples (the
+student's lineage.json), plus the factory run's for sft then on_policy, which needs the sft student first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "data" / "recipes" / "demo.yaml"
+RESULTS = REPO / "benchmarks" / "results" / "on_policy.md"
+
+
+def run(command: list[str], log: Path) -> float:
+    """Run a command from the repository root, its output into `log`; its wall time."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    started = time.monotonic()
+    with log.open("w") as handle:
+        done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed ({done.returncode}); see {log}")
+    return round(time.monotonic() - started, 1)
+
+
+def arms(work: Path, steps: int) -> dict[str, list[str]]:
+    data = f"sft.data=[{work / 'data'}]"
+    on_policy = ["sft.method=on_policy", f"sft.max_steps={steps}", "sft.eval_every_steps=1000",
+                 "sft.on_policy={max_completion_length: 32}"]
+    return {
+        "sft": [data, f"sft.output_dir={work / 'sft'}"],
+        "kd": [data, f"sft.output_dir={work / 'kd'}", "sft.method=kd"],
+        "on_policy": [data, f"sft.output_dir={work / 'on_policy'}", *on_policy],
+        "sft → on_policy": [data, f"sft.output_dir={work / 'sft_on_policy'}", *on_policy,
+                            f"sft.init_from={work / 'sft'}"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-on-policy")
+    parser.add_argument("--on-policy-steps", type=int, default=30)
+    args = parser.parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    python = sys.executable
+    walls: dict[str, float] = {}
+
+    manifest_path = work / "data" / "manifest.json"
+    if not (manifest_path.is_file() and json.loads(manifest_path.read_text()).get("status") == "done"):
+        walls["generate"] = run([python, "-m", "factory", "generate", str(RECIPE), "--set",
+                                 f"factory.output_dir={work / 'data'}", "--set", "factory.teacher.logprobs={top_k: 20}"],
+                                work / "generate.log")
+    manifest = json.loads(manifest_path.read_text())
+    data_tokens = manifest["this_run"]["input_tokens"] + manifest["this_run"]["output_tokens"]
+
+    for name, sets in arms(work, args.on_policy_steps).items():
+        out = Path(sets[1].split("=", 1)[1])
+        if not (out / "lineage.json").is_file():
+            command = [python, "-m", "sft", "train", str(RECIPE)] + [part for s in sets for part in ("--set", s)]
+            walls[name] = run(command, work / f"train-{out.name}.log")
+
+    models = [{"name": "teacher (with context)", "role": "teacher", "provider": "local",
+               "model": "builtin:smollm2-135m-instruct", "batch_size": 20,
+               "context": yaml.safe_load(RECIPE.read_text())["factory"]["teacher"]["context"]},
+              {"name": "base (no training)", "role": "baseline", "provider": "local",
+               "model": "builtin:smollm2-135m-instruct", "batch_size": 20}]
+    for name, sets in arms(work, args.on_policy_steps).items():
+        models.append({"name": name, "provider": "local", "model": str(Path(sets[1].split("=", 1)[1]) / "merged"),
+                       "batch_size": 20})
+    eval_recipe = work / "eval.yaml"
+    eval_recipe.write_text(yaml.safe_dump({"eval": {
+        "output_dir": str(work / "eval"), "golden": [str(REPO / "data" / "golden" / "extraction.jsonl")],
+        "params": {"temperature": 0, "max_tokens": 32}, "perf_prompts": 0, "models": models}}))
+    if not (work / "eval" / "results.json").is_file():
+        walls["eval"] = run([python, "-m", "eval", "run", str(eval_recipe)], work / "eval.log")
+    results = json.loads((work / "eval" / "results.json").read_text())
+    write_table(work, results, data_tokens, walls, args.on_policy_steps)
+    print(RESULTS.read_text())
+
+
+def write_table(work: Path, results: dict, data_tokens: int, walls: dict[str, float], steps: int) -> None:
+    rows = []
+    for name, model in results["models"].items():
+        overall = model["metrics"]["overall"]
+        score = f"{overall['mean']:.1%} [{overall['low']:.1%}, {overall['high']:.1%}]"
+        lineage_path = Path(model["model"]).parent / "lineage.json"
+        steps_cell, train_s, tokens = "—", "—", "—"
+        if lineage_path.is_file():
+            lineage = json.loads(lineage_path.read_text())
+            steps_cell, train_s = str(lineage["global_step"]), f"{lineage['seconds']:.0f}"
+            on_policy = lineage.get("on_policy")
+            scored = on_policy["scoring"]["train"]["teacher_tokens"] if on_policy else 0
+            from_data = not on_policy or lineage["sft"].get("init_from")
+            tokens = f"{scored + (data_tokens if from_data else 0):,}"
+            if on_policy:
+                tokens += f" ({scored:,} scoring" + (f" + {data_tokens:,} data)" if from_data else ")")
+        elif name.startswith("teacher"):
+            tokens = f"{data_tokens:,} (the factory run)"
+        retention = model.get("retention", {}).get("overall")
+        ret = f"{retention['ratio']:.2f}" if retention else "—"
+        rows.append(f"| {name} | {score} | {ret} | {steps_cell} | {train_s} | {tokens} |")
+    load = os.getloadavg()[0]
+    lines = [
+        "# on_policy",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on the project machine, shared with other "
+        f"engineers' processes (load average {load:.2f} at the end): timings are indicative only.",
+        "",
+        f"Command: `.venv/bin/python benchmarks/on_policy.py --on-policy-steps {steps}`",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only, float32",
+        "",
+        "Task: the demo (data/recipes/demo.yaml): teacher = embedded SmolLM2-135M-Instruct with the demo's "
+        "`teacher.context`; each student = the same base with a LoRA adapter (r=16) on the bare sentences, "
+        "lr 2e-4, batch 8. sft and kd: the demo's settings (1 epoch over the accepted samples; kd alpha 0.8, T 2). "
+        f"on_policy: {steps} steps of 8 of the student's own samples (max 32 tokens, temperature 1, reverse KL), "
+        "scored by the teacher with its context; sft → on_policy starts from the sft student's adapter. "
+        "Golden set: data/golden/extraction.jsonl (60 items, exact JSON match), greedy, 32 tokens.",
+        "",
+        "| model | golden score [95 % interval] | retention vs teacher | steps | train s | teacher tokens |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Wall times of this invocation's steps (s, model loading included; absent when done by an earlier one): "
+        + ", ".join(f"{name} {seconds:.0f}" for name, seconds in walls.items()),
+        "",
+    ]
+    RESULTS.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
