@@ -42,10 +42,11 @@ def run(command: list[str], log: Path) -> float:
     return round(time.monotonic() - started, 1)
 
 
-def arms(work: Path, steps: int) -> dict[str, list[str]]:
+def arms(work: Path, steps: int, batch: int, tokens: int) -> dict[str, list[str]]:
     data = f"sft.data=[{work / 'data'}]"
     on_policy = ["sft.method=on_policy", f"sft.max_steps={steps}", "sft.eval_every_steps=1000",
-                 "sft.on_policy={max_completion_length: 32}"]
+                 f"sft.per_device_batch_size={batch}", f"sft.on_policy={{max_completion_length: {tokens}}}",
+                 "sft.held_out=0"]  # every prompt trains; the golden set is the measure
     return {
         "sft": [data, f"sft.output_dir={work / 'sft'}"],
         "kd": [data, f"sft.output_dir={work / 'kd'}", "sft.method=kd"],
@@ -59,46 +60,63 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-on-policy")
     parser.add_argument("--on-policy-steps", type=int, default=30)
+    parser.add_argument("--on-policy-batch", type=int, default=8, help="prompts per on-policy step")
+    parser.add_argument("--on-policy-tokens", type=int, default=32, help="max_completion_length of the samples")
+    parser.add_argument("--arms", default="sft,kd,on_policy,sft → on_policy",
+                        help="the arms to train, in this order (comma-separated); the eval scores every finished one")
+    parser.add_argument("--train-only", action="store_true", help="train the arms, then stop (no eval, no table)")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     python = sys.executable
-    walls: dict[str, float] = {}
+    walls_path = work / "walls.json"  # every invocation's wall times, so that a resumed run reports them all
+    walls: dict[str, float] = json.loads(walls_path.read_text()) if walls_path.is_file() else {}
 
     manifest_path = work / "data" / "manifest.json"
-    if not (manifest_path.is_file() and json.loads(manifest_path.read_text()).get("status") == "done"):
+    if not (manifest_path.is_file() and json.loads(manifest_path.read_text()).get("status") == "complete"):
         walls["generate"] = run([python, "-m", "factory", "generate", str(RECIPE), "--set",
                                  f"factory.output_dir={work / 'data'}", "--set", "factory.teacher.logprobs={top_k: 20}"],
                                 work / "generate.log")
     manifest = json.loads(manifest_path.read_text())
     data_tokens = manifest["this_run"]["input_tokens"] + manifest["this_run"]["output_tokens"]
 
-    for name, sets in arms(work, args.on_policy_steps).items():
+    every = arms(work, args.on_policy_steps, args.on_policy_batch, args.on_policy_tokens)
+    for name in [part.strip() for part in args.arms.split(",")]:
+        sets = every[name]
         out = Path(sets[1].split("=", 1)[1])
         if not (out / "lineage.json").is_file():
             command = [python, "-m", "sft", "train", str(RECIPE)] + [part for s in sets for part in ("--set", s)]
             walls[name] = run(command, work / f"train-{out.name}.log")
+            walls_path.write_text(json.dumps(walls))
 
+    if args.train_only:
+        return
     models = [{"name": "teacher (with context)", "role": "teacher", "provider": "local",
                "model": "builtin:smollm2-135m-instruct", "batch_size": 20,
                "context": yaml.safe_load(RECIPE.read_text())["factory"]["teacher"]["context"]},
               {"name": "base (no training)", "role": "baseline", "provider": "local",
                "model": "builtin:smollm2-135m-instruct", "batch_size": 20}]
-    for name, sets in arms(work, args.on_policy_steps).items():
+    for name, sets in every.items():
+        if not (Path(sets[1].split("=", 1)[1]) / "lineage.json").is_file():
+            continue
         models.append({"name": name, "provider": "local", "model": str(Path(sets[1].split("=", 1)[1]) / "merged"),
                        "batch_size": 20})
     eval_recipe = work / "eval.yaml"
     eval_recipe.write_text(yaml.safe_dump({"eval": {
         "output_dir": str(work / "eval"), "golden": [str(REPO / "data" / "golden" / "extraction.jsonl")],
         "params": {"temperature": 0, "max_tokens": 32}, "perf_prompts": 0, "models": models}}))
-    if not (work / "eval" / "results.json").is_file():
+    results_path = work / "eval" / "results.json"
+    scored = set(json.loads(results_path.read_text())["models"]) if results_path.is_file() else set()
+    if scored != {model["name"] for model in models}:
         walls["eval"] = run([python, "-m", "eval", "run", str(eval_recipe)], work / "eval.log")
+        walls_path.write_text(json.dumps(walls))
     results = json.loads((work / "eval" / "results.json").read_text())
-    write_table(work, results, data_tokens, walls, args.on_policy_steps)
+    write_table(work, results, data_tokens, walls, args)
     print(RESULTS.read_text())
 
 
-def write_table(work: Path, results: dict, data_tokens: int, walls: dict[str, float], steps: int) -> None:
+def write_table(work: Path, results: dict, data_tokens: int, walls: dict[str, float], args: argparse.Namespace) -> None:
+    steps, batch, tokens = args.on_policy_steps, args.on_policy_batch, args.on_policy_tokens
     rows = []
     for name, model in results["models"].items():
         overall = model["metrics"]["overall"]
@@ -126,13 +144,15 @@ def write_table(work: Path, results: dict, data_tokens: int, walls: dict[str, fl
         f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on the project machine, shared with other "
         f"engineers' processes (load average {load:.2f} at the end): timings are indicative only.",
         "",
-        f"Command: `.venv/bin/python benchmarks/on_policy.py --on-policy-steps {steps}`",
+        f"Command: `.venv/bin/python benchmarks/on_policy.py --on-policy-steps {steps} --on-policy-batch {batch} "
+        f"--on-policy-tokens {tokens} --arms '{args.arms}'`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only, float32",
         "",
         "Task: the demo (data/recipes/demo.yaml): teacher = embedded SmolLM2-135M-Instruct with the demo's "
         "`teacher.context`; each student = the same base with a LoRA adapter (r=16) on the bare sentences, "
         "lr 2e-4, batch 8. sft and kd: the demo's settings (1 epoch over the accepted samples; kd alpha 0.8, T 2). "
-        f"on_policy: {steps} steps of 8 of the student's own samples (max 32 tokens, temperature 1, reverse KL), "
+        f"on_policy: {steps} steps of {batch} of the student's own samples (max {tokens} tokens, temperature 1, "
+        "reverse KL), "
         "scored by the teacher with its context; sft → on_policy starts from the sft student's adapter. "
         "Golden set: data/golden/extraction.jsonl (60 items, exact JSON match), greedy, 32 tokens.",
         "",
