@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--arms", default="sft,kd,on_policy,sft → on_policy",
                         help="the arms to train, in this order (comma-separated); the eval scores every finished one")
     parser.add_argument("--train-only", action="store_true", help="train the arms, then stop (no eval, no table)")
+    parser.add_argument("--references-only", action="store_true", help="evaluate the teacher and the base, then stop")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def main() -> None:
     data_tokens = manifest["this_run"]["input_tokens"] + manifest["this_run"]["output_tokens"]
 
     every = arms(work, args.on_policy_steps, args.on_policy_batch, args.on_policy_tokens)
-    for name in [part.strip() for part in args.arms.split(",")]:
+    for name in [part.strip() for part in args.arms.split(",") if part.strip()]:
         sets = every[name]
         out = Path(sets[1].split("=", 1)[1])
         if not (out / "lineage.json").is_file():
@@ -91,34 +92,44 @@ def main() -> None:
 
     if args.train_only:
         return
-    models = [{"name": "teacher (with context)", "role": "teacher", "provider": "local",
-               "model": "builtin:smollm2-135m-instruct", "batch_size": 20,
-               "context": yaml.safe_load(RECIPE.read_text())["factory"]["teacher"]["context"]},
-              {"name": "base (no training)", "role": "baseline", "provider": "local",
-               "model": "builtin:smollm2-135m-instruct", "batch_size": 20}]
-    for name, sets in every.items():
-        if not (Path(sets[1].split("=", 1)[1]) / "lineage.json").is_file():
-            continue
-        models.append({"name": name, "provider": "local", "model": str(Path(sets[1].split("=", 1)[1]) / "merged"),
-                       "batch_size": 20})
-    eval_recipe = work / "eval.yaml"
-    eval_recipe.write_text(yaml.safe_dump({"eval": {
-        "output_dir": str(work / "eval"), "golden": [str(REPO / "data" / "golden" / "extraction.jsonl")],
-        "params": {"temperature": 0, "max_tokens": 32}, "perf_prompts": 0, "models": models}}))
-    results_path = work / "eval" / "results.json"
-    scored = set(json.loads(results_path.read_text())["models"]) if results_path.is_file() else set()
-    if scored != {model["name"] for model in models}:
-        walls["eval"] = run([python, "-m", "eval", "run", str(eval_recipe)], work / "eval.log")
+    # Two evals (the references, then the students), so that the first can run while the students train.
+    references = [{"name": "teacher (with context)", "role": "teacher", "provider": "local",
+                   "model": "builtin:smollm2-135m-instruct", "batch_size": 20,
+                   "context": yaml.safe_load(RECIPE.read_text())["factory"]["teacher"]["context"]},
+                  {"name": "base (no training)", "role": "baseline", "provider": "local",
+                   "model": "builtin:smollm2-135m-instruct", "batch_size": 20}]
+    students = [{"name": name, "provider": "local", "model": str(Path(sets[1].split("=", 1)[1]) / "merged"),
+                 "batch_size": 20} for name, sets in every.items()
+                if (Path(sets[1].split("=", 1)[1]) / "lineage.json").is_file()]
+    models: dict[str, dict] = {}
+    for label, group in (("eval-references", references), ("eval", students)):
+        if args.references_only and label == "eval":
+            return
+        models.update(evaluate(work, label, group, walls))
         walls_path.write_text(json.dumps(walls))
-    results = json.loads((work / "eval" / "results.json").read_text())
-    write_table(work, results, data_tokens, walls, args)
+    write_table(work, models, data_tokens, walls, args)
     print(RESULTS.read_text())
 
 
-def write_table(work: Path, results: dict, data_tokens: int, walls: dict[str, float], args: argparse.Namespace) -> None:
+def evaluate(work: Path, label: str, models: list[dict], walls: dict[str, float]) -> dict[str, dict]:
+    """`python -m eval run` on the golden set for these models (skipped when their results are there)."""
+    recipe = work / f"{label}.yaml"
+    recipe.write_text(yaml.safe_dump({"eval": {
+        "output_dir": str(work / label), "golden": [str(REPO / "data" / "golden" / "extraction.jsonl")],
+        "params": {"temperature": 0, "max_tokens": 32}, "perf_prompts": 0, "models": models}}))
+    results_path = work / label / "results.json"
+    scored = set(json.loads(results_path.read_text())["models"]) if results_path.is_file() else set()
+    if scored != {model["name"] for model in models}:
+        walls[label] = run([sys.executable, "-m", "eval", "run", str(recipe)], work / f"{label}.log")
+    return json.loads(results_path.read_text())["models"]
+
+
+def write_table(work: Path, models: dict[str, dict], data_tokens: int, walls: dict[str, float],
+                args: argparse.Namespace) -> None:
     steps, batch, tokens = args.on_policy_steps, args.on_policy_batch, args.on_policy_tokens
     rows = []
-    for name, model in results["models"].items():
+    teacher = models["teacher (with context)"]["metrics"]["overall"]["mean"]
+    for name, model in models.items():
         overall = model["metrics"]["overall"]
         score = f"{overall['mean']:.1%} [{overall['low']:.1%}, {overall['high']:.1%}]"
         lineage_path = Path(model["model"]).parent / "lineage.json"
@@ -134,8 +145,7 @@ def write_table(work: Path, results: dict, data_tokens: int, walls: dict[str, fl
                 tokens += f" ({scored:,} scoring" + (f" + {data_tokens:,} data)" if from_data else ")")
         elif name.startswith("teacher"):
             tokens = f"{data_tokens:,} (the factory run)"
-        retention = model.get("retention", {}).get("overall")
-        ret = f"{retention['ratio']:.2f}" if retention else "—"
+        ret = f"{overall['mean'] / teacher:.2f}" if teacher else "—"
         rows.append(f"| {name} | {score} | {ret} | {steps_cell} | {train_s} | {tokens} |")
     load = os.getloadavg()[0]
     lines = [
@@ -156,7 +166,7 @@ def write_table(work: Path, results: dict, data_tokens: int, walls: dict[str, fl
         "scored by the teacher with its context; sft → on_policy starts from the sft student's adapter. "
         "Golden set: data/golden/extraction.jsonl (60 items, exact JSON match), greedy, 32 tokens.",
         "",
-        "| model | golden score [95 % interval] | retention vs teacher | steps | train s | teacher tokens |",
+        "| model | golden score [95 % interval] | score / teacher's | steps | train s | teacher tokens |",
         "|---|---|---|---|---|---|",
         *rows,
         "",
