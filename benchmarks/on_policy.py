@@ -92,18 +92,21 @@ def main() -> None:
 
     if args.train_only:
         return
-    # Two evals (the references, then the students), so that the first can run while the students train.
+    # The references (teacher, base) in one eval, each student in its own: each runs once its models exist.
     references = [{"name": "teacher (with context)", "role": "teacher", "provider": "local",
                    "model": "builtin:smollm2-135m-instruct", "batch_size": 20,
                    "context": yaml.safe_load(RECIPE.read_text())["factory"]["teacher"]["context"]},
                   {"name": "base (no training)", "role": "baseline", "provider": "local",
                    "model": "builtin:smollm2-135m-instruct", "batch_size": 20}]
-    students = [{"name": name, "provider": "local", "model": str(Path(sets[1].split("=", 1)[1]) / "merged"),
-                 "batch_size": 20} for name, sets in every.items()
-                if (Path(sets[1].split("=", 1)[1]) / "lineage.json").is_file()]
+    groups = [("eval-references", references)]
+    for name, sets in every.items():  # one eval per student, each run as soon as its student is trained
+        out = Path(sets[1].split("=", 1)[1])
+        if (out / "lineage.json").is_file():
+            groups.append((f"eval-{out.name}", [{"name": name, "provider": "local", "model": str(out / "merged"),
+                                                 "batch_size": 20}]))
     models: dict[str, dict] = {}
-    for label, group in (("eval-references", references), ("eval", students)):
-        if args.references_only and label == "eval":
+    for label, group in groups:
+        if args.references_only and label != "eval-references":
             return
         models.update(evaluate(work, label, group, walls))
         walls_path.write_text(json.dumps(walls))
