@@ -98,18 +98,23 @@ def main() -> None:
                    "context": yaml.safe_load(RECIPE.read_text())["factory"]["teacher"]["context"]},
                   {"name": "base (no training)", "role": "baseline", "provider": "local",
                    "model": "builtin:smollm2-135m-instruct", "batch_size": 20}]
-    groups = [("eval-references", references)]
+    groups: list[tuple[str, list[dict]]] = []
     for name, sets in every.items():  # one eval per student, each run as soon as its student is trained
         out = Path(sets[1].split("=", 1)[1])
         if (out / "lineage.json").is_file():
             groups.append((f"eval-{out.name}", [{"name": name, "provider": "local", "model": str(out / "merged"),
                                                  "batch_size": 20}]))
+    if args.references_only:
+        groups = []
+    groups.append(("eval-references", references))  # last: its eval can run during the students' training
     models: dict[str, dict] = {}
     for label, group in groups:
-        if args.references_only and label != "eval-references":
-            return
         models.update(evaluate(work, label, group, walls))
         walls_path.write_text(json.dumps(walls))
+    if args.references_only:
+        return
+    first = [model["name"] for model in references]
+    models = {**{name: models[name] for name in first}, **{k: v for k, v in models.items() if k not in first}}
     write_table(work, models, data_tokens, walls, args)
     print(RESULTS.read_text())
 
