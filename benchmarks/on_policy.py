@@ -66,6 +66,8 @@ def main() -> None:
                         help="the arms to train, in this order (comma-separated); the eval scores every finished one")
     parser.add_argument("--train-only", action="store_true", help="train the arms, then stop (no eval, no table)")
     parser.add_argument("--references-only", action="store_true", help="evaluate the teacher and the base, then stop")
+    parser.add_argument("--table-only", action="store_true",
+                        help="write the table from the evals already done (arms without one are named as not measured)")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -82,7 +84,7 @@ def main() -> None:
     data_tokens = manifest["this_run"]["input_tokens"] + manifest["this_run"]["output_tokens"]
 
     every = arms(work, args.on_policy_steps, args.on_policy_batch, args.on_policy_tokens)
-    for name in [part.strip() for part in args.arms.split(",") if part.strip()]:
+    for name in [] if args.table_only else [part.strip() for part in args.arms.split(",") if part.strip()]:
         sets = every[name]
         out = Path(sets[1].split("=", 1)[1])
         if not (out / "lineage.json").is_file():
@@ -109,6 +111,10 @@ def main() -> None:
     groups.append(("eval-references", references))  # last: its eval can run during the students' training
     models: dict[str, dict] = {}
     for label, group in groups:
+        if args.table_only:
+            done = work / label / "results.json"
+            models.update(json.loads(done.read_text())["models"] if done.is_file() else {})
+            continue
         models.update(evaluate(work, label, group, walls))
         walls_path.write_text(json.dumps(walls))
     if args.references_only:
@@ -141,20 +147,21 @@ def write_table(work: Path, models: dict[str, dict], data_tokens: int, walls: di
         overall = model["metrics"]["overall"]
         score = f"{overall['mean']:.1%} [{overall['low']:.1%}, {overall['high']:.1%}]"
         lineage_path = Path(model["model"]).parent / "lineage.json"
-        steps_cell, train_s, tokens = "—", "—", "—"
+        steps_cell, train_s, cost = "—", "—", "—"
         if lineage_path.is_file():
             lineage = json.loads(lineage_path.read_text())
             steps_cell, train_s = str(lineage["global_step"]), f"{lineage['seconds']:.0f}"
             on_policy = lineage.get("on_policy")
             scored = on_policy["scoring"]["train"]["teacher_tokens"] if on_policy else 0
             from_data = not on_policy or lineage["sft"].get("init_from")
-            tokens = f"{scored + (data_tokens if from_data else 0):,}"
+            cost = f"{scored + (data_tokens if from_data else 0):,}"
             if on_policy:
-                tokens += f" ({scored:,} scoring" + (f" + {data_tokens:,} data)" if from_data else ")")
+                cost += f" ({scored:,} scoring" + (f" + {data_tokens:,} data)" if from_data else ")")
         elif name.startswith("teacher"):
-            tokens = f"{data_tokens:,} (the factory run)"
+            cost = f"{data_tokens:,} (the factory run)"
         ret = f"{overall['mean'] / teacher:.2f}" if teacher else "—"
-        rows.append(f"| {name} | {score} | {ret} | {steps_cell} | {train_s} | {tokens} |")
+        rows.append(f"| {name} | {score} | {ret} | {steps_cell} | {train_s} | {cost} |")
+    missing = [name for name in arms(work, steps, batch, tokens) if name not in models]
     load = os.getloadavg()[0]
     lines = [
         "# on_policy",
@@ -178,7 +185,8 @@ def write_table(work: Path, models: dict[str, dict], data_tokens: int, walls: di
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        "Wall times of this invocation's steps (s, model loading included; absent when done by an earlier one): "
+        *([f"Not measured in this run: {', '.join(missing)}.", ""] if missing else []),
+        "Wall times (s, model loading included) of the steps run through this script: "
         + ", ".join(f"{name} {seconds:.0f}" for name, seconds in walls.items()),
         "",
     ]
