@@ -170,14 +170,15 @@ def write_table(work: Path, models: dict[str, dict], data_tokens: int, walls: di
         f"engineers' processes (load average {load:.2f} at the end): timings are indicative only.",
         "",
         f"Command: `.venv/bin/python benchmarks/on_policy.py --on-policy-steps {steps} --on-policy-batch {batch} "
-        f"--on-policy-tokens {tokens} --arms '{args.arms}'`",
+        f"--on-policy-tokens {tokens}`" + (" (this table: `--table-only`, after the steps below)" if args.table_only
+                                           else ""),
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only, float32",
         "",
         "Task: the demo (data/recipes/demo.yaml): teacher = embedded SmolLM2-135M-Instruct with the demo's "
         "`teacher.context`; each student = the same base with a LoRA adapter (r=16) on the bare sentences, "
         "lr 2e-4, batch 8. sft and kd: the demo's settings (1 epoch over the accepted samples; kd alpha 0.8, T 2). "
-        f"on_policy: {steps} steps of {batch} of the student's own samples (max {tokens} tokens, temperature 1, "
-        "reverse KL), "
+        f"on_policy: the steps in the table, each on {batch} of the student's own samples (max {tokens} tokens, "
+        "temperature 1, reverse KL), "
         "scored by the teacher with its context; sft → on_policy starts from the sft student's adapter. "
         "Golden set: data/golden/extraction.jsonl (60 items, exact JSON match), greedy, 32 tokens.",
         "",
