@@ -119,7 +119,7 @@ def main() -> None:
         walls_path.write_text(json.dumps(walls))
     if args.references_only:
         return
-    first = [model["name"] for model in references]
+    first = [model["name"] for model in references if model["name"] in models]
     models = {**{name: models[name] for name in first}, **{k: v for k, v in models.items() if k not in first}}
     write_table(work, models, data_tokens, walls, args)
     print(RESULTS.read_text())
@@ -130,7 +130,8 @@ def evaluate(work: Path, label: str, models: list[dict], walls: dict[str, float]
     recipe = work / f"{label}.yaml"
     recipe.write_text(yaml.safe_dump({"eval": {
         "output_dir": str(work / label), "golden": [str(REPO / "data" / "golden" / "extraction.jsonl")],
-        "params": {"temperature": 0, "max_tokens": 32}, "perf_prompts": 0, "models": models}}))
+        "params": {"temperature": 0, "max_tokens": 32}, "perf_prompts": 0, "speculative": False,
+        "models": models}}))
     results_path = work / label / "results.json"
     scored = set(json.loads(results_path.read_text())["models"]) if results_path.is_file() else set()
     if scored != {model["name"] for model in models}:
@@ -142,7 +143,7 @@ def write_table(work: Path, models: dict[str, dict], data_tokens: int, walls: di
                 args: argparse.Namespace) -> None:
     steps, batch, tokens = args.on_policy_steps, args.on_policy_batch, args.on_policy_tokens
     rows = []
-    teacher = models["teacher (with context)"]["metrics"]["overall"]["mean"]
+    teacher = (models.get("teacher (with context)") or {"metrics": {"overall": {"mean": None}}})["metrics"]["overall"]["mean"]
     for name, model in models.items():
         overall = model["metrics"]["overall"]
         score = f"{overall['mean']:.1%} [{overall['low']:.1%}, {overall['high']:.1%}]"
@@ -161,7 +162,8 @@ def write_table(work: Path, models: dict[str, dict], data_tokens: int, walls: di
             cost = f"{data_tokens:,} (the factory run)"
         ret = f"{overall['mean'] / teacher:.2f}" if teacher else "—"
         rows.append(f"| {name} | {score} | {ret} | {steps_cell} | {train_s} | {cost} |")
-    missing = [name for name in arms(work, steps, batch, tokens) if name not in models]
+    missing = [name for name in [*arms(work, steps, batch, tokens), "teacher (with context)", "base (no training)"]
+               if name not in models]
     load = os.getloadavg()[0]
     lines = [
         "# on_policy",
