@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apprentice.tokens import mean_logprob
 from factory.answers import answer_prompts
 from factory.builtin import resolve_model
 from factory.hf import encode_chat, generate_ids, generate_with_logprobs, load_model, normalize_params
@@ -95,11 +96,8 @@ def run_local(config: ModelConfig, items: list[GoldenItem], *, perf_prompts: int
             temperature=params["temperature"], top_p=params["top_p"], top_k=params.get("top_k", 0),
             seed=params.get("seed"))
         for i, completion, token_logprobs in zip(chunk, outs, logprobs):
-            values = token_logprobs.sampled_logprobs
-            if completion.finish_reason == "stop":
-                values = values[:-1]  # the end-of-turn token is not part of the answer
             answers[items[i].key] = Answer(completion.text, completion.output_tokens, completion.finish_reason,
-                                           confidence=float(values.mean()) if len(values) else None)
+                                           confidence=mean_logprob(token_logprobs, completion.finish_reason))
         progress.advance(task, len(chunk))
     progress.update(task, description=f"{config.name}: timing")
     perf = _time_local(model, tokenizer, [rows[i] for i in range(min(perf_prompts, len(rows)))], params)

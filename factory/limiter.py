@@ -31,10 +31,16 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 
 from apprentice.errors import ApprenticeError, TeacherError
 from apprentice.responses import TeacherResponse, parse_retry_after
+
+from .recipe import IN_PROCESS
+
+if TYPE_CHECKING:
+    from .recipe import TeacherConfig
+    from .teachers.base import Teacher
 
 
 PACE_SHARE = 0.97     # paced, each bucket is sent at most this share of its limit, evenly spaced
@@ -479,3 +485,15 @@ class Limiter:
         if attempt > self.max_retries:
             return None
         return delay
+
+
+def limiter_for(config: "TeacherConfig", teacher: "Teacher") -> Limiter:
+    """The limiter of one model as a recipe configures it (the factory's run and the serve router build theirs here)."""
+    # An in-process model is fed what it can batch (the recipe may ask for less); an API gets the recipe's cap.
+    useful = teacher.max_useful_concurrency
+    concurrency = min(config.max_concurrency or useful, useful) if useful else config.concurrency_cap
+    # Slow start probes a server's limits; a model in this process has none, and starting it at 8 requests
+    # would leave a continuously batching engine mostly idle for its first rounds.
+    initial = concurrency if config.provider in IN_PROCESS else 8
+    return Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries,
+                   initial_concurrency=initial)

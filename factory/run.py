@@ -34,7 +34,7 @@ from .asker import Asker, Budget
 from .batch import BatchDriver
 from .cache import ResponseCache
 from .decide import Decider, Stop
-from .limiter import Limiter
+from .limiter import Limiter, limiter_for
 from .lock import DirectoryLock
 from .logprobs import open_sidecar
 from .online import OnlineDispatch
@@ -388,14 +388,7 @@ class Run:
             limiter.close()
 
     def _limiter(self, config: TeacherConfig, teacher: Teacher) -> Limiter:
-        # An in-process model is fed what it can batch (the recipe may ask for less); an API gets the recipe's cap.
-        useful = teacher.max_useful_concurrency
-        concurrency = min(config.max_concurrency or useful, useful) if useful else config.concurrency_cap
-        # Slow start probes a server's limits; a model in this process has none, and starting it at 8 requests
-        # would leave a continuously batching engine mostly idle for its first rounds.
-        initial = concurrency if config.provider in IN_PROCESS else 8
-        limiter = Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries,
-                          initial_concurrency=initial)
+        limiter = limiter_for(config, teacher)
         self.limiters.append(limiter)
         return limiter
 

@@ -1,0 +1,382 @@
+"""The serve router, driven by the real openai SDK (sync, async, streaming) against backends that are loopback fake
+OpenAI servers with no latency: the API and its errors, who may call, the cascade, canary and shadow shares,
+the alarm, the faults, the crash-safe served log and the factory reading it back."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+
+import openai
+import pytest
+import torch
+from conftest import API_KEY, PYTHON, REPO
+from serving import KEY_ENV, RunningRouter, backend, http, serve_config
+
+from apprentice.config import validate_section
+from apprentice.errors import RecipeError
+from factory.prompt_config import PromptsConfig
+from factory.prompts import SourceEnv, iter_prompts
+from factory.recipe import Price
+from factory.served_log import ServedLog, iter_served, served_files
+from factory.sources import write_prompts
+from fakes import FakeConfig, FakeServer
+from serve.config import ServeConfig
+
+torch.set_num_threads(1)
+CLIENT_KEY = "sk-client-7f3a9-SECRET"
+ADMIN_KEY = "sk-admin-51c2e-SECRET"
+HARD = "a hard question"
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """A student and a teacher, each a fake OpenAI server with its own answers."""
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    student = FakeServer(FakeConfig(api_key=API_KEY, responder=lambda messages, i, body: "Paris"))
+    teacher = FakeServer(FakeConfig(api_key=API_KEY, responder=lambda messages, i, body: "Paris."))
+    student.start()
+    teacher.start()
+    try:
+        yield student, teacher
+    finally:
+        student.stop()
+        teacher.stop()
+
+
+def ask(client: openai.OpenAI, text: str = "capital of France?", **options):
+    raw = client.chat.completions.with_raw_response.create(
+        model="apprentice", messages=[{"role": "user", "content": text}], **options)
+    return raw.headers, raw.parse()
+
+
+def sdk(router: RunningRouter, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=router.base_url, api_key=key, max_retries=0)
+
+
+# ---- the API ---------------------------------------------------------------------------------------------------
+def test_sync_sdk_gets_n_choices_with_usage_and_the_answer_is_logged_before_it_returns(tmp_path, fakes):
+    student, teacher = fakes
+    with RunningRouter(serve_config(tmp_path / "log", student.openai_base_url, teacher.openai_base_url)) as router:
+        headers, completion = ask(sdk(router), n=3, max_tokens=16)
+        logged = list(iter_served(tmp_path / "log"))
+    assert [c.message.content for c in completion.choices] == ["Paris"] * 3, "n choices, each the student's"
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens > 0
+    assert headers["x-apprentice-model"] == "student", "the header names who answered"
+    assert completion.model == "apprentice"
+    assert [r["id"] for r in logged] == [completion.id.removeprefix("chatcmpl-")], "one line per request, same id"
+    assert logged[0]["prompt"] == [{"role": "user", "content": "capital of France?"}]
+    assert logged[0]["completion"] == [{"role": "assistant", "content": "Paris"}] and logged[0]["choices"] == ["Paris"] * 3
+    assert student.stats.bodies[-1]["max_tokens"] == 16, "the client's max_tokens reaches the backend"
+
+
+def test_async_sdk_streams_the_answer_in_openai_chunks_with_usage(tmp_path, fakes):
+    student, teacher = fakes
+
+    async def stream(base_url: str) -> list:
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
+        chunks = [chunk async for chunk in await client.chat.completions.create(
+            model="apprentice", messages=[{"role": "user", "content": "hi"}], stream=True,
+            stream_options={"include_usage": True})]
+        await client.close()
+        return chunks
+
+    with RunningRouter(serve_config(tmp_path / "log", student.openai_base_url)) as router:
+        chunks = asyncio.run(stream(router.base_url))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Paris"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0, "include_usage: a last usage chunk"
+
+
+def test_bad_requests_get_400_in_the_openai_shape_naming_the_parameter(tmp_path, fakes):
+    student, _ = fakes
+    with RunningRouter(serve_config(tmp_path / "log", student.openai_base_url, max_tokens=100, max_n=4)) as router:
+        client = sdk(router)
+        with pytest.raises(openai.BadRequestError) as over:
+            ask(client, max_tokens=101)
+        with pytest.raises(openai.BadRequestError) as many:
+            ask(client, n=5)
+        with pytest.raises(openai.BadRequestError) as role:
+            client.chat.completions.create(model="apprentice", messages=[{"role": "robot", "content": "x"}])
+        not_json = http("POST", f"{router.base_url}/chat/completions", content=b"{not json")
+    assert over.value.body["param"] == "max_tokens" and "100" in over.value.body["message"]
+    assert many.value.body["param"] == "n"
+    assert role.value.body["param"] == "messages[0].role"
+    assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
+    assert student.stats.total == 0, "a refused request reaches no model"
+    assert served_files(tmp_path / "log") and not list(iter_served(tmp_path / "log")), "and is not logged"
+
+
+# ---- who may call ------------------------------------------------------------------------------------------
+def test_a_missing_or_wrong_key_gets_401_and_no_key_reaches_the_log_or_the_metrics(tmp_path, fakes, monkeypatch):
+    student, _ = fakes
+    monkeypatch.setenv("SERVE_KEYS", f"sk-other, {CLIENT_KEY}")
+    monkeypatch.setenv("SERVE_ADMIN_KEY", ADMIN_KEY)
+    config = serve_config(tmp_path / "log", student.openai_base_url, api_keys_env="SERVE_KEYS",
+                          admin_key_env="SERVE_ADMIN_KEY")
+    with RunningRouter(config) as router:
+        with pytest.raises(openai.AuthenticationError) as wrong:
+            ask(sdk(router, "sk-wrong"))
+        missing = http("POST", f"{router.base_url}/chat/completions", json_body={"model": "x", "messages": []})
+        headers, completion = ask(sdk(router, CLIENT_KEY))
+        admin_with_client_key = http("POST", f"{router.url}/admin/reload",
+                                           headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+        metrics = http("GET", f"{router.url}/metrics", headers={"Authorization": f"Bearer {CLIENT_KEY}"}).text
+        metrics_without_key = http("GET", f"{router.url}/metrics")
+    assert wrong.value.body["code"] == "invalid_api_key" and "sk-wrong" not in wrong.value.body["message"]
+    assert missing.status_code == 401 and missing.json()["error"]["type"] == "invalid_request_error"
+    assert completion.choices[0].message.content == "Paris", "the second key of the list is accepted"
+    assert admin_with_client_key.status_code == 401, "/admin/* needs its own key"
+    assert metrics_without_key.status_code == 401
+    logged = "".join(path.read_text(encoding="utf-8") for path in served_files(tmp_path / "log"))
+    for secret in (CLIENT_KEY, ADMIN_KEY, "sk-wrong"):
+        assert secret not in logged and secret not in metrics, f"{secret} leaked"
+    assert 'apprentice_serve_errors_total{status="401"} 3' in metrics, "wrong, missing, admin with a client key"
+
+
+def test_a_body_over_the_limit_gets_413(tmp_path, fakes):
+    student, _ = fakes
+    with RunningRouter(serve_config(tmp_path / "log", student.openai_base_url, max_body_bytes=2048)) as router:
+        with pytest.raises(openai.APIStatusError) as big:
+            ask(sdk(router), "x" * 4096)
+        headers, small = ask(sdk(router), "x" * 100)
+    assert big.value.status_code == 413 and big.value.body["code"] == "request_too_large"
+    assert small.choices[0].message.content == "Paris"
+
+
+def test_keys_named_but_not_set_stop_the_server_before_it_binds(tmp_path, fakes, monkeypatch):
+    student, _ = fakes
+    monkeypatch.delenv("SERVE_KEYS", raising=False)
+    with pytest.raises(RecipeError, match=r"serve.api_keys_env: \$SERVE_KEYS is not set"):
+        RunningRouter(serve_config(tmp_path / "log", student.openai_base_url, api_keys_env="SERVE_KEYS"))
+
+
+# ---- routing -------------------------------------------------------------------------------------------------
+def test_the_cascade_sends_what_the_student_is_unsure_of_to_the_teacher(tmp_path, fakes):
+    """The fake's token logprobs fall along the answer (-0.05, -0.15, … per 4-character token): a one-token answer
+    has confidence -0.05, a 20-character one -0.25."""
+    student, teacher = fakes
+    student.config.responder = lambda messages, i, body: "x" * 20 if HARD in messages[-1]["content"] else "Rome"
+    config = serve_config(tmp_path / "log", student.openai_base_url, teacher.openai_base_url,
+                          routing={"mode": "cascade", "threshold": -0.2})
+    with RunningRouter(config) as router:
+        easy_headers, easy = ask(sdk(router), "an easy question")
+        hard_headers, hard = ask(sdk(router), HARD)
+    assert (easy_headers["x-apprentice-model"], easy.choices[0].message.content) == ("student", "Rome")
+    assert (hard_headers["x-apprentice-model"], hard.choices[0].message.content) == ("teacher", "Paris.")
+    assert hard_headers["x-apprentice-route"] == "cascade"
+    easy_line, hard_line = iter_served(tmp_path / "log")
+    assert easy_line["student_confidence"] == pytest.approx(-0.05)
+    assert hard_line["student_confidence"] == pytest.approx(-0.25) and hard_line["answered_by"] == "teacher"
+    assert student.stats.bodies[-1]["logprobs"] is True, "the cascade asks the student for its logprobs"
+
+
+def test_canary_and_shadow_shares_hold_over_a_thousand_requests(tmp_path, fakes):
+    student, teacher = fakes
+    config = serve_config(tmp_path / "log", student.openai_base_url, teacher.openai_base_url,
+                          routing={"mode": "student", "canary": 0.1, "shadow": 0.2})
+
+    async def burst(base_url: str) -> Counter:
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
+        gate = asyncio.Semaphore(32)
+
+        async def one(i: int) -> str:
+            async with gate:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model="apprentice", messages=[{"role": "user", "content": f"q{i}"}])
+                return raw.headers["x-apprentice-model"]
+
+        answered = Counter(await asyncio.gather(*(one(i) for i in range(1000))))
+        await client.close()
+        return answered
+
+    with RunningRouter(config, seed=7) as router:
+        answered = asyncio.run(burst(router.base_url))
+        router.call(router.router.drain())
+    lines = list(iter_served(tmp_path / "log"))
+    shadows = [line for line in lines if "shadow_of" in line]
+    assert answered["teacher"] / 1000 == pytest.approx(0.1, abs=0.03), f"canary share: {answered}"
+    assert len(shadows) / 1000 == pytest.approx(0.2, abs=0.04), f"shadow share: {len(shadows)}"
+    assert len(lines) - len(shadows) == 1000, "every request logged once"
+    assert all(line["agree"] for line in shadows), "'Paris' and 'Paris.' agree after fold_answer"
+    by_id = {line["id"]: line for line in lines}
+    assert all(line["by"] != by_id[line["shadow_of"]]["answered_by"] for line in shadows), \
+        "the shadow asks the model that did not answer"
+
+
+def test_the_alarm_fires_when_the_student_starts_answering_wrongly(tmp_path, fakes):
+    student, teacher = fakes
+    config = serve_config(tmp_path / "log", student.openai_base_url, teacher.openai_base_url,
+                          routing={"mode": "student", "shadow": 1.0},
+                          alarm={"agreement_floor": 0.8, "window": 10, "min_samples": 10})
+    with RunningRouter(config) as router:
+        client = sdk(router)
+        for i in range(10):
+            ask(client, f"q{i}")
+        router.call(router.router.drain())
+        healthy = http("GET", f"{router.url}/health")
+        student.config.responder = lambda messages, i, body: "Lyon"
+        for i in range(5):
+            ask(client, f"q{i}")
+        router.call(router.router.drain())
+        alarmed = http("GET", f"{router.url}/health")
+        metrics = http("GET", f"{router.url}/metrics").text
+    assert healthy.status_code == 200 and healthy.json()["rolling_agreement"] == 1.0
+    assert alarmed.status_code == 503, "5 wrong answers in the last 10: agreement 0.5 < 0.8"
+    assert alarmed.json()["rolling_agreement"] == 0.5 and "agreement" in alarmed.json()["alarms"][0]
+    assert 'apprentice_serve_alarm{kind="agreement"} 1' in metrics
+    assert any(w.startswith("ALARM: rolling agreement 0.") for w in router.warnings), "a log line says it"
+
+
+# ---- faults ----------------------------------------------------------------------------------------------------
+def test_teacher_down_serves_the_student_marked_student_down_the_teacher_both_down_503(tmp_path, fakes):
+    student, teacher = fakes
+    config = serve_config(tmp_path / "log", student.openai_base_url, teacher.openai_base_url,
+                          routing={"mode": "student", "canary": 1.0})
+    with RunningRouter(config) as router:
+        client = sdk(router)
+        teacher.config.fault_rates = {"500": 1.0}
+        marked_headers, marked = ask(client)
+        teacher.config.fault_rates = {}
+        student.config.fault_rates = {"503": 1.0}
+        router.router.routing = router.router.routing.model_copy(update={"canary": 0.0})
+        fallback_headers, fallback = ask(client)
+        teacher.config.fault_rates = {"500": 1.0}
+        with pytest.raises(openai.APIStatusError) as both:
+            ask(client)
+        metrics = http("GET", f"{router.url}/metrics").text
+    assert (marked_headers["x-apprentice-model"], marked_headers["x-apprentice-fault"]) == ("student", "teacher_down")
+    assert marked.choices[0].message.content == "Paris"
+    assert (fallback_headers["x-apprentice-model"], fallback_headers["x-apprentice-fault"]) == ("teacher", "student_down")
+    assert fallback.choices[0].message.content == "Paris."
+    assert both.value.status_code == 503 and both.value.body["code"] == "models_down"
+    faults = [line["fault"].split(":")[0] for line in iter_served(tmp_path / "log")]
+    assert faults == ["teacher_down", "student_down"], "answers served despite a fault are marked in the log"
+    assert 'apprentice_serve_fallbacks_total{reason="teacher_down"} 1' in metrics
+    assert 'apprentice_serve_errors_total{status="503"} 1' in metrics
+
+
+def test_a_spent_teacher_budget_serves_the_student_marked(tmp_path, fakes):
+    student, teacher = fakes
+    config = serve_config(tmp_path / "log", student.openai_base_url, teacher.openai_base_url,
+                          routing={"mode": "teacher"}, budget_usd=0.0)
+    config.teacher.price = Price(input=1.0, output=1.0)  # a budget needs a price
+    with RunningRouter(config) as router:
+        headers, completion = ask(sdk(router))
+    assert (headers["x-apprentice-model"], headers["x-apprentice-fault"]) == ("student", "teacher_down")
+    assert teacher.stats.total == 0, "nothing is sent past the budget"
+    assert "BudgetExhausted" in next(iter_served(tmp_path / "log"))["fault"]
+
+
+# ---- the served log --------------------------------------------------------------------------------------------
+def test_the_log_rotates_by_size_and_a_torn_last_line_is_cut_on_the_next_start(tmp_path):
+    log = ServedLog(tmp_path, rotate_bytes=1024)
+    for i in range(30):
+        log.write({"id": str(i), "prompt": [{"role": "user", "content": "x" * 100}]})
+    log.close()
+    files = served_files(tmp_path)
+    assert len(files) >= 3 and all(path.stat().st_size < 1024 + 200 for path in files)
+    with files[-1].open("ab") as handle:
+        handle.write(b'{"id": "torn", "pro')
+    again = ServedLog(tmp_path, rotate_bytes=1024)
+    again.close()
+    assert again.repaired == len(b'{"id": "torn", "pro')
+    assert [record["id"] for record in iter_served(tmp_path)] == [str(i) for i in range(30)]
+
+
+def test_kill_9_loses_no_request_that_got_an_answer(tmp_path, fakes):
+    student, _ = fakes
+    recipe = tmp_path / "serve.yaml"
+    recipe.write_text(json.dumps({"serve": {
+        "port": 0, "log_dir": str(tmp_path / "log"), "routing": {"mode": "student"},
+        "student": backend(student.openai_base_url, "student")}}), encoding="utf-8")
+    process = subprocess.Popen([PYTHON, "-m", "serve", str(recipe)], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        line = ""
+        while "serving" not in line:
+            line = process.stderr.readline()
+            assert line or process.poll() is None, "the server exited before it served"
+        base_url = line.split(" on ", 1)[1].strip()
+        answered: list[str] = []
+        failed = threading.Event()
+
+        def hammer() -> None:
+            client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=5)
+            while not failed.is_set():
+                try:
+                    answered.append(ask(client)[1].id.removeprefix("chatcmpl-"))
+                except openai.APIError:
+                    failed.set()
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        while len(answered) < 40:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        for thread in threads:
+            thread.join(10)
+    finally:
+        process.kill()
+        process.wait()
+    logged = {record["id"] for record in iter_served(tmp_path / "log")}
+    assert len(answered) >= 40
+    assert set(answered) <= logged, f"answered but not logged: {set(answered) - logged}"
+
+
+# ---- admin -----------------------------------------------------------------------------------------------------
+def test_admin_reload_swaps_the_student_without_a_restart_and_keeps_the_old_one_when_the_new_fails(
+        tmp_path, fakes, monkeypatch):
+    student, _ = fakes
+    student.config.responder = lambda messages, i, body: f"I am {body['model']}"
+    monkeypatch.setenv("SERVE_ADMIN_KEY", ADMIN_KEY)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    config = serve_config(tmp_path / "log", student.openai_base_url, admin_key_env="SERVE_ADMIN_KEY")
+    with RunningRouter(config) as router:
+        client = sdk(router)
+        before = ask(client)[1].choices[0].message.content
+        reloaded = http("POST", f"{router.url}/admin/reload", headers=admin, json_body={"model": "student-v2"})
+        after = ask(client)[1].choices[0].message.content
+        student.config.fault_rates = {"500": 1.0}
+        refused = http("POST", f"{router.url}/admin/reload", headers=admin, json_body={"model": "student-v3"})
+        student.config.fault_rates = {}
+        still = ask(client)[1].choices[0].message.content
+    assert (before, reloaded.status_code, after) == ("I am student", 200, "I am student-v2")
+    assert refused.status_code == 500 and refused.json()["error"]["code"] == "reload_failed"
+    assert still == "I am student-v2", "a student that fails to load is not swapped in"
+
+
+# ---- the config and the feedback loop -----------------------------------------------------------------------
+@pytest.mark.parametrize("section,message", [
+    ({"routing": {"mode": "cascade"}}, "routing.threshold"),
+    ({"routing": {"mode": "student", "canary": 0.1}}, "needs a teacher"),
+    ({"routing": {"mode": "student"}, "hots": "x"}, "did you mean `host`"),
+])
+def test_a_serve_section_that_cannot_route_is_refused_with_its_key(section, message):
+    with pytest.raises(RecipeError, match=message):
+        validate_section(ServeConfig, "serve", {"student": {"provider": "local"}, **section})
+
+
+def test_the_factory_reads_the_served_log_back_as_prompts_the_student_found_hard(tmp_path):
+    log = ServedLog(tmp_path / "log", rotate_bytes=1 << 20)
+    rows = [("q1", "student", -0.9), ("q2", "student", -0.1), ("q1", "student", -0.8), ("q3", "teacher", -0.95)]
+    for i, (text, by, confidence) in enumerate(rows):
+        log.write({"id": f"r{i}", "prompt": [{"role": "user", "content": text}], "answered_by": by,
+                   "student_confidence": confidence})
+    log.write({"id": "s0", "shadow_of": "r0", "by": "teacher"})
+    log.close()
+    prompts = PromptsConfig.model_validate(
+        {"served": str(tmp_path / "log"), "where": {"answered_by": "student", "confidence_below": -0.5}})
+    path = asyncio.run(write_prompts(prompts, SourceEnv(tmp_path / "run", console=None)))  # type: ignore[arg-type]
+    items = list(iter_prompts(path))
+    assert [item.messages[-1]["content"] for item in items] == ["q1"], "hard, answered by the student, once"
+    assert items[0].attributes["served_id"] == "r0"
+    with pytest.raises(ValueError, match="add served"):
+        PromptsConfig.model_validate({"path": "p.jsonl", "where": {"answered_by": "student"}})
