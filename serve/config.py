@@ -15,6 +15,10 @@ from apprentice.config import Strict, load_section
 from factory.recipe import LogprobsConfig, TeacherConfig
 
 
+SERVE_RETRIES = 1       # a backend's retries when the recipe does not say (a factory run's default is 8)
+SERVE_TIMEOUT_S = 60.0  # and its timeout (a factory run's default is 600 s)
+
+
 class RoutingConfig(Strict):
     """Which model answers a request. `cascade`: the student, unless its confidence is below `threshold`;
     `student` / `teacher`: that one always (the other only as a fallback or for shadow traffic)."""
@@ -82,6 +86,13 @@ class ServeConfig(Strict):
                              "routing.mode: student without canary and shadow")
         if self.student.mode == "batch" or (self.teacher is not None and self.teacher.mode == "batch"):
             raise ValueError("mode: batch cannot answer a waiting client; use mode: online")
+        for backend in (self.student, self.teacher):
+            # A waiting client is better served by the other model now than by this one after minutes of retries:
+            # unless the recipe says otherwise, one retry and a minute's timeout.
+            if backend is not None and "max_retries" not in backend.model_fields_set:
+                backend.max_retries = SERVE_RETRIES
+            if backend is not None and "timeout_s" not in backend.model_fields_set:
+                backend.timeout_s = SERVE_TIMEOUT_S
         if self.student.logprobs is None and (routing.mode == "cascade" or self.alarm.confidence_floor is not None):
             # the cascade and the confidence alarm read the student's token logprobs; one alternative is enough
             self.student.logprobs = LogprobsConfig(top_k=1)

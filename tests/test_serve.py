@@ -15,7 +15,7 @@ from collections import Counter
 import openai
 import pytest
 import torch
-from conftest import API_KEY, PYTHON, REPO
+from conftest import API_KEY, PYTHON, REPO, build_tiny_llama
 from serving import KEY_ENV, RunningRouter, backend, http, serve_config
 
 from apprentice.config import validate_section
@@ -175,6 +175,26 @@ def test_the_cascade_sends_what_the_student_is_unsure_of_to_the_teacher(tmp_path
     assert easy_line["student_confidence"] == pytest.approx(-0.05)
     assert hard_line["student_confidence"] == pytest.approx(-0.25) and hard_line["answered_by"] == "teacher"
     assert student.stats.bodies[-1]["logprobs"] is True, "the cascade asks the student for its logprobs"
+
+
+@pytest.mark.slow
+def test_a_local_student_answers_with_its_own_confidence_and_the_cascade_routes_on_it(tmp_path, fakes):
+    """A tiny random Llama in this process as the student: its confidence is the eval's measure over its own
+    token logprobs; the same greedy answer is kept under a threshold below it and routed above it."""
+    _, teacher = fakes
+    tiny = build_tiny_llama(tmp_path / "tiny")
+    student = {"provider": "local", "model": str(tiny), "device": "cpu",
+               "params": {"temperature": 0.0, "max_tokens": 4, "seed": 0}}
+    config = serve_config(tmp_path / "log", teacher.openai_base_url, teacher.openai_base_url, student=student,
+                          routing={"mode": "cascade", "threshold": -1000.0})
+    with RunningRouter(config) as router:
+        kept_headers, kept = ask(sdk(router), "a b c")
+        confidence = next(iter_served(tmp_path / "log"))["student_confidence"]
+        router.router.routing = router.router.routing.model_copy(update={"threshold": confidence / 2})
+        routed_headers, routed = ask(sdk(router), "a b c")
+    assert kept_headers["x-apprentice-model"] == "student" and kept.choices[0].message.content
+    assert confidence < 0, "a mean token logprob"
+    assert (routed_headers["x-apprentice-model"], routed.choices[0].message.content) == ("teacher", "Paris.")
 
 
 def test_canary_and_shadow_shares_hold_over_a_thousand_requests(tmp_path, fakes):
