@@ -3,7 +3,8 @@ against the recipe models.
 
 A block with a `factory:` key (or the keys of one: `teacher:`, `checks:`, `best_of:`, …) validates as the
 factory section, with a prompt file filled in where the block leaves the source out; `sft:` validates as
-the sft section, with a run directory filled in where it names none; `eval:` as the eval section. A snippet the models reject (a renamed key, a placeholder) fails here, not in a user's run.
+the sft section, with a run directory filled in where it names none; `eval:` as the eval section; `serve:` as
+the serve section. A snippet the models reject (a renamed key, a placeholder) fails here, not in a user's run.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def test_every_yaml_block_in_the_docs_validates(line, block):
     from apprentice.config import validate_section
     from eval.config import EvalConfig
     from factory.recipe import FactoryConfig
+    from serve.config import ServeConfig
     from sft.config import validate_sft_section
 
     data = yaml.safe_load(block)
@@ -47,8 +49,11 @@ def test_every_yaml_block_in_the_docs_validates(line, block):
         factory, data = data, {}
     sft = data.pop("sft", None)
     evaluation = data.pop("eval", None)
+    serving = data.pop("serve", None)
     assert not data, f"{line}: keys of no section: {sorted(data)}"
-    assert factory is not None or sft is not None or evaluation is not None
+    assert factory is not None or sft is not None or evaluation is not None or serving is not None
+    if serving is not None:
+        validate_section(ServeConfig, "serve", serving, line)
     if evaluation is not None:
         validate_section(EvalConfig, "eval", evaluation, line)
     if factory is not None:
