@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+import orjson
+
 from apprentice.hashing import canonical_json, stable_hash
 
 from .prompt_config import ServedSource
@@ -56,7 +58,8 @@ class ServedLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """One whole line on disk (in the OS's hands: it survives a killed process) when this returns."""
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        # orjson: this is on the response path, and cheaper than json.dumps
+        data = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
         start = self._file.tell()
         try:
             written = self._file.write(data)

@@ -41,7 +41,13 @@ async def _serve(config: ServeConfig, console: CommandConsole) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        host, port = await app.start()
+        try:
+            host, port = await app.start()
+        except OSError as exc:
+            if exc.filename is not None:  # the served log's folder
+                raise
+            raise ApprenticeError(f"serve.host {config.host}, serve.port {config.port}: {exc.strerror or exc}; "
+                                  "choose another (--set serve.port=0 takes any free port)") from None
         teacher = f", teacher {config.teacher.model}" if config.teacher is not None else ""
         console.print(f"student {escape(config.student.model)}{escape(teacher)}; routing "
                       f"{config.routing.mode}; log {escape(str(config.log_dir))}", highlight=False)
