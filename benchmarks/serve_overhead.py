@@ -27,7 +27,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import orjson
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 PY = sys.executable
 
 LOAD = textwrap.dedent(
@@ -101,6 +104,54 @@ def load(url: str, count: int, connections: int, cpus: str | None) -> dict:
     return json.loads(done.stdout)
 
 
+def routing_cpu(folder: Path, count: int = 20_000) -> dict[str, float]:
+    """CPU µs per request of the router's own work, in this process, with no network: the request parsed, the
+    routing decided (canary and shadow draws, the cascade's threshold), the log line written, the response body
+    built; the backend's answer is a ready-made one."""
+    import asyncio
+
+    from serve.app import ServeApp, parse_chat
+    from serve.backends import Answer
+    from serve.config import ServeConfig
+
+    os.environ.setdefault("BENCH_BACKEND_KEY", "sk-bench")
+    backend = {"provider": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "BENCH_BACKEND_KEY"}
+    config = ServeConfig.model_validate({"log_dir": str(folder / "micro"), "student": backend, "teacher": backend,
+                                         "routing": {"mode": "cascade", "threshold": -0.5, "canary": 0.05}})
+    app = ServeApp(config)
+    body = {"model": "apprentice", "messages": [{"role": "user", "content": "question number 1"}], "max_tokens": 64}
+
+    async def run() -> dict[str, float]:
+        from factory.served_log import ServedLog
+        from serve.metrics import Metrics
+        from serve.router import Router
+        from serve.backends import Backend
+
+        student, teacher = Backend("student", config.student), Backend("teacher", config.teacher)
+
+        async def ready(*args: object) -> Answer:
+            return Answer(["Paris"], ["stop"], [-0.1], {"input_tokens": 5, "output_tokens": 2}, 0.0)
+
+        student.answer = teacher.answer = ready  # type: ignore[method-assign]
+        router = Router(config, student, teacher, ServedLog(folder / "micro", 64 << 20), Metrics(config.alarm))
+        app.router = router
+        start = time.process_time()
+        for _ in range(count):
+            chat, _, _ = parse_chat(orjson.loads(orjson.dumps(body)), config)
+            served = await router.complete(chat)
+            orjson.dumps(app._completion(served))
+        total = time.process_time() - start
+        start = time.process_time()
+        for _ in range(count):
+            router.log.write({"id": "x" * 32, "prompt": body["messages"], "completion": [
+                {"role": "assistant", "content": "Paris"}], "answered_by": "student", "confidence": -0.1})
+        log = time.process_time() - start
+        router.log.close()
+        return {"routing_and_logging_us": 1e6 * total / count, "log_line_us": 1e6 * log / count}
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
@@ -137,6 +188,10 @@ def main() -> None:
             process.wait(30)
     logged = sum(1 for path in (folder / "served").glob("served-*.jsonl") for _ in path.open(encoding="utf-8"))
     report(args, rows, logged)
+    micro = routing_cpu(folder)
+    print(f"the router's own CPU per request, in process, no network: routing and logging "
+          f"{micro['routing_and_logging_us']:.1f} µs (parse, route, log line, response body), of which the log "
+          f"line {micro['log_line_us']:.1f} µs")
     if profile is not None:
         print()
         pstats.Stats(str(profile)).sort_stats("tottime").print_stats(25)

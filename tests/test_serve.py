@@ -15,13 +15,14 @@ from collections import Counter
 import openai
 import pytest
 import torch
-from conftest import API_KEY, PYTHON, REPO, build_tiny_llama
+from conftest import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl
 from serving import KEY_ENV, RunningRouter, backend, http, serve_config
 
 from apprentice.config import validate_section
 from apprentice.errors import RecipeError
 from factory.prompt_config import PromptsConfig
-from factory.prompts import SourceEnv, iter_prompts
+from factory.__main__ import main as factory_main
+from factory.prompts import PromptError, SourceEnv
 from factory.recipe import Price
 from factory.served_log import ServedLog, iter_served, served_files
 from factory.sources import write_prompts
@@ -384,7 +385,8 @@ def test_a_serve_section_that_cannot_route_is_refused_with_its_key(section, mess
         validate_section(ServeConfig, "serve", {"student": {"provider": "local"}, **section})
 
 
-def test_the_factory_reads_the_served_log_back_as_prompts_the_student_found_hard(tmp_path):
+def test_factory_generate_takes_the_served_prompts_the_student_found_hard(tmp_path, fakes):
+    _, teacher = fakes
     log = ServedLog(tmp_path / "log", rotate_bytes=1 << 20)
     rows = [("q1", "student", -0.9), ("q2", "student", -0.1), ("q1", "student", -0.8), ("q3", "teacher", -0.95)]
     for i, (text, by, confidence) in enumerate(rows):
@@ -392,11 +394,21 @@ def test_the_factory_reads_the_served_log_back_as_prompts_the_student_found_hard
                    "student_confidence": confidence})
     log.write({"id": "s0", "shadow_of": "r0", "by": "teacher"})
     log.close()
-    prompts = PromptsConfig.model_validate(
-        {"served": str(tmp_path / "log"), "where": {"answered_by": "student", "confidence_below": -0.5}})
-    path = asyncio.run(write_prompts(prompts, SourceEnv(tmp_path / "run", console=None)))  # type: ignore[arg-type]
-    items = list(iter_prompts(path))
-    assert [item.messages[-1]["content"] for item in items] == ["q1"], "hard, answered by the student, once"
-    assert items[0].attributes["served_id"] == "r0"
+    recipe = tmp_path / "feedback.yaml"
+    recipe.write_text(json.dumps({"factory": {
+        "output_dir": str(tmp_path / "run"), "checks": [],
+        "prompts": {"served": str(tmp_path / "log"), "where": {"answered_by": "student", "confidence_below": -0.5}},
+        "teacher": backend(teacher.openai_base_url, "teacher")}}), encoding="utf-8")
+    assert factory_main(["generate", str(recipe), "-q"]) == 0
+    accepted = read_jsonl(tmp_path / "run" / "accepted.jsonl")
+    assert [record["prompt"][-1]["content"] for record in accepted] == ["q1"], "hard, the student's, once"
+    assert accepted[0]["completion"][0]["content"] == "Paris."
+    assert accepted[0]["attributes"]["served_id"] == "r0"
     with pytest.raises(ValueError, match="add served"):
         PromptsConfig.model_validate({"path": "p.jsonl", "where": {"answered_by": "student"}})
+
+
+def test_a_served_source_with_nothing_to_read_says_where_it_looked(tmp_path):
+    prompts = PromptsConfig.model_validate({"served": str(tmp_path / "empty")})
+    with pytest.raises(PromptError, match="no served log in"):
+        asyncio.run(write_prompts(prompts, SourceEnv(tmp_path / "run", console=None)))  # type: ignore[arg-type]
