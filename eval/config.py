@@ -17,7 +17,7 @@ from factory.recipe import TeacherConfig
 
 # The metrics a golden line or `eval.metrics` may name; eval/metrics.py implements each (and asserts so).
 METRIC_NAMES = ("exact", "normalized", "token_f1", "rouge_l", "regex", "json_valid", "json_schema", "json_match",
-                "verifier", "judge")
+                "number", "verifier", "judge")
 
 
 class ModelConfig(TeacherConfig):
