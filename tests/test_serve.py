@@ -4,9 +4,11 @@ the alarm, the faults, the crash-safe served log and the factory reading it back
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -27,6 +29,7 @@ from factory.recipe import Price
 from factory.served_log import ServedLog, iter_served, served_files
 from factory.sources import write_prompts
 from fakes import FakeConfig, FakeServer
+from serve.__main__ import main as serve_main
 from serve.config import ServeConfig
 
 torch.set_num_threads(1)
@@ -106,10 +109,13 @@ def test_bad_requests_get_400_in_the_openai_shape_naming_the_parameter(tmp_path,
         with pytest.raises(openai.BadRequestError) as role:
             client.chat.completions.create(model="apprentice", messages=[{"role": "robot", "content": "x"}])
         not_json = http("POST", f"{router.base_url}/chat/completions", content=b"{not json")
+        with pytest.raises(openai.BadRequestError) as tools:
+            ask(client, tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
     assert over.value.body["param"] == "max_tokens" and "100" in over.value.body["message"]
     assert many.value.body["param"] == "n"
     assert role.value.body["param"] == "messages[0].role"
     assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
+    assert tools.value.body["param"] == "tools", "what this server cannot do is refused, not ignored"
     assert student.stats.total == 0, "a refused request reaches no model"
     assert served_files(tmp_path / "log") and not list(iter_served(tmp_path / "log")), "and is not logged"
 
@@ -369,9 +375,51 @@ def test_admin_reload_swaps_the_student_without_a_restart_and_keeps_the_old_one_
         refused = http("POST", f"{router.url}/admin/reload", headers=admin, json_body={"model": "student-v3"})
         student.config.fault_rates = {}
         still = ask(client)[1].choices[0].message.content
+        garbled = http("POST", f"{router.url}/admin/reload", headers=admin, content=b"{model")
+        not_a_name = http("POST", f"{router.url}/admin/reload", headers=admin, json_body={"model": 3})
+    assert (garbled.status_code, not_a_name.status_code) == (400, 400)
+    assert not_a_name.json()["error"]["param"] == "model"
     assert (before, reloaded.status_code, after) == ("I am student", 200, "I am student-v2")
     assert refused.status_code == 500 and refused.json()["error"]["code"] == "reload_failed"
     assert still == "I am student-v2", "a student that fails to load is not swapped in"
+
+
+def test_admin_is_off_without_its_key(tmp_path, fakes):
+    student, _ = fakes
+    with RunningRouter(serve_config(tmp_path / "log", student.openai_base_url)) as router:
+        off = http("POST", f"{router.url}/admin/reload", headers={"Authorization": "Bearer anything"})
+    assert off.status_code == 403 and off.json()["error"]["code"] == "admin_off"
+
+
+def test_a_log_that_cannot_be_written_answers_500_and_nothing_unlogged(tmp_path, fakes):
+    student, _ = fakes
+
+    def full(record: dict) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "served-000001.jsonl")
+
+    with RunningRouter(serve_config(tmp_path / "log", student.openai_base_url)) as router:
+        router.router.log.write = full
+        with pytest.raises(openai.InternalServerError) as refused:
+            ask(sdk(router))
+    assert refused.value.body["code"] == "log_failed"
+    assert any("No space left" in warning for warning in router.warnings)
+
+
+def test_a_port_in_use_is_one_line_naming_the_key(tmp_path, fakes, capsys):
+    student, _ = fakes
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    recipe = tmp_path / "serve.yaml"
+    recipe.write_text(json.dumps({"serve": {"port": taken.getsockname()[1], "log_dir": str(tmp_path / "log"),
+                                            "routing": {"mode": "student"},
+                                            "student": backend(student.openai_base_url, "student")}}))
+    try:
+        assert serve_main([str(recipe)]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert "serve.port" in err and "--set serve.port=0" in err and "Traceback" not in err
 
 
 # ---- the config and the feedback loop -----------------------------------------------------------------------
@@ -409,6 +457,12 @@ def test_factory_generate_takes_the_served_prompts_the_student_found_hard(tmp_pa
 
 
 def test_a_served_source_with_nothing_to_read_says_where_it_looked(tmp_path):
-    prompts = PromptsConfig.model_validate({"served": str(tmp_path / "empty")})
+    prompts = PromptsConfig.model_validate({"served": str(tmp_path / "log")})
     with pytest.raises(PromptError, match="no served log in"):
         asyncio.run(write_prompts(prompts, SourceEnv(tmp_path / "run", console=None)))  # type: ignore[arg-type]
+    log = ServedLog(tmp_path / "log", rotate_bytes=1 << 20)
+    log.write({"id": "r0", "prompt": [{"role": "user", "content": "q"}], "answered_by": "teacher"})
+    log.close()
+    strict = PromptsConfig.model_validate({"served": str(tmp_path / "log"), "where": {"answered_by": "student"}})
+    with pytest.raises(PromptError, match="none of the 1 served requests"):
+        asyncio.run(write_prompts(strict, SourceEnv(tmp_path / "run", console=None)))  # type: ignore[arg-type]
