@@ -20,6 +20,7 @@ import random
 import time
 from typing import Any, Callable
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -138,10 +139,30 @@ class ServeApp:
         self.rng = rng
         self.runner: web.AppRunner | None = None
         self.router: Router | None = None
-        self._retired: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()  # replaced students closing, webhook posts
+        self._webhook: aiohttp.ClientSession | None = None
 
-    def _alarm(self, reason: str, on: bool) -> None:
+    def _alarm(self, kind: str, reason: str, on: bool) -> None:
         self.warn(f"ALARM: {reason}" if on else f"alarm cleared: {reason}")
+        if self.config.alarm.webhook is not None:
+            task = asyncio.get_running_loop().create_task(self._notify(
+                {"alarm": kind, "on": on, "reason": reason, "model": self.config.model}))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _notify(self, payload: dict[str, Any]) -> None:
+        """POST the alarm to `alarm.webhook`, off the response path; a failure is a log line, not an error."""
+        url = self.config.alarm.webhook
+        assert url is not None
+        try:
+            if self._webhook is None:
+                self._webhook = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+            async with self._webhook.post(url, data=orjson.dumps(payload),
+                                          headers={"Content-Type": "application/json"}) as response:
+                if response.status >= 400:
+                    self.warn(f"alarm webhook: {url} answered {response.status}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.warn(f"alarm webhook: {url}: {type(exc).__name__} {exc}".rstrip())
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._guard])
@@ -169,15 +190,21 @@ class ServeApp:
         return host, port
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-        if self.router is not None:
-            await self.router.drain()
-            await asyncio.gather(*self._retired, return_exceptions=True)
-            for backend in (self.router.student, self.router.teacher):
+        """Stop listening, let the shadow comparisons and background posts finish, close the backends and the log
+        (a second call does nothing)."""
+        runner, router, self.runner, self.router = self.runner, self.router, None, None
+        if runner is not None:
+            await runner.cleanup()
+        if router is not None:
+            await router.drain()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            for backend in (router.student, router.teacher):
                 if backend is not None:
                     await backend.aclose()
-            self.router.log.close()
+            router.log.close()
+        if self._webhook is not None:
+            await self._webhook.close()
+            self._webhook = None
 
     # ---- who may call ----------------------------------------------------------------------------------------
     @web.middleware
@@ -318,8 +345,8 @@ class ServeApp:
         old, self.router.student = self.router.student, fresh
         self.config.student = config
         task = asyncio.get_running_loop().create_task(_retire(old))
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         self.warn(f"student reloaded: {config.model}")
         return json_response({"reloaded": True, "model": config.model})
 

@@ -46,6 +46,9 @@ class AlarmConfig(Strict):
         default=None, le=0, description="rolling mean confidence of the student's answers")
     window: int = Field(default=200, ge=1, description="the last N shadow comparisons / student answers")
     min_samples: int = Field(default=20, ge=1, description="no alarm before this many in the window")
+    webhook: str | None = Field(
+        default=None, pattern=r"^https?://",
+        description="a URL that gets a POST of {alarm, on, reason, model} when an alarm starts or ends")
 
 
 class ServeConfig(Strict):

@@ -30,9 +30,9 @@ class Histogram:
 
 
 class Metrics:
-    def __init__(self, alarm: AlarmConfig, on_alarm: Callable[[str, bool], None] | None = None) -> None:
+    def __init__(self, alarm: AlarmConfig, on_alarm: Callable[[str, str, bool], None] | None = None) -> None:
         self.alarm = alarm
-        self.on_alarm = on_alarm  # (reason, on): told when an alarm starts (True) or ends (False)
+        self.on_alarm = on_alarm  # (kind, reason, on): told when an alarm starts (True) or ends (False)
         self.requests: Counter = Counter()   # (answered_by, route) → answered requests
         self.errors: Counter = Counter()     # HTTP status → error responses
         self.fallbacks: Counter = Counter()  # reason → answers served by the other model, or marked
@@ -84,11 +84,11 @@ class Metrics:
                 self.alarms[kind] = (f"rolling {kind} {value:.3f} is below the floor {floor} "
                                      f"(last {len(values)} values)")
                 if self.on_alarm is not None:
-                    self.on_alarm(self.alarms[kind], True)
+                    self.on_alarm(kind, self.alarms[kind], True)
             elif not on and kind in self.alarms:
                 reason = self.alarms.pop(kind)
                 if self.on_alarm is not None:
-                    self.on_alarm(reason, False)
+                    self.on_alarm(kind, reason, False)
 
     # ---- the Prometheus text -------------------------------------------------------------------------------
     def render(self) -> str:

@@ -17,6 +17,7 @@ from collections import Counter
 import openai
 import pytest
 import torch
+from aiohttp import web
 from conftest import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl
 from serving import KEY_ENV, RunningRouter, backend, http, serve_config
 
@@ -243,6 +244,8 @@ def test_the_alarm_fires_when_the_student_starts_answering_wrongly(tmp_path, fak
                           routing={"mode": "student", "shadow": 1.0},
                           alarm={"agreement_floor": 0.8, "window": 10, "min_samples": 10})
     with RunningRouter(config) as router:
+        hook, received = router.call(webhook_receiver())
+        config.alarm.webhook = hook
         client = sdk(router)
         for i in range(10):
             ask(client, f"q{i}")
@@ -254,11 +257,49 @@ def test_the_alarm_fires_when_the_student_starts_answering_wrongly(tmp_path, fak
         router.call(router.router.drain())
         alarmed = http("GET", f"{router.url}/health")
         metrics = http("GET", f"{router.url}/metrics").text
+        router.call(router.app.stop())  # the webhook's post is waited for
     assert healthy.status_code == 200 and healthy.json()["rolling_agreement"] == 1.0
     assert alarmed.status_code == 503, "5 wrong answers in the last 10: agreement 0.5 < 0.8"
     assert alarmed.json()["rolling_agreement"] == 0.5 and "agreement" in alarmed.json()["alarms"][0]
     assert 'apprentice_serve_alarm{kind="agreement"} 1' in metrics
     assert any(w.startswith("ALARM: rolling agreement 0.") for w in router.warnings), "a log line says it"
+    assert [(r["alarm"], r["on"]) for r in received] == [("agreement", True)], "and the webhook is told"
+
+
+def test_a_webhook_that_cannot_be_reached_is_a_log_line(tmp_path, fakes):
+    student, _ = fakes
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    config = serve_config(tmp_path / "log", student.openai_base_url,
+                          alarm={"confidence_floor": -1.0, "webhook": f"http://127.0.0.1:{port}/hook"})
+
+    async def ring(app) -> None:
+        app._alarm("confidence", "rolling confidence -2.000 is below the floor -1.0", True)
+        await asyncio.gather(*app._background)
+
+    with RunningRouter(config) as router:
+        router.call(ring(router.app))
+    assert any(w.startswith(f"alarm webhook: http://127.0.0.1:{port}/hook: ClientConnectorError") for w in
+               router.warnings), router.warnings
+
+
+async def webhook_receiver() -> tuple[str, list]:
+    """A loopback endpoint that keeps what is posted to it (it lives as long as the router's loop)."""
+    received: list = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response()
+
+    application = web.Application()
+    application.router.add_post("/hook", hook)
+    runner = web.AppRunner(application)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return f"http://127.0.0.1:{runner.addresses[0][1]}/hook", received
 
 
 # ---- faults ----------------------------------------------------------------------------------------------------
