@@ -140,7 +140,7 @@ class ServeApp:
         self.runner: web.AppRunner | None = None
         self.router: Router | None = None
         self._background: set[asyncio.Task] = set()  # replaced students closing, webhook posts
-        self._webhook: aiohttp.ClientSession | None = None
+        self._http: aiohttp.ClientSession | None = None  # the alarm's webhook, vLLM's adapter loading
 
     def _alarm(self, kind: str, reason: str, on: bool) -> None:
         self.warn(f"ALARM: {reason}" if on else f"alarm cleared: {reason}")
@@ -155,10 +155,8 @@ class ServeApp:
         url = self.config.alarm.webhook
         assert url is not None
         try:
-            if self._webhook is None:
-                self._webhook = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-            async with self._webhook.post(url, data=orjson.dumps(payload),
-                                          headers={"Content-Type": "application/json"}) as response:
+            async with self._session().post(url, data=orjson.dumps(payload),
+                                            headers={"Content-Type": "application/json"}) as response:
                 if response.status >= 400:
                     self.warn(f"alarm webhook: {url} answered {response.status}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -202,9 +200,14 @@ class ServeApp:
                 if backend is not None:
                     await backend.aclose()
             router.log.close()
-        if self._webhook is not None:
-            await self._webhook.close()
-            self._webhook = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        return self._http
 
     # ---- who may call ----------------------------------------------------------------------------------------
     @web.middleware
@@ -329,12 +332,21 @@ class ServeApp:
             body = orjson.loads(raw) if raw.strip() else {}
         except orjson.JSONDecodeError as exc:
             return error_response(400, f"the body is not valid JSON: {exc}")
-        model = body.get("model") if isinstance(body, dict) else None
+        body = body if isinstance(body, dict) else {}
+        model, lora_path = body.get("model"), body.get("lora_path")
         if model is not None and not isinstance(model, str):
             return error_response(400, "model must be a string (a model folder or id)", param="model")
+        if lora_path is not None and (not isinstance(lora_path, str) or not model):
+            return error_response(400, "lora_path (the adapter's folder on the vLLM server) needs model: the name "
+                                  "to serve it as", param="lora_path")
         config = self.config.student.model_copy(update={"model": model}) if model else self.config.student
+        if lora_path is not None and (config.provider != "openai" or not isinstance(config.base_url, str)):
+            return error_response(400, "lora_path is for a student served by vLLM (provider openai with one "
+                                  "base_url, the server started with --enable-lora)", param="lora_path")
         fresh = None
         try:
+            if lora_path is not None:
+                await self._load_lora(config, lora_path)
             fresh = Backend("student", config)
             await fresh.warm()
         except (ApprenticeError, OSError, ValueError) as exc:
@@ -349,6 +361,24 @@ class ServeApp:
         task.add_done_callback(self._background.discard)
         self.warn(f"student reloaded: {config.model}")
         return json_response({"reloaded": True, "model": config.model})
+
+
+    async def _load_lora(self, config: Any, lora_path: str) -> None:
+        """vLLM's dynamic LoRA loading (`POST /v1/load_lora_adapter`; the server needs
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING=True): the adapter at `lora_path` becomes the model `config.model`."""
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(config.api_key_env or "")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        url = f"{config.base_url.rstrip('/')}/load_lora_adapter"
+        try:
+            async with self._session().post(url, headers=headers, data=orjson.dumps(
+                    {"lora_name": config.model, "lora_path": lora_path})) as response:
+                text = await response.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise ApprenticeError(f"{url}: {type(exc).__name__} {exc}".rstrip()) from None
+        if response.status != 200:
+            raise ApprenticeError(f"{url} answered {response.status}: {text[:300]}")
 
 
 async def _retire(backend: Backend) -> None:

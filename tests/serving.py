@@ -31,23 +31,36 @@ def serve_config(log_dir: Any, student_url: str, teacher_url: str | None = None,
     return ServeConfig.model_validate(data)
 
 
-class RunningRouter:
-    """`with RunningRouter(config) as router:` serves on 127.0.0.1 from a thread; `router.base_url` for the SDK."""
+class LoopThread:
+    """An event loop on its own thread, for servers that the test's thread calls (`call` runs a coroutine there)."""
 
-    def __init__(self, config: ServeConfig, seed: int = 0) -> None:
-        self.warnings: list[str] = []
-        self.app = ServeApp(config, self._warn, rng=random.Random(seed))
+    def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def _warn(self, message: str) -> None:
-        self.warnings.append(message)
 
     def call(self, coroutine: Any, timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def __enter__(self) -> "RunningRouter":
+    def __enter__(self) -> "LoopThread":
         self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class RunningRouter(LoopThread):
+    """`with RunningRouter(config) as router:` serves on 127.0.0.1 from a thread; `router.base_url` for the SDK."""
+
+    def __init__(self, config: ServeConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.warnings: list[str] = []
+        self.app = ServeApp(config, self.warnings.append, rng=random.Random(seed))
+
+    def __enter__(self) -> "RunningRouter":
+        super().__enter__()
         host, port = self.call(self.app.start())
         self.url = f"http://{host}:{port}"
         self.base_url = f"{self.url}/v1"
@@ -57,9 +70,7 @@ class RunningRouter:
         try:
             self.call(self.app.stop())
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
+            super().__exit__(*exc)
 
     @property
     def router(self) -> Any:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from aiohttp import web
 from conftest import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl
-from serving import KEY_ENV, RunningRouter, backend, http, serve_config
+from serving import KEY_ENV, LoopThread, RunningRouter, backend, http, serve_config
 
 from apprentice.config import validate_section
 from apprentice.errors import RecipeError
@@ -423,6 +423,59 @@ def test_admin_reload_swaps_the_student_without_a_restart_and_keeps_the_old_one_
     assert (before, reloaded.status_code, after) == ("I am student", 200, "I am student-v2")
     assert refused.status_code == 500 and refused.json()["error"]["code"] == "reload_failed"
     assert still == "I am student-v2", "a student that fails to load is not swapped in"
+
+
+def test_reload_loads_a_lora_adapter_into_a_vllm_served_student_first(tmp_path, fakes, monkeypatch):
+    """A loopback stand-in for vLLM with --enable-lora: `POST /v1/load_lora_adapter` makes a new model name, which
+    chat completions then answer as."""
+    monkeypatch.setenv("SERVE_ADMIN_KEY", ADMIN_KEY)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with LoopThread() as vllm:
+        url, loaded, keys = vllm.call(vllm_stand_in())
+        with RunningRouter(serve_config(tmp_path / "log", url, admin_key_env="SERVE_ADMIN_KEY")) as router:
+            before = ask(sdk(router))[1].choices[0].message.content
+            reloaded = http("POST", f"{router.url}/admin/reload", headers=admin,
+                            json_body={"model": "student-v2", "lora_path": "/runs/sft-2/adapter"})
+            after = ask(sdk(router))[1].choices[0].message.content
+            missing = http("POST", f"{router.url}/admin/reload", headers=admin,
+                           json_body={"model": "student-v3", "lora_path": "/nowhere"})
+            no_name = http("POST", f"{router.url}/admin/reload", headers=admin, json_body={"lora_path": "/x"})
+    assert reloaded.status_code == 200, reloaded.text
+    assert (before, after) == ("student answers", "student-v2 answers")
+    assert loaded == [{"lora_name": "student-v2", "lora_path": "/runs/sft-2/adapter"}]
+    assert keys[0] == f"Bearer {API_KEY}", "vLLM's --api-key is the student's key"
+    assert missing.status_code == 500 and "No adapter found at /nowhere" in missing.json()["error"]["message"]
+    assert no_name.status_code == 400 and no_name.json()["error"]["param"] == "lora_path"
+
+
+async def vllm_stand_in() -> tuple[str, list, list]:
+    """The two endpoints of a vLLM server with --enable-lora that the reload uses; what was loaded, and the keys."""
+    loaded: list = []
+    keys: list = []
+
+    async def load(request: web.Request) -> web.Response:
+        body = await request.json()
+        keys.append(request.headers.get("Authorization"))
+        if body["lora_path"] == "/nowhere":
+            return web.json_response({"error": {"message": "No adapter found at /nowhere"}}, status=400)
+        loaded.append(body)
+        return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                                  "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                      "role": "assistant", "content": f"{body['model']} answers"}}],
+                                  "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
+
+    application = web.Application()
+    application.router.add_post("/v1/load_lora_adapter", load)
+    application.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(application)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return f"http://127.0.0.1:{runner.addresses[0][1]}/v1", loaded, keys
 
 
 def test_admin_is_off_without_its_key(tmp_path, fakes):
