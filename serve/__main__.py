@@ -16,6 +16,10 @@ def add_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("recipe", type=Path, help="recipe YAML with a serve: section")
     cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key, e.g. --set serve.port=8001 (repeatable)")
+    cmd.add_argument("--fit-router", action="store_true",
+                     help="instead of serving: fit routing.mode learned's router on the shadow comparisons of "
+                          "serve.log_dir, write it to serve.routing.router, and compare it with confidence-only "
+                          "routing on held-out comparisons (needs scikit-learn)")
     add_output_options(cmd)
 
 

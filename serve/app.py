@@ -29,6 +29,7 @@ from factory.served_log import ServedLog
 
 from .backends import Backend
 from .config import ServeConfig
+from .learned import LearnedRouter
 from .metrics import Metrics
 from .router import AllDown, ChatRequest, Router, Served
 
@@ -174,12 +175,14 @@ class ServeApp:
     async def start(self) -> tuple[str, int]:
         """Build the backends and the log, bind; returns the address actually bound (port 0: a free one)."""
         config = self.config
+        assert config.routing.router is not None  # the config fills it in
+        learned = LearnedRouter.load(config.routing.router) if config.routing.mode == "learned" else None
         student = Backend("student", config.student)
         teacher = Backend("teacher", config.teacher, config.budget_usd) if config.teacher is not None else None
         log = ServedLog(config.log_dir, config.log_rotate_bytes)
         if log.repaired:
             self.warn(f"served log: cut a partial last line ({log.repaired} bytes) left by a crash in {log.path}")
-        self.router = Router(config, student, teacher, log, self.metrics, self.rng, self.warn)
+        self.router = Router(config, student, teacher, log, self.metrics, self.rng, self.warn, learned)
         self.runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, config.host, config.port)

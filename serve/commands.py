@@ -7,12 +7,14 @@ import asyncio
 import signal
 
 from rich.markup import escape
+from rich.table import Table
 
 from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError
 
 from .app import ServeApp
 from .config import ServeConfig, load_serve_config
+from .learned import fit
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -22,6 +24,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         config = load_serve_config(args.recipe, args.set)
         console.detail_json(config.model_dump(mode="json"))
+        if args.fit_router:
+            return _fit_router(config, console)
         return asyncio.run(_serve(config, console))
     except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
         return console.stopped(exc)
@@ -57,6 +61,25 @@ async def _serve(config: ServeConfig, console: CommandConsole) -> int:
     finally:
         await app.stop()
     console.final("stopped", highlight=False)
+    return 0
+
+
+def _fit_router(config: ServeConfig, console: CommandConsole) -> int:
+    router, report = fit(config.log_dir)
+    path = config.routing.router
+    assert path is not None  # the config fills it in
+    router.save(path)
+    console.print(f"fitted on {report['fitted_on']} shadow comparisons of {escape(str(config.log_dir))}; "
+                  f"{report['held_out']} held out (the teacher agreed with {report['held_out_agreement']:.1%} of "
+                  "the student's answers there)", highlight=False)
+    table = Table(title="held-out quality (agreement with the teacher) at each share routed to the teacher")
+    for column in ("routed to the teacher", "confidence only", "learned"):
+        table.add_column(column, justify="right")
+    for (share, by_confidence), (_, learned) in zip(report["confidence"], report["learned"]):
+        table.add_row(f"{share:.0%}", f"{by_confidence:.3f}", f"{learned:.3f}")
+    console.print(table)
+    console.final(f"router written to {escape(str(path))}; serve it with routing: {{mode: learned, min_agreement: "
+                  "0.5}", highlight=False)
     return 0
 
 

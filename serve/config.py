@@ -21,14 +21,21 @@ SERVE_TIMEOUT_S = 60.0  # and its timeout (a factory run's default is 600 s)
 
 class RoutingConfig(Strict):
     """Which model answers a request. `cascade`: the student, unless its confidence is below `threshold`;
-    `student` / `teacher`: that one always (the other only as a fallback or for shadow traffic)."""
+    `learned`: the student, unless a classifier fitted on the shadow log (serve/learned.py) gives its answer less
+    than `min_agreement`; `student` / `teacher`: that one always (the other only as a fallback or for shadow)."""
 
-    mode: Literal["cascade", "student", "teacher"] = "cascade"
+    mode: Literal["cascade", "learned", "student", "teacher"] = "cascade"
     threshold: float | None = Field(
         default=None, le=0,
         description="mode cascade: the student's confidence (mean token logprob of its answer, the eval's "
         "cascade measure) below which the teacher answers instead; the eval report's cascade table suggests one",
     )
+    router: Path | None = Field(
+        default=None, description="mode learned: the fitted router (`apprentice serve RECIPE --fit-router` writes "
+        "it; default log_dir/router.json)")
+    min_agreement: float = Field(
+        default=0.5, ge=0, le=1, description="mode learned: the predicted chance that the teacher agrees below "
+        "which the teacher answers instead")
     canary: float = Field(default=0.0, ge=0, le=1, description="share of requests the teacher answers regardless")
     shadow: float = Field(
         default=0.0, ge=0, le=1,
@@ -82,6 +89,7 @@ class ServeConfig(Strict):
             raise ValueError("routing.threshold: mode cascade needs the student confidence below which the teacher "
                              "answers (e.g. -0.5; the eval report's cascade table suggests one)")
         needs_teacher = [name for name, on in (("mode cascade", routing.mode == "cascade"),
+                                               ("mode learned", routing.mode == "learned"),
                                                ("mode teacher", routing.mode == "teacher"),
                                                ("canary", routing.canary > 0), ("shadow", routing.shadow > 0)) if on]
         if needs_teacher and self.teacher is None:
@@ -96,8 +104,12 @@ class ServeConfig(Strict):
                 backend.max_retries = SERVE_RETRIES
             if backend is not None and "timeout_s" not in backend.model_fields_set:
                 backend.timeout_s = SERVE_TIMEOUT_S
-        if self.student.logprobs is None and (routing.mode == "cascade" or self.alarm.confidence_floor is not None):
-            # the cascade and the confidence alarm read the student's token logprobs; one alternative is enough
+        if routing.router is None:
+            routing.router = self.log_dir / "router.json"
+        if self.student.logprobs is None and (routing.mode in ("cascade", "learned") or routing.shadow > 0
+                                              or self.alarm.confidence_floor is not None):
+            # the routers, the confidence alarm and the shadow log (what a learned router is fitted on) read the
+            # student's token logprobs; one alternative is enough
             self.student.logprobs = LogprobsConfig(top_k=1)
         return self
 

@@ -23,6 +23,7 @@ from factory.served_log import ServedLog
 
 from .backends import Answer, Backend, BackendDown
 from .config import ServeConfig
+from .learned import LearnedRouter
 from .metrics import Metrics
 
 
@@ -43,7 +44,7 @@ class Served:
     id: str
     answer: Answer
     answered_by: str       # student | teacher
-    route: str             # student | teacher | cascade | canary | fallback
+    route: str             # student | teacher | cascade | learned | canary | fallback
     student_confidence: float | None
     fault: str | None      # why the answer is not the one the routing chose
 
@@ -51,7 +52,7 @@ class Served:
 class Router:
     def __init__(self, config: ServeConfig, student: Backend, teacher: Backend | None, log: ServedLog,
                  metrics: Metrics, rng: random.Random | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, learned: LearnedRouter | None = None) -> None:
         self.config = config
         self.routing = config.routing
         self.student = student
@@ -60,6 +61,7 @@ class Router:
         self.metrics = metrics
         self.rng = rng or random.Random(config.routing.seed)
         self.warn = warn or (lambda message: None)
+        self.learned = learned
         self.shadow_tasks: set[asyncio.Task] = set()
 
     async def _ask(self, backend: Backend, request: ChatRequest) -> Answer:
@@ -101,15 +103,25 @@ class Router:
                 raise AllDown(f"the student is down ({down}) and no teacher is configured") from None
             return await self._teacher_only(request_id, request, "fallback", f"student_down: {down}")
         confidence = mine.confidence
-        threshold = self.routing.threshold
-        if mode != "cascade" or confidence is None or threshold is None or confidence >= threshold:
+        if not self._unsure(request, mine):
             return Served(request_id, mine, "student", "student", confidence, None)
-        assert self.teacher is not None  # the config requires a teacher for mode cascade
+        assert self.teacher is not None  # the config requires a teacher for modes cascade and learned
         try:
             theirs = await self._ask(self.teacher, request)
         except BackendDown as down:
-            return Served(request_id, mine, "student", "cascade", confidence, f"teacher_down: {down}")
-        return Served(request_id, theirs, "teacher", "cascade", confidence, None)
+            return Served(request_id, mine, "student", mode, confidence, f"teacher_down: {down}")
+        return Served(request_id, theirs, "teacher", mode, confidence, None)
+
+    def _unsure(self, request: ChatRequest, mine: Answer) -> bool:
+        """Whether the router sends this request on to the teacher (modes cascade and learned)."""
+        confidence = mine.confidence
+        if confidence is None:
+            return False
+        if self.routing.mode == "cascade":
+            return self.routing.threshold is not None and confidence < self.routing.threshold
+        if self.routing.mode == "learned" and self.learned is not None:
+            return self.learned.agreement(request.messages, mine.texts[0], confidence) < self.routing.min_agreement
+        return False
 
     async def _teacher_first(self, request_id: str, request: ChatRequest, route: str) -> Served:
         assert self.teacher is not None

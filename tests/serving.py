@@ -61,7 +61,12 @@ class RunningRouter(LoopThread):
 
     def __enter__(self) -> "RunningRouter":
         super().__enter__()
-        host, port = self.call(self.app.start())
+        try:
+            host, port = self.call(self.app.start())
+        except BaseException:
+            self.call(self.app.stop())
+            super().__exit__()
+            raise
         self.url = f"http://{host}:{port}"
         self.base_url = f"{self.url}/v1"
         return self

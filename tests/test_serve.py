@@ -7,6 +7,7 @@ import asyncio
 import errno
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from conftest import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl
 from serving import KEY_ENV, LoopThread, RunningRouter, backend, http, serve_config
 
 from apprentice.config import validate_section
-from apprentice.errors import RecipeError
+from apprentice.errors import ApprenticeError, RecipeError
 from factory.prompt_config import PromptsConfig
 from factory.__main__ import main as factory_main
 from factory.prompts import PromptError, SourceEnv
@@ -32,6 +33,7 @@ from factory.sources import write_prompts
 from fakes import FakeConfig, FakeServer
 from serve.__main__ import main as serve_main
 from serve.config import ServeConfig
+from serve.learned import fit
 
 torch.set_num_threads(1)
 CLIENT_KEY = "sk-client-7f3a9-SECRET"
@@ -300,6 +302,49 @@ async def webhook_receiver() -> tuple[str, list]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     return f"http://127.0.0.1:{runner.addresses[0][1]}/hook", received
+
+
+def test_a_learned_router_fitted_on_the_shadow_log_beats_confidence_and_routes_with_it(tmp_path, fakes, capsys):
+    """Shadow comparisons where the student is wrong on one topic whatever its confidence: the classifier learns the
+    topic from the prompt's words, confidence alone cannot."""
+    student, teacher = fakes
+    rng = random.Random(0)
+    log = ServedLog(tmp_path / "log", rotate_bytes=1 << 22)
+    for i in range(400):
+        topic = rng.choice(["arithmetic", "geography"])
+        log.write({"id": f"r{i}", "prompt": [{"role": "user", "content": f"a {topic} question, number {i}"}],
+                   "completion": [{"role": "assistant", "content": "Paris"}], "answered_by": "student",
+                   "student_confidence": rng.uniform(-1.0, 0.0)})
+        log.write({"id": f"s{i}", "shadow_of": f"r{i}", "by": "teacher", "agree": topic == "geography",
+                   "completion": [{"role": "assistant", "content": "Paris."}], "confidence": None})
+    log.close()
+    _, report = fit(tmp_path / "log")
+    wrong = 1 - report["held_out_agreement"]  # the held-out share on the topic the student gets wrong
+    step = next(i for i, (share, _) in enumerate(report["learned"]) if share >= wrong)
+    assert report["learned"][step][1] == 1.0, "routing that share by the learned router catches every wrong answer"
+    assert report["confidence"][step][1] < 0.85, "by confidence alone it cannot"
+    recipe = tmp_path / "serve.yaml"
+    recipe.write_text(json.dumps({"serve": {
+        "port": 0, "log_dir": str(tmp_path / "log"), "routing": {"mode": "learned", "min_agreement": 0.5},
+        "student": backend(student.openai_base_url, "student"), "teacher": backend(teacher.openai_base_url, "t")}}))
+    assert serve_main([str(recipe), "--fit-router"]) == 0
+    assert "confidence only" in capsys.readouterr().err and (tmp_path / "log" / "router.json").is_file()
+    config = ServeConfig.model_validate(json.loads(recipe.read_text())["serve"])
+    with RunningRouter(config) as router:
+        hard = ask(sdk(router), "an arithmetic question, number 1000")[0]["x-apprentice-model"]
+        easy = ask(sdk(router), "a geography question, number 1000")[0]["x-apprentice-model"]
+    assert (hard, easy) == ("teacher", "student")
+
+
+def test_a_learned_router_needs_enough_comparisons_and_a_file(tmp_path, fakes):
+    student, teacher = fakes
+    with pytest.raises(ApprenticeError, match="needs at least 20 to fit"):
+        fit(tmp_path)
+    config = serve_config(tmp_path / "log", student.openai_base_url, teacher.openai_base_url,
+                          routing={"mode": "learned"})
+    with pytest.raises(ApprenticeError, match="--fit-router"):
+        with RunningRouter(config):
+            pass
 
 
 # ---- faults ----------------------------------------------------------------------------------------------------
