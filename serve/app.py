@@ -258,8 +258,10 @@ class ServeApp:
             return error_response(400, str(exc), param=exc.param)
         try:
             served = await self.router.complete(chat)
-        except AllDown as exc:
-            return error_response(503, f"no model could answer: {exc}", kind="server_error", code="models_down")
+        except AllDown as exc:  # the details (backend addresses, their errors) are for the operator, not the client
+            self.warn(f"503: {exc}")
+            return error_response(503, "no model could answer this request; try again later", kind="server_error",
+                                  code="models_down")
         except OSError as exc:  # the served log could not be written: the request is not answered unlogged
             self.warn(f"served log: {exc}")
             return error_response(500, "the server could not log the request; it was not answered",

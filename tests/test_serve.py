@@ -369,6 +369,8 @@ def test_teacher_down_serves_the_student_marked_student_down_the_teacher_both_do
     assert (fallback_headers["x-apprentice-model"], fallback_headers["x-apprentice-fault"]) == ("teacher", "student_down")
     assert fallback.choices[0].message.content == "Paris."
     assert both.value.status_code == 503 and both.value.body["code"] == "models_down"
+    assert "injected" not in both.value.body["message"], "the backends' errors are not the client's business"
+    assert any(w.startswith("503: both models are down") for w in router.warnings), "the operator sees why"
     faults = [line["fault"].split(":")[0] for line in iter_served(tmp_path / "log")]
     assert faults == ["teacher_down", "student_down"], "answers served despite a fault are marked in the log"
     assert 'apprentice_serve_fallbacks_total{reason="teacher_down"} 1' in metrics
