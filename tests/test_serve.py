@@ -32,7 +32,7 @@ from factory.served_log import ServedLog, iter_served, served_files
 from factory.sources import write_prompts
 from fakes import FakeConfig, FakeServer
 from serve.__main__ import main as serve_main
-from serve.config import ServeConfig
+from serve.config import ServeConfig, load_serve_config
 from serve.learned import fit
 
 torch.set_num_threads(1)
@@ -572,6 +572,12 @@ def test_a_port_in_use_is_one_line_naming_the_key(tmp_path, fakes, capsys):
 def test_a_serve_section_that_cannot_route_is_refused_with_its_key(section, message):
     with pytest.raises(RecipeError, match=message):
         validate_section(ServeConfig, "serve", {"student": {"provider": "local"}, **section})
+
+
+def test_the_demo_recipe_serves_its_trained_student_with_its_teacher_behind_it():
+    config = load_serve_config(REPO / "data" / "recipes" / "demo.yaml")
+    assert (config.student.model, config.teacher.model) == ("runs/sft-demo/merged", "builtin:smollm2-135m-instruct")
+    assert config.teacher.context and config.student.logprobs is not None, "the teacher keeps the demo's context"
 
 
 def test_factory_generate_takes_the_served_prompts_the_student_found_hard(tmp_path, fakes):
