@@ -189,6 +189,12 @@ class TeacherConfig(Strict):
         default=None, ge=1, le=4096,
         description="requests in flight at most; default: 64 for an API, what the model can batch for local and vllm",
     )
+    follow_latency: bool | None = Field(
+        default=None,
+        description="concurrency also follows latency, backing off when p95 latency climbs while throughput does "
+        "not (a vLLM or SGLang server queues instead of answering 429; max_concurrency stays the ceiling); default: "
+        "on with a base_url, off for the hosted APIs; not part of the fingerprint",
+    )
     rpm: float | None = Field(default=None, gt=0, description="requests per minute cap; headers rule otherwise")
     tpm: float | None = Field(default=None, gt=0, description="tokens per minute cap; headers rule otherwise")
     timeout_s: float = Field(default=600.0, gt=0)
@@ -290,6 +296,11 @@ class TeacherConfig(Strict):
                 return [{"role": "system", "content": merged}] + context[1:] + messages[1:]
             return [messages[0]] + context + messages[1:]
         return context + messages
+
+    @property
+    def follows_latency(self) -> bool:
+        """follow_latency, or on where a base_url names a server of one's own (it queues rather than refuses)."""
+        return self.follow_latency if self.follow_latency is not None else self.base_url is not None
 
     @property
     def concurrency_cap(self) -> int:

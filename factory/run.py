@@ -394,8 +394,10 @@ class Run:
         # Slow start probes a server's limits; a model in this process has none, and starting it at 8 requests
         # would leave a continuously batching engine mostly idle for its first rounds.
         initial = concurrency if config.provider in IN_PROCESS else 8
+        # A fleet's endpoints follow their own latency (teachers/fleet.py); the run's limiter does for one server.
+        follow = config.follows_latency and config.provider not in IN_PROCESS and not isinstance(config.base_url, list)
         limiter = Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries,
-                          initial_concurrency=initial)
+                          initial_concurrency=initial, follow_latency=follow)
         self.limiters.append(limiter)
         return limiter
 
