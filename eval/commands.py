@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -31,6 +32,12 @@ def run(args: argparse.Namespace) -> int:
         # A pipe or a log file gets the whole table rather than rich's 80-column default.
         print_table(summary, Console() if sys.stdout.isatty() else Console(width=160))
     report = config.output_dir / "report.html"
+    student = summary["models"].get(summary["student"]) or {}
+    if student.get("lineage") and student.get("provider") == "local":  # a student trained here: its card can say so
+        folder = Path(student["model"])
+        folder = folder if (folder / "lineage.json").is_file() else folder.parent
+        console.print(escape(f"model card: {command_line(args.launcher, 'sft', 'card', folder)} --eval "
+                             f"{config.output_dir} adds this table"), highlight=False)
     console.print(escape(f"also: {config.output_dir / 'report.md'}, {config.output_dir / 'results.json'}"),
                   highlight=False)
     if gate is None:
