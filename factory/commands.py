@@ -116,6 +116,12 @@ def export_command(args: argparse.Namespace) -> int:
     which = "rejected" if args.rejected else "accepted"
     console.print(f"exported {result.samples} {which} sample(s) as {result.format} to "
                   f"{escape(str(result.data))}", highlight=False)
+    if result.without_logprobs:
+        console.print(f"[yellow]left out[/] {result.without_logprobs} sample(s) without the teacher's logprobs",
+                      highlight=False)
+    if result.cut_off:
+        console.print(f"[yellow]left out[/] {result.cut_off} sample(s) the teacher did not finish (finish_reason "
+                      "length): Axolotl would line their logprobs up one token off", highlight=False)
     if result.pushed:
         console.print(f"pushed to {escape(result.pushed)}", highlight=False)
     console.final(f"dataset card: {escape(str(result.card))}", highlight=False)
