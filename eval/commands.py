@@ -10,12 +10,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from apprentice.commandline import command_line
+from apprentice.config import load_recipe_data
 from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError
+from apprentice.tracking import choose, log_figures
 
 from .config import load_eval_config
 from .report import print_table
-from .run import evaluate
+from .run import eval_figures, evaluate
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,6 +28,12 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold]{escape(this)}[/] → {escape(str(config.output_dir))}", highlight=False)
         console.detail_json(config.model_dump(mode="json"))
         summary, gate = evaluate(config, console)
+        trackers, left_out = choose(config.report_to, (load_recipe_data(args.recipe).get("sft") or {}).get("report_to"))
+        for path in log_figures(trackers, config.output_dir / "tensorboard", *eval_figures(summary)):
+            console.print(escape(f"tracker: scores, retention and gate → {path} (tensorboard)"), highlight=False)
+        if left_out:
+            console.print(escape(f"tracker: eval logs to tensorboard only; sft.report_to's {', '.join(left_out)} "
+                                 "gets the trainer's figures alone"), highlight=False)
     except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
         return console.stopped(exc)
     if args.verbosity >= 0:  # the table is the result: on stdout, apart from the progress on stderr
