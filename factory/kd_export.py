@@ -192,9 +192,16 @@ def kd_card_lines(run_dir: Path, fmt: str) -> list[str]:
                   "    type: axolotl.integrations.kd.chat_template", "    field_messages: messages",
                   "    logprobs_field: logprobs", "    temperature: 1.0", "```"]
     else:
-        lines += ["DistillKit (`teacher: {kind: dataset}`): `input_ids`, `labels` (-100 on the prompt), and per position j "
-                  "the teacher's top-k over token j + 1 as `token_ids` and `top_values` (log-probabilities; prompt "
-                  "positions hold the next token at 0 and are masked by `labels`)."]
+        vocab = (meta.get("tokenizer") or {}).get("vocab_size", "VOCAB_SIZE")
+        lines += ["DistillKit: `input_ids`, `labels` (-100 on the prompt), and per position j the teacher's top-k over "
+                  "token j + 1 as `token_ids` and `top_values` (log-probabilities; prompt positions hold the next token "
+                  "at 0 and are masked by `labels`). Pack it to your sequence length with DistillKit's "
+                  "`python -m distillkit.pack_logits --dataset OWNER/NAME --split train --max-len 4096 --output packed` "
+                  "(it trims `input_ids` and `labels` to the signal's length), then:", "", "```yaml",
+                  "dataset:", "  train_dataset: {disk_path: packed}", "  prepacked: true", "teacher:",
+                  "  kind: dataset",
+                  f"  logprob_compressor: {{d: {vocab}, k: {meta.get('top_k', 'K')}, exact_k: {meta.get('top_k', 'K')}, "
+                  "residual_bins: []}  # raw top-k: read as it is", "```"]
     return lines
 
 

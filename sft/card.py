@@ -85,6 +85,8 @@ def find_evaluations(student_dir: Path, lineage: dict[str, Any], search: list[Pa
     paths = [Path(d) / RESULTS for d in search] if search is not None else sorted(student_dir.parent.glob(f"*/{RESULTS}"))
     found = []
     for path in paths:
+        if search is not None and not path.is_file():
+            raise CardError(f"{path}: not found; --eval names an eval.output_dir where `apprentice eval` wrote its results")
         try:
             results = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):

@@ -65,6 +65,10 @@ def card_command(args: argparse.Namespace) -> int:
         table = "with" if "## Evaluation\n\nFrom " in written[0].read_text(encoding="utf-8") else "without"
         console.print(escape(f"model card ({table} an eval table) → {', '.join(str(p) for p in written)}"),
                       highlight=False)
+        if args.eval_dirs and table == "without":
+            console.print("[yellow]note:[/] " + escape(f"no model in {', '.join(map(str, args.eval_dirs))} is this "
+                                                       "student (its path, adapter/ or merged/, and this training)"),
+                          highlight=False)
         if args.push_to_hub:
             _push(console, args.student_dir, args)
     except (ApprenticeError, OSError) as exc:

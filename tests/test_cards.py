@@ -144,6 +144,15 @@ def test_card_command_writes_the_table_and_names_the_next_step(tmp_path, capsys)
     assert "(this model)" in (student / "README.md").read_text(encoding="utf-8")
 
 
+def test_an_eval_folder_named_without_results_or_without_this_student_is_said(tmp_path, capsys):
+    student = write_student(tmp_path)
+    assert apprentice_cli.main(["card", str(student), "--eval", str(tmp_path / "nowhere")]) == 2
+    assert "results.json: not found; --eval names an eval.output_dir" in capsys.readouterr().err
+    write_results(tmp_path / "other", str(tmp_path / "another-student" / "merged"))
+    assert apprentice_cli.main(["card", str(student), "--eval", str(tmp_path / "other")]) == 0
+    assert "note: no model in" in capsys.readouterr().err
+
+
 def test_card_command_without_a_lineage_fails_in_one_line(tmp_path, capsys):
     assert apprentice_cli.main(["card", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -122,6 +122,8 @@ def test_distillkit_rows_predict_the_next_token_and_mask_the_prompt(run, tmp_pat
     assert first["token_ids"][n - 1:] == sidecar["s0"].top_ids.tolist(), "completion rows are the sidecar's"
     assert np.allclose(first["top_values"][n - 1:], sidecar["s0"].top_logprobs)
     assert first["top_values"][0] == [0.0, -math.inf, -math.inf], "prompt positions: the next token, masked"
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert f"logprob_compressor: {{d: {len(tokenizer.get_vocab())}, k: 3, exact_k: 3" in card and "prepacked: true" in card
     padded = data[2]  # s3: the padded slot stays, as id 0 at -inf
     assert padded["token_ids"][-1][2] == 0 and padded["top_values"][-1][2] == -math.inf
 
