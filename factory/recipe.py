@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, PlainValidator, ValidationInfo, field_val
 
 from apprentice.config import Strict, load_section
 from apprentice.hashing import stable_hash
+from apprentice.tracking import unsupported
 from quality_checks.registry import check_fingerprint, check_options, duplicate_names, options_model, parse_check_item
 
 from .prompt_config import PromptsConfig
@@ -344,6 +345,17 @@ class FactoryConfig(Strict):
         default=None, description="{by: judge, keep: 1}: keep the best samples of each prompt by a check's score"
     )
     budget_usd: float | None = Field(default=None, ge=0)
+    report_to: str | list[str] | None = Field(
+        default=None, description="tracker for the final run figures: "
+        "tensorboard or none; unset: sft.report_to of the same recipe (its tensorboard part)")
+
+    @field_validator("report_to")
+    @classmethod
+    def _tracked(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if other := unsupported(value):
+            raise ValueError(f"{other}: the factory logs to tensorboard only (or none); wandb, mlflow and trackio "
+                             "get the trainer's figures through sft.report_to")
+        return value
 
     @classmethod
     def item_model(cls, field: str, item: Any) -> type[BaseModel] | None:
