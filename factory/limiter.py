@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 from apprentice.errors import ApprenticeError, TeacherError
 from apprentice.responses import TeacherResponse, parse_retry_after
 
+from .latency import LatencyGovernor
 from .recipe import IN_PROCESS
 
 if TYPE_CHECKING:
@@ -199,8 +200,11 @@ class Limiter:
         breaker_cooldown_s: float = 5.0,
         chars_per_token: float = DEFAULT_CHARS_PER_TOKEN,
         initial_concurrency: int = 8,
+        follow_latency: bool = False,
     ) -> None:
         self.max_concurrency = max_concurrency
+        # A server that queues instead of answering 429: concurrency also follows latency (factory/latency.py).
+        self.latency = LatencyGovernor(max_concurrency, initial=initial_concurrency) if follow_latency else None
         self.limit = float(min(max_concurrency, initial_concurrency))  # AIMD window
         self.slow_start = True  # until the first 429: +1 per success, i.e. doubling per round trip
         self.in_flight = 0
@@ -259,7 +263,9 @@ class Limiter:
 
     # ---- concurrency (AIMD) ---------------------------------------------------------------------
     def _window(self) -> int:
-        return 1 if self.breaker_open else max(1, int(self.limit))
+        if self.breaker_open:
+            return 1
+        return max(1, min(int(self.limit), self.latency.limit())) if self.latency else max(1, int(self.limit))
 
     async def _enter(self) -> None:
         while self.in_flight >= self._window() and not self.closed:
@@ -411,6 +417,9 @@ class Limiter:
                 if self.closed:
                     raise LimiterClosed()
                 self.stats.requests += 1
+                sent, level = time.monotonic(), self._window()
+                if self.latency:
+                    self.latency.sent(sent)
                 try:
                     response = await call()
                 except TeacherError as error:
@@ -420,6 +429,9 @@ class Limiter:
                         raise
                 else:
                     self._on_success(reservation, response)
+                    if self.latency:
+                        now = time.monotonic()
+                        self.latency.answered(now - sent, response.output_tokens or 1, level, now)
                     return response, attempt
             finally:
                 self._leave()
@@ -495,5 +507,7 @@ def limiter_for(config: "TeacherConfig", teacher: "Teacher") -> Limiter:
     # Slow start probes a server's limits; a model in this process has none, and starting it at 8 requests
     # would leave a continuously batching engine mostly idle for its first rounds.
     initial = concurrency if config.provider in IN_PROCESS else 8
+    # A fleet's endpoints follow their own latency (teachers/fleet.py); this limiter does for one server.
+    follow = config.follows_latency and config.provider not in IN_PROCESS and not isinstance(config.base_url, list)
     return Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries,
-                   initial_concurrency=initial)
+                   initial_concurrency=initial, follow_latency=follow)
