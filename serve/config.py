@@ -106,8 +106,13 @@ class ServeConfig(Strict):
                 backend.timeout_s = SERVE_TIMEOUT_S
         if routing.router is None:
             routing.router = self.log_dir / "router.json"
-        if self.student.logprobs is None and (routing.mode in ("cascade", "learned") or routing.shadow > 0
-                                              or self.alarm.confidence_floor is not None):
+        reads_confidence = (routing.mode in ("cascade", "learned") or routing.shadow > 0
+                            or self.alarm.confidence_floor is not None)
+        if reads_confidence and self.student.provider == "anthropic":
+            raise ValueError("student: the Anthropic API returns no token logprobs, which the cascade, the learned "
+                             "router, shadow traffic and the confidence alarm read; serve it with routing.mode "
+                             "student or teacher and no shadow, or serve a student that has them")
+        if self.student.logprobs is None and reads_confidence:
             # the routers, the confidence alarm and the shadow log (what a learned router is fitted on) read the
             # student's token logprobs; one alternative is enough
             self.student.logprobs = LogprobsConfig(top_k=1)

@@ -568,10 +568,12 @@ def test_a_port_in_use_is_one_line_naming_the_key(tmp_path, fakes, capsys):
     ({"routing": {"mode": "cascade"}}, "routing.threshold"),
     ({"routing": {"mode": "student", "canary": 0.1}}, "needs a teacher"),
     ({"routing": {"mode": "student"}, "hots": "x"}, "did you mean `host`"),
+    ({"routing": {"mode": "cascade", "threshold": -1}, "teacher": {"provider": "local"},
+      "student": {"provider": "anthropic", "model": "claude-haiku-4-5"}}, "no token logprobs"),
 ])
 def test_a_serve_section_that_cannot_route_is_refused_with_its_key(section, message):
     with pytest.raises(RecipeError, match=message):
-        validate_section(ServeConfig, "serve", {"student": {"provider": "local"}, **section})
+        validate_section(ServeConfig, "serve", {"student": {"provider": "local"}, **section})  # section's own wins
 
 
 def test_the_demo_recipe_serves_its_trained_student_with_its_teacher_behind_it():
