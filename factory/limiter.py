@@ -21,6 +21,9 @@
 - 5xx, timeouts and dropped connections back off exponentially with full jitter.
 - After `breaker_threshold` consecutive failures the circuit opens: all requests pause for a cooldown,
   then one probe goes through (half-open); a success closes it.
+- `share`: this limiter's part of limits that several processes spend together (the Ray runner's workers,
+  factory/ray_runner.py): the recipe's caps and every limit and remainder the headers report are scaled
+  by it, so that W workers with a share of 1/W each send no more than one process would.
 """
 from __future__ import annotations
 
@@ -193,7 +196,11 @@ class Limiter:
         breaker_cooldown_s: float = 5.0,
         chars_per_token: float = DEFAULT_CHARS_PER_TOKEN,
         initial_concurrency: int = 8,
+        share: float = 1.0,
     ) -> None:
+        self.share = share
+        rpm = rpm * share if rpm else rpm
+        tpm = tpm * share if tpm else tpm
         self.max_concurrency = max_concurrency
         self.limit = float(min(max_concurrency, initial_concurrency))  # AIMD window
         self.slow_start = True  # until the first 429: +1 per success, i.e. doubling per round trip
@@ -348,6 +355,9 @@ class Limiter:
             remaining = _number(headers, remaining_h)
             if limit is None and remaining is None:
                 continue
+            if self.share != 1.0:  # the headers speak for every process that shares the limit
+                limit = limit * self.share if limit is not None else None
+                remaining = remaining * self.share if remaining is not None else None
             name = _BUCKET_OF.get(family, family)
             cap = self._caps.get(name)
             if cap is not None and limit is not None:

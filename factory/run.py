@@ -98,8 +98,10 @@ class Run:
         limit: int | None = None,
         console: Console | None = None,
         teacher: Teacher | None = None,
+        rate_share: float = 1.0,
     ) -> None:
         self.config = config
+        self.rate_share = rate_share  # this process's part of the teacher's rate limits (factory/ray_runner.py)
         self.limit = limit
         self.console = console or CommandConsole()
         self._teacher = teacher
@@ -395,7 +397,7 @@ class Run:
         # would leave a continuously batching engine mostly idle for its first rounds.
         initial = concurrency if config.provider in IN_PROCESS else 8
         limiter = Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries,
-                          initial_concurrency=initial)
+                          initial_concurrency=initial, share=self.rate_share)
         self.limiters.append(limiter)
         return limiter
 

@@ -1,0 +1,219 @@
+"""Generation on Ray (`factory.runner: ray`): the prompts split into shards, each made by the factory's own
+run in a Ray task, then merged.
+
+    driver: source ─▶ split by a hash of prompt id (factory/shards.py) ─▶ one Ray task per shard, `workers`
+    at a time ─▶ each: Run(shard config) into run_dir/shards/0000k/ ─▶ merge (run-wide checks across shards)
+    ─▶ run_dir/{accepted,rejected,failed}.jsonl and manifest.json
+
+A shard is a run directory like any other: its own lock, cache, records and manifest, so the resume
+guarantees of a run hold for each one. Killing the driver kills its tasks (Ray ends the tasks of a driver
+that died); a task whose worker died is restarted by Ray (`max_restarts`) and resumes its shard. Running
+the same command again makes only what is missing, answering from each shard's cache what was paid.
+
+The teacher's rate limits are shared: each task's limiter takes `1 / workers` of the recipe's caps and of
+the limits the provider's headers report (factory/limiter.py, `share`), so W workers send what one process
+would. `budget_usd` is split between the shards by their prompt counts.
+
+`ray` is imported inside `run_on_ray`, the one function that needs it: `python -m factory --help` and the
+local runner never load it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from apprentice.errors import ApprenticeError
+from quality_checks import build_checks
+
+from .lock import DirectoryInUse, DirectoryLock
+from .progress import Counters
+from .prompt_config import PromptsConfig
+from .prompts import SourceEnv, check_prompts
+from .recipe import FactoryConfig
+from .run import Run, RunResult, check_compatible, package_versions
+from .shards import PROMPTS, merge_shards, shard_dir, split_prompts
+from .sources import write_prompts
+from .stats import compute_stats
+from .store import read_manifest, write_manifest
+
+LOCK_WAIT_S = 60.0  # a task of a killed driver may still hold its shard's lock for a moment
+WORKER_LOG = "worker.log"
+# The worse status wins when the shards' statuses differ.
+STATUS_ORDER = ("complete", "complete_with_failures", "interrupted", "budget_exhausted", "stopped")
+SUMMED = ("requests", "cache_hits", "resumed_records", "input_tokens", "output_tokens", "cached_input_tokens",
+          "cache_write_tokens", "cost_usd", "retries", "rate_limited", "server_errors", "breaker_opened")
+
+
+def run_shard(config: FactoryConfig, share: float) -> dict[str, Any]:
+    """One shard, in a Ray worker: the factory's own run of the shard's prompts into the shard's directory.
+    What it printed is in the shard's worker.log; its figures are in the shard's manifest.json."""
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    with open(config.output_dir / WORKER_LOG, "a", encoding="utf-8") as log:
+        console = Console(file=log, width=120, force_terminal=False, color_system=None)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                result = asyncio.run(Run(config, console=console, rate_share=share).execute())
+                break
+            except DirectoryInUse:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.25)
+    return {"status": result.status, "message": result.message, "pid": os.getpid()}
+
+
+def shard_config(config: FactoryConfig, index: int, prompts: int, total: int) -> FactoryConfig:
+    """The recipe of one shard: its directory, its prompts file, its part of the budget; run locally."""
+    directory = shard_dir(config.output_dir, index)
+    budget = None if config.budget_usd is None else config.budget_usd * prompts / max(1, total)
+    return config.model_copy(update={
+        "output_dir": directory,
+        "prompts": PromptsConfig(path=directory / PROMPTS, system=config.prompts.system),
+        "runner": "local",
+        "ray": None,
+        "budget_usd": budget,
+    })
+
+
+def run_on_ray(config: FactoryConfig, *, limit: int | None = None, console: Console) -> RunResult:
+    """`generate` with `runner: ray`, holding the run directory's lock throughout."""
+    config = config.model_copy(update={"output_dir": config.output_dir.resolve()})
+    with DirectoryLock(config.output_dir, "factory.output_dir"):
+        return _drive(config, limit, console)
+
+
+def _drive(config: FactoryConfig, limit: int | None, console: Console) -> RunResult:
+    import ray  # the `ray` extra; only this runner needs it
+
+    started = time.monotonic()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    run_dir = config.output_dir
+    settings = config.ray
+    assert settings is not None  # FactoryConfig fills it for runner: ray
+    previous = check_compatible(run_dir, config)
+    prompts_path = asyncio.run(write_prompts(config.prompts, SourceEnv(run_dir, console))).resolve()
+    check_prompts(prompts_path, config.prompts.system)
+    checks = build_checks(config.checks)  # for the merge; a bad check fails here, before anything is sent
+    shards = settings.shard_count
+    counts = split_prompts(prompts_path, run_dir, shards, config.prompts.system, limit)
+    total = sum(counts)
+    open_shards = [index for index, count in enumerate(counts) if count]
+    workers = min(settings.workers, len(open_shards))
+    share = 1.0 / workers
+    console.print(f"[bold]ray[/]     {total:,} prompts in {shards} shard(s) ({escape(str(run_dir / 'shards'))}), "
+                  f"{workers} at a time; each worker's share of the rate limits: 1/{workers}", highlight=False)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        local = {} if settings.address else {"num_cpus": max(os.cpu_count() or 1,
+                                                              int(workers * settings.cpus_per_worker + 0.999))}
+        ray.init(address=settings.address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False, **local)
+    # The workers read the API keys the recipe names from their environment: the driver's, passed with the
+    # tasks (a cluster's workers were started without it).
+    keys = {config.teacher.api_key_env} | {check.teacher.api_key_env for check in checks if check.teacher is not None}
+    env_vars = {name: os.environ[name] for name in sorted(keys) if name and name in os.environ}
+    task = ray.remote(run_shard).options(num_cpus=settings.cpus_per_worker, max_retries=settings.max_restarts,
+                                         **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}))
+    results: dict[int, dict[str, Any]] = {}
+    waiting = deque(open_shards)
+    running: dict[Any, int] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < workers:
+                index = waiting.popleft()
+                running[task.remote(shard_config(config, index, counts[index], total), share)] = index
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                index = running.pop(ref)
+                results[index] = _outcome(ray, ref, index, settings.max_restarts)
+                console.print(f"shard {index}: {escape(results[index]['status'])}", highlight=False)
+    except KeyboardInterrupt:
+        # Each task's run stops as on Ctrl-C: it finishes its requests in flight and writes its manifest.
+        console.print("[yellow]stopping: the shards finish the requests in flight[/]")
+        for ref in running:
+            ray.cancel(ref)
+        ray.wait(list(running), num_returns=len(running), timeout=30)
+        for index in running.values():
+            results[index] = {"status": "interrupted", "message": ""}
+    finally:
+        if started_ray:
+            ray.shutdown()
+    merge_at = time.monotonic()
+    merged = asyncio.run(merge_shards(run_dir, shards, checks))
+    merge_s = time.monotonic() - merge_at
+    status = max((result["status"] for result in results.values()), key=STATUS_ORDER.index, default="complete")
+    if status == "complete" and merged.failed:
+        status = "complete_with_failures"
+    this_run: dict[str, Any] = dict.fromkeys(SUMMED, 0)
+    totals_cost = 0.0
+    for index in range(shards):
+        shard = read_manifest(shard_dir(run_dir, index)) or {}
+        for key in SUMMED:
+            this_run[key] += (shard.get("this_run") or {}).get(key, 0) if index in results else 0
+        totals_cost += float((shard.get("totals") or {}).get("cost_usd", 0.0))
+    elapsed = time.monotonic() - started
+    this_run.update(started_at=started_at, elapsed_s=round(elapsed, 3), cost_usd=round(this_run["cost_usd"], 6),
+                    requests_per_s=round(this_run["requests"] / elapsed, 3))
+    manifest: dict[str, Any] = {
+        "status": status,
+        "recipe": config.model_dump(mode="json"),
+        "fingerprint": config.fingerprint(),
+        "fingerprint_hash": config.fingerprint_hash(),
+        "versions": package_versions(),
+        "counts": {"total": total * config.samples_per_prompt, "accepted": merged.accepted,
+                   "rejected": merged.rejected, "failed": merged.failed, "rejected_by": dict(merged.rejected_by)},
+        "this_run": this_run,
+        "totals": {"cost_usd": round(totals_cost, 6),
+                   "elapsed_s": round(float(((previous or {}).get("totals") or {}).get("elapsed_s", 0.0)) + elapsed, 3)},
+        "ray": {"address": settings.address, "workers": workers, "shards": shards, "merge_s": round(merge_s, 3),
+                "rejected_across_shards": merged.across_shards,
+                "shards_status": {str(index): result["status"] for index, result in sorted(results.items())}},
+    }
+    if status != "interrupted":
+        try:
+            manifest["stats"] = compute_stats(run_dir, manifest)
+        except Exception as exc:  # noqa: BLE001 - the manifest matters more than its statistics
+            manifest["stats"] = {"error": f"{type(exc).__name__}: {exc}"}
+    write_manifest(run_dir, manifest)
+    counters = Counters(total=total * config.samples_per_prompt, accepted=merged.accepted, rejected=merged.rejected,
+                        failed=merged.failed, requests=this_run["requests"], cache_hits=this_run["cache_hits"],
+                        output_tokens=this_run["output_tokens"], cost_usd=this_run["cost_usd"], started=started)
+    counters.finished = time.monotonic()
+    return RunResult(status, counters, _message(status, results, merged.failed))
+
+
+def _outcome(ray: Any, ref: Any, index: int, restarts: int) -> dict[str, Any]:
+    """A finished task's result; an error it raised comes up as the error itself, naming the shard."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        if isinstance(cause, ApprenticeError):
+            raise ApprenticeError(f"shard {index} ({shard_dir(Path('shards'), index)}): {cause}") from None
+        raise
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as exc:
+        return {"status": "stopped",
+                "message": f"shard {index}: its worker died {restarts + 1} time(s) ({type(exc).__name__})"}
+
+
+def _message(status: str, results: dict[int, dict[str, Any]], failed: int) -> str:
+    resume = "run the same command again to resume; nothing done so far is lost or paid twice"
+    if status == "complete":
+        return "complete"
+    if status == "complete_with_failures":
+        return (f"{failed} sample(s) failed after retries; their errors are in failed.jsonl. "
+                "Run the same command again to retry them.")
+    worst = [f"shard {index}: {result['message']}" for index, result in sorted(results.items())
+             if result["status"] == status and result.get("message")]
+    if not worst:
+        return f"{status}: {resume}."
+    return "; ".join(worst[:3]) + (f" (and {len(worst) - 3} more shards)" if len(worst) > 3 else "")
+
