@@ -30,7 +30,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from apprentice.errors import ApprenticeError
+from apprentice.console import CommandConsole
+from apprentice.errors import ApprenticeError, RecipeError
 from quality_checks import build_checks
 
 from .lock import DirectoryInUse, DirectoryLock
@@ -38,23 +39,25 @@ from .progress import Counters
 from .prompt_config import PromptsConfig
 from .prompts import SourceEnv, check_prompts
 from .recipe import FactoryConfig
-from .run import Run, RunResult, check_compatible, package_versions
+from .run import RUN_LOG, Run, RunResult, check_compatible, package_versions
 from .shards import PROMPTS, merge_shards, shard_dir, split_prompts
 from .sources import write_prompts
 from .stats import compute_stats
 from .store import read_manifest, write_manifest
 
+PROGRESS_EVERY_S = 30.0  # a line of figures from the shards' manifests (each run writes its own every 10 s)
 LOCK_WAIT_S = 60.0  # a task of a killed driver may still hold its shard's lock for a moment
 WORKER_LOG = "worker.log"
 # The worse status wins when the shards' statuses differ.
 STATUS_ORDER = ("complete", "complete_with_failures", "interrupted", "budget_exhausted", "stopped")
-SUMMED = ("requests", "cache_hits", "resumed_records", "input_tokens", "output_tokens", "cached_input_tokens",
+SUMMED = ("cpu_s", "requests", "cache_hits", "resumed_records", "input_tokens", "output_tokens", "cached_input_tokens",
           "cache_write_tokens", "cost_usd", "retries", "rate_limited", "server_errors", "breaker_opened")
 
 
 def run_shard(config: FactoryConfig, share: float) -> dict[str, Any]:
     """One shard, in a Ray worker: the factory's own run of the shard's prompts into the shard's directory.
     What it printed is in the shard's worker.log; its figures are in the shard's manifest.json."""
+    started = time.time()
     config.output_dir.mkdir(parents=True, exist_ok=True)
     with open(config.output_dir / WORKER_LOG, "a", encoding="utf-8") as log:
         console = Console(file=log, width=120, force_terminal=False, color_system=None)
@@ -67,7 +70,8 @@ def run_shard(config: FactoryConfig, share: float) -> dict[str, Any]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.25)
-    return {"status": result.status, "message": result.message, "pid": os.getpid()}
+    return {"status": result.status, "message": result.message, "pid": os.getpid(), "started": started,
+            "finished": time.time()}
 
 
 def shard_config(config: FactoryConfig, index: int, prompts: int, total: int) -> FactoryConfig:
@@ -85,14 +89,17 @@ def shard_config(config: FactoryConfig, index: int, prompts: int, total: int) ->
 
 def run_on_ray(config: FactoryConfig, *, limit: int | None = None, console: Console) -> RunResult:
     """`generate` with `runner: ray`, holding the run directory's lock throughout."""
+    try:
+        import ray  # the `ray` extra; only this runner needs it
+    except ImportError:
+        raise RecipeError("factory.runner: ray needs Ray: pip install 'apprentice[ray]' (or 'ray>=2.40'), "
+                          "or set factory.runner: local") from None
     config = config.model_copy(update={"output_dir": config.output_dir.resolve()})
     with DirectoryLock(config.output_dir, "factory.output_dir"):
-        return _drive(config, limit, console)
+        return _drive(ray, config, limit, console)
 
 
-def _drive(config: FactoryConfig, limit: int | None, console: Console) -> RunResult:
-    import ray  # the `ray` extra; only this runner needs it
-
+def _drive(ray: Any, config: FactoryConfig, limit: int | None, console: Console) -> RunResult:
     started = time.monotonic()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     run_dir = config.output_dir
@@ -102,6 +109,9 @@ def _drive(config: FactoryConfig, limit: int | None, console: Console) -> RunRes
     prompts_path = asyncio.run(write_prompts(config.prompts, SourceEnv(run_dir, console))).resolve()
     check_prompts(prompts_path, config.prompts.system)
     checks = build_checks(config.checks)  # for the merge; a bad check fails here, before anything is sent
+    keys = {config.teacher.api_key_env} | {check.teacher.api_key_env for check in checks if check.teacher is not None}
+    if isinstance(console, CommandConsole):  # a command's console keeps a transcript for run.log
+        console.open_log(run_dir / RUN_LOG, keys)
     shards = settings.shard_count
     counts = split_prompts(prompts_path, run_dir, shards, config.prompts.system, limit)
     total = sum(counts)
@@ -111,6 +121,7 @@ def _drive(config: FactoryConfig, limit: int | None, console: Console) -> RunRes
     console.print(f"[bold]ray[/]     {total:,} prompts in {shards} shard(s) ({escape(str(run_dir / 'shards'))}), "
                   f"{workers} at a time; each worker's share of the rate limits: 1/{workers}", highlight=False)
     started_ray = not ray.is_initialized()
+    ray_at = time.monotonic()
     if started_ray:
         local = {} if settings.address else {"num_cpus": max(os.cpu_count() or 1,
                                                               int(workers * settings.cpus_per_worker + 0.999))}
@@ -118,8 +129,8 @@ def _drive(config: FactoryConfig, limit: int | None, console: Console) -> RunRes
                  log_to_driver=False, **local)
     # The workers read the API keys the recipe names from their environment: the driver's, passed with the
     # tasks (a cluster's workers were started without it).
-    keys = {config.teacher.api_key_env} | {check.teacher.api_key_env for check in checks if check.teacher is not None}
     env_vars = {name: os.environ[name] for name in sorted(keys) if name and name in os.environ}
+    ray_start_s = time.monotonic() - ray_at
     task = ray.remote(run_shard).options(num_cpus=settings.cpus_per_worker, max_retries=settings.max_restarts,
                                          **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}))
     results: dict[int, dict[str, Any]] = {}
@@ -130,7 +141,9 @@ def _drive(config: FactoryConfig, limit: int | None, console: Console) -> RunRes
             while waiting and len(running) < workers:
                 index = waiting.popleft()
                 running[task.remote(shard_config(config, index, counts[index], total), share)] = index
-            done, _ = ray.wait(list(running), num_returns=1)
+            done, _ = ray.wait(list(running), num_returns=1, timeout=PROGRESS_EVERY_S)
+            if not done:
+                console.print(_progress(run_dir, shards, total * config.samples_per_prompt), highlight=False)
             for ref in done:
                 index = running.pop(ref)
                 results[index] = _outcome(ray, ref, index, settings.max_restarts)
@@ -154,10 +167,13 @@ def _drive(config: FactoryConfig, limit: int | None, console: Console) -> RunRes
         status = "complete_with_failures"
     this_run: dict[str, Any] = dict.fromkeys(SUMMED, 0)
     totals_cost = 0.0
+    loops = [0.0]  # each shard's own elapsed_s: its run from its first request to its last record
     for index in range(shards):
         shard = read_manifest(shard_dir(run_dir, index)) or {}
-        for key in SUMMED:
-            this_run[key] += (shard.get("this_run") or {}).get(key, 0) if index in results else 0
+        if index in results:
+            for key in SUMMED:
+                this_run[key] += (shard.get("this_run") or {}).get(key, 0)
+            loops.append(float((shard.get("this_run") or {}).get("elapsed_s", 0.0)))
         totals_cost += float((shard.get("totals") or {}).get("cost_usd", 0.0))
     elapsed = time.monotonic() - started
     this_run.update(started_at=started_at, elapsed_s=round(elapsed, 3), cost_usd=round(this_run["cost_usd"], 6),
@@ -173,7 +189,10 @@ def _drive(config: FactoryConfig, limit: int | None, console: Console) -> RunRes
         "this_run": this_run,
         "totals": {"cost_usd": round(totals_cost, 6),
                    "elapsed_s": round(float(((previous or {}).get("totals") or {}).get("elapsed_s", 0.0)) + elapsed, 3)},
-        "ray": {"address": settings.address, "workers": workers, "shards": shards, "merge_s": round(merge_s, 3),
+        "ray": {"address": settings.address, "workers": workers, "shards": shards,
+                "start_s": round(ray_start_s, 3), "shards_s": round(_window(results.values()), 3),
+                "longest_shard_s": max(loops),
+                "merge_s": round(merge_s, 3),
                 "rejected_across_shards": merged.across_shards,
                 "shards_status": {str(index): result["status"] for index, result in sorted(results.items())}},
     }
@@ -190,6 +209,23 @@ def _drive(config: FactoryConfig, limit: int | None, console: Console) -> RunRes
     return RunResult(status, counters, _message(status, results, merged.failed))
 
 
+def _progress(run_dir: Path, shards: int, total: int) -> str:
+    """One line of the whole run's figures, from the shards' manifests (a few seconds old at most)."""
+    done = requests = 0
+    for index in range(shards):
+        shard = read_manifest(shard_dir(run_dir, index)) or {}
+        counts = shard.get("counts") or {}
+        done += sum(int(counts.get(key, 0)) for key in ("accepted", "rejected", "failed"))
+        requests += int((shard.get("this_run") or {}).get("requests", 0))
+    return f"{done:,}/{total:,} samples written in the shards, {requests:,} requests this run"
+
+
+def _window(results: Any) -> float:
+    """Seconds from the first shard's start to the last one's end: the generation, without Ray's start."""
+    spans = [(result["started"], result["finished"]) for result in results if "started" in result]
+    return max(end for _, end in spans) - min(start for start, _ in spans) if spans else 0.0
+
+
 def _outcome(ray: Any, ref: Any, index: int, restarts: int) -> dict[str, Any]:
     """A finished task's result; an error it raised comes up as the error itself, naming the shard."""
     try:
@@ -197,7 +233,9 @@ def _outcome(ray: Any, ref: Any, index: int, restarts: int) -> dict[str, Any]:
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
         if isinstance(cause, ApprenticeError):
-            raise ApprenticeError(f"shard {index} ({shard_dir(Path('shards'), index)}): {cause}") from None
+            error = ApprenticeError(f"shard {index} ({shard_dir(Path(), index)}): {cause}")
+            error.exit_code = cause.exit_code
+            raise error from None
         raise
     except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as exc:
         return {"status": "stopped",

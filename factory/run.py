@@ -139,6 +139,8 @@ class Run:
             "this_run": {
                 "started_at": self.started_at,
                 "elapsed_s": round(counters.elapsed, 3),
+                # This process's CPU since the run began (the Ray runner adds its workers' up): the client's cost.
+                "cpu_s": round(time.process_time() - self.cpu_started, 3),
                 "requests": counters.requests,
                 "cache_hits": counters.cache_hits,
                 "resumed_records": counters.resumed,
@@ -181,6 +183,7 @@ class Run:
             return await self._execute()
 
     async def _execute(self) -> RunResult:
+        self.cpu_started = time.process_time()
         config = self.config
         run_dir = config.output_dir
         source = source_name(config.prompts)

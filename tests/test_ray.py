@@ -6,20 +6,24 @@ worker and a driver killed mid-run, then the same command."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import API_KEY, PYTHON, REPO, read_jsonl, write_prompts, write_recipe
+from rich.console import Console
 
-from apprentice.errors import RecipeError
+from apprentice.errors import ApprenticeError, RecipeError
 from factory.__main__ import main
 from factory.limiter import Limiter
+from factory.ray_runner import _outcome, run_on_ray
 from factory.recipe import load_factory_config
 from factory.records import CheckResult, Sample
 from factory.shards import merge_shards, shard_dir, shard_of, split_prompts
@@ -102,6 +106,17 @@ def test_the_ray_settings_are_checked_with_the_recipe(tmp_path):
         load_factory_config(recipe, ["factory.runner=local"])
     with pytest.raises(RecipeError, match="a Batch API needs no workers"):
         load_factory_config(recipe, ["factory.teacher.mode=batch"])
+    with pytest.raises(RecipeError, match="serve it with vLLM and use provider: openai"):
+        load_factory_config(recipe, ["factory.teacher.provider=local", "factory.teacher.base_url=null"])
+
+
+def test_without_ray_installed_the_runner_says_which_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is not installed
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=tmp_path / "run", prompts=write_prompts(tmp_path / "p.jsonl", 2),
+                          provider="openai", base_url="http://127.0.0.1:9/v1", extra=RAY)
+    with pytest.raises(RecipeError, match=r"pip install 'apprentice\[ray\]'"):
+        run_on_ray(load_factory_config(recipe), console=Console(file=io.StringIO()))
+    assert not (tmp_path / "run").exists(), "nothing written"
 
 
 # ---- on a local Ray -------------------------------------------------------------------------------------
@@ -113,6 +128,23 @@ def ray_cluster():
         yield info.address_info["gcs_address"]
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_shard_s_error_names_the_shard_and_a_worker_that_keeps_dying_stops_its_shard(ray_cluster):
+    import ray
+
+    def _raises_a_recipe_error() -> None:  # defined here: Ray ships it by value (the workers cannot import tests)
+        raise RecipeError("factory.checks.0: no such module")
+
+    def _dies() -> None:
+        os._exit(1)
+
+    with pytest.raises(ApprenticeError, match=r"shard 3 \(shards/00003\): factory.checks.0: no such module"):
+        _outcome(ray, ray.remote(_raises_a_recipe_error).remote(), 3, 0)
+    outcome = _outcome(ray, ray.remote(_dies).options(max_retries=1).remote(), 2, 1)
+    assert outcome["status"] == "stopped"
+    assert outcome["message"].startswith("shard 2: its worker died 2 time(s)")
 
 
 def _lines(path: Path) -> int:
