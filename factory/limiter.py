@@ -21,9 +21,8 @@
 - 5xx, timeouts and dropped connections back off exponentially with full jitter.
 - After `breaker_threshold` consecutive failures the circuit opens: all requests pause for a cooldown,
   then one probe goes through (half-open); a success closes it.
-- `share`: this limiter's part of limits that several processes spend together (the Ray runner's workers,
-  factory/ray_runner.py): the recipe's caps and every limit and remainder the headers report are scaled
-  by it, so that W workers with a share of 1/W each send no more than one process would.
+- `share`: this limiter's part of limits several processes spend together (the Ray runner's workers): the
+  recipe's caps and the limits and remainders the headers report are scaled by it (`set_share` changes it).
 """
 from __future__ import annotations
 
@@ -240,6 +239,13 @@ class Limiter:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+
+    def set_share(self, share: float) -> None:
+        """A new part of the shared limits (another worker finished): the caps and buckets scale to it."""
+        ratio, self.share = share / self.share, share
+        self._caps = {name: cap * ratio if cap else cap for name, cap in self._caps.items()}
+        for bucket in self.buckets.values():
+            bucket.capacity, bucket.rate, bucket.level = bucket.capacity * ratio, bucket.rate * ratio, bucket.level * ratio
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when the limiter closes."""

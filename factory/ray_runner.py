@@ -40,12 +40,14 @@ from .prompt_config import PromptsConfig
 from .prompts import SourceEnv, check_prompts
 from .recipe import FactoryConfig
 from .run import RUN_LOG, Run, RunResult, check_compatible, package_versions
-from .shards import PROMPTS, merge_shards, shard_dir, split_prompts
+from .shards import PROMPTS, SHARDS, merge_shards, shard_dir, split_prompts
 from .sources import write_prompts
 from .stats import compute_stats
 from .store import read_manifest, write_manifest
 
 PROGRESS_EVERY_S = 30.0  # a line of figures from the shards' manifests (each run writes its own every 10 s)
+SHARE = "share"  # in shards/: each worker's part of the rate limits now, 1 / the tasks running
+SHARE_EVERY_S = 1.0  # how often a worker reads it
 LOCK_WAIT_S = 60.0  # a task of a killed driver may still hold its shard's lock for a moment
 WORKER_LOG = "worker.log"
 # The worse status wins when the shards' statuses differ.
@@ -64,7 +66,8 @@ def run_shard(config: FactoryConfig, share: float) -> dict[str, Any]:
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
-                result = asyncio.run(Run(config, console=console, rate_share=share).execute())
+                result = asyncio.run(_run_sharing(Run(config, console=console, rate_share=share),
+                                                  config.output_dir.parent / SHARE))
                 break
             except DirectoryInUse:
                 if time.monotonic() > deadline:
@@ -72,6 +75,33 @@ def run_shard(config: FactoryConfig, share: float) -> dict[str, Any]:
                 time.sleep(0.25)
     return {"status": result.status, "message": result.message, "pid": os.getpid(), "started": started,
             "finished": time.time()}
+
+
+async def _run_sharing(run: Run, share_file: Path) -> RunResult:
+    """The run, its limiters following the share the driver writes as the tasks running change: when a
+    worker is done, the others take its part of the rate limits instead of leaving it unused."""
+    async def follow() -> None:
+        while True:
+            await asyncio.sleep(SHARE_EVERY_S)
+            try:
+                share = float(share_file.read_text())
+            except (OSError, ValueError):
+                continue
+            for limiter in run.limiters:
+                if limiter.share != share:
+                    limiter.set_share(share)
+
+    follower = asyncio.create_task(follow())
+    try:
+        return await run.execute()
+    finally:
+        follower.cancel()
+
+
+def _write_share(shards_dir: Path, running: int) -> None:
+    tmp = shards_dir / (SHARE + ".tmp")
+    tmp.write_text(f"{1.0 / running!r}")
+    os.replace(tmp, shards_dir / SHARE)
 
 
 def shard_config(config: FactoryConfig, index: int, prompts: int, total: int) -> FactoryConfig:
@@ -134,6 +164,7 @@ def _drive(ray: Any, config: FactoryConfig, limit: int | None, console: Console)
     task = ray.remote(run_shard).options(num_cpus=settings.cpus_per_worker, max_retries=settings.max_restarts,
                                          **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}))
     results: dict[int, dict[str, Any]] = {}
+    sharing = 0  # the tasks the share was last written for
     waiting = deque(open_shards)
     running: dict[Any, int] = {}
     try:
@@ -141,6 +172,9 @@ def _drive(ray: Any, config: FactoryConfig, limit: int | None, console: Console)
             while waiting and len(running) < workers:
                 index = waiting.popleft()
                 running[task.remote(shard_config(config, index, counts[index], total), share)] = index
+            if running and len(running) != sharing:
+                sharing = len(running)
+                _write_share(run_dir / SHARDS, sharing)
             done, _ = ray.wait(list(running), num_returns=1, timeout=PROGRESS_EVERY_S)
             if not done:
                 console.print(_progress(run_dir, shards, total * config.samples_per_prompt), highlight=False)

@@ -200,8 +200,9 @@ class Run:
         for index, check in enumerate(checks):
             if check.teacher is not None:
                 pricer_of_check = self._pricer(check.teacher, f"factory.checks.{index}.teacher")
-                self.check_models.append((check, check.teacher, make_teacher(check.teacher), pricer_of_check))
-        teacher = self._teacher or make_teacher(config.teacher)
+                self.check_models.append((check, check.teacher, make_teacher(check.teacher, self.rate_share),
+                                          pricer_of_check))
+        teacher = self._teacher or make_teacher(config.teacher, self.rate_share)
         self.limiter = self._limiter(config.teacher, teacher)
         run_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(self.console, CommandConsole):  # a command's console keeps a transcript for run.log

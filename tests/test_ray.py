@@ -23,11 +23,13 @@ from rich.console import Console
 from apprentice.errors import ApprenticeError, RecipeError
 from factory.__main__ import main
 from factory.limiter import Limiter
+from factory import ray_runner
 from factory.ray_runner import _outcome, run_on_ray
 from factory.recipe import load_factory_config
 from factory.records import CheckResult, Sample
 from factory.shards import merge_shards, shard_dir, shard_of, split_prompts
 from factory.store import ACCEPTED, REJECTED
+from factory.teachers import make_teacher
 from quality_checks import build_checks
 
 RAY = "  runner: ray\n  ray: {workers: 2, shards: 3}\n  checks: [empty, exact_dup]\n"
@@ -92,6 +94,46 @@ def test_a_limiter_s_share_scales_the_recipe_caps_and_the_limits_the_headers_rep
     alone = Limiter(max_concurrency=8)
     alone.observe_headers({"x-ratelimit-limit-tokens": "40000"})
     assert alone.buckets["tokens"].capacity == 40000
+
+
+def test_a_limiter_takes_a_larger_share_when_a_worker_is_done():
+    limiter = Limiter(max_concurrency=8, rpm=600, tpm=None, share=0.25)
+    limiter.set_share(0.5)
+    requests = limiter.buckets["requests"]
+    assert (requests.capacity, requests.rate, requests.level) == (300, 5, 300)
+    limiter.observe_headers({"x-ratelimit-limit-requests": "1000"})
+    assert requests.capacity == 300, "the recipe's cap, at the new share, stays a cap"
+
+
+class _Sleeps:
+    """Stands in for a Run: its limiters, and an execute that takes a while."""
+
+    def __init__(self) -> None:
+        self.limiters = [Limiter(max_concurrency=8, rpm=600, share=0.5)]
+
+    async def execute(self) -> str:
+        await asyncio.sleep(0.5)
+        return "complete"
+
+
+def test_a_worker_follows_the_share_the_driver_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_runner, "SHARE_EVERY_S", 0.05)
+    run = _Sleeps()
+    ray_runner._write_share(tmp_path, 1)
+    assert asyncio.run(ray_runner._run_sharing(run, tmp_path / ray_runner.SHARE)) == "complete"
+    assert run.limiters[0].share == 1.0
+    assert run.limiters[0].buckets["requests"].capacity == 600
+
+
+def test_a_fleet_s_endpoints_take_the_same_share_as_the_run_s_limiter(tmp_path, env_key):
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=tmp_path / "run", prompts=write_prompts(tmp_path / "p.jsonl", 1),
+                          provider="openai", base_url="[http://127.0.0.1:9/v1, http://127.0.0.1:10/v1]",
+                          extra_teacher="    rpm: 600\n")
+    fleet = make_teacher(load_factory_config(recipe).teacher, rate_share=0.5)
+    try:
+        assert [e.limiter.buckets["requests"].capacity for e in fleet.endpoints] == [300, 300]
+    finally:
+        asyncio.run(fleet.aclose())
 
 
 def test_the_ray_settings_are_checked_with_the_recipe(tmp_path):
@@ -189,6 +231,7 @@ def test_a_sharded_run_makes_the_single_process_run_s_records(tmp_path, server, 
     manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
     assert manifest["counts"]["rejected_by"] == {"exact_dup": 50}
     assert manifest["ray"]["rejected_across_shards"] > 0, "the test must exercise the merge's dedup"
+    assert (tmp_path / "ray" / "shards" / "share").read_text() == "1.0", "the last task running had the whole limit"
     assert server.stats.total == 120, "each run paid each prompt once"
     assert main(["generate", str(tmp_path / "ray.yaml")]) == 0
     assert server.stats.total == 120, "the second run sends nothing"
