@@ -10,9 +10,10 @@ guarantees of a run hold for each one. Killing the driver kills its tasks (Ray e
 that died); a task whose worker died is restarted by Ray (`max_restarts`) and resumes its shard. Running
 the same command again makes only what is missing, answering from each shard's cache what was paid.
 
-The teacher's rate limits are shared: each task's limiter takes `1 / workers` of the recipe's caps and of
-the limits the provider's headers report (factory/limiter.py, `share`), so W workers send what one process
-would. `budget_usd` is split between the shards by their prompt counts.
+The teacher's rate limits are shared: each task's limiter takes `1 / (tasks running)` of the recipe's caps
+and of the limits the provider's headers report (factory/limiter.py, `share`; the driver writes the share
+to shards/share as tasks end, and the workers follow it), so W workers send what one process would.
+`budget_usd` is split between the shards by their prompt counts.
 
 `ray` is imported inside `run_on_ray`, the one function that needs it: `python -m factory --help` and the
 local runner never load it.

@@ -399,7 +399,8 @@ class Run:
         concurrency = min(config.max_concurrency or useful, useful) if useful else config.concurrency_cap
         # Slow start probes a server's limits; a model in this process has none, and starting it at 8 requests
         # would leave a continuously batching engine mostly idle for its first rounds.
-        initial = concurrency if config.provider in IN_PROCESS else 8
+        # Workers that share a limit (the Ray runner) share the probe too: W of them do not send W × 8 at once.
+        initial = concurrency if config.provider in IN_PROCESS else max(1, round(8 * self.rate_share))
         limiter = Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries,
                           initial_concurrency=initial, share=self.rate_share)
         self.limiters.append(limiter)

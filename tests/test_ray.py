@@ -27,6 +27,7 @@ from factory import ray_runner
 from factory.ray_runner import _outcome, run_on_ray
 from factory.recipe import load_factory_config
 from factory.records import CheckResult, Sample
+from factory.run import Run
 from factory.shards import merge_shards, shard_dir, shard_of, split_prompts
 from factory.store import ACCEPTED, REJECTED
 from factory.teachers import make_teacher
@@ -123,6 +124,19 @@ def test_a_worker_follows_the_share_the_driver_writes(tmp_path, monkeypatch):
     assert asyncio.run(ray_runner._run_sharing(run, tmp_path / ray_runner.SHARE)) == "complete"
     assert run.limiters[0].share == 1.0
     assert run.limiters[0].buckets["requests"].capacity == 600
+
+
+def test_workers_that_share_a_limit_share_its_first_probe(tmp_path, env_key):
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=tmp_path / "run", prompts=write_prompts(tmp_path / "p.jsonl", 1),
+                          provider="openai", base_url="http://127.0.0.1:9/v1")
+    config = load_factory_config(recipe)
+    teacher = make_teacher(config.teacher)
+    try:
+        alone = Run(config, console=Console(file=io.StringIO()))._limiter(config.teacher, teacher)
+        quarter = Run(config, console=Console(file=io.StringIO()), rate_share=0.25)._limiter(config.teacher, teacher)
+    finally:
+        asyncio.run(teacher.aclose())
+    assert (alone.limit, quarter.limit) == (8, 2), "four workers send 8 before the headers tell the limit, as one does"
 
 
 def test_a_fleet_s_endpoints_take_the_same_share_as_the_run_s_limiter(tmp_path, env_key):
