@@ -41,7 +41,7 @@ from .prompt_config import PromptsConfig
 from .prompts import SourceEnv, check_prompts
 from .recipe import FactoryConfig
 from .run import RUN_LOG, Run, RunResult, check_compatible, package_versions
-from .shards import PROMPTS, SHARDS, merge_shards, shard_dir, split_prompts
+from .shards import PROMPTS, SHARDS, merge_shards, merge_sidecars, shard_dir, split_prompts
 from .sources import write_prompts
 from .stats import compute_stats
 from .store import read_manifest, write_manifest
@@ -196,6 +196,8 @@ def _drive(ray: Any, config: FactoryConfig, limit: int | None, console: Console)
             ray.shutdown()
     merge_at = time.monotonic()
     merged = asyncio.run(merge_shards(run_dir, shards, checks))
+    if config.teacher.logprobs is not None:
+        merge_sidecars(run_dir, shards)
     merge_s = time.monotonic() - merge_at
     status = max((result["status"] for result in results.values()), key=STATUS_ORDER.index, default="complete")
     if status == "complete" and merged.failed:

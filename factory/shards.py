@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import IO, Iterator
 
 from quality_checks import Check, Verdict
 
+from .logprobs import META, SIDECAR
 from .prompts import iter_prompt_lines
 from .records import CheckResult, Sample
 from .store import ACCEPTED, FAILED, REJECTED
@@ -218,3 +220,36 @@ def _reject(sample: Sample, name: str, verdict: Verdict, appended: bool) -> None
         del checks[at:]
     checks.append(result)
     sample.rejected_by = name
+
+
+def merge_sidecars(run_dir: Path, shards: int) -> int:
+    """Gather the shards' logprobs sidecars (factory/logprobs.py) into the run directory's, where the trainer
+    reads them: every shard's Arrow files, hard-linked (copied across file systems) under names that keep
+    them apart, and one meta.json (the shards' are the same: one recipe). A finished shard holds only
+    Arrow files; the journal of an interrupted one is not gathered (its next run writes it into a file).
+    Rebuilt whole after every run, like the JSONL files. Returns the number of Arrow files."""
+    sources = [(index, shard_dir(run_dir, index) / SIDECAR) for index in range(shards)]
+    sources = [(index, source) for index, source in sources if (source / META).is_file()]
+    if not sources:
+        return 0
+    building = run_dir / (SIDECAR + ".merge")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    shutil.copyfile(sources[0][1] / META, building / META)
+    files = 0
+    for index, source in sources:
+        for arrow in sorted(source.glob("shard-*.arrow")):
+            target = building / f"shard-{index:05d}-{arrow.name[len('shard-'):]}"
+            try:
+                os.link(arrow, target)
+            except OSError:
+                shutil.copyfile(arrow, target)
+            files += 1
+    target = run_dir / SIDECAR
+    old = run_dir / (SIDECAR + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(building, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return files

@@ -23,6 +23,7 @@ from rich.console import Console
 from apprentice.errors import ApprenticeError, RecipeError
 from factory.__main__ import main
 from factory.limiter import Limiter
+from factory.logprobs import read_logprobs
 from factory import ray_runner
 from factory.ray_runner import _outcome, run_on_ray
 from factory.recipe import load_factory_config
@@ -250,6 +251,22 @@ def test_a_sharded_run_makes_the_single_process_run_s_records(tmp_path, server, 
     assert main(["generate", str(tmp_path / "ray.yaml")]) == 0
     assert server.stats.total == 120, "the second run sends nothing"
     assert _by_id(tmp_path / "ray") == sharded
+
+
+@pytest.mark.slow
+@pytest.mark.one_client
+def test_the_shards_logprobs_are_gathered_where_the_trainer_reads_them(tmp_path, server, env_key, ray_cluster):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", 30),
+                          provider="openai", base_url=server.openai_base_url,
+                          extra_teacher="    logprobs: {top_k: 2}\n", extra="  runner: ray\n  ray: {workers: 2}\n")
+    for _ in range(2):  # the second run gathers them again from the shards, the same
+        assert main(["generate", str(recipe)]) == 0
+        gathered = read_logprobs(run)
+        assert sorted(gathered) == sorted(r["id"] for r in read_jsonl(run / ACCEPTED)), "one entry per record"
+        assert len(list((run / "logprobs").glob("shard-*.arrow"))) == 2, "each shard's file, none twice"
+    record = read_jsonl(run / ACCEPTED)[0]
+    assert gathered[record["id"]].tokens, "the arrays of the record"
 
 
 @pytest.mark.slow
