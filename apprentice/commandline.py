@@ -20,6 +20,7 @@ APPRENTICE_NAMES = {
     ("sft", "train"): "train",
     ("sft", "sweep"): "sweep",
     ("sft", "list"): "list",
+    ("sft", "card"): "card",
     ("eval", "run"): "eval",
 }
 APPRENTICE = "apprentice"

@@ -116,7 +116,7 @@ def format_validation_error(path: Path | str, error: ValidationError, model: typ
         if item["type"] == "extra_forbidden":
             close = closest_key(model, data, tuple(item["loc"])) if model is not None else None
             msg = (f"unknown key; did you mean `{close}`?" if close else
-                   "unknown key (check the spelling; see the README for the keys of each section)")
+                   "unknown key (check the spelling; docs/generate.md, training.md and eval.md list the keys of each section)")
         elif item["type"] == "missing":
             msg = "required key is missing"
         lines.append(f"  {loc}: {msg}")

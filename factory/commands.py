@@ -10,6 +10,8 @@ import asyncio
 import json
 import shlex
 import sys
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,6 +20,7 @@ from apprentice.commandline import command_line
 from apprentice.config import load_recipe_data
 from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError, RecipeError
+from apprentice.tracking import choose, log_figures
 
 from . import review, review_ledger
 from .export import export_run
@@ -25,7 +28,8 @@ from .plan import plan_run, print_plan
 from .ray_runner import run_on_ray
 from .recipe import load_factory_config
 from .run import Run, print_result
-from .stats import compute_stats, render_stats
+from .stats import compute_stats, render_stats, stats_figures
+from .store import read_manifest
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -41,6 +45,18 @@ def generate(args: argparse.Namespace) -> int:
         return 130
     finally:
         console.close_log()
+
+
+def _track(config: Any, recipe: Path, console: CommandConsole) -> None:
+    """The run's final figures (manifest.json's stats) to the tracker of factory.report_to or sft.report_to."""
+    trackers, left_out = choose(config.report_to, (load_recipe_data(recipe).get("sft") or {}).get("report_to"))
+    stats = (read_manifest(config.output_dir) or {}).get("stats") or {}
+    if trackers and "counts" in stats:
+        for path in log_figures(trackers, config.output_dir / "tensorboard", stats_figures(stats)):
+            console.print(escape(f"tracker: the run's figures → {path} (tensorboard)"), highlight=False)
+    if left_out:
+        console.print(escape(f"tracker: the factory logs to tensorboard only; sft.report_to's {', '.join(left_out)} "
+                             "gets the trainer's figures alone"), highlight=False)
 
 
 def _generate(args: argparse.Namespace, console: CommandConsole) -> int:
@@ -63,6 +79,7 @@ def _generate(args: argparse.Namespace, console: CommandConsole) -> int:
     else:
         result = asyncio.run(Run(config, limit=args.limit, console=console).execute())
     print_result(result, console, config.output_dir)
+    _track(config, args.recipe, console)
     if result.ok:
         run_dir = config.output_dir
         review_it = command_line(args.launcher, "factory", "review", run_dir)
@@ -120,6 +137,12 @@ def export_command(args: argparse.Namespace) -> int:
     which = "rejected" if args.rejected else "accepted"
     console.print(f"exported {result.samples} {which} sample(s) as {result.format} to "
                   f"{escape(str(result.data))}", highlight=False)
+    if result.without_logprobs:
+        console.print(f"[yellow]left out[/] {result.without_logprobs} sample(s) without the teacher's logprobs",
+                      highlight=False)
+    if result.cut_off:
+        console.print(f"[yellow]left out[/] {result.cut_off} sample(s) the teacher did not finish (finish_reason "
+                      "length): Axolotl would line their logprobs up one token off", highlight=False)
     if result.pushed:
         console.print(f"pushed to {escape(result.pushed)}", highlight=False)
     console.final(f"dataset card: {escape(str(result.card))}", highlight=False)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, PlainValidator, ValidationInfo, field_val
 
 from apprentice.config import Strict, load_section
 from apprentice.hashing import stable_hash
+from apprentice.tracking import unsupported
 from quality_checks.registry import check_fingerprint, check_options, duplicate_names, options_model, parse_check_item
 
 from .prompt_config import PromptsConfig
@@ -189,6 +190,12 @@ class TeacherConfig(Strict):
         default=None, ge=1, le=4096,
         description="requests in flight at most; default: 64 for an API, what the model can batch for local and vllm",
     )
+    follow_latency: bool | None = Field(
+        default=None,
+        description="concurrency also follows latency, backing off when p95 latency climbs while throughput does "
+        "not (a vLLM or SGLang server queues instead of answering 429; max_concurrency stays the ceiling); default: "
+        "on with a base_url, off for the hosted APIs; not part of the fingerprint",
+    )
     rpm: float | None = Field(default=None, gt=0, description="requests per minute cap; headers rule otherwise")
     tpm: float | None = Field(default=None, gt=0, description="tokens per minute cap; headers rule otherwise")
     timeout_s: float = Field(default=600.0, gt=0)
@@ -292,6 +299,11 @@ class TeacherConfig(Strict):
         return context + messages
 
     @property
+    def follows_latency(self) -> bool:
+        """follow_latency, or on where a base_url names a server of one's own (it queues rather than refuses)."""
+        return self.follow_latency if self.follow_latency is not None else self.base_url is not None
+
+    @property
     def concurrency_cap(self) -> int:
         """max_concurrency, or the API default when the recipe leaves it to the provider."""
         return self.max_concurrency or DEFAULT_MAX_CONCURRENCY
@@ -357,6 +369,17 @@ class FactoryConfig(Strict):
         default="local", description="local: this process; ray: shards of the prompts on Ray workers (docs/ray.md)"
     )
     ray: RayConfig | None = Field(default=None, description="the Ray runner's settings (runner: ray)")
+    report_to: str | list[str] | None = Field(
+        default=None, description="tracker for the final run figures: "
+        "tensorboard or none; unset: sft.report_to of the same recipe (its tensorboard part)")
+
+    @field_validator("report_to")
+    @classmethod
+    def _tracked(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if other := unsupported(value):
+            raise ValueError(f"{other}: the factory logs to tensorboard only (or none); wandb, mlflow and trackio "
+                             "get the trainer's figures through sft.report_to")
+        return value
 
     @classmethod
     def item_model(cls, field: str, item: Any) -> type[BaseModel] | None:

@@ -401,8 +401,10 @@ class Run:
         # would leave a continuously batching engine mostly idle for its first rounds.
         # Workers that share a limit (the Ray runner) share the probe too: W of them do not send W × 8 at once.
         initial = concurrency if config.provider in IN_PROCESS else max(1, round(8 * self.rate_share))
+        # A fleet's endpoints follow their own latency (teachers/fleet.py); the run's limiter does for one server.
+        follow = config.follows_latency and config.provider not in IN_PROCESS and not isinstance(config.base_url, list)
         limiter = Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries,
-                          initial_concurrency=initial, share=self.rate_share)
+                          initial_concurrency=initial, share=self.rate_share, follow_latency=follow)
         self.limiters.append(limiter)
         return limiter
 

@@ -27,7 +27,8 @@ CONFIG = {"apprentice.config", "factory.recipe", "factory.prompt_config", "sft.c
           "quality_checks.registry"}
 STORAGE = {"factory.records", "factory.store", "factory.cache", "factory.logprobs", "factory.review_ledger"}
 ENGINE = {"factory.run", "factory.decide", "factory.online", "factory.batch", "factory.batch_ledger", "factory.asker",
-          "factory.sources", "factory.answers", "factory.commands", "factory.plan", "factory.export"}
+          "factory.sources", "factory.answers", "factory.commands", "factory.plan", "factory.export",
+          "factory.kd_export"}
 
 
 def _modules() -> dict[str, Path]:
