@@ -28,9 +28,9 @@ from factory import ray_runner
 from factory.ray_runner import _outcome, run_on_ray
 from factory.recipe import load_factory_config
 from factory.records import CheckResult, Sample
-from factory.run import Run
+from factory.run import Run, check_compatible
 from factory.shards import merge_shards, merge_sidecars, shard_dir, shard_of, split_prompts
-from factory.store import ACCEPTED, REJECTED
+from factory.store import ACCEPTED, REJECTED, write_manifest
 from factory.teachers import make_teacher
 from quality_checks import build_checks
 
@@ -159,6 +159,11 @@ def test_the_ray_settings_are_checked_with_the_recipe(tmp_path):
     assert (config.ray.workers, config.ray.shard_count) == (2, 3)
     assert config.fingerprint()["shards"] == 3, "the shard count decides where each sample is: fixed for a directory"
     assert "runner" not in load_factory_config(recipe, ["factory.runner=local", "factory.ray=null"]).fingerprint()
+    (tmp_path / "run").mkdir()
+    write_manifest(tmp_path / "run", {"fingerprint": load_factory_config(recipe, ["factory.runner=local",
+                                                                                "factory.ray=null"]).fingerprint()})
+    with pytest.raises(RecipeError, match="runner: was None, now 'ray'"):
+        check_compatible(tmp_path / "run", config)  # a local run's directory is not resumed on Ray, nor back
     with pytest.raises(RecipeError, match="set factory.runner: ray or remove them"):
         load_factory_config(recipe, ["factory.runner=local"])
     with pytest.raises(RecipeError, match="a Batch API needs no workers"):
