@@ -158,9 +158,11 @@ def _drive(ray: Any, config: FactoryConfig, limit: int | None, console: Console)
                                                               int(workers * settings.cpus_per_worker + 0.999))}
         ray.init(address=settings.address, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False, **local)
-    # The workers read the API keys the recipe names from their environment: the driver's, passed with the
-    # tasks (a cluster's workers were started without it).
-    env_vars = {name: os.environ[name] for name in sorted(keys) if name and name in os.environ}
+    # The workers read the API keys the recipe names from their own environment: a local Ray started here
+    # inherits the driver's; a cluster's nodes need them set. Sent with the tasks only when the recipe says so,
+    # since Ray keeps a task's runtime_env in the cluster's metadata (secrets stay out of it by default).
+    env_vars = ({name: os.environ[name] for name in sorted(keys) if name and name in os.environ}
+                if settings.pass_keys else {})
     ray_start_s = time.monotonic() - ray_at
     task = ray.remote(run_shard).options(num_cpus=settings.cpus_per_worker, max_retries=settings.max_restarts,
                                          **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}))

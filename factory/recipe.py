@@ -346,6 +346,12 @@ class RayConfig(Strict):
     )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs each shard's task reserves")
     max_restarts: int = Field(default=3, ge=0, description="times Ray restarts a shard whose worker died")
+    pass_keys: bool = Field(
+        default=False,
+        description="send the API key variables the recipe names from the driver's environment with each task "
+        "(Ray's runtime_env: they then sit in the cluster's task metadata); default: the workers read their own "
+        "environment (a local Ray started here inherits the driver's)",
+    )
 
     @property
     def shard_count(self) -> int:

@@ -185,7 +185,16 @@ def test_without_ray_installed_the_runner_says_which_extra_to_install(tmp_path, 
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Like a cluster's nodes, the workers have the test key in their own environment (ray.pass_keys is off).
+    before = os.environ.get("APPRENTICE_TEST_KEY")
+    os.environ["APPRENTICE_TEST_KEY"] = API_KEY
+    try:
+        info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        if before is None:
+            del os.environ["APPRENTICE_TEST_KEY"]
+        else:
+            os.environ["APPRENTICE_TEST_KEY"] = before
     try:
         yield info.address_info["gcs_address"]
     finally:
@@ -359,3 +368,26 @@ def test_ctrl_c_stops_the_shards_after_their_requests_in_flight_and_merges_what_
     assert merged == _shard_lines(run), "what the shards made is in the run directory"
     for index in range(2):
         assert json.loads((shard_dir(run, index) / "manifest.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
+@pytest.mark.one_client
+def test_api_keys_stay_out_of_ray_unless_pass_keys_sends_them(tmp_path, server, ray_cluster, monkeypatch, capsys):
+    """The cluster's workers do not have APPRENTICE_DRIVER_KEY: without ray.pass_keys the shards stop at the
+    server's 401 naming the unset variable, with it the driver's value goes with the tasks and the run completes."""
+    server.config.api_key = "sk-driver-only"
+    monkeypatch.setenv("APPRENTICE_DRIVER_KEY", "sk-driver-only")
+    prompts = write_prompts(tmp_path / "p.jsonl", 6)
+    for pass_keys, expected in ((False, 1), (True, 0)):
+        run = tmp_path / f"run-{pass_keys}"
+        recipe = write_recipe(tmp_path / f"r-{pass_keys}.yaml", output_dir=run, prompts=prompts, provider="openai",
+                              base_url=server.openai_base_url,
+                              extra=f"  runner: ray\n  ray: {{workers: 2, pass_keys: {str(pass_keys).lower()}}}\n")
+        recipe.write_text(recipe.read_text().replace("APPRENTICE_TEST_KEY", "APPRENTICE_DRIVER_KEY"))
+        assert main(["generate", str(recipe)]) == expected
+        if not pass_keys:
+            shown = capsys.readouterr()
+            assert "APPRENTICE_DRIVER_KEY is not set" in shown.out + shown.err, (shown.out + shown.err)[-2000:]
+            assert "sk-driver-only" not in shown.out + shown.err
+            assert server.stats.by_status.get(200, 0) == 0, "nothing answered without the key"
+    assert len(read_jsonl(tmp_path / "run-True" / "accepted.jsonl")) == 6
