@@ -25,6 +25,7 @@ from apprentice.tracking import choose, log_figures
 from . import review, review_ledger
 from .export import export_run
 from .plan import plan_run, print_plan
+from .ray_runner import run_on_ray
 from .recipe import load_factory_config
 from .run import Run, print_result
 from .stats import compute_stats, render_stats, stats_figures
@@ -73,7 +74,10 @@ def _generate(args: argparse.Namespace, console: CommandConsole) -> int:
                          + ([f"--limit {args.limit}"] if args.limit is not None else []))
         console.final(f"next: {escape(again)} (without --dry-run) to run it", highlight=False)
         return 0
-    result = asyncio.run(Run(config, limit=args.limit, console=console).execute())
+    if config.runner == "ray":
+        result = run_on_ray(config, limit=args.limit, console=console)
+    else:
+        result = asyncio.run(Run(config, limit=args.limit, console=console).execute())
     print_result(result, console, config.output_dir)
     _track(config, args.recipe, console)
     if result.ok:

@@ -332,6 +332,32 @@ def ranking_check(by: str, checks: list[Any]) -> str | None:
     return same[0] if len(same) == 1 else None
 
 
+class RayConfig(Strict):
+    """`factory.ray`, for `runner: ray`: where the cluster is and how the prompts are split (docs/ray.md)."""
+
+    address: str | None = Field(
+        default=None, description="a running cluster (`auto`, or ray://host:10001); default: a local Ray in this process"
+    )
+    workers: int = Field(default=2, ge=1, le=4096, description="shards generated at once, one Ray task each")
+    shards: int | None = Field(
+        default=None, ge=1, le=65536,
+        description="how many parts the prompts are split into by a hash of their id; default: workers. Fixed for "
+        "a run directory (it decides which shard holds each sample), so set it when workers may change",
+    )
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs each shard's task reserves")
+    max_restarts: int = Field(default=3, ge=0, description="times Ray restarts a shard whose worker died")
+    pass_keys: bool = Field(
+        default=False,
+        description="send the API key variables the recipe names from the driver's environment with each task "
+        "(Ray's runtime_env: they then sit in the cluster's task metadata); default: the workers read their own "
+        "environment (a local Ray started here inherits the driver's)",
+    )
+
+    @property
+    def shard_count(self) -> int:
+        return self.shards or self.workers
+
+
 class FactoryConfig(Strict):
     output_dir: Path = Path("runs/demo")
     prompts: PromptsConfig
@@ -345,6 +371,10 @@ class FactoryConfig(Strict):
         default=None, description="{by: judge, keep: 1}: keep the best samples of each prompt by a check's score"
     )
     budget_usd: float | None = Field(default=None, ge=0)
+    runner: Literal["local", "ray"] = Field(
+        default="local", description="local: this process; ray: shards of the prompts on Ray workers (docs/ray.md)"
+    )
+    ray: RayConfig | None = Field(default=None, description="the Ray runner's settings (runner: ray)")
     report_to: str | list[str] | None = Field(
         default=None, description="tracker for the final run figures: "
         "tensorboard or none; unset: sft.report_to of the same recipe (its tensorboard part)")
@@ -384,6 +414,23 @@ class FactoryConfig(Strict):
             raise ValueError(f"two checks named {twice}; give one a `label:` so rejections say which")
         return checks
 
+    @model_validator(mode="after")
+    def _ray_settings(self) -> "FactoryConfig":
+        if self.runner == "ray":
+            if self.ray is None:
+                self.ray = RayConfig()
+            if self.teacher.mode == "batch":
+                raise ValueError("runner: ray sends online requests; a Batch API needs no workers (runner: local)")
+            if self.teacher.provider in IN_PROCESS:
+                raise ValueError(f"runner: ray is for teachers behind an API; provider {self.teacher.provider} "
+                                 "loads its model in each process (serve it with vLLM and use provider: openai)")
+            if self.prompts.self_instruct is not None:
+                raise ValueError("runner: ray takes a prompts file, grid or dataset; run the self-instruct "
+                                 "expansion with runner: local first, then point prompts.path at its prompts file")
+        elif self.ray is not None:
+            raise ValueError("ray: settings for runner: ray; set factory.runner: ray or remove them")
+        return self
+
     def fingerprint(self) -> dict[str, Any]:
         """What decides the content of a sample. Two runs may share a directory only if these agree."""
         teacher = self.teacher
@@ -403,6 +450,8 @@ class FactoryConfig(Strict):
             **({"best_of": self.best_of.model_dump()} if self.best_of is not None else {}),
             **({"structured_output": teacher.structured_output.model_dump()}
                if teacher.structured_output is not None else {}),
+            # The shard count decides where each sample's records and cached answer are: fixed for a directory.
+            **({"runner": "ray", "shards": self.ray.shard_count} if self.runner == "ray" and self.ray else {}),
         }
 
     def fingerprint_hash(self) -> str:

@@ -12,8 +12,7 @@ from typing import Any
 
 from apprentice.errors import ApprenticeError, TeacherError
 from apprentice.tokens import mean_logprob
-from factory.asker import Asker, Budget
-from factory.limiter import limiter_for
+from factory.asker import Asker, Budget, limiter_for
 from factory.pricing import pricer_for
 from factory.progress import Usage
 from factory.recipe import IN_PROCESS, TeacherConfig

@@ -51,13 +51,14 @@ class FleetTeacher:
     max_useful_concurrency = None
     load_s = None  # nothing loads in this process
 
-    def __init__(self, config: TeacherConfig) -> None:
+    def __init__(self, config: TeacherConfig, rate_share: float = 1.0) -> None:
         assert isinstance(config.base_url, list)
         self.model = config.model
         self.endpoints = [
             Endpoint(url, OpenAITeacher(config.model_copy(update={"base_url": url})),
                      Limiter(max_concurrency=config.concurrency_cap, rpm=config.rpm, tpm=config.tpm, max_retries=0,
                              breaker_threshold=BREAKER_FAILURES, breaker_cooldown_s=BREAKER_COOLDOWN_S,
+                             share=rate_share,
                              follow_latency=config.follows_latency))
             for url in config.base_url
         ]
