@@ -2,7 +2,8 @@
 The same subcommands are `apprentice train|sweep|list` (apprentice_cli builds them with `add_commands`).
 
     python -m sft train RECIPE.yaml [--set sft.key=value ...] [--resume] [-q | -v]
-    python -m sft sweep RECIPE.yaml --temperatures 1,2,4,8,16 --fraction 0.1 [--set ...]
+    python -m sft sweep RECIPE.yaml [--fraction 0.1] [--set ...]              (sft.sweep: trials, space, objective)
+    python -m sft sweep RECIPE.yaml --temperatures 1,2,4,8,16 --fraction 0.1  (distillation temperatures only)
     python -m sft list [DIR]                     (default: runs)
 """
 from __future__ import annotations
@@ -22,10 +23,15 @@ def add_commands(sub: argparse._SubParsersAction, launcher: str) -> None:
                        help="override a recipe key, e.g. --set sft.max_steps=10 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     add_output_options(train)
-    sweep = sub.add_parser("sweep", help="short distillation runs at several temperatures, held-out loss table")
-    sweep.add_argument("recipe", type=Path, help="recipe YAML with an sft: section that has distill:")
-    sweep.add_argument("--temperatures", default="1,2,4,8,16", help="comma-separated, e.g. 1,2,4,8,16")
-    sweep.add_argument("--fraction", type=float, default=0.1, help="share of the training split per run (default 0.1)")
+    sweep = sub.add_parser("sweep", help="short training runs over sft.sweep's settings, each scored on the golden "
+                                         "sets; sweep.md, best.yaml")
+    sweep.add_argument("recipe", type=Path, help="recipe YAML with an sft: section that has sweep: (or distill:, "
+                                                 "for --temperatures)")
+    sweep.add_argument("--temperatures", default=None,
+                       help="comma-separated, e.g. 1,2,4,8,16: one run per distillation temperature, ranked by "
+                            "held-out loss (the default, 1,2,4,8,16, when the recipe has no sft.sweep)")
+    sweep.add_argument("--fraction", type=float, default=None,
+                       help="share of the training split per run (default: sft.sweep.fraction, else 0.1)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     add_output_options(sweep)
     listing = sub.add_parser("list", help="trained students: base model, data runs, date, final held-out loss")

@@ -12,9 +12,11 @@ from apprentice.commandline import command_line
 from apprentice.config import load_recipe_data
 from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError, RecipeError
+from eval.config import load_eval_config
 
 from .config import SFTConfig, load_sft_config
-from .train import find_students, sweep, train
+from .sweep import run_sweep, settings_for_temperatures
+from .train import find_students, train
 
 
 def train_or_sweep(args: argparse.Namespace) -> int:
@@ -23,16 +25,7 @@ def train_or_sweep(args: argparse.Namespace) -> int:
         config = load_sft_config(args.recipe, args.set)
         this = command_line(args.launcher, "sft", args.command, args.recipe)
         if args.command == "sweep":
-            temperatures = _temperatures(args.temperatures)
-            if not 0 < args.fraction <= 1:
-                raise RecipeError(f"--fraction {args.fraction}: expected a share of the training data in (0, 1]")
-            console.print(f"[bold]{escape(this)}[/]: T in {temperatures}, fraction {args.fraction:g}", highlight=False)
-            console.detail_json(config.model_dump(mode="json"))
-            sweep(config, temperatures, fraction=args.fraction, console=console)
-            console.final(f"next: set sft.distill.temperature to the best T in {escape(str(config.output_dir))}"
-                          f"/sweep/sweep.md, then {escape(command_line(args.launcher, 'sft', 'train', args.recipe))}",
-                          highlight=False)
-            return 0
+            return _sweep(args, config, this, console)
         console.print(f"[bold]{escape(this)}[/] → {escape(str(config.output_dir))}", highlight=False)
         console.print(escape(describe(config)), highlight=False)
         console.detail_json(config.model_dump(mode="json"))  # -v; lineage.json keeps it too
@@ -43,6 +36,33 @@ def train_or_sweep(args: argparse.Namespace) -> int:
     if "eval" not in load_recipe_data(args.recipe):
         evaluate = f"add an eval: section (a model with path: {result.adapter_dir}) to {args.recipe}, then {evaluate}"
     console.final(f"next: {escape(evaluate)} (scores the student against its teacher)", highlight=False)
+    return 0
+
+
+def _sweep(args: argparse.Namespace, config: SFTConfig, this: str, console: CommandConsole) -> int:
+    """`sft.sweep` from the recipe, or the older `--temperatures` (also what a recipe without sft.sweep gets):
+    one short distillation run per temperature, ranked by held-out loss."""
+    if args.fraction is not None and not 0 < args.fraction <= 1:
+        raise RecipeError(f"--fraction {args.fraction}: expected a share of the training data in (0, 1]")
+    if args.temperatures is not None or config.sweep is None:
+        settings = settings_for_temperatures(_temperatures(args.temperatures or "1,2,4,8,16"),
+                                             0.1 if args.fraction is None else args.fraction)
+    else:
+        settings = config.sweep if args.fraction is None else config.sweep.model_copy(update={"fraction": args.fraction})
+    recipe = load_recipe_data(args.recipe, args.set)
+    eval_config = load_eval_config(args.recipe, args.set) if recipe.get("eval") is not None else None
+    space = ", ".join(f"{name} {values if isinstance(values, list) else values.model_dump()}"
+                      for name, values in settings.space.chosen().items())
+    console.print(f"[bold]{escape(this)}[/]: {settings.trials} trial(s) over {escape(space)}, "
+                  f"fraction {settings.fraction:g}, objective {settings.objective}", highlight=False)
+    console.detail_json(config.model_dump(mode="json"))
+    result = run_sweep(config, settings, eval_config=eval_config, recipe=recipe, console=console)
+    if result.best is None:
+        console.final(f"no trial finished: see {escape(str(result.root / 'sweep.md'))}", highlight=False)
+        return 1
+    best = result.root / "best.yaml"
+    console.final(f"next: {escape(command_line(args.launcher, 'sft', 'train', best))} (the best trial, "
+                  f"trial {result.best['trial']}, on all the data)", highlight=False)
     return 0
 
 
