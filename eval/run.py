@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from apprentice.errors import RecipeError
 from factory.lock import DirectoryLock
+from sft.lineage import files_content, lineage_path_for, record_eval
 
 from . import distill
 from .answer import ModelRun, run_hosted, run_local
@@ -161,6 +162,7 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
 
     started = time.time()
     items = load_golden(config.golden, config.metrics)
+    golden = files_content(config.golden)  # the bytes scored, for the students' lineage
     _default_params(config)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     console.print(escape(f"{len(items)} golden item(s) from {', '.join(str(p) for p in config.golden)}; "
@@ -217,10 +219,33 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
     summary["examples"] = worst_examples(items, runs, scores, student, reference)
 
     write_reports(config.output_dir, summary)
+    record_in_lineages(config, summary, runs, golden)
     (config.output_dir / "answers.jsonl").write_text(
         "".join(json.dumps({"key": item.key, **{name: run.answers[item.key].text for name, run in runs.items()},
                             "reference": item.reference}) + "\n" for item in items), encoding="utf-8")
     return summary, gate
+
+
+PERF_KEYS = ("latency_p50_s", "latency_p99_s", "output_tokens_per_s", "usd_per_1k_answers")
+
+
+def record_in_lineages(config: EvalConfig, summary: dict[str, Any], runs: dict[str, ModelRun],
+                       golden: list[dict[str, Any]]) -> None:
+    """Each trained student evaluated (a local model with a lineage.json) gets this eval in its lineage:
+    scores, retention, the gate where it is the student, latency and cost, and the golden sets' hashes."""
+    for name, run in runs.items():
+        path = lineage_path_for(run.config.model) if run.config.provider == "local" else None
+        if path is None:
+            continue
+        model = summary["models"][name]
+        record_eval(path, {
+            "eval_dir": str(config.output_dir), "model_name": name, "golden": golden, "items": summary["items"],
+            "score": model["metrics"]["overall"]["mean"],
+            "retention": model.get("retention", {}).get("overall", {}).get("ratio"),
+            "reference": summary["reference"],
+            "gate": summary["gate"] if name == summary["student"] else None,
+            "perf": {key: run.perf[key] for key in PERF_KEYS if key in run.perf},
+        })
 
 
 def worst_examples(items: list[GoldenItem], runs: dict[str, ModelRun], scores: dict[str, Any], student: str,

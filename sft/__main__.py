@@ -5,6 +5,7 @@ The same subcommands are `apprentice train|sweep|list` (apprentice_cli builds th
     python -m sft sweep RECIPE.yaml [--fraction 0.1] [--set ...]              (sft.sweep: trials, space, objective)
     python -m sft sweep RECIPE.yaml --temperatures 1,2,4,8,16 --fraction 0.1  (distillation temperatures only)
     python -m sft list [DIR]                     (default: runs)
+    python -m sft lineage STUDENT_DIR [--verify]
 """
 from __future__ import annotations
 
@@ -36,7 +37,12 @@ def add_commands(sub: argparse._SubParsersAction, launcher: str) -> None:
     add_output_options(sweep)
     listing = sub.add_parser("list", help="trained students: base model, data runs, date, final held-out loss")
     listing.add_argument("dir", nargs="?", type=Path, default=Path("runs"), help="where to look (default: runs)")
-    for name, command in (("train", train), ("sweep", sweep), ("list", listing)):
+    lineage = sub.add_parser("lineage", help="a student's lineage; --verify recomputes every hash (data, review, "
+                                             "golden sets, weights) and names what changed")
+    lineage.add_argument("student", type=Path, help="the student's folder (sft.output_dir, or its merged/)")
+    lineage.add_argument("--verify", action="store_true", help="recompute every hash; exit 1 if anything changed")
+    add_output_options(lineage)
+    for name, command in (("train", train), ("sweep", sweep), ("list", listing), ("lineage", lineage)):
         command.set_defaults(run=run, launcher=launcher, command=name)
 
 

@@ -15,6 +15,7 @@ from apprentice.errors import ApprenticeError, RecipeError
 from eval.config import load_eval_config
 
 from .config import SFTConfig, load_sft_config
+from .lineage import read_lineage, verify
 from .sweep import run_sweep, settings_for_temperatures
 from .train import find_students, train
 
@@ -94,15 +95,61 @@ def list_students(args: argparse.Namespace) -> int:
         console.print(f"no trained students under {escape(str(args.dir))} (looked for */lineage.json)", highlight=False)
         return 0
     table = Table(title=f"students under {escape(str(args.dir))}")
-    for name in ("output", "base model", "data runs", "date", "steps", "eval loss", "distill"):
+    for name in ("output", "base model", "data runs", "date", "steps", "eval loss", "distill", "score", "retention"):
         table.add_column(name)
     for s in students:
         loss = "—" if s["eval_loss"] is None else f"{s['eval_loss']:.4f}"
+        score = "—" if s["score"] is None else f"{100 * s['score']:.1f} %"
+        retention = "—" if s["retention"] is None else f"{100 * s['retention']:.1f} %"
         cells = [s["output_dir"], str(s["base_model"]), ", ".join(map(str, s["data"])), str(s["date"] or "—"),
-                 str(s["steps"]), loss, s["distill"] or "—"]
+                 str(s["steps"]), loss, s["distill"] or "—", score, retention]
         table.add_row(*(escape(str(cell)) for cell in cells))
     console.print(table)
     return 0
 
 
-COMMANDS = {"train": train_or_sweep, "sweep": train_or_sweep, "list": list_students}
+def show_lineage(args: argparse.Namespace) -> int:
+    """A student's lineage in brief; with --verify every hash recomputed, and what changed named (exit 1)."""
+    console = CommandConsole(args.verbosity, transcript=False)
+    try:
+        lineage = read_lineage(args.student)
+        findings = verify(args.student) if args.verify else []
+    except (ApprenticeError, OSError) as exc:
+        return console.stopped(exc)
+    out = Console(soft_wrap=True)
+    base = (lineage.get("base_model") or {}).get("name")
+    out.print(escape(f"{args.student}: {base}, trained {lineage.get('started_at')}, {lineage.get('global_step')} "
+                     f"steps, git {lineage.get('git_commit')}"), highlight=False)
+    for run in lineage.get("data") or []:
+        content = run.get("content") or {}
+        out.print(escape(f"  data {run.get('path')}: {run.get('samples')} samples trained on; "
+                         f"{(content.get('accepted') or {}).get('count', '?')} accepted, "
+                         f"{(content.get('rejected') or {}).get('count', '?')} rejected, "
+                         f"{(content.get('review') or {}).get('decisions', '?')} review decision(s)"), highlight=False)
+    for entry in lineage.get("evals") or []:
+        gate = entry.get("gate")
+        verdict = "" if not gate else (" · gate passed" if gate["passed"] else " · gate FAILED")
+        retention = "" if entry.get("retention") is None else f", retention {100 * entry['retention']:.1f} %"
+        out.print(escape(f"  eval {entry.get('eval_dir')} ({entry.get('at')}): {entry.get('model_name')} scored "
+                         f"{100 * entry['score']:.1f} %{retention}{verdict}"), highlight=False)
+    if not args.verify:
+        console.final(f"next: {escape(command_line(args.launcher, 'sft', 'lineage', args.student))} --verify "
+                      "(recompute every hash)", highlight=False)
+        return 0
+    table = Table(title=escape(f"lineage check of {args.student}"))
+    for name in ("what", "", "detail"):
+        table.add_column(name)
+    for finding in findings:
+        table.add_row(escape(finding.what), "[red]changed[/]" if finding.changed else "[green]same[/]",
+                      escape(finding.detail))
+    out.print(table)
+    changed = [finding for finding in findings if finding.changed]
+    if changed:
+        console.final(escape(f"{len(changed)} change(s) since training or eval: "
+                             + "; ".join(finding.detail for finding in changed)), highlight=False)
+        return 1
+    console.final(f"all {len(findings)} hashes match what was recorded", highlight=False)
+    return 0
+
+
+COMMANDS = {"train": train_or_sweep, "sweep": train_or_sweep, "list": list_students, "lineage": show_lineage}

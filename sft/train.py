@@ -38,6 +38,7 @@ from factory.lock import DirectoryLock
 from .config import SFTConfig
 from .data import load_splits
 from .kd import TeacherLogprobs, align
+from .lineage import latest_eval, run_content, weights_content
 from .progress import RichProgress
 
 PACKAGES = ("apprentice", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes")
@@ -150,6 +151,7 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
 
     trainer_args(config, TRLConfig)  # a misspelt trainer_args key stops the run before any model loads
     train_set, eval_set, runs = load_splits(config.data, config.held_out, config.seed, config.stratify_by)
+    contents = [run_content(run.path) for run in runs]  # as read now: `sft lineage --verify` compares with it
     if fraction < 1.0:
         keep = max(1, round(len(train_set) * fraction))
         train_set = train_set.shuffle(seed=config.seed).select(range(keep))
@@ -218,7 +220,8 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
 
     lineage = {
         "base_model": {"name": config.student, "path": base_path},
-        "data": [asdict(run) for run in runs],
+        "data": [{**asdict(run), "content": content} for run, content in zip(runs, contents)],
+        "weights": weights_content(adapter_dir),
         "splits": {"train": len(train_set), "eval": len(eval_set) if eval_set is not None else 0,
                    "held_out": config.held_out, "seed": config.seed},
         "sft": config.model_dump(mode="json"),
@@ -480,6 +483,7 @@ def find_students(directory: Path) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError):
             continue
         distill = (lineage.get("sft") or {}).get("distill")
+        scored = latest_eval(lineage) or {}
         students.append({
             "output_dir": str(path.parent),
             "base_model": (lineage.get("base_model") or {}).get("name"),
@@ -488,5 +492,7 @@ def find_students(directory: Path) -> list[dict[str, Any]]:
             "steps": lineage.get("global_step"),
             "eval_loss": (lineage.get("metrics") or {}).get("eval_loss"),
             "distill": f"alpha={distill['alpha']} T={distill['temperature']}" if distill else None,
+            "score": scored.get("score"),  # the last eval that scored it (eval run records it)
+            "retention": scored.get("retention"),
         })
     return students
