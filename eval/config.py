@@ -41,6 +41,19 @@ class JudgeConfig(TeacherConfig):
 class GateConfig(Strict):
     min_retention: float = Field(default=0.95, gt=0, description="student score ÷ reference score, overall")
     min_score: float | None = Field(default=None, ge=0, le=1, description="and/or an absolute floor")
+    min_speedup: float | None = Field(
+        default=None, gt=0, description="reference p50 latency ÷ student p50 latency, at batch 1")
+    max_cost_ratio: float | None = Field(
+        default=None, gt=0, description="student $ per 1k answers ÷ the reference's")
+    max_latency_p99_s: float | None = Field(default=None, gt=0, description="the student's p99 latency, seconds")
+
+
+class CostConfig(Strict):
+    """What an hour of the machine a local model runs on costs: its $ per 1k answers follows from the
+    throughput eval measures (hosted models are priced from their tokens)."""
+
+    gpu_hour_usd: float | None = Field(default=None, ge=0, description="USD per GPU hour (models on cuda)")
+    cpu_hour_usd: float | None = Field(default=None, ge=0, description="USD per hour of the CPU machine")
 
 
 class EvalConfig(Strict):
@@ -64,6 +77,10 @@ class EvalConfig(Strict):
     judge: JudgeConfig | None = None
     gate: GateConfig | None = None
     perf_prompts: int = Field(default=8, ge=0, description="local models: prompts timed one at a time for latency")
+    timed_requests: int = Field(
+        default=0, ge=0, description="hosted models: requests sent one at a time, past the cache, for request "
+        "latency (paid: they are real requests); 0 = hosted models are priced, not timed")
+    cost: CostConfig = Field(default_factory=CostConfig)
     bootstrap: int = Field(
         default=1000, ge=100, description="BCa bootstrap resamples (graded means, retention; pass/fail means use Wilson)"
     )

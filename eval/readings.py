@@ -60,6 +60,11 @@ def _size(num_bytes: Any) -> str:
     return "–" if not num_bytes else f"{num_bytes / 2**20:.0f} MiB"
 
 
+def _times(ratio: Any) -> str:
+    """A ratio against the reference: 4.2×, 0.031× (three significant digits)."""
+    return "–" if _missing(ratio) else f"{ratio:.3g}×"
+
+
 def _params(count: Any) -> str:
     return "–" if not count else f"{count / 1e6:.0f} M"
 
@@ -76,8 +81,8 @@ def _methods(entries: list[dict[str, Any]]) -> str:
 # ---- scores --------------------------------------------------------------------------------------------
 def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The overview, one row a model: the report's first table and the terminal's."""
-    header = ["model", "score (95 % CI)", "retention (95 % CI)", "agreement", "p50 latency", "tokens/s", "params",
-              "on disk", "$/1k"]
+    header = ["model", "score (95 % CI)", "retention (95 % CI)", "agreement", "p50 latency", "speed-up", "tokens/s",
+              "params", "on disk", "$/1k", "cost ratio"]
     rows = []
     for name, model in summary["models"].items():
         overall = model["metrics"]["overall"]
@@ -90,10 +95,12 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             else ("reference" if name == summary["reference"] else "–"),
             pct(model.get("agreement")),
             _seconds(perf.get("latency_p50_s")),
+            _times((model.get("frontier") or {}).get("speedup")),
             num(perf.get("output_tokens_per_s"), 1),
             _params(perf.get("parameters")),
             _size(perf.get("disk_bytes")),
             num(perf.get("usd_per_1k_answers"), 4),
+            _times((model.get("frontier") or {}).get("cost_ratio")),
         ])
     return header, rows
 
@@ -170,13 +177,16 @@ def perf(summary: dict[str, Any]) -> Section | None:
     models = summary["models"]
     if not any(m["perf"] for m in models.values()):
         return None
-    header = ["model", "p50 latency", "p99 latency", "first token p50", "tokens/s", "params", "on disk",
-              "RSS added by load", "$/1k answers"]
+    header = ["model", "p50 latency", "p99 latency", "speed-up", "first token p50", "tokens/s", "answers/s (batch)",
+              "params", "on disk", "RSS added by load", "$/1k answers", "cost ratio"]
     rows = [[_label(summary, n), _seconds(p.get("latency_p50_s")), _seconds(p.get("latency_p99_s")),
-             _seconds(p.get("ttft_p50_s")), num(p.get("output_tokens_per_s"), 1), _params(p.get("parameters")),
+             _times((m.get("frontier") or {}).get("speedup")),
+             _seconds(p.get("ttft_p50_s")), num(p.get("output_tokens_per_s"), 1),
+             "–" if not p.get("answers_per_s") else f"{p['answers_per_s']:.2f} ({p.get('batch_size')})",
+             _params(p.get("parameters")),
              _size(p.get("disk_bytes")), "–" if p.get("loaded_mib") is None else f"{p['loaded_mib']:.0f} MiB",
-             num(p.get("usd_per_1k_answers"), 4)]
-            for n, p in ((n, m["perf"]) for n, m in models.items())]
+             num(p.get("usd_per_1k_answers"), 4), _times((m.get("frontier") or {}).get("cost_ratio"))]
+            for n, m in models.items() for p in (m["perf"],)]
     student, reference = summary["student"], summary["reference"]
     mine, theirs = models[student]["perf"], (models[reference]["perf"] if reference else {})
     if mine.get("latency_p50_s") and theirs.get("latency_p50_s"):
@@ -191,10 +201,19 @@ def perf(summary: dict[str, Any]) -> Section | None:
         reading = f"{student} costs ${num(mine['usd_per_1k_answers'], 4)} per 1,000 answers"
     else:
         reading = "hosted models are priced, not timed"
+    found = models[student].get("frontier") or {}
+    if found.get("speedup") or found.get("cost_ratio"):
+        reading += "; " + ", ".join(part for part in (
+            f"{found['speedup']:.3g}× as fast" if found.get("speedup") else "",
+            f"{found['cost_ratio']:.3g}× the cost per answer" if found.get("cost_ratio") else "") if part)
+        reading += f" of {reference}"
     timed = mine.get("timed_prompts")
     notes = [f"Latency: {timed} prompts one at a time, as a user waits for them. RSS added by load: the process's "
              "growth while loading, so a model loaded after another of the same base reuses memory and adds less."
-             if timed else "Hosted models: cost from the usage of each answer and the price table."]
+             if timed else "Hosted models: cost from the usage of each answer and the price table.",
+             "Speed-up: the reference's p50 latency ÷ the model's, one prompt at a time (hosted models timed with "
+             "eval.timed_requests, past the cache). Cost ratio: the model's $ per 1k answers ÷ the reference's; a "
+             "local model's is eval.cost's hourly price over its answers per hour at its batch size."]
     return Section("latency", "Latency and size", reading + ".", header, rows, notes)
 
 

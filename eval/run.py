@@ -14,7 +14,7 @@ from factory.lock import DirectoryLock
 from sft.lineage import files_content, lineage_path_for, record_eval
 
 from . import distill
-from .answer import ModelRun, run_hosted, run_local
+from .answer import ModelRun, local_cost, run_hosted, run_local, time_hosted
 from .config import EvalConfig
 from .report import write_reports
 from .golden import GoldenItem, load_golden
@@ -100,8 +100,45 @@ def summarize(config: EvalConfig, items: list[GoldenItem], runs: dict[str, Model
             model["retention_by_tag"] = {tag: model["tags"][tag] / ref_tags[tag] if ref_tags[tag] else float("nan")
                                          for tag in tags}
             model["agreement"] = distill.agreement(runs[name], runs[reference], keys)
+            model["frontier"] = frontier(runs[name].perf, runs[reference].perf)
         out["models"][name] = model
     return out
+
+
+def frontier(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float | None]:
+    """Speed-up (the reference's p50 latency ÷ this model's, both at batch 1) and cost ratio (this model's
+    $ per 1k answers ÷ the reference's); None where either side was not timed or priced."""
+    def ratio(top: Any, bottom: Any) -> float | None:
+        return top / bottom if top is not None and bottom else None
+
+    return {"speedup": ratio(theirs.get("latency_p50_s"), mine.get("latency_p50_s")),
+            "cost_ratio": ratio(mine.get("usd_per_1k_answers"), theirs.get("usd_per_1k_answers"))}
+
+
+def _frontier_reasons(gate: Any, model: dict[str, Any]) -> list[str]:
+    reasons = []
+    found = model.get("frontier") or {}
+    if gate.min_speedup is not None:
+        speedup = found.get("speedup")
+        if speedup is None:
+            reasons.append("speed-up undefined (a model without latency: local models are timed with "
+                           "eval.perf_prompts, hosted ones with eval.timed_requests)")
+        elif speedup < gate.min_speedup:
+            reasons.append(f"speed-up {speedup:.2f}× < min_speedup {gate.min_speedup:g}×")
+    if gate.max_cost_ratio is not None:
+        cost_ratio = found.get("cost_ratio")
+        if cost_ratio is None:
+            reasons.append("cost ratio undefined (a model without $ per 1k answers: set eval.cost for local models, "
+                           "a price for hosted ones)")
+        elif cost_ratio > gate.max_cost_ratio:
+            reasons.append(f"cost ratio {cost_ratio:.3g} > max_cost_ratio {gate.max_cost_ratio:g}")
+    if gate.max_latency_p99_s is not None:
+        p99 = model["perf"].get("latency_p99_s")
+        if p99 is None:
+            reasons.append("p99 latency unmeasured (eval.perf_prompts or eval.timed_requests is 0)")
+        elif p99 > gate.max_latency_p99_s:
+            reasons.append(f"p99 latency {p99:.3f} s > max_latency_p99_s {gate.max_latency_p99_s:g} s")
+    return reasons
 
 
 def check_gate(config: EvalConfig, summary: dict[str, Any]) -> Gate | None:
@@ -121,10 +158,16 @@ def check_gate(config: EvalConfig, summary: dict[str, Any]) -> Gate | None:
     score = model["metrics"]["overall"]["mean"]
     if gate.min_score is not None and score < gate.min_score:
         reasons.append(f"score {_percent(score, gate.min_score)} < min_score {_percent(gate.min_score)}")
+    reasons += _frontier_reasons(gate, model)
     if reasons:
         return Gate(False, f"{student}: " + "; ".join(reasons))
+    found = model.get("frontier") or {}
+    extra = "".join([f", speed-up {found['speedup']:.2f}× ≥ {gate.min_speedup:g}×" if gate.min_speedup else "",
+                     f", cost ratio {found['cost_ratio']:.3g} ≤ {gate.max_cost_ratio:g}" if gate.max_cost_ratio else "",
+                     f", p99 {model['perf']['latency_p99_s']:.3f} s ≤ {gate.max_latency_p99_s:g} s"
+                     if gate.max_latency_p99_s else ""])
     return Gate(True, f"{student}: retention {_percent(retention, gate.min_retention)} ≥ min_retention "
-                      f"{_percent(gate.min_retention)}")
+                      f"{_percent(gate.min_retention)}{extra}")
 
 
 def _percent(fraction: float, limit: float | None = None) -> str:
@@ -176,12 +219,19 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
             with progress:
                 runs[model.name] = run_local(model, items, perf_prompts=config.perf_prompts, progress=progress)
             perf = runs[model.name].perf
+            cost = local_cost(perf, config.cost.gpu_hour_usd, config.cost.cpu_hour_usd)
+            if cost is not None:
+                perf["usd_per_1k_answers"] = cost
             console.print(escape(f"{model.name}: {len(items)} answers and {perf.get('timed_prompts', 0)} timed "
                                  f"prompts in {time.monotonic() - began:.0f} s"), highlight=False)
         else:
             console.print(escape(f"{model.name}: {model.provider} {model.model} through the factory pipeline"),
                           highlight=False)
             runs[model.name] = run_hosted(model, items, config.output_dir, console)
+            if config.timed_requests:
+                console.print(escape(f"{model.name}: timing {min(config.timed_requests, len(items))} request(s) "
+                                     "one at a time, past the cache"), highlight=False)
+                runs[model.name].perf.update(time_hosted(model, items, config.timed_requests))
 
     judged: dict[str, dict[str, float]] = {}
     judge_result = None
@@ -245,6 +295,7 @@ def record_in_lineages(config: EvalConfig, summary: dict[str, Any], runs: dict[s
             "reference": summary["reference"],
             "gate": summary["gate"] if name == summary["student"] else None,
             "perf": {key: run.perf[key] for key in PERF_KEYS if key in run.perf},
+            "frontier": model.get("frontier"),
         })
 
 

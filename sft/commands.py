@@ -95,14 +95,17 @@ def list_students(args: argparse.Namespace) -> int:
         console.print(f"no trained students under {escape(str(args.dir))} (looked for */lineage.json)", highlight=False)
         return 0
     table = Table(title=f"students under {escape(str(args.dir))}")
-    for name in ("output", "base model", "data runs", "date", "steps", "eval loss", "distill", "score", "retention"):
+    for name in ("output", "base model", "data runs", "date", "steps", "eval loss", "distill", "score", "retention",
+                 "p50 latency", "$/1k"):
         table.add_column(name)
     for s in students:
         loss = "—" if s["eval_loss"] is None else f"{s['eval_loss']:.4f}"
         score = "—" if s["score"] is None else f"{100 * s['score']:.1f} %"
         retention = "—" if s["retention"] is None else f"{100 * s['retention']:.1f} %"
         cells = [s["output_dir"], str(s["base_model"]), ", ".join(map(str, s["data"])), str(s["date"] or "—"),
-                 str(s["steps"]), loss, s["distill"] or "—", score, retention]
+                 str(s["steps"]), loss, s["distill"] or "—", score, retention,
+                 "—" if s["latency_p50_s"] is None else f"{s['latency_p50_s']:.3f} s",
+                 "—" if s["usd_per_1k_answers"] is None else f"{s['usd_per_1k_answers']:.4g}"]
         table.add_row(*(escape(str(cell)) for cell in cells))
     console.print(table)
     return 0

@@ -494,5 +494,7 @@ def find_students(directory: Path) -> list[dict[str, Any]]:
             "distill": f"alpha={distill['alpha']} T={distill['temperature']}" if distill else None,
             "score": scored.get("score"),  # the last eval that scored it (eval run records it)
             "retention": scored.get("retention"),
+            "latency_p50_s": (scored.get("perf") or {}).get("latency_p50_s"),
+            "usd_per_1k_answers": (scored.get("perf") or {}).get("usd_per_1k_answers"),
         })
     return students

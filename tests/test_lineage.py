@@ -78,7 +78,9 @@ def test_verify_names_an_added_review_decision_more_accepted_samples_and_an_edit
     assert entry["gate"]["passed"] in (True, False) and entry["golden"][0]["path"] == str(golden)
     assert "latency_p99_s" in entry["perf"] and 0 <= entry["score"] <= 1
     assert not (tmp_path / "tiny" / "lineage.json").exists(), "only trained students get a record"
-    assert find_students(tmp_path)[0]["score"] == entry["score"], "sft list shows the last eval's score"
+    listed = find_students(tmp_path)[0]
+    assert listed["score"] == entry["score"], "sft list shows the last eval's score"
+    assert listed["latency_p50_s"] == entry["perf"]["latency_p50_s"] and entry["frontier"]["speedup"] > 0
     assert changed(out) == [], "nothing changed yet"
     assert main(["lineage", str(out / "merged"), "--verify"]) == 0
     assert "hashes match" in capsys.readouterr().err
