@@ -129,12 +129,14 @@ class PruneOnHeldOutLoss:
         self.trial = trial
         self.sign = -1.0 if maximize else 1.0  # the study maximizes a score: a lower loss must rank higher
         self.pruned_at: int | None = None
+        self.reported: set[int] = set()
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                     **kwargs: Any) -> None:
         loss = (metrics or {}).get("eval_loss")
-        if loss is None:
+        if loss is None or state.global_step in self.reported:  # train()'s final evaluate repeats the last step
             return
+        self.reported.add(state.global_step)
         self.trial.report(self.sign * float(loss), state.global_step)
         if self.trial.should_prune():
             self.pruned_at = state.global_step
@@ -389,19 +391,21 @@ def _write_outputs(study: Any, settings: SweepSettings, config: SFTConfig, recip
     rows = _ranked(_rows(study, reference), maximize)
     best = rows[0] if rows and rows[0]["value"] is not None else None
     names = list(settings.space.chosen())
-    header = ["trial", *names, "score", "retention", "held-out loss", "steps", "train s", "eval s", "state"]
+    scored = ["score", "retention"] if maximize else []
+    header = ["trial", *names, *scored, "held-out loss", "steps", "train s", *(["eval s"] if maximize else []), "state"]
     ranked_by = ("the student's overall score on the golden sets (the gate's score; higher is better)" if maximize
                  else "held-out loss: cross-entropy of the teacher's completions on the held-out split (lower is better)")
     lines = [f"# Sweep: {settings.trials} trial(s), {settings.fraction:g} of the training data each", "",
-             f"Ranked by {ranked_by}. Held-out loss is kept beside the score; pruned trials stopped early "
-             "(held-out loss above the median of earlier trials at the same step) and have no score.", "",
+             f"Ranked by {ranked_by}." + (" Held-out loss is kept beside the score." if maximize else "")
+             + " Pruned trials stopped early (held-out loss above the median of earlier trials at the same step)"
+             + (" and have no score." if maximize else "; their loss is the last one reported."), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         mark = " (best)" if row is best else ""
         retention = "—" if row["retention"] is None else f"{100 * row['retention']:.1f} %"
-        cells = [f"{row['trial']}{mark}", *(_fmt(row["params"].get(name)) for name in names), _fmt(row["score"]),
-                 retention, _fmt(row["eval_loss"]), _fmt(row["steps"]), _fmt(row["train_s"]), _fmt(row["eval_s"]),
-                 row["state"]]
+        cells = [f"{row['trial']}{mark}", *(_fmt(row["params"].get(name)) for name in names),
+                 *([_fmt(row["score"]), retention] if maximize else []), _fmt(row["eval_loss"]), _fmt(row["steps"]),
+                 _fmt(row["train_s"]), *([_fmt(row["eval_s"])] if maximize else []), row["state"]]
         lines.append("| " + " | ".join(cells) + " |")
     if best is not None:
         lines += ["", f"Best: trial {best['trial']} ({best['dir']}); its recipe: best.yaml"]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,24 @@ def test_a_sweep_ranks_trials_by_golden_set_score_writes_the_best_recipe_and_res
     with pytest.raises(RecipeError, match=r"sft.sweep.space.learning_rate changed since the sweep in .* began "
                                           r"\(its trials drew from \[0.001, 0.01, 0.05\]\)"):
         run_sweep(config, changed, eval_config=eval_config, recipe=recipe)
+
+
+@pytest.mark.slow
+def test_a_trial_whose_held_out_loss_runs_above_the_median_is_pruned_and_saves_its_steps(tiny_sweep, tmp_path):
+    _, student, run, _ = tiny_sweep
+    section = sft_section(student, [run], tmp_path / "sft", max_steps=6, eval_every_steps=2, sweep=sweep_section(
+        objective="held_out_loss", prune=True, prune_after_trials=1, space={"learning_rate": [1e-2, 3.0, 1e-3]}))
+    config = SFTConfig(**section)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="The reported value is ignored")  # a step reported twice
+        rows = {row["params"]["learning_rate"]: row for row in run_sweep(config, config.sweep).rows}
+    diverged = rows[3.0]
+    assert diverged["state"] == "pruned", rows
+    assert diverged["steps"] < 6 and diverged["eval_loss"] > min(r["eval_loss"] for r in rows.values()), diverged
+    assert not (Path(diverged["dir"]) / "lineage.json").exists(), "a pruned trial skips its final save"
+    assert [r["state"] for r in rows.values() if r is not diverged] == ["complete", "complete"]
+    table = (tmp_path / "sft" / "sweep" / "sweep.md").read_text()
+    assert "| pruned |" in table and "score" not in table.split("\n")[4], "no score column without eval"
 
 
 @pytest.mark.slow
