@@ -158,7 +158,7 @@ def local_cost(perf: dict[str, Any], gpu_hour_usd: float | None, cpu_hour_usd: f
     hour_usd = gpu_hour_usd if str(perf.get("device", "")).startswith("cuda") else cpu_hour_usd
     if hour_usd is None or not perf.get("answers_per_s"):
         return None
-    return round(1000 * hour_usd / (3600 * perf["answers_per_s"]), 6)
+    return 1000 * hour_usd / (3600 * perf["answers_per_s"])
 
 
 # ---- hosted -----------------------------------------------------------------------------------------

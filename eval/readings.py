@@ -217,6 +217,43 @@ def perf(summary: dict[str, Any]) -> Section | None:
     return Section("latency", "Latency and size", reading + ".", header, rows, notes)
 
 
+def pareto_optimal(summary: dict[str, Any], figure: str) -> list[str]:
+    """The models no other model beats on both quality (higher) and `figure` (a perf key; lower), among
+    those that have the figure."""
+    points = {name: (m["metrics"]["overall"]["mean"], m["perf"].get(figure)) for name, m in summary["models"].items()}
+    points = {name: point for name, point in points.items() if not _missing(point[1])}
+    return [name for name, (score, cost) in points.items()
+            if not any(s >= score and c <= cost and (s > score or c < cost) for s, c in points.values())]
+
+
+def frontier(summary: dict[str, Any]) -> Section | None:
+    """Quality against latency and against cost, with the Pareto-optimal models named."""
+    models = summary["models"]
+    fast, cheap = pareto_optimal(summary, "latency_p50_s"), pareto_optimal(summary, "usd_per_1k_answers")
+    timed = [n for n, m in models.items() if not _missing(m["perf"].get("latency_p50_s"))]
+    priced = [n for n, m in models.items() if not _missing(m["perf"].get("usd_per_1k_answers"))]
+    if len(timed) < 2 and len(priced) < 2:
+        return None
+    header = ["model", "score", "p50 latency", "speed-up", "$/1k answers", "cost ratio", "Pareto-optimal on"]
+    rows = []
+    for name, model in models.items():
+        found = model.get("frontier") or {}
+        on = [label for label, members in (("latency", fast), ("cost", cheap)) if name in members]
+        rows.append([_label(summary, name), pct(model["metrics"]["overall"]["mean"]),
+                     _seconds(model["perf"].get("latency_p50_s")), _times(found.get("speedup")),
+                     num(model["perf"].get("usd_per_1k_answers"), 4), _times(found.get("cost_ratio")),
+                     " and ".join(on) or "–"])
+    parts = []
+    if len(timed) >= 2:
+        parts.append(f"on quality × latency: {', '.join(fast)}")
+    if len(priced) >= 2:
+        parts.append(f"on quality × cost: {', '.join(cheap)}")
+    notes = ["A model is Pareto-optimal when no other model scores at least as well and is at least as fast (or "
+             "cheap), better on one of the two; the others are dominated. Models without the figure are left out."]
+    return Section("frontier", "Quality, latency and cost", "Pareto-optimal " + "; ".join(parts) + ".", header, rows,
+                   notes)
+
+
 def cascade(summary: dict[str, Any]) -> Section | None:
     points = summary.get("cascade")
     if not points:
@@ -348,6 +385,6 @@ def _text(value: Any) -> str:
 
 
 def sections(summary: dict[str, Any]) -> list[Section]:
-    found = [scores(summary), by_metric(summary), by_tag(summary), perf(summary), cascade(summary),
+    found = [scores(summary), by_metric(summary), by_tag(summary), perf(summary), frontier(summary), cascade(summary),
              pairwise(summary), speculative(summary), divergence(summary), examples(summary), lineage(summary)]
     return [section for section in found if section is not None]

@@ -12,6 +12,7 @@ from conftest import build_tiny_llama
 
 from eval.__main__ import main
 from eval.answer import local_cost
+from eval.readings import pareto_optimal
 from eval.run import frontier
 
 torch.set_num_threads(1)
@@ -59,6 +60,15 @@ def test_speed_up_and_cost_ratio_by_hand():
     assert local_cost({"answers_per_s": 2.0, "device": "cpu"}, 3.6, None) is None
 
 
+def test_pareto_optimal_models_by_hand():
+    def model(score, latency):
+        return {"metrics": {"overall": {"mean": score}}, "perf": {"latency_p50_s": latency}}
+
+    summary = {"models": {"big": model(0.9, 1.0), "small": model(0.8, 0.1), "worse": model(0.7, 0.5),
+                          "tie": model(0.8, 0.1), "untimed": model(1.0, None)}}
+    assert pareto_optimal(summary, "latency_p50_s") == ["big", "small", "tie"], "worse is slower and scores less"
+
+
 @pytest.mark.one_client
 def test_a_gate_on_min_speedup_fails_and_passes_against_a_slow_priced_hosted_teacher(tmp_path, server, env_key,
                                                                                       tiny, capsys):
@@ -82,6 +92,9 @@ def test_a_gate_on_min_speedup_fails_and_passes_against_a_slow_priced_hosted_tea
     assert f"speed-up {speedup:.2f}× < min_speedup 1000×" in results["gate"]["reason"], results["gate"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| speed-up |" in report and "cost ratio" in report and f"{speedup:.3g}×" in report
+    assert "Pareto-optimal on quality × latency: student; on quality × cost: student." in report, \
+        "the same score, faster and cheaper: the teacher is dominated"
+    assert (tmp_path / "out" / "frontier.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "speed-up" in out and "cost ratio" in out, "the terminal table shows both"
 
