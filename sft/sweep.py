@@ -288,8 +288,14 @@ def _run_trial(one: SFTConfig, settings: SweepSettings, trial: Any, maximize: bo
     callbacks = [PruneOnHeldOutLoss(trial, maximize)] if settings.prune else []
     started = time.monotonic()
     resume = last_checkpoint(run_dir / "checkpoints") is not None
-    result = train(one, resume=resume, console=console, fraction=settings.fraction, export_merged=maximize,
-                   callbacks=callbacks)
+    import optuna
+
+    try:
+        result = train(one, resume=resume, console=console, fraction=settings.fraction, export_merged=maximize,
+                       callbacks=callbacks)
+    except optuna.TrialPruned:
+        trial.set_user_attr("train_s", round(time.monotonic() - started, 2))  # what the steps it ran took
+        raise
     outcome: dict[str, Any] = {"eval_loss": result.metrics.get("eval_loss"), "steps": result.global_step,
                                "train_s": round(time.monotonic() - started, 2), "score": None, "eval_s": None}
     if maximize and eval_config is not None:
@@ -371,6 +377,8 @@ def _rows(study: Any, reference: float | None) -> list[dict[str, Any]]:
                      "score": score, "retention": score / reference if score is not None and reference else None,
                      "eval_loss": attrs.get("eval_loss"), "steps": attrs.get("steps"), "train_s": attrs.get("train_s"),
                      "eval_s": attrs.get("eval_s"), "dir": attrs.get("dir"),
+                     "trial_s": (trial.datetime_complete - trial.datetime_start).total_seconds()
+                     if trial.datetime_complete and trial.datetime_start else None,
                      "value": trial.value if trial.state == TrialState.COMPLETE else None})
     return rows
 
