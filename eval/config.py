@@ -17,7 +17,7 @@ from factory.recipe import TeacherConfig
 
 # The metrics a golden line or `eval.metrics` may name; eval/metrics.py implements each (and asserts so).
 METRIC_NAMES = ("exact", "normalized", "token_f1", "rouge_l", "regex", "json_valid", "json_schema", "json_match",
-                "verifier", "judge")
+                "instruction", "verifier", "judge")
 
 
 class ModelConfig(TeacherConfig):
@@ -46,6 +46,9 @@ class GateConfig(Strict):
     max_cost_ratio: float | None = Field(
         default=None, gt=0, description="student $ per 1k answers ÷ the reference's")
     max_latency_p99_s: float | None = Field(default=None, gt=0, description="the student's p99 latency, seconds")
+    max_regression: float | None = Field(
+        default=None, ge=0, le=1, description="the most the student may score below the base model on the "
+        "eval.regression sets (a fraction: 0.05 = 5 points)")
 
 
 class CostConfig(Strict):
@@ -74,6 +77,12 @@ class EvalConfig(Strict):
         description="sampling settings for models that set no params of their own (greedy by default)",
     )
     verifier: str | None = Field(default=None, description="module:function for the `verifier` metric")
+    regression: list[Path] = Field(
+        default_factory=list, description="general sets scored apart from the task's, to see what a student forgot "
+        "(data/golden/instructions.jsonl: instructions checked by code); lines without a metric use `instruction`")
+    base: str | None = Field(
+        default=None, description="the model the student's regression is measured against (default: the one with "
+        "role baseline)")
     judge: JudgeConfig | None = None
     gate: GateConfig | None = None
     perf_prompts: int = Field(default=8, ge=0, description="local models: prompts timed one at a time for latency")
@@ -99,7 +108,7 @@ class EvalConfig(Strict):
         unknown = [m for m in self.metrics if m not in METRIC_NAMES]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(sorted(METRIC_NAMES))}")
-        for key in ("reference", "student"):
+        for key in ("reference", "student", "base"):
             value = getattr(self, key)
             if value is not None and value not in names:
                 raise ValueError(f"{key}: {value!r} is not one of the models {names}")
@@ -109,6 +118,11 @@ class EvalConfig(Strict):
         if self.reference:
             return self.reference
         return next((m.name for m in self.models if m.role == "teacher"), None)
+
+    def base_name(self) -> str | None:
+        if self.base:
+            return self.base
+        return next((m.name for m in self.models if m.role == "baseline"), None)
 
     def student_name(self) -> str:
         if self.student:

@@ -254,6 +254,31 @@ def frontier(summary: dict[str, Any]) -> Section | None:
                    notes)
 
 
+def regression(summary: dict[str, Any]) -> Section | None:
+    """What the student forgot: each model on the general sets, and its change against the base model."""
+    found = summary.get("regression")
+    if not found:
+        return None
+    base, student = found["base"], summary["student"]
+    header = ["model", "regression-set score (95 % CI)", f"change vs {base}" if base else "change"]
+    rows = [[_label(summary, name), with_interval(m["mean"], m["low"], m["high"]),
+             "base" if name == base else ("–" if m["change"] is None else f"{100 * m['change']:+.1f} points")]
+            for name, m in found["models"].items()]
+    mine = found["models"].get(student)
+    if mine is None or mine["change"] is None:
+        reading = f"{student} scores {pct(mine['mean']) if mine else '–'} on the regression sets; no base model to compare"
+    elif mine["change"] < 0:
+        reading = (f"{student} lost {100 * -mine['change']:.1f} points on the regression sets against {base} "
+                   f"({pct(found['models'][base]['mean'])} → {pct(mine['mean'])})")
+    else:
+        reading = (f"{student} kept what {base} could do on the regression sets ({pct(found['models'][base]['mean'])} "
+                   f"→ {pct(mine['mean'])})")
+    notes = [f"The regression sets ({', '.join(found['sets'])}) are general, not the task: instructions checked by "
+             "code (word counts, keywords, casing, JSON keys, bullets), each answer right only if it meets every "
+             "constraint. Their score is not part of the task's score."]
+    return Section("regression", "What the student forgot", reading + ".", header, rows, notes)
+
+
 def cascade(summary: dict[str, Any]) -> Section | None:
     points = summary.get("cascade")
     if not points:
@@ -385,6 +410,7 @@ def _text(value: Any) -> str:
 
 
 def sections(summary: dict[str, Any]) -> list[Section]:
-    found = [scores(summary), by_metric(summary), by_tag(summary), perf(summary), frontier(summary), cascade(summary),
-             pairwise(summary), speculative(summary), divergence(summary), examples(summary), lineage(summary)]
+    found = [scores(summary), by_metric(summary), by_tag(summary), regression(summary), perf(summary), frontier(summary),
+             cascade(summary), pairwise(summary), speculative(summary), divergence(summary), examples(summary),
+             lineage(summary)]
     return [section for section in found if section is not None]

@@ -105,6 +105,20 @@ def summarize(config: EvalConfig, items: list[GoldenItem], runs: dict[str, Model
     return out
 
 
+def regression_summary(config: EvalConfig, items: list[GoldenItem],
+                       scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Each model's score on the general sets, and its change against the base model's (what it forgot)."""
+    base = config.base_name()
+    models: dict[str, Any] = {}
+    for name, table in scores.items():
+        mean, low, high, method = mean_interval([table["overall"][i.key] for i in items], resamples=config.bootstrap,
+                                                seed=config.seed)
+        models[name] = {"mean": mean, "low": low, "high": high, "n": len(items), "interval": method}
+    for name, model in models.items():
+        model["change"] = model["mean"] - models[base]["mean"] if base in models else None
+    return {"sets": [str(p) for p in config.regression], "base": base, "models": models}
+
+
 def frontier(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float | None]:
     """Speed-up (the reference's p50 latency ÷ this model's, both at batch 1) and cost ratio (this model's
     $ per 1k answers ÷ the reference's); None where either side was not timed or priced."""
@@ -159,6 +173,15 @@ def check_gate(config: EvalConfig, summary: dict[str, Any]) -> Gate | None:
     if gate.min_score is not None and score < gate.min_score:
         reasons.append(f"score {_percent(score, gate.min_score)} < min_score {_percent(gate.min_score)}")
     reasons += _frontier_reasons(gate, model)
+    if gate.max_regression is not None:
+        found = (summary.get("regression") or {}).get("models", {}).get(student)
+        if found is None:
+            reasons.append("no regression score (set eval.regression, e.g. [data/golden/instructions.jsonl])")
+        elif found["change"] is None:
+            reasons.append("regression undefined (no base model: set eval.base or give one model role: baseline)")
+        elif -found["change"] > gate.max_regression:
+            reasons.append(f"lost {100 * -found['change']:.1f} points on the regression sets > max_regression "
+                           f"{100 * gate.max_regression:g}")
     if reasons:
         return Gate(False, f"{student}: " + "; ".join(reasons))
     found = model.get("frontier") or {}
@@ -205,7 +228,13 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
 
     started = time.time()
     items = load_golden(config.golden, config.metrics)
-    golden = files_content(config.golden)  # the bytes scored, for the students' lineage
+    regression = load_golden(config.regression, ["instruction"]) if config.regression else []
+    clash = sorted({i.key for i in items} & {i.key for i in regression})
+    if clash:
+        raise RecipeError(f"eval.regression: items {clash[:3]} have the keys of eval.golden items (set/id); "
+                          "rename the file or the ids")
+    golden = files_content([*config.golden, *config.regression])  # the bytes scored, for the students' lineage
+    asked = items + regression  # every model answers both; the task's score reads `items` only
     _default_params(config)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     console.print(escape(f"{len(items)} golden item(s) from {', '.join(str(p) for p in config.golden)}; "
@@ -217,17 +246,17 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
             progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("•"),
                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
             with progress:
-                runs[model.name] = run_local(model, items, perf_prompts=config.perf_prompts, progress=progress)
+                runs[model.name] = run_local(model, asked, perf_prompts=config.perf_prompts, progress=progress)
             perf = runs[model.name].perf
             cost = local_cost(perf, config.cost.gpu_hour_usd, config.cost.cpu_hour_usd)
             if cost is not None:
                 perf["usd_per_1k_answers"] = cost
-            console.print(escape(f"{model.name}: {len(items)} answers and {perf.get('timed_prompts', 0)} timed "
+            console.print(escape(f"{model.name}: {len(asked)} answers and {perf.get('timed_prompts', 0)} timed "
                                  f"prompts in {time.monotonic() - began:.0f} s"), highlight=False)
         else:
             console.print(escape(f"{model.name}: {model.provider} {model.model} through the factory pipeline"),
                           highlight=False)
-            runs[model.name] = run_hosted(model, items, config.output_dir, console)
+            runs[model.name] = run_hosted(model, asked, config.output_dir, console)
             if config.timed_requests:
                 console.print(escape(f"{model.name}: timing {min(config.timed_requests, len(items))} request(s) "
                                      "one at a time, past the cache"), highlight=False)
@@ -262,6 +291,8 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
             extra["divergence_kl"] = distill.divergence(s_run, t_run, items)
             if config.speculative:
                 extra["speculative"] = distill.speculative(s_run, t_run, items, int(config.params.get("max_tokens", 64)))
+    if regression:
+        summary["regression"] = regression_summary(config, regression, score_runs(config, regression, runs, {}))
     summary.update(extra)
     gate = check_gate(config, summary)
     summary["gate"] = None if gate is None else {"passed": gate.passed, "reason": gate.reason}
