@@ -80,6 +80,9 @@ class EvalConfig(Strict):
     regression: list[Path] = Field(
         default_factory=list, description="general sets scored apart from the task's, to see what a student forgot "
         "(data/golden/instructions.jsonl: instructions checked by code); lines without a metric use `instruction`")
+    fidelity: int = Field(
+        default=0, ge=0, description="score up to N samples of the student's sft held-out split (the teacher's "
+        "answers to prompts it never saw) with the task's metrics; needs a local student with its lineage.json")
     base: str | None = Field(
         default=None, description="the model the student's regression is measured against (default: the one with "
         "role baseline)")

@@ -279,6 +279,22 @@ def regression(summary: dict[str, Any]) -> Section | None:
     return Section("regression", "What the student forgot", reading + ".", header, rows, notes)
 
 
+def fidelity(summary: dict[str, Any]) -> Section | None:
+    """Distillation fidelity: each model against the teacher's answers on the student's sft held-out split."""
+    found = summary.get("fidelity")
+    if not found:
+        return None
+    student = summary["student"]
+    rows = [[_label(summary, name), with_interval(m["mean"], m["low"], m["high"])] for name, m in found["models"].items()]
+    mine = found["models"][student]
+    reading = (f"{student} agrees with the teacher's own answers on {pct(mine['mean'])} of {found['items']} "
+               "held-out training prompts it never saw")
+    notes = ["The student's sft held-out split, rebuilt from its lineage.json: the teacher's accepted answers, scored "
+             "with the task's metrics (the reference is the teacher's answer). Not part of the task's score."]
+    return Section("fidelity", "Fidelity on the held-out teacher data", reading + ".",
+                   ["model", "score against the teacher's answers (95 % CI)"], rows, notes)
+
+
 def cascade(summary: dict[str, Any]) -> Section | None:
     points = summary.get("cascade")
     if not points:
@@ -410,7 +426,7 @@ def _text(value: Any) -> str:
 
 
 def sections(summary: dict[str, Any]) -> list[Section]:
-    found = [scores(summary), by_metric(summary), by_tag(summary), regression(summary), perf(summary), frontier(summary),
-             cascade(summary), pairwise(summary), speculative(summary), divergence(summary), examples(summary),
-             lineage(summary)]
+    found = [scores(summary), by_metric(summary), by_tag(summary), regression(summary), fidelity(summary), perf(summary),
+             frontier(summary), cascade(summary), pairwise(summary), speculative(summary), divergence(summary),
+             examples(summary), lineage(summary)]
     return [section for section in found if section is not None]

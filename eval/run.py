@@ -16,6 +16,7 @@ from sft.lineage import files_content, lineage_path_for, record_eval
 from . import distill
 from .answer import ModelRun, local_cost, run_hosted, run_local, time_hosted
 from .config import EvalConfig
+from .fidelity import held_out_items
 from .report import write_reports
 from .golden import GoldenItem, load_golden
 from .judge import run_judge
@@ -105,15 +106,22 @@ def summarize(config: EvalConfig, items: list[GoldenItem], runs: dict[str, Model
     return out
 
 
-def regression_summary(config: EvalConfig, items: list[GoldenItem],
-                       scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
-    """Each model's score on the general sets, and its change against the base model's (what it forgot)."""
-    base = config.base_name()
-    models: dict[str, Any] = {}
+def set_means(config: EvalConfig, items: list[GoldenItem],
+              scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Each model's mean overall score on a set scored apart from the task's, with its interval."""
+    models: dict[str, dict[str, Any]] = {}
     for name, table in scores.items():
         mean, low, high, method = mean_interval([table["overall"][i.key] for i in items], resamples=config.bootstrap,
                                                 seed=config.seed)
         models[name] = {"mean": mean, "low": low, "high": high, "n": len(items), "interval": method}
+    return models
+
+
+def regression_summary(config: EvalConfig, items: list[GoldenItem],
+                       scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Each model's score on the general sets, and its change against the base model's (what it forgot)."""
+    base = config.base_name()
+    models = set_means(config, items, scores)
     for name, model in models.items():
         model["change"] = model["mean"] - models[base]["mean"] if base in models else None
     return {"sets": [str(p) for p in config.regression], "base": base, "models": models}
@@ -233,8 +241,9 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
     if clash:
         raise RecipeError(f"eval.regression: items {clash[:3]} have the keys of eval.golden items (set/id); "
                           "rename the file or the ids")
+    held_out = held_out_items(config) if config.fidelity else []
     golden = files_content([*config.golden, *config.regression])  # the bytes scored, for the students' lineage
-    asked = items + regression  # every model answers both; the task's score reads `items` only
+    asked = items + regression + held_out  # every model answers all; the task's score reads `items` only
     _default_params(config)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     console.print(escape(f"{len(items)} golden item(s) from {', '.join(str(p) for p in config.golden)}; "
@@ -293,6 +302,9 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
                 extra["speculative"] = distill.speculative(s_run, t_run, items, int(config.params.get("max_tokens", 64)))
     if regression:
         summary["regression"] = regression_summary(config, regression, score_runs(config, regression, runs, {}))
+    if held_out:
+        summary["fidelity"] = {"items": len(held_out), "ids": [item.id for item in held_out], "models": set_means(
+            config, held_out, score_runs(config, held_out, runs, {}))}
     summary.update(extra)
     gate = check_gate(config, summary)
     summary["gate"] = None if gate is None else {"passed": gate.passed, "reason": gate.reason}
