@@ -35,7 +35,8 @@ def add_commands(sub: argparse._SubParsersAction, launcher: str) -> None:
                        help="share of the training split per run (default: sft.sweep.fraction, else 0.1)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     add_output_options(sweep)
-    listing = sub.add_parser("list", help="trained students: base model, data runs, date, final held-out loss")
+    listing = sub.add_parser("list", help="trained students: base model, data runs, date, held-out loss, the last "
+                                          "eval's score, retention, latency and cost")
     listing.add_argument("dir", nargs="?", type=Path, default=Path("runs"), help="where to look (default: runs)")
     lineage = sub.add_parser("lineage", help="a student's lineage; --verify recomputes every hash (data, review, "
                                              "golden sets, weights) and names what changed")

@@ -112,6 +112,9 @@ def test_verify_names_an_added_review_decision_more_accepted_samples_and_an_edit
     assert main(["lineage", str(out), "--verify"]) == 1
     err = capsys.readouterr().err
     assert "5 change(s) since training or eval" in err, err
+    import apprentice_cli
+
+    assert apprentice_cli.main(["lineage", str(out), "--verify", "-q"]) == 1, "`apprentice lineage` is the same"
     assert main(["lineage", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "eval " in shown and "mine scored" in shown and "16 accepted" in shown, shown
