@@ -12,6 +12,7 @@ from conftest import build_tiny_llama
 
 from rich.console import Console
 
+import apprentice_cli
 from eval.config import EvalConfig
 from eval.run import evaluate
 from factory.review_ledger import demote
@@ -112,8 +113,6 @@ def test_verify_names_an_added_review_decision_more_accepted_samples_and_an_edit
     assert main(["lineage", str(out), "--verify"]) == 1
     err = capsys.readouterr().err
     assert "5 change(s) since training or eval" in err, err
-    import apprentice_cli
-
     assert apprentice_cli.main(["lineage", str(out), "--verify", "-q"]) == 1, "`apprentice lineage` is the same"
     assert main(["lineage", str(out)]) == 0
     shown = capsys.readouterr().out
