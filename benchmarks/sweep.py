@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--kill-after", type=int, default=3, help="kill -9 once this many trials have finished")
     parser.add_argument("--prompts", type=int, default=120, help="demo prompts generated (--limit)")
     parser.add_argument("--golden", type=int, default=60, help="golden items each trial is scored on")
+    parser.add_argument("--lr", type=float, nargs=2, default=(1e-4, 3e-3), metavar=("LOW", "HIGH"),
+                        help="learning-rate range, drawn on a log scale")
     options = parser.parse_args()
     work = options.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,7 @@ def main() -> int:
         "sweep": {"trials": options.trials, "fraction": options.fraction, "objective": "eval", "prune": True,
                   "prune_after_trials": 3,
                   "space": {"temperature": [1.0, 2.0, 4.0, 8.0], "alpha": {"low": 0.0, "high": 1.0},
-                            "learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}}},
+                            "learning_rate": {"low": options.lr[0], "high": options.lr[1], "log": True}}},
     })
     demo["eval"].update({"output_dir": str(work / "eval"), "golden": [str(golden)]})
     recipe = work / "recipe.yaml"
@@ -70,7 +72,8 @@ def main() -> int:
     generate_s = None
     if not (work / "demo" / "accepted.jsonl").is_file():
         generate_s = run(["-m", "factory", "generate", str(recipe), "--limit", str(options.prompts), "-q"], env)
-    accepted = sum(1 for _ in (work / "demo" / "accepted.jsonl").open(encoding="utf-8"))
+    records = [json.loads(line) for line in (work / "demo" / "accepted.jsonl").open(encoding="utf-8") if line.strip()]
+    accepted = f"{len(records)} accepted samples of {len({r['prompt_id'] for r in records})} prompts"
 
     root = work / "sft" / "sweep"
     started = time.monotonic()
@@ -123,7 +126,7 @@ def write_results(options, rows, data, generate_s, accepted, killed_at, first_s,
     best = json.loads(json.dumps(rows[0])) if rows and rows[0]["value"] is not None else None
     command = (f".venv/bin/python benchmarks/sweep.py --trials {options.trials} --fraction {options.fraction} "
                f"--max-steps {options.max_steps} --kill-after {options.kill_after} --prompts {options.prompts} "
-               f"--golden {options.golden}")
+               f"--golden {options.golden} --lr {options.lr[0]:g} {options.lr[1]:g}")
     versions = ", ".join(f"{name} {md.version(name)}" for name in ("torch", "transformers", "trl", "peft", "optuna"))
     lines = [
         "# sweep", "",
@@ -133,8 +136,8 @@ def write_results(options, rows, data, generate_s, accepted, killed_at, first_s,
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}",
         f"Versions: {versions}",
         f"Load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}",
-        f"Setup: data/recipes/demo.yaml with the teacher's top-20 logprobs (`--limit {options.prompts}` prompts, "
-        f"{accepted} accepted samples" + (f", generated in {generate_s:.0f} s" if generate_s else "") + "); "
+        f"Setup: data/recipes/demo.yaml with the teacher's top-20 logprobs ({accepted}"
+        + (f", generated in {generate_s:.0f} s" if generate_s else ", generated before") + "); "
         f"`sft.distill` on; each trial trains on {options.fraction:g} of the training split for at most "
         f"{options.max_steps} steps (small, on purpose: a shared CPU) and is scored by eval on the first "
         f"{options.golden} items of data/golden/extraction.jsonl; MedianPruner after 3 trials; TPE seed 0.",
