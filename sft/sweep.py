@@ -385,10 +385,11 @@ def _rows(study: Any, reference: float | None) -> list[dict[str, Any]]:
 
 def _ranked(rows: list[dict[str, Any]], maximize: bool) -> list[dict[str, Any]]:
     def key(row: dict[str, Any]) -> tuple:
-        value = row["value"]
+        # Equal scores (a small golden set, or short trials that all score 0) go by held-out loss, lower first.
+        value, loss = row["value"], row["eval_loss"] if row["eval_loss"] is not None else float("inf")
         if value is None:
-            return (1, 0.0, row["trial"])
-        return (0, -value if maximize else value, row["trial"])
+            return (1, 0.0, loss, row["trial"])
+        return (0, -value if maximize else value, loss, row["trial"])
 
     return sorted(rows, key=key)
 
@@ -401,7 +402,8 @@ def _write_outputs(study: Any, settings: SweepSettings, config: SFTConfig, recip
     names = list(settings.space.chosen())
     scored = ["score", "retention"] if maximize else []
     header = ["trial", *names, *scored, "held-out loss", "steps", "train s", *(["eval s"] if maximize else []), "state"]
-    ranked_by = ("the student's overall score on the golden sets (the gate's score; higher is better)" if maximize
+    ranked_by = ("the student's overall score on the golden sets (the gate's score; higher is better), equal "
+                 "scores by held-out loss" if maximize
                  else "held-out loss: cross-entropy of the teacher's completions on the held-out split (lower is better)")
     lines = [f"# Sweep: {settings.trials} trial(s), {settings.fraction:g} of the training data each", "",
              f"Ranked by {ranked_by}." + (" Held-out loss is kept beside the score." if maximize else "")

@@ -134,6 +134,15 @@ def test_the_pruner_stops_a_trial_whose_held_out_loss_is_above_the_median():
     stops.on_log(None, state, control, logs={})  # every other event is a no-op
 
 
+def test_trials_rank_by_score_then_by_held_out_loss_and_pruned_ones_last():
+    from sft.sweep import _ranked
+
+    rows = [{"trial": 0, "value": 0.5, "eval_loss": 1.0}, {"trial": 1, "value": None, "eval_loss": 0.1},
+            {"trial": 2, "value": 0.5, "eval_loss": 0.8}, {"trial": 3, "value": 0.7, "eval_loss": 2.0}]
+    assert [r["trial"] for r in _ranked(rows, maximize=True)] == [3, 2, 0, 1]
+    assert [r["trial"] for r in _ranked(rows, maximize=False)] == [2, 0, 3, 1], "a loss objective: lowest first"
+
+
 def test_a_checkpoint_cut_off_mid_save_is_not_resumed_from(tmp_path):
     from sft.train import last_checkpoint
 
