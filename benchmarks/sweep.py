@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--kill-after", type=int, default=3, help="kill -9 once this many trials have finished")
     parser.add_argument("--prompts", type=int, default=120, help="demo prompts generated (--limit)")
     parser.add_argument("--golden", type=int, default=60, help="golden items each trial is scored on")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the results from the work folder as it stands (a resumed run stopped early)")
     parser.add_argument("--lr", type=float, nargs=2, default=(1e-4, 3e-3), metavar=("LOW", "HIGH"),
                         help="learning-rate range, drawn on a log scale")
     options = parser.parse_args()
@@ -69,6 +71,10 @@ def main() -> int:
     recipe = work / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(demo, sort_keys=False), encoding="utf-8")
 
+    state_path = work / "state.json"
+    if options.report_only:
+        return report(options, json.loads(state_path.read_text(encoding="utf-8")), work / "sft" / "sweep", load_before,
+                      resumed_s=None)
     generate_s = None
     if not (work / "demo" / "accepted.jsonl").is_file():
         generate_s = run(["-m", "factory", "generate", str(recipe), "--limit", str(options.prompts), "-q"], env)
@@ -91,20 +97,22 @@ def main() -> int:
             break
         time.sleep(0.5)
     first_s = time.monotonic() - started
-    before = {p.parent.name: p.stat().st_mtime_ns for p in root.glob("trial-*/trial.json")}
+    state = {"generate_s": generate_s, "accepted": accepted, "killed_at": killed_at, "first_s": first_s,
+             "before": {p.parent.name: p.stat().st_mtime_ns for p in root.glob("trial-*/trial.json")}}
+    state_path.write_text(json.dumps(state), encoding="utf-8")
 
     resumed_started = time.monotonic()
     subprocess.run([sys.executable, "-m", "sft", "sweep", str(recipe), "-q"], cwd=REPO, env=env, check=False,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    resumed_s = time.monotonic() - resumed_started
-    after = {p.parent.name: p.stat().st_mtime_ns for p in root.glob("trial-*/trial.json")}
-    retrained = [name for name, stamp in before.items() if after.get(name) != stamp]
+    return report(options, state, root, load_before, resumed_s=time.monotonic() - resumed_started)
 
+
+def report(options, state, root: Path, load_before: float, resumed_s: float | None) -> int:
+    after = {p.parent.name: p.stat().st_mtime_ns for p in root.glob("trial-*/trial.json")}
+    retrained = [name for name, stamp in state["before"].items() if after.get(name) != stamp]
     data = json.loads((root / "sweep.json").read_text(encoding="utf-8"))
-    rows = data["trials"]
-    load_after = os.getloadavg()[0]
-    write_results(options, rows, data, generate_s, accepted, killed_at, first_s, resumed_s, before, retrained,
-                  load_before, load_after, root)
+    write_results(options, data["trials"], data, state["generate_s"], state["accepted"], state["killed_at"],
+                  state["first_s"], resumed_s, state["before"], retrained, load_before, os.getloadavg()[0], root)
     print(RESULTS.read_text(encoding="utf-8"))
     return 0
 
@@ -150,7 +158,7 @@ def write_results(options, rows, data, generate_s, accepted, killed_at, first_s,
               f"| killed with SIGKILL after | {_fmt(killed_at, 4)} s (first run: {first_s:.0f} s) |",
               f"| trials finished before the kill | {len(before)} |",
               f"| of those trained again by the resumed run | {len(retrained)} |",
-              f"| resumed run, to the end | {resumed_s:.0f} s |",
+              f"| resumed run, to the end | {'stopped before the end (--report-only)' if resumed_s is None else f'{resumed_s:.0f} s'} |",
               f"| trials in all: complete / pruned | {len(complete)} / {len(pruned)} |",
               f"| reference (teacher) score, measured once | {_fmt(data.get('reference_score'))} |",
               "", "## What the sweep adds per trial", "",
