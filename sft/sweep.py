@@ -194,6 +194,10 @@ def _open_study(root: Path, settings: SweepSettings, seed: int, maximize: bool, 
         raise RecipeError(f"{root / 'optuna.db'} holds a sweep that {study.direction.name.lower()}s; this one "
                           f"{direction}s (sft.sweep.objective {settings.objective}): choose another sft.output_dir")
     _check_same_space(study, settings, root)
+    # A resumed sweep must not replay the draws of the first run: the seeded sampler starts again from its seed,
+    # and TPE's first trials are random draws, so the same seed would propose the finished trials' settings
+    # again (seen in benchmarks/sweep.py). Offset by the trials already in the study: reproducible, and new.
+    study.sampler = _sampler(settings, seed + len(study.get_trials(deepcopy=False)))
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         # We hold the sweep's lock: a trial still marked running was killed. It fails, and its settings run
         # again first (their folder has its checkpoints, so the training resumes there).

@@ -143,6 +143,26 @@ def test_trials_rank_by_score_then_by_held_out_loss_and_pruned_ones_last():
     assert [r["trial"] for r in _ranked(rows, maximize=False)] == [2, 0, 3, 1], "a loss objective: lowest first"
 
 
+def test_a_resumed_sweep_draws_new_settings_not_the_first_runs_again(tmp_path):
+    from rich.console import Console
+
+    from sft.sweep import _open_study
+
+    settings = SweepSettings(trials=20, space={"learning_rate": {"low": 1e-5, "high": 1e-2, "log": True},
+                                               "temperature": [1.0, 2.0, 4.0, 8.0]})
+    quiet = Console(file=open(os.devnull, "w"))
+    first = _open_study(tmp_path, settings, 0, True, quiet)
+    drawn = []
+    for _ in range(3):
+        trial = first.ask()
+        drawn.append((trial.suggest_float("learning_rate", 1e-5, 1e-2, log=True),
+                      trial.suggest_categorical("temperature", [1.0, 2.0, 4.0, 8.0])))
+        first.tell(trial, 0.5)
+    again = _open_study(tmp_path, settings, 0, True, quiet)  # the sweep run again after a kill
+    trial = again.ask()
+    assert trial.suggest_float("learning_rate", 1e-5, 1e-2, log=True) not in [lr for lr, _ in drawn]
+
+
 def test_a_checkpoint_cut_off_mid_save_is_not_resumed_from(tmp_path):
     from sft.train import last_checkpoint
 
