@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from apprentice.errors import TeacherError
+from apprentice.tokens import mean_logprob
 from factory.answers import answer_prompts
 from factory.builtin import resolve_model
 from factory.hf import encode_chat, generate_ids, generate_with_logprobs, load_model, normalize_params
@@ -100,11 +101,8 @@ def run_local(config: ModelConfig, items: list[GoldenItem], *, perf_prompts: int
             temperature=params["temperature"], top_p=params["top_p"], top_k=params.get("top_k", 0),
             seed=params.get("seed"))
         for i, completion, token_logprobs in zip(chunk, outs, logprobs):
-            values = token_logprobs.sampled_logprobs
-            if completion.finish_reason == "stop":
-                values = values[:-1]  # the end-of-turn token is not part of the answer
             answers[items[i].key] = Answer(completion.text, completion.output_tokens, completion.finish_reason,
-                                           confidence=float(values.mean()) if len(values) else None)
+                                           confidence=mean_logprob(token_logprobs, completion.finish_reason))
         progress.advance(task, len(chunk))
     answer_s = time.perf_counter() - answering
     progress.update(task, description=f"{config.name}: timing")

@@ -10,14 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from apprentice.config import Strict, load_section
+from apprentice.tracking import unsupported
 from factory.recipe import TeacherConfig
 
 # The metrics a golden line or `eval.metrics` may name; eval/metrics.py implements each (and asserts so).
 METRIC_NAMES = ("exact", "normalized", "token_f1", "rouge_l", "regex", "json_valid", "json_schema", "json_match",
-                "instruction", "verifier", "judge")
+                "instruction", "number", "verifier", "judge")
 
 
 class ModelConfig(TeacherConfig):
@@ -101,6 +102,17 @@ class EvalConfig(Strict):
     speculative: bool = Field(
         default=True, description="local student and teacher with one tokenizer: assisted-generation speed-up"
     )
+    report_to: str | list[str] | None = Field(
+        default=None, description="tracker for the scores, retention and gate: "
+        "tensorboard or none; unset: sft.report_to of the same recipe (its tensorboard part)")
+
+    @field_validator("report_to")
+    @classmethod
+    def _tracked(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if other := unsupported(value):
+            raise ValueError(f"{other}: the eval logs to tensorboard only (or none); wandb, mlflow and trackio "
+                             "get the trainer's figures through sft.report_to")
+        return value
 
     @model_validator(mode="after")
     def _names(self) -> "EvalConfig":

@@ -163,6 +163,25 @@ def _frontier_reasons(gate: Any, model: dict[str, Any]) -> list[str]:
     return reasons
 
 
+def eval_figures(summary: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """The eval as tracker scalars (each model's metrics with their intervals, retention, the gate) and texts."""
+    scalars: dict[str, float] = {}
+    for name, model in summary["models"].items():
+        for metric, value in model["metrics"].items():
+            scalars[f"eval/{name}/{metric}"] = value["mean"]
+            if metric == "overall":
+                scalars[f"eval/{name}/overall_low"], scalars[f"eval/{name}/overall_high"] = value["low"], value["high"]
+        retention = (model.get("retention") or {}).get("overall")
+        if retention:
+            scalars.update({f"eval/{name}/retention": retention["ratio"], f"eval/{name}/retention_low": retention["low"],
+                            f"eval/{name}/retention_high": retention["high"]})
+    texts = {}
+    if summary.get("gate") is not None:
+        scalars["eval/gate_passed"] = 1.0 if summary["gate"]["passed"] else 0.0
+        texts["eval/gate"] = summary["gate"]["reason"]
+    return scalars, texts
+
+
 def check_gate(config: EvalConfig, summary: dict[str, Any]) -> Gate | None:
     gate = config.gate
     if gate is None:

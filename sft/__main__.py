@@ -1,4 +1,4 @@
-"""`python -m sft train|sweep|list` — thin: the parser here, the commands in sft/commands.py.
+"""`python -m sft train|sweep|list|lineage|card` — thin: the parser here, the commands in sft/commands.py.
 The same subcommands are `apprentice train|sweep|list` (apprentice_cli builds them with `add_commands`).
 
     python -m sft train RECIPE.yaml [--set sft.key=value ...] [--resume] [-q | -v]
@@ -6,6 +6,7 @@ The same subcommands are `apprentice train|sweep|list` (apprentice_cli builds th
     python -m sft sweep RECIPE.yaml --temperatures 1,2,4,8,16 --fraction 0.1  (distillation temperatures only)
     python -m sft list [DIR]                     (default: runs)
     python -m sft lineage STUDENT_DIR [--verify]
+    python -m sft card STUDENT_DIR [--eval DIR ...] [--push-to-hub OWNER/NAME [--merged] [--public]]
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def add_commands(sub: argparse._SubParsersAction, launcher: str) -> None:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe key, e.g. --set sft.max_steps=10 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    _push_options(train)
     add_output_options(train)
     sweep = sub.add_parser("sweep", help="short training runs over sft.sweep's settings, each scored on the golden "
                                          "sets; sweep.md, best.yaml")
@@ -43,8 +45,24 @@ def add_commands(sub: argparse._SubParsersAction, launcher: str) -> None:
     lineage.add_argument("student", type=Path, help="the student's folder (sft.output_dir, or its merged/)")
     lineage.add_argument("--verify", action="store_true", help="recompute every hash; exit 1 if anything changed")
     add_output_options(lineage)
-    for name, command in (("train", train), ("sweep", sweep), ("list", listing), ("lineage", lineage)):
+    card = sub.add_parser("card", help="write a trained student's model card (README.md), with its eval table "
+                                       "once eval ran; optionally push it to the Hub")
+    card.add_argument("student_dir", type=Path, help="a trained student: the sft.output_dir holding lineage.json")
+    card.add_argument("--eval", action="append", type=Path, default=None, metavar="DIR", dest="eval_dirs",
+                      help="an eval.output_dir holding results.json (repeatable; default: the folders beside "
+                           "STUDENT_DIR)")
+    _push_options(card)
+    add_output_options(card)
+    for name, command in (("train", train), ("sweep", sweep), ("list", listing), ("lineage", lineage),
+                          ("card", card)):
         command.set_defaults(run=run, launcher=launcher, command=name)
+
+
+def _push_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None,
+                        help="upload the adapter, its model card and lineage to this Hub model repo (private)")
+    parser.add_argument("--merged", action="store_true", help="with --push-to-hub: upload the merged model instead")
+    parser.add_argument("--public", action="store_true", help="with --push-to-hub: create the repo public")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError, RecipeError
 from eval.config import load_eval_config
 
+from .card import check_repo, push_student, write_cards
 from .config import SFTConfig, load_sft_config
 from .lineage import read_lineage, verify
 from .sweep import run_sweep, settings_for_temperatures
@@ -27,10 +28,14 @@ def train_or_sweep(args: argparse.Namespace) -> int:
         this = command_line(args.launcher, "sft", args.command, args.recipe)
         if args.command == "sweep":
             return _sweep(args, config, this, console)
+        if args.push_to_hub:
+            check_repo(args.push_to_hub)  # before hours of training, not after
         console.print(f"[bold]{escape(this)}[/] → {escape(str(config.output_dir))}", highlight=False)
         console.print(escape(describe(config)), highlight=False)
         console.detail_json(config.model_dump(mode="json"))  # -v; lineage.json keeps it too
         result = train(config, resume=args.resume, console=console)
+        if args.push_to_hub:  # after training: a failed upload leaves the student and its card on disk
+            _push(console, config.output_dir, args)
     except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
         return console.stopped(exc)
     evaluate = command_line(args.launcher, "eval", "run", args.recipe)
@@ -64,6 +69,36 @@ def _sweep(args: argparse.Namespace, config: SFTConfig, this: str, console: Comm
     best = result.root / "best.yaml"
     console.final(f"next: {escape(command_line(args.launcher, 'sft', 'train', best))} (the best trial, "
                   f"trial {result.best['trial']}, on all the data)", highlight=False)
+    return 0
+
+
+def _push(console: CommandConsole, student_dir, args: argparse.Namespace) -> None:
+    url = push_student(student_dir, args.push_to_hub, merged=args.merged, private=not args.public)
+    console.print(escape(f"pushed {'the merged model' if args.merged else 'the adapter'} and its card to {url}"),
+                  highlight=False)
+
+
+def card_command(args: argparse.Namespace) -> int:
+    """Rewrite a trained student's model card (with the eval table once an eval scored it); push it if asked."""
+    console = CommandConsole(args.verbosity, transcript=False)
+    try:
+        written = write_cards(args.student_dir, args.eval_dirs)
+        table = "with" if "## Evaluation\n\nFrom " in written[0].read_text(encoding="utf-8") else "without"
+        console.print(escape(f"model card ({table} an eval table) → {', '.join(str(p) for p in written)}"),
+                      highlight=False)
+        if args.eval_dirs and table == "without":
+            console.print("[yellow]note:[/] " + escape(f"no model in {', '.join(map(str, args.eval_dirs))} is this "
+                                                       "student (its path, adapter/ or merged/, and this training)"),
+                          highlight=False)
+        if args.push_to_hub:
+            _push(console, args.student_dir, args)
+    except (ApprenticeError, OSError) as exc:
+        return console.stopped(exc)
+    if table == "without":
+        console.final(escape(f"next: score it with {command_line(args.launcher, 'eval', 'run', 'RECIPE.yaml')}, then "
+                             f"{command_line(args.launcher, 'sft', 'card', args.student_dir)} again"), highlight=False)
+    else:
+        console.final(escape(f"card: {written[0]}"), highlight=False)
     return 0
 
 
@@ -155,4 +190,5 @@ def show_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": train_or_sweep, "sweep": train_or_sweep, "list": list_students, "lineage": show_lineage}
+COMMANDS = {"train": train_or_sweep, "sweep": train_or_sweep, "list": list_students, "lineage": show_lineage,
+            "card": card_command}

@@ -35,6 +35,7 @@ from apprentice.errors import RecipeError
 from factory.builtin import resolve_model
 from factory.lock import DirectoryLock
 
+from .card import write_cards
 from .config import SFTConfig
 from .data import load_splits
 from .kd import TeacherLogprobs, align
@@ -240,6 +241,7 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
         "seconds": round(time.time() - started, 2),
     }
     lineage_path.write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
+    write_cards(output_dir)  # README.md model cards from the lineage (and an eval of it, once there is one)
     merged_note = f", merged → {merged_dir}" if export_merged else ""
     console.print("[green]done[/] " + escape(f"adapter → {adapter_dir}{merged_note}, lineage → {lineage_path}"
                                              + (f", loss curves → {curves}" if curves else "")), highlight=False)
