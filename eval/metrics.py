@@ -17,6 +17,7 @@ from apprentice.text import answer_words, fold_answer, rouge_l_words
 from quality_checks.structured import extract_json_text, last_number, parse_number
 
 from .config import METRIC_NAMES
+from .instructions import instruction
 
 
 def exact(answer: str, reference: Any) -> float:
@@ -100,13 +101,15 @@ METRICS: dict[str, Callable[[str, Any], float]] = {
     "json_valid": json_valid,
     "json_schema": json_schema,
     "json_match": json_match,
+    "instruction": instruction,
     "number": number,
     # Filled in by the runner, not from (answer, reference) alone:
     "verifier": lambda answer, reference: 0.0,
     "judge": lambda answer, reference: 0.0,
 }
 assert set(METRICS) == set(METRIC_NAMES), "eval/config.py METRIC_NAMES must list every metric"
-NEEDS_REFERENCE = {"exact", "normalized", "token_f1", "rouge_l", "regex", "json_schema", "json_match", "number"}
+NEEDS_REFERENCE = {"exact", "normalized", "token_f1", "rouge_l", "regex", "json_schema", "json_match", "instruction",
+                   "number"}
 SPECIAL = {"verifier", "judge"}
 
 

@@ -39,6 +39,7 @@ from .card import write_cards
 from .config import SFTConfig
 from .data import load_splits
 from .kd import TeacherLogprobs, align
+from .lineage import latest_eval, run_content, weights_content
 from .progress import RichProgress
 
 PACKAGES = ("apprentice", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes")
@@ -102,9 +103,13 @@ def _require_bitsandbytes(cpu: bool) -> None:
 
 
 def last_checkpoint(checkpoints: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return Path(found) if checkpoints.is_dir() and (found := get_last_checkpoint(str(checkpoints))) else None
+    """The newest complete checkpoint. The Trainer writes trainer_state.json last: a folder without it was
+    cut off mid-save (a kill -9, seen in the sweep's resume test) and resuming from it would fail."""
+    if not checkpoints.is_dir():
+        return None
+    complete = [path for path in checkpoints.glob("checkpoint-*")
+                if path.name.removeprefix("checkpoint-").isdigit() and (path / "trainer_state.json").is_file()]
+    return max(complete, key=lambda path: int(path.name.removeprefix("checkpoint-")), default=None)
 
 
 def output_lock(directory: Path | str, key: str) -> contextlib.AbstractContextManager:
@@ -116,16 +121,17 @@ def output_lock(directory: Path | str, key: str) -> contextlib.AbstractContextMa
 
 
 def train(config: SFTConfig, *, resume: bool = False, console: Any = None, fraction: float = 1.0,
-          export_merged: bool = True) -> TrainResult:
+          export_merged: bool = True, callbacks: list[Any] = ()) -> TrainResult:
     """Train, evaluate, save, holding the output directory's lock. `fraction` keeps that share of the
-    training split (seeded; the held-out split is unchanged), `export_merged=False` skips the merged model:
-    both for sweeps of short runs."""
+    training split (seeded; the held-out split is unchanged), `export_merged=False` skips the merged model,
+    `callbacks` join the Trainer's (a sweep's pruner): all three for sweeps of short runs."""
     with output_lock(config.output_dir, "sft.output_dir"):
-        return _train(config, resume=resume, console=console, fraction=fraction, export_merged=export_merged)
+        return _train(config, resume=resume, console=console, fraction=fraction, export_merged=export_merged,
+                      callbacks=callbacks)
 
 
 def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, fraction: float = 1.0,
-          export_merged: bool = True) -> TrainResult:
+          export_merged: bool = True, callbacks: list[Any] = ()) -> TrainResult:
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -146,6 +152,7 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
 
     trainer_args(config, TRLConfig)  # a misspelt trainer_args key stops the run before any model loads
     train_set, eval_set, runs = load_splits(config.data, config.held_out, config.seed, config.stratify_by)
+    contents = [run_content(run.path) for run in runs]  # as read now: `sft lineage --verify` compares with it
     if fraction < 1.0:
         keep = max(1, round(len(train_set) * fraction))
         train_set = train_set.shuffle(seed=config.seed).select(range(keep))
@@ -173,6 +180,8 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
 
     trainer.remove_callback(PrinterCallback)  # it prints each log dict raw; the progress line says the same
     trainer.add_callback(RichProgress(console))
+    for callback in callbacks:  # after the progress bar: a pruner ending the run at on_train_end stops it first
+        trainer.add_callback(callback)
     distill_info = None
     if teacher is not None:
         distill_info = _align_with_teacher(trainer, teacher)
@@ -212,7 +221,8 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
 
     lineage = {
         "base_model": {"name": config.student, "path": base_path},
-        "data": [asdict(run) for run in runs],
+        "data": [{**asdict(run), "content": content} for run, content in zip(runs, contents)],
+        "weights": weights_content(adapter_dir),
         "splits": {"train": len(train_set), "eval": len(eval_set) if eval_set is not None else 0,
                    "held_out": config.held_out, "seed": config.seed},
         "sft": config.model_dump(mode="json"),
@@ -462,83 +472,7 @@ def git_commit() -> str | None:
     return f"{commit}-dirty" if dirty else commit or None
 
 
-# ---- sweep and list -------------------------------------------------------------------------------------------
-def sweep(config: SFTConfig, temperatures: list[float], *, fraction: float = 0.1, console: Any = None) -> list[dict]:
-    """The sweep, holding OUTPUT_DIR/sweep's lock (each temperature's run holds its own as well)."""
-    with output_lock(Path(config.output_dir) / "sweep", "sft.output_dir"):
-        return _sweep(config, temperatures, fraction=fraction, console=console)
-
-
-def _sweep(config: SFTConfig, temperatures: list[float], *, fraction: float, console: Any) -> list[dict]:
-    """One short distillation run per temperature on `fraction` of the training split, compared on the same
-    held-out split by cross-entropy (comparable across temperatures, unlike the KD loss itself).
-
-    Runs go to OUTPUT_DIR/sweep/T<t>/ (adapter, lineage, loss curves; no merged model); the table to
-    OUTPUT_DIR/sweep/sweep.md. A temperature whose run finished before (its lineage.json exists) is not
-    trained again, and one that was interrupted resumes from its checkpoint.
-    """
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(stderr=True, soft_wrap=True)
-    if config.distill is None:
-        raise RecipeError("sweep compares distillation temperatures: add sft.distill: {alpha: 0.8, temperature: 2.0}")
-    if config.held_out <= 0:
-        raise RecipeError("sweep compares held-out losses: set sft.held_out above 0")
-    root = Path(config.output_dir) / "sweep"
-    rows = []
-    for temperature in temperatures:
-        run_dir = root / f"T{temperature:g}"
-        lineage_path = run_dir / "lineage.json"
-        if lineage_path.is_file():
-            console.print(f"[bold]sweep[/] T={temperature:g}: done before, read from {escape(str(lineage_path))}",
-                          highlight=False)
-            lineage = json.loads(lineage_path.read_text(encoding="utf-8"))
-            metrics, steps, seconds = lineage["metrics"], lineage["global_step"], lineage["seconds"]
-        else:
-            console.print(f"[bold]sweep[/] T={temperature:g} → {escape(str(run_dir))}", highlight=False)
-            one = config.model_copy(update={
-                "output_dir": run_dir,
-                "distill": config.distill.model_copy(update={"temperature": temperature}),
-            })
-            started = time.time()
-            resume = last_checkpoint(run_dir / "checkpoints") is not None
-            result = train(one, resume=resume, console=console, fraction=fraction, export_merged=False)
-            metrics, steps, seconds = result.metrics, result.global_step, round(time.time() - started, 2)
-        rows.append({"temperature": temperature, "eval_loss": metrics.get("eval_loss"),
-                     "train_loss": metrics.get("train_loss"), "steps": steps, "seconds": seconds,
-                     "output_dir": str(run_dir)})
-    best = min((r for r in rows if r["eval_loss"] is not None), key=lambda r: r["eval_loss"], default=None)
-
-    def fmt(value: Any) -> str:
-        return "—" if value is None else f"{value:.4f}"
-
-    header = ["T", "held-out loss (CE)", "train loss", "steps", "seconds", "run"]
-    lines = [
-        f"# Temperature sweep: {config.student}, alpha={config.distill.alpha}, {fraction:g} of the training data",
-        "",
-        "Held-out loss is the cross-entropy of the teacher's completions on the held-out split (the same split "
-        "for every run); lower is better. Train loss mixes KL and CE and is not comparable across T.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    table = Table(title=escape(f"sweep: {config.student}, alpha={config.distill.alpha}, fraction={fraction:g}"))
-    for name in header:
-        table.add_column(name)
-    for row in rows:
-        mark = " (best)" if row is best else ""
-        cells = [f"{row['temperature']:g}{mark}", fmt(row["eval_loss"]), fmt(row["train_loss"]), str(row["steps"]),
-                 f"{row['seconds']:.0f}", row["output_dir"]]
-        lines.append("| " + " | ".join(cells) + " |")
-        table.add_row(*(escape(cell) for cell in cells))
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    console.print(table)
-    console.print(escape(f"table → {root / 'sweep.md'}"), highlight=False)
-    return rows
-
-
+# ---- list -------------------------------------------------------------------------------------------------
 def find_students(directory: Path) -> list[dict[str, Any]]:
     """Trained students under `directory`: every lineage.json one or two levels down (sweeps included)."""
     directory = Path(directory)
@@ -551,6 +485,7 @@ def find_students(directory: Path) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError):
             continue
         distill = (lineage.get("sft") or {}).get("distill")
+        scored = latest_eval(lineage) or {}
         students.append({
             "output_dir": str(path.parent),
             "base_model": (lineage.get("base_model") or {}).get("name"),
@@ -559,5 +494,9 @@ def find_students(directory: Path) -> list[dict[str, Any]]:
             "steps": lineage.get("global_step"),
             "eval_loss": (lineage.get("metrics") or {}).get("eval_loss"),
             "distill": f"alpha={distill['alpha']} T={distill['temperature']}" if distill else None,
+            "score": scored.get("score"),  # the last eval that scored it (eval run records it)
+            "retention": scored.get("retention"),
+            "latency_p50_s": (scored.get("perf") or {}).get("latency_p50_s"),
+            "usd_per_1k_answers": (scored.get("perf") or {}).get("usd_per_1k_answers"),
         })
     return students

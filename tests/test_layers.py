@@ -24,8 +24,8 @@ ALLOWED_LATE = {
     ("factory.teachers", "factory.teachers.fleet"): "teacher registry: only the backend a recipe names loads",
     ("sft.train", "sft.distill_trainer"): "its module imports torch and TRL; only sft.distill needs it",
 }
-CONFIG = {"apprentice.config", "factory.recipe", "factory.prompt_config", "sft.config", "eval.config",
-          "serve.config", "quality_checks.registry"}
+CONFIG = {"apprentice.config", "factory.recipe", "factory.prompt_config", "sft.config", "sft.sweep_config",
+          "eval.config", "serve.config", "quality_checks.registry"}
 STORAGE = {"factory.records", "factory.store", "factory.cache", "factory.logprobs", "factory.review_ledger"}
 ENGINE = {"factory.run", "factory.decide", "factory.online", "factory.batch", "factory.batch_ledger", "factory.asker",
           "factory.sources", "factory.answers", "factory.commands", "factory.plan", "factory.export",
