@@ -20,10 +20,12 @@ APPRENTICE_NAMES = {
     ("sft", "train"): "train",
     ("sft", "sweep"): "sweep",
     ("sft", "list"): "list",
+    ("sft", "card"): "card",
     ("eval", "run"): "eval",
+    ("serve", "serve"): "serve",
 }
 APPRENTICE = "apprentice"
-PYTHON_M = "python -m"  # the launcher of `python -m factory|sft|eval`
+PYTHON_M = "python -m"  # the launcher of `python -m factory|sft|eval|serve`
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:

@@ -1,10 +1,10 @@
 """The config base every recipe section builds on: one strict pydantic base, one loader with `--set`,
 one error format.
 
-A recipe file holds `factory:`, `sft:` and `eval:` sections; each command validates its own section and
+A recipe file holds `factory:`, `sft:`, `eval:` and `serve:` sections; each command validates its own section and
 reports every problem of it at once, each with its key path as the recipe file spells it
 (`factory.checks.2.pattern`). The section models live in factory/recipe.py, factory/prompt_config.py,
-sft/config.py and eval/config.py, which import no behaviour module.
+sft/config.py, eval/config.py and serve/config.py, which import no behaviour module.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import RecipeError
 
-SECTIONS = ("factory", "sft", "eval")
+SECTIONS = ("factory", "sft", "eval", "serve")
 Section = TypeVar("Section", bound=BaseModel)
 
 
@@ -116,7 +116,7 @@ def format_validation_error(path: Path | str, error: ValidationError, model: typ
         if item["type"] == "extra_forbidden":
             close = closest_key(model, data, tuple(item["loc"])) if model is not None else None
             msg = (f"unknown key; did you mean `{close}`?" if close else
-                   "unknown key (check the spelling; see the README for the keys of each section)")
+                   "unknown key (check the spelling; docs/generate.md, training.md, eval.md and serve.md list the keys of each section)")
         elif item["type"] == "missing":
             msg = "required key is missing"
         lines.append(f"  {loc}: {msg}")
@@ -158,7 +158,7 @@ def load_section(model: type[Section], section: str, path: Path | str,
     if unknown:
         hints = [f"{name} (did you mean `{close[0]}`?)" if (close := difflib.get_close_matches(str(name), SECTIONS, n=1))
                  else str(name) for name in unknown]
-        raise RecipeError(f"{path}: unknown top-level section(s) {', '.join(hints)}; expected factory, sft, eval")
+        raise RecipeError(f"{path}: unknown top-level section(s) {', '.join(hints)}; expected {', '.join(SECTIONS)}")
     if data.get(section) is None:
         raise RecipeError(f"{path}: no `{section}:` section; add one (see data/recipes/demo.yaml)")
     return validate_section(model, section, data[section], path)

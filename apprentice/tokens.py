@@ -32,6 +32,18 @@ class TokenLogprobs:
         return len(self.sampled_logprobs)
 
 
+def mean_logprob(lp: TokenLogprobs | None, finish_reason: str | None, *, stop_row: bool = True) -> float | None:
+    """An answer's confidence: the mean log-probability of its own tokens, the end-of-turn token left out
+    (`stop_row`: the logprobs hold a row for it when the answer stopped, as in-process models' do). The one
+    measure of the eval's cascade curve and of the serve router's cascade; None for an answer without tokens."""
+    if lp is None:
+        return None
+    values = lp.sampled_logprobs
+    if stop_row and finish_reason == "stop":
+        values = values[:-1]
+    return float(values.mean()) if len(values) else None
+
+
 # ---- arrays ------------------------------------------------------------------------------------------
 def from_rows(
     sampled: list[float], tops: list[list[float]], k: int, *, sampled_ids: list[int] | None = None,

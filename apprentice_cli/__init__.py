@@ -1,8 +1,9 @@
 """The `apprentice` console script: every command of the three stages under one name.
 
     apprentice generate|review|stats|export … = python -m factory generate|review|stats|export …
-    apprentice train|sweep|list …         = python -m sft train|sweep|list …
+    apprentice train|sweep|list|lineage|card … = python -m sft train|sweep|list|lineage|card …
     apprentice eval RECIPE.yaml …         = python -m eval run RECIPE.yaml …
+    apprentice serve RECIPE.yaml …        = python -m serve RECIPE.yaml …
 
 The top of the cli layer, so outside the shared `apprentice/` package (the leaf, which imports none of the
 stages): it imports each stage's thin parser module, which holds argparse only, and the stage's own `run`
@@ -17,6 +18,7 @@ from apprentice import __version__
 from apprentice.commandline import APPRENTICE
 from eval import __main__ as eval_cli
 from factory import __main__ as factory_cli
+from serve import __main__ as serve_cli
 from sft import __main__ as sft_cli
 
 
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     factory_cli.add_commands(sub, APPRENTICE)
     sft_cli.add_commands(sub, APPRENTICE)
     eval_cli.add_commands(sub, APPRENTICE, name="eval")
+    serve_cli.add_commands(sub, APPRENTICE)
     return parser
 
 

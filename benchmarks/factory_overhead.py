@@ -141,6 +141,7 @@ def write_inputs(workdir: Path, url: str, prompts: int, concurrency: int, name: 
         f"    base_url: {url}\n"
         "    params: {temperature: 0.8, max_tokens: 64}\n"
         f"    max_concurrency: {concurrency}\n"
+        "    follow_latency: false\n"  # the fake stands for a hosted API, which answers 429 rather than queueing
         f"    client: {client}\n"
     )
     return recipe

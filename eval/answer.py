@@ -8,6 +8,7 @@ rate limits, retries and cost accounting.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import statistics
@@ -16,9 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apprentice.errors import TeacherError
+from apprentice.tokens import mean_logprob
 from factory.answers import answer_prompts
 from factory.builtin import resolve_model
 from factory.hf import encode_chat, generate_ids, generate_with_logprobs, load_model, normalize_params
+from factory.pricing import pricer_for
+from factory.teachers import make_teacher
 
 from .config import ModelConfig
 from .golden import GoldenItem
@@ -86,6 +91,7 @@ def run_local(config: ModelConfig, items: list[GoldenItem], *, perf_prompts: int
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     task = progress.add_task(f"{config.name}: answering", total=len(rows))
     answers: dict[str, Answer] = {}
+    answering = time.perf_counter()
     for begin in range(0, len(order), config.batch_size):
         chunk = order[begin:begin + config.batch_size]
         # The generate returns each sampled token's logprob (raw logits): the answer's confidence comes
@@ -95,12 +101,10 @@ def run_local(config: ModelConfig, items: list[GoldenItem], *, perf_prompts: int
             temperature=params["temperature"], top_p=params["top_p"], top_k=params.get("top_k", 0),
             seed=params.get("seed"))
         for i, completion, token_logprobs in zip(chunk, outs, logprobs):
-            values = token_logprobs.sampled_logprobs
-            if completion.finish_reason == "stop":
-                values = values[:-1]  # the end-of-turn token is not part of the answer
             answers[items[i].key] = Answer(completion.text, completion.output_tokens, completion.finish_reason,
-                                           confidence=float(values.mean()) if len(values) else None)
+                                           confidence=mean_logprob(token_logprobs, completion.finish_reason))
         progress.advance(task, len(chunk))
+    answer_s = time.perf_counter() - answering
     progress.update(task, description=f"{config.name}: timing")
     perf = _time_local(model, tokenizer, [rows[i] for i in range(min(perf_prompts, len(rows)))], params)
     path = resolve_model(config.model)
@@ -111,6 +115,9 @@ def run_local(config: ModelConfig, items: list[GoldenItem], *, perf_prompts: int
         disk_bytes=size_on_disk(path),
         device=str(model.device),
         threads=torch.get_num_threads(),
+        # Throughput at the model's batch_size: the answering pass, every golden prompt (model load excluded).
+        batch_size=config.batch_size,
+        answers_per_s=round(len(rows) / answer_s, 3) if answer_s > 0 else None,
     )
     if torch.cuda.is_available() and str(model.device).startswith("cuda"):
         perf["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -144,7 +151,44 @@ def _time_local(model: Any, tokenizer: Any, rows: list[list[int]], params: dict[
     }
 
 
+def local_cost(perf: dict[str, Any], gpu_hour_usd: float | None, cpu_hour_usd: float | None) -> float | None:
+    """$ per 1k answers of a local model: the machine's hourly price over the measured answers per hour."""
+    hour_usd = gpu_hour_usd if str(perf.get("device", "")).startswith("cuda") else cpu_hour_usd
+    if hour_usd is None or not perf.get("answers_per_s"):
+        return None
+    return 1000 * hour_usd / (3600 * perf["answers_per_s"])
+
+
 # ---- hosted -----------------------------------------------------------------------------------------
+def time_hosted(config: ModelConfig, items: list[GoldenItem], count: int) -> dict[str, Any]:
+    """Request latency, one request at a time as a user waits for it, past the cache (the answering pass
+    may come from it): `count` golden prompts sent again through the teacher's own client."""
+    async def timed() -> tuple[list[float], float, str | None]:
+        teacher = make_teacher(config)
+        pricer, _ = pricer_for(config, None, f"eval.models.{config.name}")
+        latencies, cost = [], 0.0
+        try:
+            for item in items[:count]:
+                start = time.perf_counter()
+                response = await teacher.complete(teacher.build_request(config.with_context(item.messages), 1))
+                latencies.append(time.perf_counter() - start)
+                cost += pricer.cost_of(response)
+        except TeacherError as exc:  # failures are data: the report says why there is no latency
+            return latencies, cost, str(exc)
+        finally:
+            await teacher.aclose()
+        return latencies, cost, None
+
+    latencies, cost, error = asyncio.run(timed())
+    perf: dict[str, Any] = {"timed_prompts": len(latencies), "timing_cost_usd": round(cost, 6)}
+    if error is not None:
+        perf["timing_error"] = error
+    if latencies:
+        perf.update(latency_p50_s=round(percentile(latencies, 0.5), 4), latency_p99_s=round(percentile(latencies, 0.99), 4),
+                    latency_mean_s=round(statistics.fmean(latencies), 4), latencies_s=[round(t, 4) for t in latencies])
+    return perf
+
+
 def run_hosted(config: ModelConfig, items: list[GoldenItem], output_dir: Path, console: Any) -> ModelRun:
     """Answers through a factory run: cached, rate-limited, priced; failures stay failures."""
     prompts = [{"id": item.key, "prompt": item.messages} for item in items]

@@ -10,14 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from apprentice.config import Strict, load_section
+from apprentice.tracking import unsupported
 from factory.recipe import TeacherConfig
 
 # The metrics a golden line or `eval.metrics` may name; eval/metrics.py implements each (and asserts so).
 METRIC_NAMES = ("exact", "normalized", "token_f1", "rouge_l", "regex", "json_valid", "json_schema", "json_match",
-                "verifier", "judge")
+                "instruction", "number", "verifier", "judge")
 
 
 class ModelConfig(TeacherConfig):
@@ -41,6 +42,22 @@ class JudgeConfig(TeacherConfig):
 class GateConfig(Strict):
     min_retention: float = Field(default=0.95, gt=0, description="student score ÷ reference score, overall")
     min_score: float | None = Field(default=None, ge=0, le=1, description="and/or an absolute floor")
+    min_speedup: float | None = Field(
+        default=None, gt=0, description="reference p50 latency ÷ student p50 latency, at batch 1")
+    max_cost_ratio: float | None = Field(
+        default=None, gt=0, description="student $ per 1k answers ÷ the reference's")
+    max_latency_p99_s: float | None = Field(default=None, gt=0, description="the student's p99 latency, seconds")
+    max_regression: float | None = Field(
+        default=None, ge=0, le=1, description="the most the student may score below the base model on the "
+        "eval.regression sets (a fraction: 0.05 = 5 points)")
+
+
+class CostConfig(Strict):
+    """What an hour of the machine a local model runs on costs: its $ per 1k answers follows from the
+    throughput eval measures (hosted models are priced from their tokens)."""
+
+    gpu_hour_usd: float | None = Field(default=None, ge=0, description="USD per GPU hour (models on cuda)")
+    cpu_hour_usd: float | None = Field(default=None, ge=0, description="USD per hour of the CPU machine")
 
 
 class EvalConfig(Strict):
@@ -61,9 +78,22 @@ class EvalConfig(Strict):
         description="sampling settings for models that set no params of their own (greedy by default)",
     )
     verifier: str | None = Field(default=None, description="module:function for the `verifier` metric")
+    regression: list[Path] = Field(
+        default_factory=list, description="general sets scored apart from the task's, to see what a student forgot "
+        "(data/golden/instructions.jsonl: instructions checked by code); lines without a metric use `instruction`")
+    fidelity: int = Field(
+        default=0, ge=0, description="score up to N samples of the student's sft held-out split (the teacher's "
+        "answers to prompts it never saw) with the task's metrics; needs a local student with its lineage.json")
+    base: str | None = Field(
+        default=None, description="the model the student's regression is measured against (default: the one with "
+        "role baseline)")
     judge: JudgeConfig | None = None
     gate: GateConfig | None = None
     perf_prompts: int = Field(default=8, ge=0, description="local models: prompts timed one at a time for latency")
+    timed_requests: int = Field(
+        default=0, ge=0, description="hosted models: requests sent one at a time, past the cache, for request "
+        "latency (paid: they are real requests); 0 = hosted models are priced, not timed")
+    cost: CostConfig = Field(default_factory=CostConfig)
     bootstrap: int = Field(
         default=1000, ge=100, description="BCa bootstrap resamples (graded means, retention; pass/fail means use Wilson)"
     )
@@ -72,6 +102,17 @@ class EvalConfig(Strict):
     speculative: bool = Field(
         default=True, description="local student and teacher with one tokenizer: assisted-generation speed-up"
     )
+    report_to: str | list[str] | None = Field(
+        default=None, description="tracker for the scores, retention and gate: "
+        "tensorboard or none; unset: sft.report_to of the same recipe (its tensorboard part)")
+
+    @field_validator("report_to")
+    @classmethod
+    def _tracked(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if other := unsupported(value):
+            raise ValueError(f"{other}: the eval logs to tensorboard only (or none); wandb, mlflow and trackio "
+                             "get the trainer's figures through sft.report_to")
+        return value
 
     @model_validator(mode="after")
     def _names(self) -> "EvalConfig":
@@ -82,7 +123,7 @@ class EvalConfig(Strict):
         unknown = [m for m in self.metrics if m not in METRIC_NAMES]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(sorted(METRIC_NAMES))}")
-        for key in ("reference", "student"):
+        for key in ("reference", "student", "base"):
             value = getattr(self, key)
             if value is not None and value not in names:
                 raise ValueError(f"{key}: {value!r} is not one of the models {names}")
@@ -92,6 +133,11 @@ class EvalConfig(Strict):
         if self.reference:
             return self.reference
         return next((m.name for m in self.models if m.role == "teacher"), None)
+
+    def base_name(self) -> str | None:
+        if self.base:
+            return self.base
+        return next((m.name for m in self.models if m.role == "baseline"), None)
 
     def student_name(self) -> str:
         if self.student:

@@ -11,7 +11,9 @@ from typing import Any
 
 from apprentice.errors import RecipeError
 from factory.prompts import parse_messages
+from quality_checks.structured import parse_number
 
+from .instructions import check_spec
 from .metrics import METRICS, NEEDS_REFERENCE
 
 KEYS = {"id", "prompt", "reference", "metric", "tags"}
@@ -52,6 +54,10 @@ def _item(data: Any, set_name: str, line: int, default_metrics: list[str]) -> Go
         raise ValueError(f"unknown metric(s) {bad}; available: {', '.join(sorted(METRICS))}")
     if data.get("reference") is None and any(m in NEEDS_REFERENCE for m in metrics):
         raise ValueError(f'metric(s) {[m for m in metrics if m in NEEDS_REFERENCE]} need a "reference"')
+    if "instruction" in metrics:
+        check_spec(data["reference"])  # a misspelt constraint is named before any model answers
+    if "number" in metrics and parse_number(str(data["reference"]).strip()) is None:
+        raise ValueError(f'metric number: the reference {str(data["reference"])[:40]!r} is not a number')
     tags = data.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise ValueError('"tags" must be a list of strings')

@@ -14,9 +14,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from apprentice.errors import RecipeError
 from apprentice.text import answer_words, fold_answer, rouge_l_words
-from quality_checks.structured import extract_json_text
+from quality_checks.structured import extract_json_text, last_number, parse_number
 
 from .config import METRIC_NAMES
+from .instructions import instruction
 
 
 def exact(answer: str, reference: Any) -> float:
@@ -72,6 +73,16 @@ def json_schema(answer: str, reference: Any) -> float:
     return float(jsonschema.Draft202012Validator(schema).is_valid(value))
 
 
+def number(answer: str, reference: Any) -> float:
+    """The last number in the answer equals the reference number (1e-6 relative or absolute): the factory's
+    `reference` check in `number` mode, the GSM8K convention ("… so the answer is 42")."""
+    expected, got = parse_number(str(reference).strip()), last_number(answer)
+    if expected is None:
+        raise RecipeError(f"metric number: the reference {str(reference)[:40]!r} is not a number; "
+                          "fix the golden line or give it another metric")
+    return float(got is not None and math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-6))
+
+
 def json_match(answer: str, reference: Any) -> float:
     try:
         value = parse_json(answer)
@@ -90,12 +101,15 @@ METRICS: dict[str, Callable[[str, Any], float]] = {
     "json_valid": json_valid,
     "json_schema": json_schema,
     "json_match": json_match,
+    "instruction": instruction,
+    "number": number,
     # Filled in by the runner, not from (answer, reference) alone:
     "verifier": lambda answer, reference: 0.0,
     "judge": lambda answer, reference: 0.0,
 }
 assert set(METRICS) == set(METRIC_NAMES), "eval/config.py METRIC_NAMES must list every metric"
-NEEDS_REFERENCE = {"exact", "normalized", "token_f1", "rouge_l", "regex", "json_schema", "json_match"}
+NEEDS_REFERENCE = {"exact", "normalized", "token_f1", "rouge_l", "regex", "json_schema", "json_match", "instruction",
+                   "number"}
 SPECIAL = {"verifier", "judge"}
 
 

@@ -60,6 +60,11 @@ def _size(num_bytes: Any) -> str:
     return "–" if not num_bytes else f"{num_bytes / 2**20:.0f} MiB"
 
 
+def _times(ratio: Any) -> str:
+    """A ratio against the reference: 4.2×, 0.031× (three significant digits)."""
+    return "–" if _missing(ratio) else f"{ratio:.3g}×"
+
+
 def _params(count: Any) -> str:
     return "–" if not count else f"{count / 1e6:.0f} M"
 
@@ -76,8 +81,8 @@ def _methods(entries: list[dict[str, Any]]) -> str:
 # ---- scores --------------------------------------------------------------------------------------------
 def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The overview, one row a model: the report's first table and the terminal's."""
-    header = ["model", "score (95 % CI)", "retention (95 % CI)", "agreement", "p50 latency", "tokens/s", "params",
-              "on disk", "$/1k"]
+    header = ["model", "score (95 % CI)", "retention (95 % CI)", "agreement", "p50 latency", "speed-up", "tokens/s",
+              "params", "on disk", "$/1k", "cost ratio"]
     rows = []
     for name, model in summary["models"].items():
         overall = model["metrics"]["overall"]
@@ -90,10 +95,12 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             else ("reference" if name == summary["reference"] else "–"),
             pct(model.get("agreement")),
             _seconds(perf.get("latency_p50_s")),
+            _times((model.get("frontier") or {}).get("speedup")),
             num(perf.get("output_tokens_per_s"), 1),
             _params(perf.get("parameters")),
             _size(perf.get("disk_bytes")),
             num(perf.get("usd_per_1k_answers"), 4),
+            _times((model.get("frontier") or {}).get("cost_ratio")),
         ])
     return header, rows
 
@@ -170,13 +177,16 @@ def perf(summary: dict[str, Any]) -> Section | None:
     models = summary["models"]
     if not any(m["perf"] for m in models.values()):
         return None
-    header = ["model", "p50 latency", "p99 latency", "first token p50", "tokens/s", "params", "on disk",
-              "RSS added by load", "$/1k answers"]
+    header = ["model", "p50 latency", "p99 latency", "speed-up", "first token p50", "tokens/s", "answers/s (batch)",
+              "params", "on disk", "RSS added by load", "$/1k answers", "cost ratio"]
     rows = [[_label(summary, n), _seconds(p.get("latency_p50_s")), _seconds(p.get("latency_p99_s")),
-             _seconds(p.get("ttft_p50_s")), num(p.get("output_tokens_per_s"), 1), _params(p.get("parameters")),
+             _times((m.get("frontier") or {}).get("speedup")),
+             _seconds(p.get("ttft_p50_s")), num(p.get("output_tokens_per_s"), 1),
+             "–" if not p.get("answers_per_s") else f"{p['answers_per_s']:.2f} ({p.get('batch_size')})",
+             _params(p.get("parameters")),
              _size(p.get("disk_bytes")), "–" if p.get("loaded_mib") is None else f"{p['loaded_mib']:.0f} MiB",
-             num(p.get("usd_per_1k_answers"), 4)]
-            for n, p in ((n, m["perf"]) for n, m in models.items())]
+             num(p.get("usd_per_1k_answers"), 4), _times((m.get("frontier") or {}).get("cost_ratio"))]
+            for n, m in models.items() for p in (m["perf"],)]
     student, reference = summary["student"], summary["reference"]
     mine, theirs = models[student]["perf"], (models[reference]["perf"] if reference else {})
     if mine.get("latency_p50_s") and theirs.get("latency_p50_s"):
@@ -191,11 +201,98 @@ def perf(summary: dict[str, Any]) -> Section | None:
         reading = f"{student} costs ${num(mine['usd_per_1k_answers'], 4)} per 1,000 answers"
     else:
         reading = "hosted models are priced, not timed"
+    found = models[student].get("frontier") or {}
+    if found.get("speedup") or found.get("cost_ratio"):
+        reading += "; " + ", ".join(part for part in (
+            f"{found['speedup']:.3g}× as fast" if found.get("speedup") else "",
+            f"{found['cost_ratio']:.3g}× the cost per answer" if found.get("cost_ratio") else "") if part)
+        reading += f" of {reference}"
     timed = mine.get("timed_prompts")
     notes = [f"Latency: {timed} prompts one at a time, as a user waits for them. RSS added by load: the process's "
              "growth while loading, so a model loaded after another of the same base reuses memory and adds less."
-             if timed else "Hosted models: cost from the usage of each answer and the price table."]
+             if timed else "Hosted models: cost from the usage of each answer and the price table.",
+             "Speed-up: the reference's p50 latency ÷ the model's, one prompt at a time (hosted models timed with "
+             "eval.timed_requests, past the cache). Cost ratio: the model's $ per 1k answers ÷ the reference's; a "
+             "local model's is eval.cost's hourly price over its answers per hour at its batch size."]
     return Section("latency", "Latency and size", reading + ".", header, rows, notes)
+
+
+def pareto_optimal(summary: dict[str, Any], figure: str) -> list[str]:
+    """The models no other model beats on both quality (higher) and `figure` (a perf key; lower), among
+    those that have the figure."""
+    points = {name: (m["metrics"]["overall"]["mean"], m["perf"].get(figure)) for name, m in summary["models"].items()}
+    points = {name: point for name, point in points.items() if not _missing(point[1])}
+    return [name for name, (score, cost) in points.items()
+            if not any(s >= score and c <= cost and (s > score or c < cost) for s, c in points.values())]
+
+
+def frontier(summary: dict[str, Any]) -> Section | None:
+    """Quality against latency and against cost, with the Pareto-optimal models named."""
+    models = summary["models"]
+    fast, cheap = pareto_optimal(summary, "latency_p50_s"), pareto_optimal(summary, "usd_per_1k_answers")
+    timed = [n for n, m in models.items() if not _missing(m["perf"].get("latency_p50_s"))]
+    priced = [n for n, m in models.items() if not _missing(m["perf"].get("usd_per_1k_answers"))]
+    if len(timed) < 2 and len(priced) < 2:
+        return None
+    header = ["model", "score", "p50 latency", "speed-up", "$/1k answers", "cost ratio", "Pareto-optimal on"]
+    rows = []
+    for name, model in models.items():
+        found = model.get("frontier") or {}
+        on = [label for label, members in (("latency", fast), ("cost", cheap)) if name in members]
+        rows.append([_label(summary, name), pct(model["metrics"]["overall"]["mean"]),
+                     _seconds(model["perf"].get("latency_p50_s")), _times(found.get("speedup")),
+                     num(model["perf"].get("usd_per_1k_answers"), 4), _times(found.get("cost_ratio")),
+                     " and ".join(on) or "–"])
+    parts = []
+    if len(timed) >= 2:
+        parts.append(f"on quality × latency: {', '.join(fast)}")
+    if len(priced) >= 2:
+        parts.append(f"on quality × cost: {', '.join(cheap)}")
+    notes = ["A model is Pareto-optimal when no other model scores at least as well and is at least as fast (or "
+             "cheap), better on one of the two; the others are dominated. Models without the figure are left out."]
+    return Section("frontier", "Quality, latency and cost", "Pareto-optimal " + "; ".join(parts) + ".", header, rows,
+                   notes)
+
+
+def regression(summary: dict[str, Any]) -> Section | None:
+    """What the student forgot: each model on the general sets, and its change against the base model."""
+    found = summary.get("regression")
+    if not found:
+        return None
+    base, student = found["base"], summary["student"]
+    header = ["model", "regression-set score (95 % CI)", f"change vs {base}" if base else "change"]
+    rows = [[_label(summary, name), with_interval(m["mean"], m["low"], m["high"]),
+             "base" if name == base else ("–" if m["change"] is None else f"{100 * m['change']:+.1f} points")]
+            for name, m in found["models"].items()]
+    mine = found["models"].get(student)
+    if mine is None or mine["change"] is None:
+        reading = f"{student} scores {pct(mine['mean']) if mine else '–'} on the regression sets; no base model to compare"
+    elif mine["change"] < 0:
+        reading = (f"{student} lost {100 * -mine['change']:.1f} points on the regression sets against {base} "
+                   f"({pct(found['models'][base]['mean'])} → {pct(mine['mean'])})")
+    else:
+        reading = (f"{student} kept what {base} could do on the regression sets ({pct(found['models'][base]['mean'])} "
+                   f"→ {pct(mine['mean'])})")
+    notes = [f"The regression sets ({', '.join(found['sets'])}) are general, not the task: instructions checked by "
+             "code (word counts, keywords, casing, JSON keys, bullets), each answer right only if it meets every "
+             "constraint. Their score is not part of the task's score."]
+    return Section("regression", "What the student forgot", reading + ".", header, rows, notes)
+
+
+def fidelity(summary: dict[str, Any]) -> Section | None:
+    """Distillation fidelity: each model against the teacher's answers on the student's sft held-out split."""
+    found = summary.get("fidelity")
+    if not found:
+        return None
+    student = summary["student"]
+    rows = [[_label(summary, name), with_interval(m["mean"], m["low"], m["high"])] for name, m in found["models"].items()]
+    mine = found["models"][student]
+    reading = (f"{student} agrees with the teacher's own answers on {pct(mine['mean'])} of {found['items']} "
+               "held-out training prompts it never saw")
+    notes = ["The student's sft held-out split, rebuilt from its lineage.json: the teacher's accepted answers, scored "
+             "with the task's metrics (the reference is the teacher's answer). Not part of the task's score."]
+    return Section("fidelity", "Fidelity on the held-out teacher data", reading + ".",
+                   ["model", "score against the teacher's answers (95 % CI)"], rows, notes)
 
 
 def cascade(summary: dict[str, Any]) -> Section | None:
@@ -329,6 +426,7 @@ def _text(value: Any) -> str:
 
 
 def sections(summary: dict[str, Any]) -> list[Section]:
-    found = [scores(summary), by_metric(summary), by_tag(summary), perf(summary), cascade(summary),
-             pairwise(summary), speculative(summary), divergence(summary), examples(summary), lineage(summary)]
+    found = [scores(summary), by_metric(summary), by_tag(summary), regression(summary), fidelity(summary), perf(summary),
+             frontier(summary), cascade(summary), pairwise(summary), speculative(summary), divergence(summary),
+             examples(summary), lineage(summary)]
     return [section for section in found if section is not None]

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .readings import Section, sections, table_rows
+from .readings import Section, pareto_optimal, sections, table_rows
 
 
 def print_table(summary: dict[str, Any], console: Any) -> None:
@@ -74,6 +74,29 @@ def plots(summary: dict[str, Any]) -> dict[str, str]:
         axis.set_ylabel("seconds per answer")
         axis.set_title("Latency, one prompt at a time")
         out["latency"] = _png(figure)
+
+    panels = [(figure_key, label) for figure_key, label in (("latency_p50_s", "p50 latency (s, batch 1)"),
+                                                             ("usd_per_1k_answers", "$ per 1k answers"))
+              if sum(summary["models"][n]["perf"].get(figure_key) is not None for n in names) >= 2]
+    if panels:
+        figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.4), squeeze=False)
+        for axis, (figure_key, label) in zip(axes[0], panels):
+            best = set(pareto_optimal(summary, figure_key))
+            for name in names:
+                model = summary["models"][name]
+                x = model["perf"].get(figure_key)
+                if x is None:
+                    continue
+                y = model["metrics"]["overall"]["mean"]
+                axis.scatter([x], [y], s=60, marker="*" if name in best else "o",
+                             color="#E45756" if name in best else "#4C78A8")
+                axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            if all(x > 0 for x in (summary["models"][n]["perf"].get(figure_key) for n in names) if x is not None):
+                axis.set_xscale("log")  # a teacher 100× slower or dearer than its student
+            axis.set_xlabel(label)
+            axis.set_ylabel("score")
+            axis.set_title("Pareto-optimal: red stars")
+        out["frontier"] = _png(figure)
 
     if summary.get("cascade"):
         points = summary["cascade"]

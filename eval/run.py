@@ -11,10 +11,12 @@ from rich.markup import escape
 
 from apprentice.errors import RecipeError
 from factory.lock import DirectoryLock
+from sft.lineage import files_content, lineage_path_for, record_eval
 
 from . import distill
-from .answer import ModelRun, run_hosted, run_local
+from .answer import ModelRun, local_cost, run_hosted, run_local, time_hosted
 from .config import EvalConfig
+from .fidelity import held_out_items
 from .report import write_reports
 from .golden import GoldenItem, load_golden
 from .judge import run_judge
@@ -99,8 +101,85 @@ def summarize(config: EvalConfig, items: list[GoldenItem], runs: dict[str, Model
             model["retention_by_tag"] = {tag: model["tags"][tag] / ref_tags[tag] if ref_tags[tag] else float("nan")
                                          for tag in tags}
             model["agreement"] = distill.agreement(runs[name], runs[reference], keys)
+            model["frontier"] = frontier(runs[name].perf, runs[reference].perf)
         out["models"][name] = model
     return out
+
+
+def set_means(config: EvalConfig, items: list[GoldenItem],
+              scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Each model's mean overall score on a set scored apart from the task's, with its interval."""
+    models: dict[str, dict[str, Any]] = {}
+    for name, table in scores.items():
+        mean, low, high, method = mean_interval([table["overall"][i.key] for i in items], resamples=config.bootstrap,
+                                                seed=config.seed)
+        models[name] = {"mean": mean, "low": low, "high": high, "n": len(items), "interval": method}
+    return models
+
+
+def regression_summary(config: EvalConfig, items: list[GoldenItem],
+                       scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Each model's score on the general sets, and its change against the base model's (what it forgot)."""
+    base = config.base_name()
+    models = set_means(config, items, scores)
+    for name, model in models.items():
+        model["change"] = model["mean"] - models[base]["mean"] if base in models else None
+    return {"sets": [str(p) for p in config.regression], "base": base, "models": models}
+
+
+def frontier(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float | None]:
+    """Speed-up (the reference's p50 latency ÷ this model's, both at batch 1) and cost ratio (this model's
+    $ per 1k answers ÷ the reference's); None where either side was not timed or priced."""
+    def ratio(top: Any, bottom: Any) -> float | None:
+        return top / bottom if top is not None and bottom else None
+
+    return {"speedup": ratio(theirs.get("latency_p50_s"), mine.get("latency_p50_s")),
+            "cost_ratio": ratio(mine.get("usd_per_1k_answers"), theirs.get("usd_per_1k_answers"))}
+
+
+def _frontier_reasons(gate: Any, model: dict[str, Any]) -> list[str]:
+    reasons = []
+    found = model.get("frontier") or {}
+    if gate.min_speedup is not None:
+        speedup = found.get("speedup")
+        if speedup is None:
+            reasons.append("speed-up undefined (a model without latency: local models are timed with "
+                           "eval.perf_prompts, hosted ones with eval.timed_requests)")
+        elif speedup < gate.min_speedup:
+            reasons.append(f"speed-up {speedup:.2f}× < min_speedup {gate.min_speedup:g}×")
+    if gate.max_cost_ratio is not None:
+        cost_ratio = found.get("cost_ratio")
+        if cost_ratio is None:
+            reasons.append("cost ratio undefined (a model without $ per 1k answers: set eval.cost for local models, "
+                           "a price for hosted ones)")
+        elif cost_ratio > gate.max_cost_ratio:
+            reasons.append(f"cost ratio {cost_ratio:.3g} > max_cost_ratio {gate.max_cost_ratio:g}")
+    if gate.max_latency_p99_s is not None:
+        p99 = model["perf"].get("latency_p99_s")
+        if p99 is None:
+            reasons.append("p99 latency unmeasured (eval.perf_prompts or eval.timed_requests is 0)")
+        elif p99 > gate.max_latency_p99_s:
+            reasons.append(f"p99 latency {p99:.3f} s > max_latency_p99_s {gate.max_latency_p99_s:g} s")
+    return reasons
+
+
+def eval_figures(summary: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """The eval as tracker scalars (each model's metrics with their intervals, retention, the gate) and texts."""
+    scalars: dict[str, float] = {}
+    for name, model in summary["models"].items():
+        for metric, value in model["metrics"].items():
+            scalars[f"eval/{name}/{metric}"] = value["mean"]
+            if metric == "overall":
+                scalars[f"eval/{name}/overall_low"], scalars[f"eval/{name}/overall_high"] = value["low"], value["high"]
+        retention = (model.get("retention") or {}).get("overall")
+        if retention:
+            scalars.update({f"eval/{name}/retention": retention["ratio"], f"eval/{name}/retention_low": retention["low"],
+                            f"eval/{name}/retention_high": retention["high"]})
+    texts = {}
+    if summary.get("gate") is not None:
+        scalars["eval/gate_passed"] = 1.0 if summary["gate"]["passed"] else 0.0
+        texts["eval/gate"] = summary["gate"]["reason"]
+    return scalars, texts
 
 
 def check_gate(config: EvalConfig, summary: dict[str, Any]) -> Gate | None:
@@ -120,10 +199,25 @@ def check_gate(config: EvalConfig, summary: dict[str, Any]) -> Gate | None:
     score = model["metrics"]["overall"]["mean"]
     if gate.min_score is not None and score < gate.min_score:
         reasons.append(f"score {_percent(score, gate.min_score)} < min_score {_percent(gate.min_score)}")
+    reasons += _frontier_reasons(gate, model)
+    if gate.max_regression is not None:
+        found = (summary.get("regression") or {}).get("models", {}).get(student)
+        if found is None:
+            reasons.append("no regression score (set eval.regression, e.g. [data/golden/instructions.jsonl])")
+        elif found["change"] is None:
+            reasons.append("regression undefined (no base model: set eval.base or give one model role: baseline)")
+        elif -found["change"] > gate.max_regression:
+            reasons.append(f"lost {100 * -found['change']:.1f} points on the regression sets > max_regression "
+                           f"{100 * gate.max_regression:g}")
     if reasons:
         return Gate(False, f"{student}: " + "; ".join(reasons))
+    found = model.get("frontier") or {}
+    extra = "".join([f", speed-up {found['speedup']:.2f}× ≥ {gate.min_speedup:g}×" if gate.min_speedup else "",
+                     f", cost ratio {found['cost_ratio']:.3g} ≤ {gate.max_cost_ratio:g}" if gate.max_cost_ratio else "",
+                     f", p99 {model['perf']['latency_p99_s']:.3f} s ≤ {gate.max_latency_p99_s:g} s"
+                     if gate.max_latency_p99_s else ""])
     return Gate(True, f"{student}: retention {_percent(retention, gate.min_retention)} ≥ min_retention "
-                      f"{_percent(gate.min_retention)}")
+                      f"{_percent(gate.min_retention)}{extra}")
 
 
 def _percent(fraction: float, limit: float | None = None) -> str:
@@ -161,6 +255,14 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
 
     started = time.time()
     items = load_golden(config.golden, config.metrics)
+    regression = load_golden(config.regression, ["instruction"]) if config.regression else []
+    clash = sorted({i.key for i in items} & {i.key for i in regression})
+    if clash:
+        raise RecipeError(f"eval.regression: items {clash[:3]} have the keys of eval.golden items (set/id); "
+                          "rename the file or the ids")
+    held_out = held_out_items(config) if config.fidelity else []
+    golden = files_content([*config.golden, *config.regression])  # the bytes scored, for the students' lineage
+    asked = items + regression + held_out  # every model answers all; the task's score reads `items` only
     _default_params(config)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     console.print(escape(f"{len(items)} golden item(s) from {', '.join(str(p) for p in config.golden)}; "
@@ -172,14 +274,21 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
             progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("•"),
                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
             with progress:
-                runs[model.name] = run_local(model, items, perf_prompts=config.perf_prompts, progress=progress)
+                runs[model.name] = run_local(model, asked, perf_prompts=config.perf_prompts, progress=progress)
             perf = runs[model.name].perf
-            console.print(escape(f"{model.name}: {len(items)} answers and {perf.get('timed_prompts', 0)} timed "
+            cost = local_cost(perf, config.cost.gpu_hour_usd, config.cost.cpu_hour_usd)
+            if cost is not None:
+                perf["usd_per_1k_answers"] = cost
+            console.print(escape(f"{model.name}: {len(asked)} answers and {perf.get('timed_prompts', 0)} timed "
                                  f"prompts in {time.monotonic() - began:.0f} s"), highlight=False)
         else:
             console.print(escape(f"{model.name}: {model.provider} {model.model} through the factory pipeline"),
                           highlight=False)
-            runs[model.name] = run_hosted(model, items, config.output_dir, console)
+            runs[model.name] = run_hosted(model, asked, config.output_dir, console)
+            if config.timed_requests:
+                console.print(escape(f"{model.name}: timing {min(config.timed_requests, len(items))} request(s) "
+                                     "one at a time, past the cache"), highlight=False)
+                runs[model.name].perf.update(time_hosted(model, items, config.timed_requests))
 
     judged: dict[str, dict[str, float]] = {}
     judge_result = None
@@ -210,6 +319,11 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
             extra["divergence_kl"] = distill.divergence(s_run, t_run, items)
             if config.speculative:
                 extra["speculative"] = distill.speculative(s_run, t_run, items, int(config.params.get("max_tokens", 64)))
+    if regression:
+        summary["regression"] = regression_summary(config, regression, score_runs(config, regression, runs, {}))
+    if held_out:
+        summary["fidelity"] = {"items": len(held_out), "ids": [item.id for item in held_out], "models": set_means(
+            config, held_out, score_runs(config, held_out, runs, {}))}
     summary.update(extra)
     gate = check_gate(config, summary)
     summary["gate"] = None if gate is None else {"passed": gate.passed, "reason": gate.reason}
@@ -217,10 +331,34 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
     summary["examples"] = worst_examples(items, runs, scores, student, reference)
 
     write_reports(config.output_dir, summary)
+    record_in_lineages(config, summary, runs, golden)
     (config.output_dir / "answers.jsonl").write_text(
         "".join(json.dumps({"key": item.key, **{name: run.answers[item.key].text for name, run in runs.items()},
                             "reference": item.reference}) + "\n" for item in items), encoding="utf-8")
     return summary, gate
+
+
+PERF_KEYS = ("latency_p50_s", "latency_p99_s", "output_tokens_per_s", "usd_per_1k_answers")
+
+
+def record_in_lineages(config: EvalConfig, summary: dict[str, Any], runs: dict[str, ModelRun],
+                       golden: list[dict[str, Any]]) -> None:
+    """Each trained student evaluated (a local model with a lineage.json) gets this eval in its lineage:
+    scores, retention, the gate where it is the student, latency and cost, and the golden sets' hashes."""
+    for name, run in runs.items():
+        path = lineage_path_for(run.config.model) if run.config.provider == "local" else None
+        if path is None:
+            continue
+        model = summary["models"][name]
+        record_eval(path, {
+            "eval_dir": str(config.output_dir), "model_name": name, "golden": golden, "items": summary["items"],
+            "score": model["metrics"]["overall"]["mean"],
+            "retention": model.get("retention", {}).get("overall", {}).get("ratio"),
+            "reference": summary["reference"],
+            "gate": summary["gate"] if name == summary["student"] else None,
+            "perf": {key: run.perf[key] for key in PERF_KEYS if key in run.perf},
+            "frontier": model.get("frontier"),
+        })
 
 
 def worst_examples(items: list[GoldenItem], runs: dict[str, ModelRun], scores: dict[str, Any], student: str,

@@ -31,12 +31,14 @@ def add_commands(sub: argparse._SubParsersAction, launcher: str) -> None:
     decide.add_argument("--promote", nargs="+", metavar="ID", help="count these samples as accepted")
     decide.add_argument("--demote", nargs="+", metavar="ID", help="count these samples as rejected")
     review.add_argument("--why", metavar="TEXT", help="the reason for --promote / --demote (required with them)")
-    export = sub.add_parser("export", help="write a run's samples as messages, sharegpt, alpaca, parquet or hf, "
-                                           "with a dataset card")
+    export = sub.add_parser("export", help="write a run's samples as messages, sharegpt, alpaca, parquet or hf "
+                                           "(or with the teacher's logprobs: axolotl-kd, distillkit), with a card")
     export.add_argument("run_dir", type=Path)
-    export.add_argument("--format", required=True, metavar="{messages,sharegpt,alpaca,parquet,hf}",
+    export.add_argument("--format", required=True,
+                        metavar="{messages,sharegpt,alpaca,parquet,hf,axolotl-kd,distillkit}",
                         help="messages/sharegpt/alpaca: JSONL; parquet: TRL prompt-completion columns; "
-                             "hf: datasets save_to_disk")
+                             "hf: datasets save_to_disk; axolotl-kd (JSONL) and distillkit (parquet): with the "
+                             "teacher's top-k token logprobs from the run's sidecar")
     export.add_argument("--out", type=Path, required=True, metavar="DIR", help="a new or empty folder")
     export.add_argument("--rejected", action="store_true",
                         help="export the rejected samples (after review) instead of the accepted ones")

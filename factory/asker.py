@@ -18,12 +18,29 @@ from .cache import ResponseCache, cache_key
 from .limiter import Limiter, LimiterClosed
 from .pricing import Pricer
 from .progress import Usage
+from .recipe import IN_PROCESS
 from .teachers.base import Teacher
 
 if TYPE_CHECKING:
     from .recipe import TeacherConfig
 
-__all__ = ["Asker", "Budget", "BudgetExhausted", "LimiterClosed", "Usage"]
+__all__ = ["Asker", "Budget", "BudgetExhausted", "LimiterClosed", "Usage", "limiter_for"]
+
+
+def limiter_for(config: "TeacherConfig", teacher: Teacher, share: float = 1.0) -> Limiter:
+    """The limiter of one model as a recipe configures it (the factory's run and the serve router build theirs here).
+    `share`: this process's part of limits shared with other workers (the Ray runner)."""
+    # An in-process model is fed what it can batch (the recipe may ask for less); an API gets the recipe's cap.
+    useful = teacher.max_useful_concurrency
+    concurrency = min(config.max_concurrency or useful, useful) if useful else config.concurrency_cap
+    # Slow start probes a server's limits; a model in this process has none, and starting it at 8 requests
+    # would leave a continuously batching engine mostly idle for its first rounds.
+    # Workers that share a limit (the Ray runner) share the probe too: W of them do not send W × 8 at once.
+    initial = concurrency if config.provider in IN_PROCESS else max(1, round(8 * share))
+    # A fleet's endpoints follow their own latency (teachers/fleet.py); this limiter does for one server.
+    follow = config.follows_latency and config.provider not in IN_PROCESS and not isinstance(config.base_url, list)
+    return Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries,
+                   initial_concurrency=initial, share=share, follow_latency=follow)
 
 
 class BudgetExhausted(ApprenticeError):

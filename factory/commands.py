@@ -10,6 +10,8 @@ import asyncio
 import json
 import shlex
 import sys
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,13 +20,16 @@ from apprentice.commandline import command_line
 from apprentice.config import load_recipe_data
 from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError, RecipeError
+from apprentice.tracking import choose, log_figures
 
 from . import review, review_ledger
 from .export import export_run
 from .plan import plan_run, print_plan
+from .ray_runner import run_on_ray
 from .recipe import load_factory_config
 from .run import Run, print_result
-from .stats import compute_stats, render_stats
+from .stats import compute_stats, render_stats, stats_figures
+from .store import read_manifest
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -42,6 +47,18 @@ def generate(args: argparse.Namespace) -> int:
         console.close_log()
 
 
+def _track(config: Any, recipe: Path, console: CommandConsole) -> None:
+    """The run's final figures (manifest.json's stats) to the tracker of factory.report_to or sft.report_to."""
+    trackers, left_out = choose(config.report_to, (load_recipe_data(recipe).get("sft") or {}).get("report_to"))
+    stats = (read_manifest(config.output_dir) or {}).get("stats") or {}
+    if trackers and "counts" in stats:
+        for path in log_figures(trackers, config.output_dir / "tensorboard", stats_figures(stats)):
+            console.print(escape(f"tracker: the run's figures → {path} (tensorboard)"), highlight=False)
+    if left_out:
+        console.print(escape(f"tracker: the factory logs to tensorboard only; sft.report_to's {', '.join(left_out)} "
+                             "gets the trainer's figures alone"), highlight=False)
+
+
 def _generate(args: argparse.Namespace, console: CommandConsole) -> int:
     config = load_factory_config(args.recipe, args.set)
     if args.limit is not None and args.limit < 1:
@@ -57,8 +74,12 @@ def _generate(args: argparse.Namespace, console: CommandConsole) -> int:
                          + ([f"--limit {args.limit}"] if args.limit is not None else []))
         console.final(f"next: {escape(again)} (without --dry-run) to run it", highlight=False)
         return 0
-    result = asyncio.run(Run(config, limit=args.limit, console=console).execute())
+    if config.runner == "ray":
+        result = run_on_ray(config, limit=args.limit, console=console)
+    else:
+        result = asyncio.run(Run(config, limit=args.limit, console=console).execute())
     print_result(result, console, config.output_dir)
+    _track(config, args.recipe, console)
     if result.ok:
         run_dir = config.output_dir
         review_it = command_line(args.launcher, "factory", "review", run_dir)
@@ -116,6 +137,12 @@ def export_command(args: argparse.Namespace) -> int:
     which = "rejected" if args.rejected else "accepted"
     console.print(f"exported {result.samples} {which} sample(s) as {result.format} to "
                   f"{escape(str(result.data))}", highlight=False)
+    if result.without_logprobs:
+        console.print(f"[yellow]left out[/] {result.without_logprobs} sample(s) without the teacher's logprobs",
+                      highlight=False)
+    if result.cut_off:
+        console.print(f"[yellow]left out[/] {result.cut_off} sample(s) the teacher did not finish (finish_reason "
+                      "length): Axolotl would line their logprobs up one token off", highlight=False)
     if result.pushed:
         console.print(f"pushed to {escape(result.pushed)}", highlight=False)
     console.final(f"dataset card: {escape(str(result.card))}", highlight=False)

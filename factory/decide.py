@@ -11,6 +11,7 @@ public methods only.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -374,7 +375,12 @@ class Decider:
 
     def _fail(self, prompt: PromptItem, entry: _Entry, error: TeacherError) -> None:
         if error.fatal:
-            self.stop(fatal=f"{FATAL_STATUS[error.status]} ({error})")
+            why = f"{FATAL_STATUS[error.status]} ({error})"
+            variable = self.config.teacher.api_key_env
+            if error.status == 401 and variable and not os.environ.get(variable):
+                # With a base_url and no key the request went out with a placeholder: say which variable is unset.
+                why += f"; {variable} is not set in this process's environment"
+            self.stop(fatal=why)
             return  # not recorded: the run stops, and the same command retries these
         failure = Failure(
             id=entry.record_id,

@@ -10,6 +10,8 @@ plus the promoted ones from rejected.jsonl (review.jsonl decides); `rejected=Tru
   prompt has more than one user message (or an assistant turn) stops the export with its id, nothing kept
 - `parquet`: TRL's prompt–completion columns (`id`, `prompt`, `completion`) via `datasets`
 - `hf`: the same columns, `datasets.Dataset.save_to_disk` (read back with `load_from_disk`)
+- `axolotl-kd`, `distillkit`: with the teacher's top-k token logprobs from the run's sidecar, for Axolotl's
+  and DistillKit's offline distillation (factory/kd_export.py)
 
 The JSONL formats stream (one record in memory at a time); parquet and hf go through `datasets`' Arrow
 writer from a generator, in a temporary cache. Every export writes `README.md`, a dataset card: teacher,
@@ -26,11 +28,12 @@ from typing import Any, Iterator
 
 from apprentice.errors import ApprenticeError
 
+from .kd_export import KD_FORMATS, WRITERS, KDExportError, kd_card_lines
 from .review_ledger import ReviewError, reviewed_records
 from .stats import compute_stats
 from .store import ACCEPTED, REJECTED, read_manifest
 
-FORMATS = ("messages", "sharegpt", "alpaca", "parquet", "hf")
+FORMATS = ("messages", "sharegpt", "alpaca", "parquet", "hf") + KD_FORMATS
 JSONL_FORMATS = ("messages", "sharegpt", "alpaca")
 DATA_JSONL = "data.jsonl"
 DATA_PARQUET = "data.parquet"
@@ -56,6 +59,8 @@ class ExportResult:
     data: Path  # the data file or folder
     card: Path
     pushed: str | None = None  # the Hub dataset repo's URL
+    without_logprobs: int = 0  # KD formats: samples left out for want of the teacher's logprobs
+    cut_off: int = 0  # axolotl-kd: samples left out because the teacher did not finish them
 
 
 def iter_samples(run_dir: Path, *, rejected: bool = False) -> Iterator[dict[str, Any]]:
@@ -134,17 +139,25 @@ def export_run(run_dir: Path, fmt: str, out: Path, *, rejected: bool = False,
         raise ExportError(f"{run_dir}: no accepted.jsonl or rejected.jsonl; run `python -m factory generate` first")
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
+    left_out = cut_off = 0
     try:
         if fmt in JSONL_FORMATS:
             data, count = out / DATA_JSONL, _write_jsonl(run_dir, fmt, out / DATA_JSONL, rejected)
+        elif fmt in KD_FORMATS:
+            data = out / (DATA_JSONL if fmt == "axolotl-kd" else DATA_PARQUET)
+            counts = WRITERS[fmt](run_dir, data, rejected)
+            count, left_out, cut_off = counts["exported"], counts["without_logprobs"], counts.get("cut_off", 0)
         else:
             data, count = _write_arrow(run_dir, fmt, out, rejected)
         card = out / CARD
         card.write_text(dataset_card(run_dir, fmt, count, rejected=rejected), encoding="utf-8")
+    except KDExportError as exc:
+        _clear(out)
+        raise ExportError(str(exc)) from None
     except BaseException:
         _clear(out)  # no half export: the folder is left empty, as it was found
         raise
-    result = ExportResult(out, fmt, count, data, card)
+    result = ExportResult(out, fmt, count, data, card, without_logprobs=left_out, cut_off=cut_off)
     if push_to_hub is not None:
         result.pushed = push_folder(out, push_to_hub, private=private)
     return result
@@ -234,7 +247,7 @@ def dataset_card(run_dir: Path, fmt: str, exported: int, *, rejected: bool = Fal
     counts, review, div = stats["counts"], stats["review"], stats["diversity"]
     which = ("rejected samples (rejected less promoted, plus demoted)" if rejected
              else "accepted samples (accepted less demoted, plus promoted), as `apprentice train` reads them")
-    files = {"parquet": DATA_PARQUET, "hf": "`datasets` save_to_disk folder (load_from_disk)"}
+    files = {"parquet": DATA_PARQUET, "distillkit": DATA_PARQUET, "hf": "`datasets` save_to_disk folder (load_from_disk)"}
     front = ""
     if fmt != "hf":  # the Hub reads the data file this names
         front = (f"---\ntags:\n- synthetic\n- distillation\n- apprentice\nconfigs:\n- config_name: default\n"
@@ -264,6 +277,8 @@ def dataset_card(run_dir: Path, fmt: str, exported: int, *, rejected: bool = Fal
             lines.append(f"| {name} | {item['count']} | {_cell(reason)} |")
     else:
         lines.append("No sample was rejected.")
+    if fmt in KD_FORMATS:
+        lines += ["", *kd_card_lines(run_dir, fmt)]
     lines += [
         "",
         f"## Diversity (accepted completions of the run, sample of {div['sample']})",

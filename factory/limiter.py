@@ -21,6 +21,8 @@
 - 5xx, timeouts and dropped connections back off exponentially with full jitter.
 - After `breaker_threshold` consecutive failures the circuit opens: all requests pause for a cooldown,
   then one probe goes through (half-open); a success closes it.
+- `share`: this limiter's part of limits several processes spend together (the Ray runner's workers): the
+  recipe's caps and the limits and remainders the headers report are scaled by it (`set_share` changes it).
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from typing import Awaitable, Callable, Mapping
 
 from apprentice.errors import ApprenticeError, TeacherError
 from apprentice.responses import TeacherResponse, parse_retry_after
+
+from .latency import LatencyGovernor
 
 
 PACE_SHARE = 0.97     # paced, each bucket is sent at most this share of its limit, evenly spaced
@@ -123,30 +127,19 @@ def _number(headers: Mapping[str, str], name: str) -> float | None:
         return None
 
 
+def _anthropic(kind: str) -> tuple[str, str, str]:
+    name = f"anthropic-ratelimit-{kind}"
+    return f"{name}-limit", f"{name}-remaining", f"{name}-reset"
+
+
 # bucket name → (limit header, remaining header, reset header), for each provider's header family
 HEADER_FAMILIES: dict[str, tuple[str, str, str]] = {
     "requests": ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
     "tokens": ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
-    "a_requests": (
-        "anthropic-ratelimit-requests-limit",
-        "anthropic-ratelimit-requests-remaining",
-        "anthropic-ratelimit-requests-reset",
-    ),
-    "a_tokens": (
-        "anthropic-ratelimit-tokens-limit",
-        "anthropic-ratelimit-tokens-remaining",
-        "anthropic-ratelimit-tokens-reset",
-    ),
-    "input_tokens": (
-        "anthropic-ratelimit-input-tokens-limit",
-        "anthropic-ratelimit-input-tokens-remaining",
-        "anthropic-ratelimit-input-tokens-reset",
-    ),
-    "output_tokens": (
-        "anthropic-ratelimit-output-tokens-limit",
-        "anthropic-ratelimit-output-tokens-remaining",
-        "anthropic-ratelimit-output-tokens-reset",
-    ),
+    "a_requests": _anthropic("requests"),
+    "a_tokens": _anthropic("tokens"),
+    "input_tokens": _anthropic("input-tokens"),
+    "output_tokens": _anthropic("output-tokens"),
 }
 # Anthropic's request and combined-token families feed the same buckets as OpenAI's.
 _BUCKET_OF = {"a_requests": "requests", "a_tokens": "tokens"}
@@ -193,8 +186,15 @@ class Limiter:
         breaker_cooldown_s: float = 5.0,
         chars_per_token: float = DEFAULT_CHARS_PER_TOKEN,
         initial_concurrency: int = 8,
+        share: float = 1.0,
+        follow_latency: bool = False,
     ) -> None:
+        self.share = share
+        rpm = rpm * share if rpm else rpm
+        tpm = tpm * share if tpm else tpm
         self.max_concurrency = max_concurrency
+        # A server that queues instead of answering 429: concurrency also follows latency (factory/latency.py).
+        self.latency = LatencyGovernor(max_concurrency, initial=initial_concurrency) if follow_latency else None
         self.limit = float(min(max_concurrency, initial_concurrency))  # AIMD window
         self.slow_start = True  # until the first 429: +1 per success, i.e. doubling per round trip
         self.in_flight = 0
@@ -234,6 +234,14 @@ class Limiter:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def set_share(self, share: float) -> None:
+        """A new part of the shared limits (another worker finished): the caps and buckets scale to it."""
+        ratio, self.share = share / self.share, share
+        self._caps = {name: cap * ratio if cap else cap for name, cap in self._caps.items()}
+        for bucket in self.buckets.values():
+            bucket.capacity, bucket.rate, bucket.level = (value * ratio for value in (bucket.capacity, bucket.rate,
+                                                                                   bucket.level))
+
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when the limiter closes."""
         if self._closed_event is None:
@@ -253,7 +261,9 @@ class Limiter:
 
     # ---- concurrency (AIMD) ---------------------------------------------------------------------
     def _window(self) -> int:
-        return 1 if self.breaker_open else max(1, int(self.limit))
+        if self.breaker_open:
+            return 1
+        return max(1, min(int(self.limit), self.latency.limit())) if self.latency else max(1, int(self.limit))
 
     async def _enter(self) -> None:
         while self.in_flight >= self._window() and not self.closed:
@@ -348,6 +358,9 @@ class Limiter:
             remaining = _number(headers, remaining_h)
             if limit is None and remaining is None:
                 continue
+            if self.share != 1.0:  # the headers speak for every process that shares the limit
+                limit = limit * self.share if limit is not None else None
+                remaining = remaining * self.share if remaining is not None else None
             name = _BUCKET_OF.get(family, family)
             cap = self._caps.get(name)
             if cap is not None and limit is not None:
@@ -405,6 +418,9 @@ class Limiter:
                 if self.closed:
                     raise LimiterClosed()
                 self.stats.requests += 1
+                sent, level = time.monotonic(), self._window()
+                if self.latency:
+                    self.latency.sent(sent)
                 try:
                     response = await call()
                 except TeacherError as error:
@@ -414,6 +430,9 @@ class Limiter:
                         raise
                 else:
                     self._on_success(reservation, response)
+                    if self.latency:
+                        now = time.monotonic()
+                        self.latency.answered(now - sent, response.output_tokens or 1, level, now)
                     return response, attempt
             finally:
                 self._leave()

@@ -130,6 +130,24 @@ class SelfInstructConfig(Strict):
         return self.rounds or max(10, 5 * math.ceil(self.count / self.per_request))
 
 
+# ---- served -----------------------------------------------------------------------------------------------
+class ServedWhere(Strict):
+    """Which served requests become prompts (every condition given must hold)."""
+
+    answered_by: Literal["student", "teacher"] | None = Field(default=None, description="who answered it")
+    confidence_below: float | None = Field(
+        default=None, le=0, description="the student's confidence (mean token logprob) was below this")
+    fault: bool | None = Field(default=None, description="true: only answers served despite a fault; false: none")
+
+
+class ServedSource(Strict):
+    """`prompts: {served: DIR, where: {...}}` as one value, for the source (factory/served_log.py)."""
+
+    dir: Path
+    where: ServedWhere = Field(default_factory=ServedWhere)
+    limit: int | None = None
+
+
 # ---- the section ----------------------------------------------------------------------------------------------
 class PromptsConfig(Strict):
     path: Path | None = Field(
@@ -142,12 +160,27 @@ class PromptsConfig(Strict):
     self_instruct: SelfInstructConfig | None = Field(
         default=None, description="new prompts written by the teacher from seed prompts, near-duplicates dropped"
     )
+    served: Path | None = Field(
+        default=None, description="the served log of `apprentice serve` (serve.log_dir): its requests as prompts"
+    )
+    where: ServedWhere | None = Field(default=None, description="with served: which requests, e.g. "
+                                      "{answered_by: student, confidence_below: -0.5}")
+    limit: int | None = Field(default=None, ge=1, description="with served: at most this many prompts")
     system: str | None = Field(default=None, description="system message prepended to prompts that have none")
 
     @model_validator(mode="after")
     def _one_source(self) -> "PromptsConfig":
-        sources = [self.path, self.grid, self.dataset, self.self_instruct]
+        sources = [self.path, self.grid, self.dataset, self.self_instruct, self.served]
         if sum(source is not None for source in sources) != 1:
             raise ValueError("give one source: either path: FILE.jsonl, grid: {template, attributes}, "
-                             "dataset: {path, column} or self_instruct: {seeds, count}")
+                             "dataset: {path, column}, self_instruct: {seeds, count} or served: DIR")
+        if self.served is None and (self.where is not None or self.limit is not None):
+            raise ValueError("where and limit choose among served requests: add served: DIR (serve.log_dir), "
+                             "or remove them")
         return self
+
+    @property
+    def served_source(self) -> ServedSource | None:
+        if self.served is None:
+            return None
+        return ServedSource(dir=self.served, where=self.where or ServedWhere(), limit=self.limit)

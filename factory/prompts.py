@@ -150,3 +150,12 @@ def iter_prompts(path: Path, system: str | None = None) -> Iterator[PromptItem]:
         item = _parse_line(raw, system)
         item.line = number
         yield item
+
+
+def iter_prompt_lines(path: Path, system: str | None = None) -> Iterator[tuple[PromptItem, str]]:
+    """Each prompt with its line as written: the Ray runner copies lines into shard files unchanged, so a
+    prompt keeps its id (given, or the hash of its messages) in whichever file it is read from."""
+    for number, raw in _lines(path):
+        item = _parse_line(raw, system)
+        item.line = number
+        yield item, raw

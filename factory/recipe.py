@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, PlainValidator, ValidationInfo, field_val
 
 from apprentice.config import Strict, load_section
 from apprentice.hashing import stable_hash
+from apprentice.tracking import unsupported
 from quality_checks.registry import check_fingerprint, check_options, duplicate_names, options_model, parse_check_item
 
 from .prompt_config import PromptsConfig
@@ -189,6 +190,12 @@ class TeacherConfig(Strict):
         default=None, ge=1, le=4096,
         description="requests in flight at most; default: 64 for an API, what the model can batch for local and vllm",
     )
+    follow_latency: bool | None = Field(
+        default=None,
+        description="concurrency also follows latency, backing off when p95 latency climbs while throughput does "
+        "not (a vLLM or SGLang server queues instead of answering 429; max_concurrency stays the ceiling); default: "
+        "on with a base_url, off for the hosted APIs; not part of the fingerprint",
+    )
     rpm: float | None = Field(default=None, gt=0, description="requests per minute cap; headers rule otherwise")
     tpm: float | None = Field(default=None, gt=0, description="tokens per minute cap; headers rule otherwise")
     timeout_s: float = Field(default=600.0, gt=0)
@@ -292,6 +299,11 @@ class TeacherConfig(Strict):
         return context + messages
 
     @property
+    def follows_latency(self) -> bool:
+        """follow_latency, or on where a base_url names a server of one's own (it queues rather than refuses)."""
+        return self.follow_latency if self.follow_latency is not None else self.base_url is not None
+
+    @property
     def concurrency_cap(self) -> int:
         """max_concurrency, or the API default when the recipe leaves it to the provider."""
         return self.max_concurrency or DEFAULT_MAX_CONCURRENCY
@@ -320,6 +332,32 @@ def ranking_check(by: str, checks: list[Any]) -> str | None:
     return same[0] if len(same) == 1 else None
 
 
+class RayConfig(Strict):
+    """`factory.ray`, for `runner: ray`: where the cluster is and how the prompts are split (docs/ray.md)."""
+
+    address: str | None = Field(
+        default=None, description="a running cluster (`auto`, or ray://host:10001); default: a local Ray in this process"
+    )
+    workers: int = Field(default=2, ge=1, le=4096, description="shards generated at once, one Ray task each")
+    shards: int | None = Field(
+        default=None, ge=1, le=65536,
+        description="how many parts the prompts are split into by a hash of their id; default: workers. Fixed for "
+        "a run directory (it decides which shard holds each sample), so set it when workers may change",
+    )
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs each shard's task reserves")
+    max_restarts: int = Field(default=3, ge=0, description="times Ray restarts a shard whose worker died")
+    pass_keys: bool = Field(
+        default=False,
+        description="send the API key variables the recipe names from the driver's environment with each task "
+        "(Ray's runtime_env: they then sit in the cluster's task metadata); default: the workers read their own "
+        "environment (a local Ray started here inherits the driver's)",
+    )
+
+    @property
+    def shard_count(self) -> int:
+        return self.shards or self.workers
+
+
 class FactoryConfig(Strict):
     output_dir: Path = Path("runs/demo")
     prompts: PromptsConfig
@@ -333,6 +371,21 @@ class FactoryConfig(Strict):
         default=None, description="{by: judge, keep: 1}: keep the best samples of each prompt by a check's score"
     )
     budget_usd: float | None = Field(default=None, ge=0)
+    runner: Literal["local", "ray"] = Field(
+        default="local", description="local: this process; ray: shards of the prompts on Ray workers (docs/ray.md)"
+    )
+    ray: RayConfig | None = Field(default=None, description="the Ray runner's settings (runner: ray)")
+    report_to: str | list[str] | None = Field(
+        default=None, description="tracker for the final run figures: "
+        "tensorboard or none; unset: sft.report_to of the same recipe (its tensorboard part)")
+
+    @field_validator("report_to")
+    @classmethod
+    def _tracked(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if other := unsupported(value):
+            raise ValueError(f"{other}: the factory logs to tensorboard only (or none); wandb, mlflow and trackio "
+                             "get the trainer's figures through sft.report_to")
+        return value
 
     @classmethod
     def item_model(cls, field: str, item: Any) -> type[BaseModel] | None:
@@ -361,6 +414,23 @@ class FactoryConfig(Strict):
             raise ValueError(f"two checks named {twice}; give one a `label:` so rejections say which")
         return checks
 
+    @model_validator(mode="after")
+    def _ray_settings(self) -> "FactoryConfig":
+        if self.runner == "ray":
+            if self.ray is None:
+                self.ray = RayConfig()
+            if self.teacher.mode == "batch":
+                raise ValueError("runner: ray sends online requests; a Batch API needs no workers (runner: local)")
+            if self.teacher.provider in IN_PROCESS:
+                raise ValueError(f"runner: ray is for teachers behind an API; provider {self.teacher.provider} "
+                                 "loads its model in each process (serve it with vLLM and use provider: openai)")
+            if self.prompts.self_instruct is not None:
+                raise ValueError("runner: ray takes a prompts file, grid or dataset; run the self-instruct "
+                                 "expansion with runner: local first, then point prompts.path at its prompts file")
+        elif self.ray is not None:
+            raise ValueError("ray: settings for runner: ray; set factory.runner: ray or remove them")
+        return self
+
     def fingerprint(self) -> dict[str, Any]:
         """What decides the content of a sample. Two runs may share a directory only if these agree."""
         teacher = self.teacher
@@ -380,6 +450,8 @@ class FactoryConfig(Strict):
             **({"best_of": self.best_of.model_dump()} if self.best_of is not None else {}),
             **({"structured_output": teacher.structured_output.model_dump()}
                if teacher.structured_output is not None else {}),
+            # The shard count decides where each sample's records and cached answer are: fixed for a directory.
+            **({"runner": "ray", "shards": self.ray.shard_count} if self.runner == "ray" and self.ray else {}),
         }
 
     def fingerprint_hash(self) -> str:

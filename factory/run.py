@@ -30,7 +30,7 @@ from apprentice.console import CommandConsole
 from apprentice.errors import RecipeError, os_error_message
 from quality_checks import Check, build_checks, prime
 
-from .asker import Asker, Budget
+from .asker import Asker, Budget, limiter_for
 from .batch import BatchDriver
 from .cache import ResponseCache
 from .decide import Decider, Stop
@@ -98,8 +98,10 @@ class Run:
         limit: int | None = None,
         console: Console | None = None,
         teacher: Teacher | None = None,
+        rate_share: float = 1.0,
     ) -> None:
         self.config = config
+        self.rate_share = rate_share  # this process's part of the teacher's rate limits (factory/ray_runner.py)
         self.limit = limit
         self.console = console or CommandConsole()
         self._teacher = teacher
@@ -137,6 +139,8 @@ class Run:
             "this_run": {
                 "started_at": self.started_at,
                 "elapsed_s": round(counters.elapsed, 3),
+                # This process's CPU since the run began (the Ray runner adds its workers' up): the client's cost.
+                "cpu_s": round(time.process_time() - self.cpu_started, 3),
                 "requests": counters.requests,
                 "cache_hits": counters.cache_hits,
                 "resumed_records": counters.resumed,
@@ -179,6 +183,7 @@ class Run:
             return await self._execute()
 
     async def _execute(self) -> RunResult:
+        self.cpu_started = time.process_time()
         config = self.config
         run_dir = config.output_dir
         source = source_name(config.prompts)
@@ -195,8 +200,9 @@ class Run:
         for index, check in enumerate(checks):
             if check.teacher is not None:
                 pricer_of_check = self._pricer(check.teacher, f"factory.checks.{index}.teacher")
-                self.check_models.append((check, check.teacher, make_teacher(check.teacher), pricer_of_check))
-        teacher = self._teacher or make_teacher(config.teacher)
+                self.check_models.append((check, check.teacher, make_teacher(check.teacher, self.rate_share),
+                                          pricer_of_check))
+        teacher = self._teacher or make_teacher(config.teacher, self.rate_share)
         self.limiter = self._limiter(config.teacher, teacher)
         run_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(self.console, CommandConsole):  # a command's console keeps a transcript for run.log
@@ -388,14 +394,7 @@ class Run:
             limiter.close()
 
     def _limiter(self, config: TeacherConfig, teacher: Teacher) -> Limiter:
-        # An in-process model is fed what it can batch (the recipe may ask for less); an API gets the recipe's cap.
-        useful = teacher.max_useful_concurrency
-        concurrency = min(config.max_concurrency or useful, useful) if useful else config.concurrency_cap
-        # Slow start probes a server's limits; a model in this process has none, and starting it at 8 requests
-        # would leave a continuously batching engine mostly idle for its first rounds.
-        initial = concurrency if config.provider in IN_PROCESS else 8
-        limiter = Limiter(max_concurrency=concurrency, rpm=config.rpm, tpm=config.tpm, max_retries=config.max_retries,
-                          initial_concurrency=initial)
+        limiter = limiter_for(config, teacher, self.rate_share)
         self.limiters.append(limiter)
         return limiter
 

@@ -1,4 +1,4 @@
-"""Where a run's prompts come from: one of `factory.prompts` path, grid, dataset or self_instruct.
+"""Where a run's prompts come from: one of `factory.prompts` path, grid, dataset, self_instruct or served.
 
 Every source has the same signature, `async def write_prompts(config, env: SourceEnv) -> Path`: it
 writes a prompts file into the run directory (a path source names its own) and the run reads that file
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from . import grid, prompt_dataset, self_instruct
+from . import grid, prompt_dataset, self_instruct, served_log
 from .prompt_config import PromptsConfig
 from .prompts import SourceEnv
 
@@ -24,6 +24,7 @@ SOURCES: dict[str, Callable[[Any, SourceEnv], Awaitable[Path]]] = {
     "grid": grid.write_prompts,
     "dataset": prompt_dataset.write_prompts,
     "self_instruct": self_instruct.write_prompts,
+    "served": served_log.write_prompts,
 }
 # Sources that ask the teacher: the run builds its teacher and asker first.
 ASKS_TEACHER = {"self_instruct"}
@@ -36,4 +37,5 @@ def source_name(prompts: PromptsConfig) -> str:
 
 async def write_prompts(prompts: PromptsConfig, env: SourceEnv) -> Path:
     name = source_name(prompts)
-    return await SOURCES[name](getattr(prompts, name), env)
+    settings = prompts.served_source if name == "served" else getattr(prompts, name)  # served takes `where` too
+    return await SOURCES[name](settings, env)

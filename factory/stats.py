@@ -172,6 +172,19 @@ def compute_stats(run_dir: Path, manifest: dict[str, Any] | None = None) -> dict
     }
 
 
+def stats_figures(stats: dict[str, Any]) -> dict[str, float]:
+    """The run's final figures as tracker scalars (tag → number)."""
+    figures: dict[str, float] = {f"factory/{key}": stats["counts"][key] for key in ("accepted", "rejected", "failed")}
+    figures.update({f"factory/rejected_by/{name}": item["count"] for name, item in stats["rejected_by"].items()})
+    figures.update({"factory/acceptance_rate": stats.get("acceptance_rate"), "factory/cost_usd": stats["cost_usd"],
+                    "factory/tokens/input": stats["tokens"]["input"], "factory/tokens/output": stats["tokens"]["output"],
+                    "factory/samples_per_s": (stats.get("throughput") or {}).get("samples_per_s")})
+    div = stats.get("diversity") or {}
+    figures.update({f"factory/diversity/{key}": div.get(key)
+                    for key in ("distinct_1", "distinct_2", "mean_pairwise_jaccard_distance")})
+    return {tag: value for tag, value in figures.items() if isinstance(value, (int, float))}
+
+
 def render_stats(stats: dict[str, Any], run_dir: Path, console) -> None:
     """The same figures as rich tables."""
     from rich.markup import escape

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> FakeConfig:
     )
     parser.add_argument("--port", type=int, default=0, help="0: any free port (default)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before every response")
+    parser.add_argument("--capacity", type=int, default=None,
+                        help="queue like vLLM: at most N requests served at once, the rest wait their turn")
     parser.add_argument("--rpm", type=int)
     parser.add_argument("--tpm", type=int)
     parser.add_argument("--input-tpm", type=int, help="Anthropic input tokens per minute")
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> FakeConfig:
     parser.add_argument("--max-requests", type=int, default=200_000)
     args = parser.parse_args(argv)
     return FakeConfig(
-        port=args.port, latency_s=args.latency, api_key=args.api_key, rpm=args.rpm, tpm=args.tpm,
+        port=args.port, latency_s=args.latency, capacity=args.capacity, api_key=args.api_key, rpm=args.rpm, tpm=args.tpm,
         input_tpm=args.input_tpm, output_tpm=args.output_tpm, rate_mode=args.rate_mode, rate_quantum_s=args.rate_quantum,
         faults=_pairs(args.fault, int, str, "--fault"),
         fault_rates=_pairs(args.fault_rate, str, float, "--fault-rate"),

@@ -44,6 +44,9 @@ class FakeConfig:
     tpm: int | None = None                         # combined tokens (OpenAI tokens, anthropic-ratelimit-tokens)
     input_tpm: int | None = None                   # Anthropic input tokens
     output_tpm: int | None = None                  # Anthropic output tokens
+    # A server that queues (vLLM, SGLang): at most this many chat requests are served at once, each for latency_s;
+    # the others wait their turn, first come first served, so more concurrency adds latency, not throughput.
+    capacity: int | None = None
     rate_window_s: float = 60.0
     rate_mode: str = "bucket"                      # "bucket" or "sliding"
     # Also enforce each limit in fixed windows this long (limit * quantum / rate_window_s per window), as
@@ -78,6 +81,7 @@ class FakeStats:
     faults: injected faults by kind.
     over_max_requests: requests refused because the lifetime `max_requests` was passed.
     client_gone: responses not sent because the client had closed the connection first.
+    queue_waits: with a capacity, each chat request's wait for a serving slot, in arrival order.
     batches_created, files_uploaded: batch endpoints' creations (both providers) and accepted uploads.
     batch_items: custom_id → times it was in a created batch; batch_answered: custom_id → times a batch
     answered it successfully (batch answers are not in `answered`, which counts online bodies).
@@ -93,6 +97,7 @@ class FakeStats:
         self.faults: Counter = Counter()
         self.over_max_requests = 0
         self.client_gone = 0
+        self.queue_waits: list[float] = []  # capacity: how long each chat request waited for a serving slot
         self.batches_created = 0
         self.files_uploaded = 0
         self.batch_items: Counter = Counter()
@@ -108,6 +113,7 @@ class FakeStats:
             self.faults.clear()
             self.over_max_requests = 0
             self.client_gone = 0
+            self.queue_waits.clear()
             self.batches_created = 0
             self.files_uploaded = 0
             self.batch_items.clear()
@@ -124,6 +130,7 @@ class FakeStats:
                 "faults": dict(self.faults),
                 "over_max_requests": self.over_max_requests,
                 "client_gone": self.client_gone,
+                "queue_waits": list(self.queue_waits),
                 "batches_created": self.batches_created,
                 "files_uploaded": self.files_uploaded,
                 "batch_items": dict(self.batch_items),

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import json
 import math
 import random
@@ -274,6 +275,7 @@ class ChatServer:
         self.port: int | None = None
         self._rng = random.Random(self.config.seed)
         self._lifetime = 0
+        self._slots: list[float] = []  # capacity: when each serving slot is next free
         self._limits: dict[str, Any] = {}
         self._quanta: dict[str, _Quantum] = {}
         self._started = time.monotonic()  # the quantum windows are aligned to it
@@ -464,7 +466,20 @@ class ChatServer:
             else:
                 return delay, self.error(provider, 500, f"fake server: unknown fault kind {fault!r}")
 
-        return delay, self._chat(provider, body, seq)
+        return self._queued(delay), self._chat(provider, body, seq)
+
+    def _queued(self, service_s: float) -> float:
+        """With a capacity: the delay of a request served in the earliest free slot after those queued before it."""
+        if not self.config.capacity:
+            return service_s
+        now = time.monotonic()
+        with self.stats.lock:
+            if len(self._slots) != self.config.capacity:
+                self._slots = [now] * self.config.capacity
+            start = max(now, heapq.heappop(self._slots))
+            heapq.heappush(self._slots, start + service_s)
+            self.stats.queue_waits.append(start - now)
+        return start + service_s - now
 
     @staticmethod
     def _authorized(provider: str, headers: dict[str, str], key: str) -> bool:

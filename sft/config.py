@@ -13,6 +13,8 @@ from pydantic import Field, model_validator
 from apprentice.config import Strict, load_section, validate_section
 from factory.recipe import TeacherConfig
 
+from .sweep_config import SweepSettings
+
 
 class LoraSettings(Strict):
     r: int = Field(default=16, ge=1, description="LoRA rank")
@@ -107,6 +109,7 @@ class SFTConfig(Strict):
     distill: DistillSettings | None = Field(
         default=None, description="{alpha: 0.8, temperature: 2.0}: add a KL term towards the teacher's logprobs"
     )
+    sweep: SweepSettings | None = Field(default=None, description="what `sft sweep` tries (sft/sweep_config.py)")
 
     @model_validator(mode="after")
     def _one_method(self) -> "SFTConfig":

@@ -17,8 +17,6 @@ Under `accelerate launch` (DDP, FSDP) every process runs this; files are written
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import difflib
 import importlib.metadata
 import json
 import os
@@ -35,9 +33,11 @@ from apprentice.errors import RecipeError
 from factory.builtin import resolve_model
 from factory.lock import DirectoryLock
 
+from .card import write_cards
 from .config import SFTConfig
 from .data import load_splits
-from .kd import TeacherLogprobs, align
+from .kd import TeacherLogprobs
+from .lineage import latest_eval, run_content, weights_content
 from .on_policy import figures, load_teacher, prompt_splits, resolve_teacher, start_from
 from .progress import RichProgress
 
@@ -103,9 +103,13 @@ def _require_bitsandbytes(cpu: bool) -> None:
 
 
 def last_checkpoint(checkpoints: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return Path(found) if checkpoints.is_dir() and (found := get_last_checkpoint(str(checkpoints))) else None
+    """The newest complete checkpoint. The Trainer writes trainer_state.json last: a folder without it was
+    cut off mid-save (a kill -9, seen in the sweep's resume test) and resuming from it would fail."""
+    if not checkpoints.is_dir():
+        return None
+    complete = [path for path in checkpoints.glob("checkpoint-*")
+                if path.name.removeprefix("checkpoint-").isdigit() and (path / "trainer_state.json").is_file()]
+    return max(complete, key=lambda path: int(path.name.removeprefix("checkpoint-")), default=None)
 
 
 def output_lock(directory: Path | str, key: str) -> contextlib.AbstractContextManager:
@@ -117,16 +121,17 @@ def output_lock(directory: Path | str, key: str) -> contextlib.AbstractContextMa
 
 
 def train(config: SFTConfig, *, resume: bool = False, console: Any = None, fraction: float = 1.0,
-          export_merged: bool = True) -> TrainResult:
+          export_merged: bool = True, callbacks: list[Any] = ()) -> TrainResult:
     """Train, evaluate, save, holding the output directory's lock. `fraction` keeps that share of the
-    training split (seeded; the held-out split is unchanged), `export_merged=False` skips the merged model:
-    both for sweeps of short runs."""
+    training split (seeded; the held-out split is unchanged), `export_merged=False` skips the merged model,
+    `callbacks` join the Trainer's (a sweep's pruner): all three for sweeps of short runs."""
     with output_lock(config.output_dir, "sft.output_dir"):
-        return _train(config, resume=resume, console=console, fraction=fraction, export_merged=export_merged)
+        return _train(config, resume=resume, console=console, fraction=fraction, export_merged=export_merged,
+                      callbacks=callbacks)
 
 
 def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, fraction: float = 1.0,
-          export_merged: bool = True) -> TrainResult:
+          export_merged: bool = True, callbacks: list[Any] = ()) -> TrainResult:
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -143,12 +148,13 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
         console.print(f"[yellow]--resume:[/] no checkpoint in {escape(str(checkpoints))}; starting from the beginning",
                       highlight=False)
 
-    from trl import DistillationConfig
-    from trl import SFTConfig as TRLConfig
+    # Imported once a training starts: it loads torch, TRL and peft (and our two trainer subclasses).
+    from .trainers import DistillationConfig, TRLConfig, align_with_teacher, build_trainer, trainer_args
 
     on_policy = config.method == "on_policy"
     trainer_args(config, DistillationConfig if on_policy else TRLConfig)  # misspelt keys stop before any model loads
     train_set, eval_set, runs = load_splits(config.data, config.held_out, config.seed, config.stratify_by)
+    contents = [run_content(run.path) for run in runs]  # as read now: `sft lineage --verify` compares with it
     teacher_config = resolve_teacher(config) if on_policy else None
     if teacher_config is not None:  # the student's own samples of the runs' prompts, held-out prompts kept out
         held = set(eval_set["group"]) if eval_set is not None else set()
@@ -179,15 +185,17 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
         teacher.check_student(tokenizer, config.student)
     if teacher_config is not None:
         teacher_model, teacher_path = load_teacher(teacher_config, tokenizer, config, hardware.dtype, console)
-    trainer = _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints,
-                             teacher_model if teacher_config is not None else teacher)
+    trainer = build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints,
+                            teacher_model if teacher_config is not None else teacher)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints each log dict raw; the progress line says the same
     trainer.add_callback(RichProgress(console))
+    for callback in callbacks:  # after the progress bar: a pruner ending the run at on_train_end stops it first
+        trainer.add_callback(callback)
     distill_info = None
     if teacher is not None:
-        distill_info = _align_with_teacher(trainer, teacher)
+        distill_info = align_with_teacher(trainer, teacher)
         console.print(
             f"[bold]distill[/] alpha={config.distill.alpha} T={config.distill.temperature} k={teacher.k}: "
             f"{distill_info['aligned']} of {distill_info['samples']} training samples aligned with the teacher's "
@@ -225,7 +233,8 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
 
     lineage = {
         "base_model": {"name": config.student, "path": base_path},
-        "data": [asdict(run) for run in runs],
+        "data": [{**asdict(run), "content": content} for run, content in zip(runs, contents)],
+        "weights": weights_content(adapter_dir),
         "splits": {"train": len(train_set), "eval": len(eval_set) if eval_set is not None else 0,
                    "held_out": config.held_out, "seed": config.seed},
         "sft": config.model_dump(mode="json"),
@@ -246,6 +255,7 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
         "seconds": round(time.time() - started, 2),
     }
     lineage_path.write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
+    write_cards(output_dir)  # README.md model cards from the lineage (and an eval of it, once there is one)
     merged_note = f", merged → {merged_dir}" if export_merged else ""
     console.print("[green]done[/] " + escape(f"adapter → {adapter_dir}{merged_note}, lineage → {lineage_path}"
                                              + (f", loss curves → {curves}" if curves else "")), highlight=False)
@@ -280,138 +290,6 @@ def _load_student(base_path: str, config: SFTConfig, hardware: Hardware):
 
         model = prepare_model_for_kbit_training(model)
     return model, tokenizer
-
-
-def _build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints, teacher=None):
-    from peft import LoraConfig
-    from transformers import EarlyStoppingCallback
-    from trl import DistillationConfig, SFTTrainer
-    from trl import SFTConfig as TRLConfig
-
-    has_eval = eval_set is not None
-    early_stop = has_eval and config.early_stopping_patience is not None
-    callbacks = [EarlyStoppingCallback(config.early_stopping_patience)] if early_stop else []
-    lora = LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=config.lora.target_modules,
-        modules_to_save=config.lora.modules_to_save,
-        task_type="CAUSAL_LM",
-    )
-    peft_config = None if config.init_from is not None else lora  # init_from: the model carries its adapter
-    if config.method == "on_policy":
-        # Imported late: it subclasses TRL's DistillationTrainer, so importing it loads trl and torch.
-        from .on_policy_trainer import build_on_policy_trainer
-
-        return build_on_policy_trainer(config, hardware, model, tokenizer, teacher, train_set, eval_set, checkpoints,
-                                       trainer_args(config, DistillationConfig), peft_config, callbacks)
-    args = TRLConfig(
-        output_dir=str(checkpoints),
-        seed=config.seed,
-        data_seed=config.seed,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        per_device_train_batch_size=config.per_device_batch_size,
-        per_device_eval_batch_size=config.per_device_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=config.eval_every_steps,
-        save_strategy="steps",
-        save_steps=config.eval_every_steps,
-        save_total_limit=2,
-        load_best_model_at_end=early_stop,
-        metric_for_best_model="eval_loss" if early_stop else None,
-        logging_steps=config.logging_steps,
-        gradient_checkpointing=config.gradient_checkpointing,
-        max_length=config.max_length,
-        packing=config.packing,
-        completion_only_loss=config.completion_only_loss,
-        use_cpu=hardware.use_cpu,
-        bf16=hardware.bf16,
-        fp16=hardware.fp16,
-        report_to=config.report_to,
-        disable_tqdm=True,
-        **trainer_args(config, TRLConfig),
-    )
-    columns = ["prompt", "completion"]
-    trainer_class, extra = SFTTrainer, {}
-    if teacher is not None:
-        # Imported late: it subclasses SFTTrainer, so importing it loads trl and torch.
-        from .distill_trainer import DistillTrainer
-
-        trainer_class, extra = DistillTrainer, {"distill": config.distill, "teacher": teacher}
-    return trainer_class(
-        model=model,
-        args=args,
-        # The record id travels with a distillation sample: it is the sidecar's key.
-        train_dataset=train_set.select_columns(columns + (["id"] if teacher is not None else [])),
-        eval_dataset=eval_set.select_columns(columns) if has_eval else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-        **extra,
-    )
-
-
-# ---- distillation -------------------------------------------------------------------------------------------
-# TRL SFTConfig fields the sft: section sets itself, and the sft key that owns each where there is one.
-OWNED = {"output_dir": "sft.output_dir", "seed": "sft.seed", "data_seed": "sft.seed",
-         "learning_rate": "sft.learning_rate", "num_train_epochs": "sft.epochs", "max_steps": "sft.max_steps",
-         "lr_scheduler_type": "sft.lr_scheduler", "warmup_steps": "sft.warmup_ratio",
-         "per_device_train_batch_size": "sft.per_device_batch_size",
-         "per_device_eval_batch_size": "sft.per_device_batch_size",
-         "gradient_accumulation_steps": "sft.gradient_accumulation_steps", "eval_steps": "sft.eval_every_steps",
-         "save_steps": "sft.eval_every_steps", "logging_steps": "sft.logging_steps",
-         "gradient_checkpointing": "sft.gradient_checkpointing", "max_length": "sft.max_length",
-         "packing": "sft.packing", "completion_only_loss": "sft.completion_only_loss", "report_to": "sft.report_to",
-         "eval_strategy": None, "save_strategy": None, "save_total_limit": None, "load_best_model_at_end": None,
-         "metric_for_best_model": None, "use_cpu": None, "bf16": None, "fp16": None, "disable_tqdm": None}
-
-
-def trainer_args(config: SFTConfig, trl_config: type) -> dict[str, Any]:
-    """`sft.trainer_args`, checked against TRL's SFTConfig fields: an unknown key is named with the closest
-    known one, and a field this section sets is named with the sft key to set instead."""
-    known = {field.name for field in dataclasses.fields(trl_config)}
-    problems = []
-    for key in config.trainer_args:
-        if key in OWNED:
-            owner = OWNED[key]
-            problems.append(f"sft.trainer_args.{key}: set by Apprentice" + (f"; set {owner} instead" if owner
-                                                                          else " from the hardware and the recipe"))
-        elif key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            problems.append(f"sft.trainer_args.{key}: not a field of TRL's SFTConfig"
-                            + (f"; did you mean `{close[0]}`?" if close else ""))
-    if problems:
-        raise RecipeError("\n".join(problems))
-    return dict(config.trainer_args)
-
-
-def _align_with_teacher(trainer: Any, teacher: Any) -> dict[str, Any]:
-    """Give each prepared training example `kd_len`: how many of its completion tokens take the teacher's
-    distribution (sft/kd.py `align`; 0 = plain CE). Streams the dataset in batches: memory stays flat."""
-    dataset = trainer.train_dataset
-    lengths: list[int] = []
-    counts = {"samples": 0, "aligned": 0, "fallback": 0, "mismatched": 0, "missing": 0, "kd_tokens": 0}
-    for batch in dataset.select_columns(["id", "labels"]).iter(batch_size=512):
-        for record_id, labels in zip(batch["id"], batch["labels"]):
-            completion = [token for token in labels if token != -100]
-            found = teacher.get(record_id)
-            n = align(completion, found.sampled_ids.tolist()) if found is not None else 0
-            counts["samples"] += 1
-            if found is None:
-                counts["missing"] += 1
-            elif n == 0:
-                counts["mismatched"] += 1
-            counts["aligned" if n else "fallback"] += 1
-            counts["kd_tokens"] += n
-            lengths.append(n)
-    trainer.train_dataset = dataset.add_column("kd_len", lengths)
-    return {**counts, "teacher_tokenizer": teacher.fingerprint, "top_k": teacher.k}
 
 
 # ---- loss curves --------------------------------------------------------------------------------------------
@@ -483,83 +361,7 @@ def git_commit() -> str | None:
     return f"{commit}-dirty" if dirty else commit or None
 
 
-# ---- sweep and list -------------------------------------------------------------------------------------------
-def sweep(config: SFTConfig, temperatures: list[float], *, fraction: float = 0.1, console: Any = None) -> list[dict]:
-    """The sweep, holding OUTPUT_DIR/sweep's lock (each temperature's run holds its own as well)."""
-    with output_lock(Path(config.output_dir) / "sweep", "sft.output_dir"):
-        return _sweep(config, temperatures, fraction=fraction, console=console)
-
-
-def _sweep(config: SFTConfig, temperatures: list[float], *, fraction: float, console: Any) -> list[dict]:
-    """One short distillation run per temperature on `fraction` of the training split, compared on the same
-    held-out split by cross-entropy (comparable across temperatures, unlike the KD loss itself).
-
-    Runs go to OUTPUT_DIR/sweep/T<t>/ (adapter, lineage, loss curves; no merged model); the table to
-    OUTPUT_DIR/sweep/sweep.md. A temperature whose run finished before (its lineage.json exists) is not
-    trained again, and one that was interrupted resumes from its checkpoint.
-    """
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(stderr=True, soft_wrap=True)
-    if config.distill is None:
-        raise RecipeError("sweep compares distillation temperatures: add sft.distill: {alpha: 0.8, temperature: 2.0}")
-    if config.held_out <= 0:
-        raise RecipeError("sweep compares held-out losses: set sft.held_out above 0")
-    root = Path(config.output_dir) / "sweep"
-    rows = []
-    for temperature in temperatures:
-        run_dir = root / f"T{temperature:g}"
-        lineage_path = run_dir / "lineage.json"
-        if lineage_path.is_file():
-            console.print(f"[bold]sweep[/] T={temperature:g}: done before, read from {escape(str(lineage_path))}",
-                          highlight=False)
-            lineage = json.loads(lineage_path.read_text(encoding="utf-8"))
-            metrics, steps, seconds = lineage["metrics"], lineage["global_step"], lineage["seconds"]
-        else:
-            console.print(f"[bold]sweep[/] T={temperature:g} → {escape(str(run_dir))}", highlight=False)
-            one = config.model_copy(update={
-                "output_dir": run_dir,
-                "distill": config.distill.model_copy(update={"temperature": temperature}),
-            })
-            started = time.time()
-            resume = last_checkpoint(run_dir / "checkpoints") is not None
-            result = train(one, resume=resume, console=console, fraction=fraction, export_merged=False)
-            metrics, steps, seconds = result.metrics, result.global_step, round(time.time() - started, 2)
-        rows.append({"temperature": temperature, "eval_loss": metrics.get("eval_loss"),
-                     "train_loss": metrics.get("train_loss"), "steps": steps, "seconds": seconds,
-                     "output_dir": str(run_dir)})
-    best = min((r for r in rows if r["eval_loss"] is not None), key=lambda r: r["eval_loss"], default=None)
-
-    def fmt(value: Any) -> str:
-        return "—" if value is None else f"{value:.4f}"
-
-    header = ["T", "held-out loss (CE)", "train loss", "steps", "seconds", "run"]
-    lines = [
-        f"# Temperature sweep: {config.student}, alpha={config.distill.alpha}, {fraction:g} of the training data",
-        "",
-        "Held-out loss is the cross-entropy of the teacher's completions on the held-out split (the same split "
-        "for every run); lower is better. Train loss mixes KL and CE and is not comparable across T.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    table = Table(title=escape(f"sweep: {config.student}, alpha={config.distill.alpha}, fraction={fraction:g}"))
-    for name in header:
-        table.add_column(name)
-    for row in rows:
-        mark = " (best)" if row is best else ""
-        cells = [f"{row['temperature']:g}{mark}", fmt(row["eval_loss"]), fmt(row["train_loss"]), str(row["steps"]),
-                 f"{row['seconds']:.0f}", row["output_dir"]]
-        lines.append("| " + " | ".join(cells) + " |")
-        table.add_row(*(escape(cell) for cell in cells))
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    console.print(table)
-    console.print(escape(f"table → {root / 'sweep.md'}"), highlight=False)
-    return rows
-
-
+# ---- list -------------------------------------------------------------------------------------------------
 def find_students(directory: Path) -> list[dict[str, Any]]:
     """Trained students under `directory`: every lineage.json one or two levels down (sweeps included)."""
     directory = Path(directory)
@@ -573,6 +375,7 @@ def find_students(directory: Path) -> list[dict[str, Any]]:
             continue
         distill = (lineage.get("sft") or {}).get("distill")
         on_policy = (lineage.get("sft") or {}).get("on_policy")
+        scored = latest_eval(lineage) or {}
         students.append({
             "output_dir": str(path.parent),
             "base_model": (lineage.get("base_model") or {}).get("name"),
@@ -582,5 +385,9 @@ def find_students(directory: Path) -> list[dict[str, Any]]:
             "eval_loss": (lineage.get("metrics") or {}).get("eval_loss"),
             "distill": f"alpha={distill['alpha']} T={distill['temperature']}" if distill else
             f"on_policy beta={on_policy['beta']} T={on_policy['temperature']}" if on_policy else None,
+            "score": scored.get("score"),  # the last eval that scored it (eval run records it)
+            "retention": scored.get("retention"),
+            "latency_p50_s": (scored.get("perf") or {}).get("latency_p50_s"),
+            "usd_per_1k_answers": (scored.get("perf") or {}).get("usd_per_1k_answers"),
         })
     return students

@@ -67,7 +67,7 @@ def test_the_console_script_is_declared_and_is_the_main_python_m_runs():
 
 def test_python_m_factory_sft_eval_keep_their_commands():
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    for stage, commands in (("factory", ("generate", "review", "stats", "export")), ("sft", ("train", "sweep", "list")),
+    for stage, commands in (("factory", ("generate", "review", "stats", "export")), ("sft", ("train", "sweep", "list", "lineage")),
                             ("eval", ("run",))):
         shown = subprocess.run([PYTHON, "-m", stage, "--help"], cwd=REPO, env=env, capture_output=True, text=True,
                                timeout=60)

@@ -89,6 +89,21 @@ def test_regex_and_json_metrics():
     assert metrics.json_match("not json", '{"a": 1}') == 0.0
 
 
+def test_the_number_metric_reads_the_last_number_as_the_reference_check_does(tmp_path):
+    check = build_checks([{"name": "reference", "mode": "number"}])[0]
+    for answer, reference, right in [("3 apples and 4 more: 7", "7", True), ("so the answer is 1,234.0.", "1234", True),
+                                     ("7 is not it, 8 is", "7", False), ("no idea", "7", False),
+                                     ("−12 degrees", "-12", True)]:
+        assert metrics.number(answer, reference) == float(right), (answer, reference)
+        sample = Sample(id="s", prompt=[{"role": "user", "content": "q"}],
+                        completion=[{"role": "assistant", "content": answer}], teacher={}, reference=reference)
+        assert check(sample).passed is right, (answer, reference)
+    golden = tmp_path / "g.jsonl"
+    golden.write_text('{"prompt": "2+2?", "reference": "four", "metric": "number"}\n', encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"g.jsonl:1.*not a number"):
+        load_golden([golden], ["number"])
+
+
 def test_pass_fail_means_get_a_wilson_interval_by_hand():
     # Wilson, z = 1.95996: 0 of n → [0, z²/(n + z²)]; n of n → [n/(n + z²), 1]; 60 + z² = 63.84146.
     assert metrics.mean_interval([0.0] * 60) == pytest.approx((0.0, 0.0, 3.841459 / 63.841459, "wilson"))

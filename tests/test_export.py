@@ -11,6 +11,7 @@ import apprentice_cli
 from factory import review_ledger
 from factory.__main__ import main as factory_main
 from factory.export import FORMATS, ExportError, export_run, iter_samples
+from factory.kd_export import KD_FORMATS
 
 
 def _record(i: int, question: str, answer: str, *, rejected_by: str | None = None, prompt=None) -> dict:
@@ -65,7 +66,7 @@ def test_iter_samples_reads_what_the_trainer_reads(run):
     assert {r["id"] for r in iter_samples(run, rejected=True)} == {f"{1:016x}a", f"{101:016x}r", f"{102:016x}r"}
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", [fmt for fmt in FORMATS if fmt not in KD_FORMATS])  # KD: tests/test_kd_export.py
 def test_every_format_loads_with_datasets(run, tmp_path, fmt):
     import datasets
 

@@ -2,12 +2,15 @@
 two loopback fake servers: the load is shared, a dead server is drained, and nothing is lost or paid twice."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from conftest import API_KEY, read_jsonl, write_prompts
 
 from apprentice.errors import RecipeError
 from factory.__main__ import main
-from factory.recipe import load_factory_config
+from factory.recipe import FactoryConfig, TeacherConfig, load_factory_config
 from fakes import FakeConfig, FakeServer
 
 
@@ -76,3 +79,48 @@ def test_a_fleet_is_for_openai_compatible_servers_online(tmp_path):
                       "base_url: [http://a, http://a]}\n", encoding="utf-8")
     with pytest.raises(RecipeError, match="distinct URLs"):
         load_factory_config(recipe)
+
+
+def one_server_recipe(tmp_path, server, prompts: int, extra: str = "") -> Path:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "factory:\n"
+        f"  output_dir: {tmp_path / 'run'}\n"
+        f"  prompts: {{path: {write_prompts(tmp_path / 'p.jsonl', prompts)}}}\n"
+        "  teacher:\n"
+        "    provider: openai\n"
+        "    model: gpt-4o-mini\n"
+        f"    base_url: {server.openai_base_url}\n"
+        "    api_key_env: APPRENTICE_TEST_KEY\n"
+        "    params: {temperature: 0.8, max_tokens: 32}\n"
+        "    max_concurrency: 128\n"
+        f"{extra}", encoding="utf-8")
+    return recipe
+
+
+@pytest.mark.one_client
+def test_a_server_that_queues_is_sent_what_it_serves_not_max_concurrency(tmp_path, env_key):
+    """A vLLM-like server serving 4 requests at once and queueing the rest: with a base_url, concurrency follows
+    latency (the default), so requests hardly queue; with follow_latency off, slow start fills the queue up to
+    max_concurrency and every answer waits its turn, for the same throughput."""
+    waits = {}
+    for follow in ("true", "false"):
+        with FakeServer(FakeConfig(api_key=API_KEY, latency_s=0.02, capacity=4)) as server:
+            folder = tmp_path / follow
+            folder.mkdir()
+            recipe = one_server_recipe(folder, server, 240, f"    follow_latency: {follow}\n")
+            assert main(["generate", str(recipe)]) == 0
+            assert len(read_jsonl(folder / "run" / "accepted.jsonl")) == 240
+            late = sorted(server.stats.snapshot()["queue_waits"][120:])
+            waits[follow] = late[len(late) // 2]
+    assert waits["true"] < waits["false"] / 4, waits
+    assert waits["false"] > 0.1, waits  # the blind run did fill the queue: the comparison means something
+
+
+def test_follow_latency_defaults_on_for_a_server_of_ones_own_and_off_for_hosted_apis(tmp_path):
+    for base_url, expected in (("http://127.0.0.1:8000/v1", True), (None, False)):
+        config = TeacherConfig(provider="openai", model="m", base_url=base_url)
+        assert config.follows_latency is expected
+        assert "follow_latency" not in json.dumps(FactoryConfig(prompts={"path": "p.jsonl"},
+                                                                teacher=config).fingerprint())
+    assert TeacherConfig(provider="openai", model="m", base_url="http://x/v1", follow_latency=False).follows_latency is False

@@ -260,33 +260,7 @@ def test_training_with_distill_uses_the_teacher_and_counts_fallbacks(tmp_path, t
     assert (result.output_dir / "merged" / "model.safetensors").is_file()
 
 
-@pytest.mark.slow
-def test_sweep_writes_a_table_and_list_finds_the_students(tmp_path, tiny, capsys):
-    from sft.__main__ import main
-    from sft.train import find_students, sweep
-
-    folder, tokenizer = tiny
-    run = write_distill_run(tmp_path / "run", tokenizer, str(folder), count=32)
-    config = distill_config(folder, run, tmp_path / "runs" / "sweep-demo", max_steps=2, eval_every_steps=2)
-    rows = sweep(config, [1.0, 4.0], fraction=0.5)
-    assert [r["temperature"] for r in rows] == [1.0, 4.0]
-    assert all(r["eval_loss"] is not None and math.isfinite(r["eval_loss"]) for r in rows)
-    table = (tmp_path / "runs" / "sweep-demo" / "sweep" / "sweep.md").read_text()
-    assert "| 1 " in table and "| 4 " in table and "held-out loss (CE)" in table
-    lineage = json.loads((tmp_path / "runs" / "sweep-demo" / "sweep" / "T4" / "lineage.json").read_text())
-    assert lineage["splits"]["train"] == 12 and lineage["sft"]["distill"]["temperature"] == 4.0
-    assert not (tmp_path / "runs" / "sweep-demo" / "sweep" / "T4" / "merged").exists()
-
-    again = sweep(config, [4.0], fraction=0.5)  # finished before: read back, not retrained
-    assert again[0]["eval_loss"] == rows[1]["eval_loss"]
-
-    students = {Path(s["output_dir"]).name: s for s in find_students(tmp_path / "runs")}
-    assert set(students) == {"T1", "T4"} and students["T4"]["distill"] == "alpha=0.5 T=4.0"
-    assert students["T4"]["eval_loss"] == rows[1]["eval_loss"] and students["T4"]["data"] == [str(run)]
-    assert students["T4"]["base_model"] == str(folder) and students["T4"]["date"]
-    capsys.readouterr()
-    assert main(["list", str(tmp_path / "runs")]) == 0
-    assert "students under" in capsys.readouterr().out
+# The sweep's own tests (temperatures among them) are in tests/test_sweep.py.
 
 
 def test_sweep_cli_refuses_bad_temperatures_and_a_recipe_without_distill(tmp_path, capsys):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("apprentice", "apprentice_cli", "factory", "quality_checks", "sft", "eval", "fakes")
+PACKAGES = ("apprentice", "apprentice_cli", "factory", "quality_checks", "sft", "eval", "serve", "fakes")
 
 # The only imports of project modules inside functions, each with its reason. Everything else is at the top
 # of its module, where a reader sees it and a cycle cannot hide.
@@ -16,19 +16,20 @@ ALLOWED_LATE = {
     ("factory.__main__", "factory.commands"): "CLI: `--help` answers without loading the engine",
     ("sft.__main__", "sft.commands"): "CLI: `--help` answers without loading the trainer",
     ("eval.__main__", "eval.commands"): "CLI: `--help` answers without loading eval",
+    ("serve.__main__", "serve.commands"): "CLI: `--help` answers without loading the server",
     ("factory.teachers", "factory.teachers.openai"): "teacher registry: only the backend a recipe names loads",
     ("factory.teachers", "factory.teachers.anthropic"): "teacher registry: only the backend a recipe names loads",
     ("factory.teachers", "factory.teachers.local"): "teacher registry: only the backend a recipe names loads",
     ("factory.teachers", "factory.teachers.vllm"): "teacher registry: only the backend a recipe names loads",
     ("factory.teachers", "factory.teachers.fleet"): "teacher registry: only the backend a recipe names loads",
-    ("sft.train", "sft.distill_trainer"): "its module imports torch and TRL; only sft.distill needs it",
-    ("sft.train", "sft.on_policy_trainer"): "its module imports torch and TRL; only method: on_policy needs it",
+    ("sft.train", "sft.trainers"): "it imports torch, TRL and peft (and the two trainer subclasses): only a training needs it",
 }
-CONFIG = {"apprentice.config", "factory.recipe", "factory.prompt_config", "sft.config", "eval.config",
-          "quality_checks.registry"}
+CONFIG = {"apprentice.config", "factory.recipe", "factory.prompt_config", "sft.config", "sft.sweep_config",
+          "eval.config", "serve.config", "quality_checks.registry"}
 STORAGE = {"factory.records", "factory.store", "factory.cache", "factory.logprobs", "factory.review_ledger"}
 ENGINE = {"factory.run", "factory.decide", "factory.online", "factory.batch", "factory.batch_ledger", "factory.asker",
-          "factory.sources", "factory.answers", "factory.commands", "factory.plan", "factory.export"}
+          "factory.sources", "factory.answers", "factory.commands", "factory.plan", "factory.export",
+          "factory.kd_export"}
 
 
 def _modules() -> dict[str, Path]:
@@ -172,7 +173,7 @@ def test_the_apprentice_script_imports_only_the_stages_parsers(graph):
     """`apprentice --help` stays instant: the script reaches the stages through their argparse-only
     `__main__` modules, which import their commands once one is chosen."""
     edges, _ = graph
-    parsers = {"factory", "factory.__main__", "sft", "sft.__main__", "eval", "eval.__main__"}
+    parsers = {"factory", "factory.__main__", "sft", "sft.__main__", "eval", "eval.__main__", "serve", "serve.__main__"}
     beyond = sorted(t for t in edges["apprentice_cli"] | edges["apprentice_cli.__main__"]
                     if not _shared(t) and t not in parsers and t != "apprentice_cli")
     assert beyond == [], "the apprentice script imports more than the stages' parsers"

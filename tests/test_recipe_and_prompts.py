@@ -31,6 +31,8 @@ def test_every_recipe_in_data_recipes_parses(tmp_path, monkeypatch):
             grid = config.prompts.grid
             drawn = write_grid(grid, tmp_path / path.stem).read_text(encoding="utf-8").count("\n")
             assert drawn == grid.count, path
+        elif config.prompts.dataset is not None:
+            assert Path(config.prompts.dataset.path).exists(), path
         else:
             assert config.prompts.path.exists(), path
 

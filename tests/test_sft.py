@@ -235,7 +235,10 @@ def test_train_writes_adapter_merged_model_and_lineage_then_resumes(tmp_path, ti
     assert "chat_template" in (out / "merged" / "tokenizer_config.json").read_text() or \
         (out / "merged" / "chat_template.jinja").is_file()
     lineage = json.loads((out / "lineage.json").read_text())
-    assert lineage["data"] == [{"path": str(run), "samples": 40, "fingerprint_hash": "fp-test"}]
+    [data] = lineage["data"]
+    assert {k: data[k] for k in ("path", "samples", "fingerprint_hash")} == {"path": str(run), "samples": 40,
+                                                                             "fingerprint_hash": "fp-test"}
+    assert data["content"]["accepted"]["count"] == 40, "the content hashes of tests/test_lineage.py"
     assert lineage["splits"] == {"train": 30, "eval": 10, "held_out": 0.25, "seed": 0}
     assert lineage["sft"]["lora"]["r"] == 4 and lineage["base_model"]["name"] == str(tiny_student)
     assert lineage["versions"]["trl"] and lineage["versions"]["peft"] and lineage["global_step"] == 4
@@ -332,7 +335,7 @@ def test_two_processes_train_one_student_data_parallel_on_the_cpu(tmp_path, tiny
 def test_trainer_args_are_checked_against_trls_fields_before_anything_loads():
     from trl import SFTConfig as TRLConfig
 
-    from sft.train import trainer_args
+    from sft.trainers import trainer_args
 
     def config(**extra):
         return SFTConfig(data=["x"], trainer_args=extra)

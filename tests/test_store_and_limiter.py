@@ -261,3 +261,60 @@ def test_slow_start_doubles_per_round_trip_until_the_first_429():
     assert limiter.limit == 8 and not limiter.slow_start
     limiter._increase()
     assert limiter.limit == pytest.approx(8.125)
+
+
+# ---- concurrency that follows latency (factory/latency.py) -----------------------------------------------
+def queueing_server(capacity: int, service_s: float):
+    """A server that serves `capacity` requests at once and queues the rest (as vLLM does, instead of a 429):
+    (the call, the latencies it gave)."""
+    slots = asyncio.Semaphore(capacity)
+    latencies: list[float] = []
+
+    async def call() -> TeacherResponse:
+        start = time.monotonic()
+        async with slots:
+            await asyncio.sleep(service_s)
+        latencies.append(time.monotonic() - start)
+        return TeacherResponse([Choice("ok", "stop")], 10, 1)
+
+    return call, latencies
+
+
+async def drive(limiter: Limiter, call, requests: int) -> float:
+    start = time.monotonic()
+    await asyncio.gather(*(limiter.run(call, input_tokens=10, output_tokens=1) for _ in range(requests)))
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("capacity", [4, 16])
+def test_concurrency_follows_latency_on_a_server_that_queues(capacity):
+    """Slow start alone fills a queueing server's queue up to max_concurrency: every answer waits its turn
+    for no gain. Following latency keeps the concurrency near what the server serves at once, with the same
+    throughput and a fraction of the latency."""
+    service_s, requests = 0.02, 40 * capacity
+    blind_call, blind = queueing_server(capacity, service_s)
+    blind_time = asyncio.run(drive(Limiter(max_concurrency=256), blind_call, requests))
+    follow_call, followed = queueing_server(capacity, service_s)
+    limiter = Limiter(max_concurrency=256, follow_latency=True)
+    follow_time = asyncio.run(drive(limiter, follow_call, requests))
+
+    assert limiter.latency.cuts >= 1
+    assert limiter._window() <= 4 * capacity, f"the cap stays near the server's capacity: {limiter._window()}"
+    late = sorted(followed[requests // 2:])
+    late_blind = sorted(blind[requests // 2:])
+    assert late[len(late) // 2] < late_blind[len(late_blind) // 2] / 2, "answers wait less than half as long"
+    ideal = requests / capacity * service_s
+    assert follow_time < 1.4 * ideal + 0.2, f"throughput kept: {follow_time:.2f} s against {ideal:.2f} s at best"
+    assert blind_time > 0.9 * ideal
+
+
+def test_concurrency_keeps_growing_where_throughput_grows_with_it():
+    """A server that batches (each answer takes the same time however many are in flight) is never cut back:
+    more concurrency buys throughput there."""
+    async def call() -> TeacherResponse:
+        await asyncio.sleep(0.05)
+        return TeacherResponse([Choice("ok", "stop")], 10, 1)
+
+    limiter = Limiter(max_concurrency=64, follow_latency=True)
+    asyncio.run(drive(limiter, call, 1000))
+    assert limiter.latency.cuts == 0 and limiter._window() == 64

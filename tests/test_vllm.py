@@ -264,12 +264,10 @@ def test_vllm_request_bodies_carry_the_sampling_parameters():
 def test_in_process_teachers_start_at_what_they_batch_and_apis_slow_start():
     """A local or vllm teacher is fed what it can batch from the first request (no slow start: there is no
     server limit to probe); an API starts at 8 in flight and grows, under the recipe's cap (default 64)."""
+    from factory.asker import limiter_for
     from factory.recipe import TeacherConfig
-    from factory.run import Run
     from factory.teachers import make_teacher
 
-    run = Run.__new__(Run)
-    run.limiters = []
     cases = [(TeacherConfig(provider="local", batch_size=8), 32, 32),
              (TeacherConfig(provider="local", batch_size=8, max_concurrency=12), 12, 12),
              (TeacherConfig(provider="vllm", engine_args={"max_num_seqs": 16}), 32, 32),
@@ -277,7 +275,7 @@ def test_in_process_teachers_start_at_what_they_batch_and_apis_slow_start():
              (TeacherConfig(provider="openai", model="gpt-4o-mini", base_url="http://127.0.0.1:9/v1",
                             max_concurrency=300), 300, 8)]
     for config, cap, start in cases:
-        limiter = run._limiter(config, make_teacher(config))
+        limiter = limiter_for(config, make_teacher(config))
         assert (limiter.max_concurrency, limiter.limit) == (cap, start), config.provider
 
 

@@ -14,11 +14,13 @@ if TYPE_CHECKING:
 __all__ = ["Choice", "Teacher", "TeacherError", "TeacherResponse", "make_teacher"]
 
 
-def make_teacher(config: "TeacherConfig") -> Teacher:
+def make_teacher(config: "TeacherConfig", rate_share: float = 1.0) -> Teacher:
+    """The backend `config` names. `rate_share`: this process's part of the provider's rate limits (the Ray
+    runner's workers); a fleet's endpoints limit themselves with it, one server's limiter is the run's."""
     if config.provider == "openai" and isinstance(config.base_url, list):
         from .fleet import FleetTeacher
 
-        return FleetTeacher(config)
+        return FleetTeacher(config, rate_share)
     if config.provider == "openai":
         from .openai import OpenAITeacher
 

@@ -11,7 +11,9 @@ failures in a row, so a dead server is drained (no new requests) and tried again
 request that fails on one endpoint (a dropped connection, a 5xx, a 429) is sent to another before the
 run's own limiter sees a failure: the body is the same wherever it goes, so the cache keys on it as for one
 server and an answer is never paid twice. The run's limiter keeps the retries, the budget and the total
-concurrency (`max_concurrency` is for the fleet); the endpoints' headers stay with their endpoint.
+concurrency (`max_concurrency` is for the fleet); the endpoints' headers stay with their endpoint. Each
+endpoint's concurrency also follows its latency (`follow_latency`, on by default here: factory/latency.py), so
+a server that queues is sent what it can serve and the rest go to the others.
 """
 from __future__ import annotations
 
@@ -49,13 +51,15 @@ class FleetTeacher:
     max_useful_concurrency = None
     load_s = None  # nothing loads in this process
 
-    def __init__(self, config: TeacherConfig) -> None:
+    def __init__(self, config: TeacherConfig, rate_share: float = 1.0) -> None:
         assert isinstance(config.base_url, list)
         self.model = config.model
         self.endpoints = [
             Endpoint(url, OpenAITeacher(config.model_copy(update={"base_url": url})),
                      Limiter(max_concurrency=config.concurrency_cap, rpm=config.rpm, tpm=config.tpm, max_retries=0,
-                             breaker_threshold=BREAKER_FAILURES, breaker_cooldown_s=BREAKER_COOLDOWN_S))
+                             breaker_threshold=BREAKER_FAILURES, breaker_cooldown_s=BREAKER_COOLDOWN_S,
+                             share=rate_share,
+                             follow_latency=config.follows_latency))
             for url in config.base_url
         ]
         self.max_tokens = config.max_tokens
@@ -108,7 +112,8 @@ class FleetTeacher:
 
     def summary(self) -> list[dict[str, Any]]:
         return [{"url": e.url, "answered": e.answered, "failed": e.failed,
-                 "breaker_opened": e.limiter.stats.breaker_opened} for e in self.endpoints]
+                 "breaker_opened": e.limiter.stats.breaker_opened,
+                 "concurrency": e.limiter._window()} for e in self.endpoints]
 
     async def aclose(self) -> None:
         for endpoint in self.endpoints:

@@ -1,0 +1,86 @@
+"""The serve command, behind the thin `python -m serve` parser (serve/__main__.py): build the server from the
+recipe's `serve:` section, bind, print the address, serve until SIGINT or SIGTERM, stop cleanly."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from rich.markup import escape
+from rich.table import Table
+
+from apprentice.console import CommandConsole
+from apprentice.errors import ApprenticeError
+
+from .app import ServeApp
+from .config import ServeConfig, load_serve_config
+from .learned import fit
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def serve(args: argparse.Namespace) -> int:
+    console = CommandConsole(args.verbosity, transcript=False)
+    try:
+        config = load_serve_config(args.recipe, args.set)
+        console.detail_json(config.model_dump(mode="json"))
+        if args.fit_router:
+            return _fit_router(config, console)
+        return asyncio.run(_serve(config, console))
+    except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
+        return console.stopped(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _serve(config: ServeConfig, console: CommandConsole) -> int:
+    def warn(message: str) -> None:
+        console.final(f"[yellow]{escape(message)}[/]", highlight=False)
+
+    if config.host not in LOOPBACK and config.api_keys_env is None:
+        warn(f"serve.host {config.host}: reachable from the network with no key asked; set serve.api_keys_env")
+    app = ServeApp(config, warn)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        try:
+            host, port = await app.start()
+        except OSError as exc:
+            if exc.filename is not None:  # the served log's folder
+                raise
+            raise ApprenticeError(f"serve.host {config.host}, serve.port {config.port}: {exc.strerror or exc}; "
+                                  "choose another (--set serve.port=0 takes any free port)") from None
+        teacher = f", teacher {config.teacher.model}" if config.teacher is not None else ""
+        console.print(f"student {escape(config.student.model)}{escape(teacher)}; routing "
+                      f"{config.routing.mode}; log {escape(str(config.log_dir))}", highlight=False)
+        # The line a script (and the tests) wait for: the address actually bound, port 0 resolved.
+        console.final(f"serving {escape(config.model)} on http://{host}:{port}/v1", highlight=False)
+        await stop.wait()
+    finally:
+        await app.stop()
+    console.final("stopped", highlight=False)
+    return 0
+
+
+def _fit_router(config: ServeConfig, console: CommandConsole) -> int:
+    router, report = fit(config.log_dir)
+    path = config.routing.router
+    assert path is not None  # the config fills it in
+    router.save(path)
+    console.print(f"fitted on {report['fitted_on']} shadow comparisons of {escape(str(config.log_dir))}; "
+                  f"{report['held_out']} held out (the teacher agreed with {report['held_out_agreement']:.1%} of "
+                  "the student's answers there)", highlight=False)
+    table = Table(title="held-out quality (agreement with the teacher) at each share routed to the teacher")
+    for column in ("routed to the teacher", "confidence only", "learned"):
+        table.add_column(column, justify="right")
+    for (share, by_confidence), (_, learned) in zip(report["confidence"], report["learned"]):
+        table.add_row(f"{share:.0%}", f"{by_confidence:.3f}", f"{learned:.3f}")
+    console.print(table)
+    console.final(f"router written to {escape(str(path))}; serve it with routing: {{mode: learned, min_agreement: "
+                  "0.5}", highlight=False)
+    return 0
+
+
+COMMANDS = {"serve": serve}

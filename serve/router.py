@@ -1,0 +1,182 @@
+"""Who answers a request, and what is written about it.
+
+`cascade`: the student answers; when its confidence is below `routing.threshold` the teacher answers instead.
+`canary`: that share goes to the teacher regardless. `shadow`: that share is also asked of the model that did not
+answer, off the response path (a task started after the answer is logged), and the two answers compared with
+the eval's normaliser (`fold_answer`). Faults: the teacher fails or its budget is spent → the student's answer
+is served and marked; the student fails → the teacher answers; both fail → AllDown (the server's 503).
+
+Every answer is logged (factory/served_log.py) before it is returned, so before the client sees it.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from apprentice.errors import ApprenticeError
+from apprentice.text import fold_answer
+from factory.served_log import ServedLog
+
+from .backends import Answer, Backend, BackendDown
+from .config import ServeConfig
+from .learned import LearnedRouter
+from .metrics import Metrics
+
+
+class AllDown(ApprenticeError):
+    """Neither model could answer."""
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    messages: list[dict[str, str]]
+    n: int = 1
+    max_tokens: int | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Served:
+    id: str
+    answer: Answer
+    answered_by: str       # student | teacher
+    route: str             # student | teacher | cascade | learned | canary | fallback
+    student_confidence: float | None
+    fault: str | None      # why the answer is not the one the routing chose
+
+
+class Router:
+    def __init__(self, config: ServeConfig, student: Backend, teacher: Backend | None, log: ServedLog,
+                 metrics: Metrics, rng: random.Random | None = None,
+                 warn: Callable[[str], None] | None = None, learned: LearnedRouter | None = None) -> None:
+        self.config = config
+        self.routing = config.routing
+        self.student = student
+        self.teacher = teacher
+        self.log = log
+        self.metrics = metrics
+        self.rng = rng or random.Random(config.routing.seed)
+        self.warn = warn or (lambda message: None)
+        self.learned = learned
+        self.shadow_tasks: set[asyncio.Task] = set()
+
+    async def _ask(self, backend: Backend, request: ChatRequest) -> Answer:
+        start = time.perf_counter()
+        try:
+            answer = await backend.answer(request.messages, request.n, request.max_tokens, request.sampling)
+        except BackendDown:
+            self.metrics.backend(backend.name, time.perf_counter() - start, ok=False)
+            raise
+        self.metrics.backend(backend.name, answer.latency_s, ok=True)
+        if backend is self.student:
+            self.metrics.student_confidence(answer.confidence)
+        return answer
+
+    async def complete(self, request: ChatRequest) -> Served:
+        """The answer to one request, logged; raises AllDown when neither model answers."""
+        canary = self.teacher is not None and self.rng.random() < self.routing.canary
+        shadow = self.teacher is not None and self.rng.random() < self.routing.shadow
+        served = await self._route(request, canary)
+        self._write(request, served)
+        self.metrics.answered(served.answered_by, served.route)
+        if served.fault:
+            self.metrics.fallback(served.fault.split(":", 1)[0])
+        if shadow:
+            task = asyncio.get_running_loop().create_task(self._shadow(request, served))
+            self.shadow_tasks.add(task)
+            task.add_done_callback(self.shadow_tasks.discard)
+        return served
+
+    async def _route(self, request: ChatRequest, canary: bool) -> Served:
+        request_id = uuid.uuid4().hex
+        mode = self.routing.mode
+        if canary or mode == "teacher":
+            return await self._teacher_first(request_id, request, "canary" if canary else "teacher")
+        try:
+            mine = await self._ask(self.student, request)
+        except BackendDown as down:
+            if self.teacher is None:
+                raise AllDown(f"the student is down ({down}) and no teacher is configured") from None
+            return await self._teacher_only(request_id, request, "fallback", f"student_down: {down}")
+        confidence = mine.confidence
+        if not self._unsure(request, mine):
+            return Served(request_id, mine, "student", "student", confidence, None)
+        assert self.teacher is not None  # the config requires a teacher for modes cascade and learned
+        try:
+            theirs = await self._ask(self.teacher, request)
+        except BackendDown as down:
+            return Served(request_id, mine, "student", mode, confidence, f"teacher_down: {down}")
+        return Served(request_id, theirs, "teacher", mode, confidence, None)
+
+    def _unsure(self, request: ChatRequest, mine: Answer) -> bool:
+        """Whether the router sends this request on to the teacher (modes cascade and learned)."""
+        confidence = mine.confidence
+        if confidence is None:
+            return False
+        if self.routing.mode == "cascade":
+            return self.routing.threshold is not None and confidence < self.routing.threshold
+        if self.routing.mode == "learned" and self.learned is not None:
+            return self.learned.agreement(request.messages, mine.texts[0], confidence) < self.routing.min_agreement
+        return False
+
+    async def _teacher_first(self, request_id: str, request: ChatRequest, route: str) -> Served:
+        assert self.teacher is not None
+        try:
+            theirs = await self._ask(self.teacher, request)
+        except BackendDown as down:
+            try:
+                mine = await self._ask(self.student, request)
+            except BackendDown as student_down:
+                raise AllDown(f"both models are down: {down}; {student_down}") from None
+            return Served(request_id, mine, "student", route, mine.confidence, f"teacher_down: {down}")
+        return Served(request_id, theirs, "teacher", route, None, None)
+
+    async def _teacher_only(self, request_id: str, request: ChatRequest, route: str, fault: str) -> Served:
+        assert self.teacher is not None
+        try:
+            theirs = await self._ask(self.teacher, request)
+        except BackendDown as down:
+            raise AllDown(f"both models are down: {fault.split(': ', 1)[1]}; {down}") from None
+        return Served(request_id, theirs, "teacher", route, None, fault)
+
+    def _write(self, request: ChatRequest, served: Served) -> None:
+        answer = served.answer
+        record: dict[str, Any] = {
+            "id": served.id, "time": round(time.time(), 3), "prompt": request.messages,
+            "completion": [{"role": "assistant", "content": answer.texts[0]}],
+            "answered_by": served.answered_by, "route": served.route, "confidence": answer.confidence,
+            "student_confidence": served.student_confidence, "latency_ms": round(answer.latency_s * 1000, 3),
+            "usage": answer.usage, "finish_reason": answer.finish_reasons[0], "fault": served.fault,
+        }
+        if len(answer.texts) > 1:
+            record["choices"] = answer.texts
+        self.log.write(record)
+
+    async def _shadow(self, request: ChatRequest, served: Served) -> None:
+        other = self.student if served.answered_by == "teacher" else self.teacher
+        assert other is not None
+        single = ChatRequest(request.messages, 1, request.max_tokens, request.sampling)
+        record: dict[str, Any] = {"id": uuid.uuid4().hex, "shadow_of": served.id, "by": other.name}
+        try:
+            theirs = await self._ask(other, single)
+        except BackendDown as down:
+            record.update(time=round(time.time(), 3), error=str(down))
+        else:
+            agree = fold_answer(theirs.texts[0]) == fold_answer(served.answer.texts[0])
+            self.metrics.shadow(agree)
+            record.update(time=round(time.time(), 3),
+                          completion=[{"role": "assistant", "content": theirs.texts[0]}],
+                          confidence=theirs.confidence, agree=agree, latency_ms=round(theirs.latency_s * 1000, 3))
+        try:
+            self.log.write(record)
+        except OSError as exc:  # off the response path: nobody to answer, so say it
+            self.warn(f"served log: the shadow comparison of {served.id} was not written: {exc}")
+
+    async def drain(self) -> None:
+        """Wait for the shadow comparisons in flight (a clean shutdown logs them)."""
+        if self.shadow_tasks:
+            await asyncio.gather(*list(self.shadow_tasks), return_exceptions=True)

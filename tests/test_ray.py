@@ -1,0 +1,393 @@
+"""`factory.runner: ray`: the prompts in shards by a hash of their id, each shard made by the factory's own run
+in a Ray task, merged with the run-wide checks across shards. The fast tests check the pieces without Ray
+(the split, the merge, the limiter's share, the recipe); the slow ones run a local Ray (`num_cpus=2`, one
+session for the module) against the loopback fake server: the same records as a single-process run, and a
+worker and a driver killed mid-run, then the same command."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import API_KEY, PYTHON, REPO, read_jsonl, write_prompts, write_recipe
+from rich.console import Console
+
+from apprentice.errors import ApprenticeError, RecipeError
+from factory.__main__ import main
+from factory.limiter import Limiter
+from factory.logprobs import read_logprobs
+from factory import ray_runner
+from factory.ray_runner import _outcome, run_on_ray
+from factory.recipe import load_factory_config
+from factory.records import CheckResult, Sample
+from factory.run import Run, check_compatible
+from factory.shards import merge_shards, merge_sidecars, shard_dir, shard_of, split_prompts
+from factory.store import ACCEPTED, REJECTED, write_manifest
+from factory.teachers import make_teacher
+from quality_checks import build_checks
+
+RAY = "  runner: ray\n  ray: {workers: 2, shards: 3}\n  checks: [empty, exact_dup]\n"
+
+
+def duplicates(messages: list, index: int, body: dict) -> str:
+    """Answers that repeat: prompt i gets the answer of prompt i % 10, so every tenth answer is new."""
+    number = int(messages[-1]["content"].split()[-1])
+    return f"Answer to question {number % 10}, worked out step by step."
+
+
+# ---- without Ray -----------------------------------------------------------------------------------------
+def test_a_prompt_has_one_shard_whatever_the_process_and_the_split_keeps_every_line(tmp_path):
+    # Pinned: blake2b of the id, the same in every process (Python's hash() of a str is salted per process).
+    assert [shard_of(f"p{i}", 4) for i in range(8)] == [1, 0, 0, 1, 1, 1, 0, 0]
+    prompts = write_prompts(tmp_path / "p.jsonl", 40)
+    counts = split_prompts(prompts, tmp_path, 3, None)
+    assert sum(counts) == 40 and min(counts) > 0, f"every prompt in one shard, every shard used: {counts}"
+    lines = prompts.read_text().splitlines()
+    for index in range(3):
+        shard_lines = (shard_dir(tmp_path, index) / "prompts.jsonl").read_text().splitlines()
+        assert shard_lines == [line for line in lines if shard_of(json.loads(line)["id"], 3) == index]
+    assert split_prompts(prompts, tmp_path, 3, None, limit=5) == [
+        sum(1 for i in range(5) if shard_of(f"p{i}", 3) == index) for index in range(3)]
+
+
+def _record(number: int, text: str, checks: list[CheckResult]) -> str:
+    return Sample(id=f"{number:024x}", prompt=[{"role": "user", "content": f"q{number}"}],
+                  completion=[{"role": "assistant", "content": text}], teacher={}, checks=checks,
+                  prompt_id=f"p{number}").to_json()
+
+
+def test_merge_rejects_a_duplicate_of_an_earlier_shard_in_the_check_s_place_and_rewrites_whole_files(tmp_path):
+    checks_ok = [CheckResult("empty", True), CheckResult("exact_dup", True), CheckResult("truncated", True)]
+    for index, lines in enumerate([[_record(1, "same answer", checks_ok), _record(2, "other", checks_ok)],
+                                   [_record(3, "Same answer!", checks_ok), _record(4, "third", checks_ok)]]):
+        directory = shard_dir(tmp_path, index)
+        directory.mkdir(parents=True)
+        # A torn last line, as a worker killed mid-write leaves: not part of the run until its shard runs again.
+        (directory / ACCEPTED).write_text("\n".join(lines) + '\n{"id": "torn', encoding="utf-8")
+    (tmp_path / ACCEPTED).write_text("stale\n")
+    checks = build_checks(["empty", "exact_dup", "truncated"])
+    merged = asyncio.run(merge_shards(tmp_path, 2, checks))
+    assert (merged.accepted, merged.rejected, merged.across_shards) == (3, 1, 1)
+    assert [r["id"][-1] for r in read_jsonl(tmp_path / ACCEPTED)] == ["1", "2", "4"]
+    [duplicate] = read_jsonl(tmp_path / REJECTED)
+    # As a single-process run records it: the checks up to the failing one, which fails in its place.
+    assert [(c["name"], c["passed"]) for c in duplicate["checks"]] == [("empty", True), ("exact_dup", False)]
+    assert duplicate["checks"][1]["reason"] == f"exact duplicate of {1:024x}"
+    assert duplicate["rejected_by"] == "exact_dup"
+    assert dict(merged.rejected_by) == {"exact_dup": 1}
+    again = asyncio.run(merge_shards(tmp_path, 2, build_checks(["empty", "exact_dup"])))
+    assert (again.accepted, again.rejected) == (3, 1), "a merge is rebuilt from the shards, never appended to"
+
+
+def test_a_limiter_s_share_scales_the_recipe_caps_and_the_limits_the_headers_report():
+    limiter = Limiter(max_concurrency=8, rpm=600, tpm=None, share=0.25)
+    assert limiter.buckets["requests"].capacity == 150
+    limiter.observe_headers({"x-ratelimit-limit-tokens": "40000", "x-ratelimit-remaining-tokens": "20000"})
+    tokens = limiter.buckets["tokens"]
+    assert (tokens.capacity, tokens.level) == (10000, 5000), "a quarter of the provider's limit and of what remains"
+    alone = Limiter(max_concurrency=8)
+    alone.observe_headers({"x-ratelimit-limit-tokens": "40000"})
+    assert alone.buckets["tokens"].capacity == 40000
+
+
+def test_a_limiter_takes_a_larger_share_when_a_worker_is_done():
+    limiter = Limiter(max_concurrency=8, rpm=600, tpm=None, share=0.25)
+    limiter.set_share(0.5)
+    requests = limiter.buckets["requests"]
+    assert (requests.capacity, requests.rate, requests.level) == (300, 5, 300)
+    limiter.observe_headers({"x-ratelimit-limit-requests": "1000"})
+    assert requests.capacity == 300, "the recipe's cap, at the new share, stays a cap"
+
+
+class _Sleeps:
+    """Stands in for a Run: its limiters, and an execute that takes a while."""
+
+    def __init__(self) -> None:
+        self.limiters = [Limiter(max_concurrency=8, rpm=600, share=0.5)]
+
+    async def execute(self) -> str:
+        await asyncio.sleep(0.5)
+        return "complete"
+
+
+def test_a_worker_follows_the_share_the_driver_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_runner, "SHARE_EVERY_S", 0.05)
+    run = _Sleeps()
+    ray_runner._write_share(tmp_path, 1)
+    assert asyncio.run(ray_runner._run_sharing(run, tmp_path / ray_runner.SHARE)) == "complete"
+    assert run.limiters[0].share == 1.0
+    assert run.limiters[0].buckets["requests"].capacity == 600
+
+
+def test_workers_that_share_a_limit_share_its_first_probe(tmp_path, env_key):
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=tmp_path / "run", prompts=write_prompts(tmp_path / "p.jsonl", 1),
+                          provider="openai", base_url="http://127.0.0.1:9/v1")
+    config = load_factory_config(recipe)
+    teacher = make_teacher(config.teacher)
+    try:
+        alone = Run(config, console=Console(file=io.StringIO()))._limiter(config.teacher, teacher)
+        quarter = Run(config, console=Console(file=io.StringIO()), rate_share=0.25)._limiter(config.teacher, teacher)
+    finally:
+        asyncio.run(teacher.aclose())
+    assert (alone.limit, quarter.limit) == (8, 2), "four workers send 8 before the headers tell the limit, as one does"
+
+
+def test_a_fleet_s_endpoints_take_the_same_share_as_the_run_s_limiter(tmp_path, env_key):
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=tmp_path / "run", prompts=write_prompts(tmp_path / "p.jsonl", 1),
+                          provider="openai", base_url="[http://127.0.0.1:9/v1, http://127.0.0.1:10/v1]",
+                          extra_teacher="    rpm: 600\n")
+    fleet = make_teacher(load_factory_config(recipe).teacher, rate_share=0.5)
+    try:
+        assert [e.limiter.buckets["requests"].capacity for e in fleet.endpoints] == [300, 300]
+    finally:
+        asyncio.run(fleet.aclose())
+
+
+def test_the_ray_settings_are_checked_with_the_recipe(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=tmp_path / "run", prompts=prompts, provider="openai",
+                          base_url="http://127.0.0.1:9/v1", extra=RAY)
+    config = load_factory_config(recipe)
+    assert (config.ray.workers, config.ray.shard_count) == (2, 3)
+    assert config.fingerprint()["shards"] == 3, "the shard count decides where each sample is: fixed for a directory"
+    assert "runner" not in load_factory_config(recipe, ["factory.runner=local", "factory.ray=null"]).fingerprint()
+    (tmp_path / "run").mkdir()
+    write_manifest(tmp_path / "run", {"fingerprint": load_factory_config(recipe, ["factory.runner=local",
+                                                                                "factory.ray=null"]).fingerprint()})
+    with pytest.raises(RecipeError, match="runner: was None, now 'ray'"):
+        check_compatible(tmp_path / "run", config)  # a local run's directory is not resumed on Ray, nor back
+    with pytest.raises(RecipeError, match="set factory.runner: ray or remove them"):
+        load_factory_config(recipe, ["factory.runner=local"])
+    with pytest.raises(RecipeError, match="a Batch API needs no workers"):
+        load_factory_config(recipe, ["factory.teacher.mode=batch"])
+    with pytest.raises(RecipeError, match="serve it with vLLM and use provider: openai"):
+        load_factory_config(recipe, ["factory.teacher.provider=local", "factory.teacher.base_url=null"])
+
+
+def test_without_ray_installed_the_runner_says_which_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is not installed
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=tmp_path / "run", prompts=write_prompts(tmp_path / "p.jsonl", 2),
+                          provider="openai", base_url="http://127.0.0.1:9/v1", extra=RAY)
+    with pytest.raises(RecipeError, match=r"pip install 'apprentice\[ray\]'"):
+        run_on_ray(load_factory_config(recipe), console=Console(file=io.StringIO()))
+    assert not (tmp_path / "run").exists(), "nothing written"
+
+
+# ---- on a local Ray -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    # Like a cluster's nodes, the workers have the test key in their own environment (ray.pass_keys is off).
+    before = os.environ.get("APPRENTICE_TEST_KEY")
+    os.environ["APPRENTICE_TEST_KEY"] = API_KEY
+    try:
+        info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        if before is None:
+            del os.environ["APPRENTICE_TEST_KEY"]
+        else:
+            os.environ["APPRENTICE_TEST_KEY"] = before
+    try:
+        yield info.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_shard_s_error_names_the_shard_and_a_worker_that_keeps_dying_stops_its_shard(ray_cluster):
+    import ray
+
+    def _raises_a_recipe_error() -> None:  # defined here: Ray ships it by value (the workers cannot import tests)
+        raise RecipeError("factory.checks.0: no such module")
+
+    def _dies() -> None:
+        os._exit(1)
+
+    with pytest.raises(ApprenticeError, match=r"shard 3 \(shards/00003\): factory.checks.0: no such module"):
+        _outcome(ray, ray.remote(_raises_a_recipe_error).remote(), 3, 0)
+    outcome = _outcome(ray, ray.remote(_dies).options(max_retries=1).remote(), 2, 1)
+    assert outcome["status"] == "stopped"
+    assert outcome["message"].startswith("shard 2: its worker died 2 time(s)")
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def _shard_lines(run: Path) -> int:
+    return sum(_lines(directory / ACCEPTED) for directory in (run / "shards").glob("0*"))
+
+
+def _by_id(run: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in read_jsonl(run / ACCEPTED) + read_jsonl(run / REJECTED)}
+
+
+@pytest.mark.slow
+@pytest.mark.one_client
+def test_a_sharded_run_makes_the_single_process_run_s_records(tmp_path, server, env_key, ray_cluster):
+    server.config.responder = duplicates
+    prompts = write_prompts(tmp_path / "p.jsonl", 60)
+    records = {}
+    for runner in ("local", "ray"):
+        extra = RAY if runner == "ray" else "  checks: [empty, exact_dup]\n"
+        recipe = write_recipe(tmp_path / f"{runner}.yaml", output_dir=tmp_path / runner, prompts=prompts,
+                              provider="openai", base_url=server.openai_base_url, extra=extra)
+        assert main(["generate", str(recipe)]) == 0
+        records[runner] = _by_id(tmp_path / runner)
+    local, sharded = records["local"], records["ray"]
+    assert sorted(local) == sorted(sharded), "the same record ids"
+    for record_id, mine in sharded.items():
+        theirs = local[record_id]
+        keep = ("prompt", "completion", "teacher", "attributes", "usage", "finish_reason", "prompt_id")
+        assert {k: mine[k] for k in keep} == {k: theirs[k] for k in keep}, record_id
+    # Which copy of a duplicate is kept depends on the order answers come in; that one of each is kept does not.
+    for run in (local, sharded):
+        kept = {r["completion"][0]["content"]: r["id"] for r in run.values() if r["rejected_by"] is None}
+        assert len(kept) == 10
+        for record in run.values():
+            if record["rejected_by"] is not None:
+                assert record["rejected_by"] == "exact_dup"
+                assert [(c["name"], c["passed"]) for c in record["checks"]] == [("empty", True), ("exact_dup", False)]
+                assert record["checks"][1]["reason"] == f"exact duplicate of {kept[record['completion'][0]['content']]}"
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert manifest["counts"]["rejected_by"] == {"exact_dup": 50}
+    assert manifest["ray"]["rejected_across_shards"] > 0, "the test must exercise the merge's dedup"
+    assert (tmp_path / "ray" / "shards" / "share").read_text() == "1.0", "the last task running had the whole limit"
+    assert server.stats.total == 120, "each run paid each prompt once"
+    assert main(["generate", str(tmp_path / "ray.yaml")]) == 0
+    assert server.stats.total == 120, "the second run sends nothing"
+    assert _by_id(tmp_path / "ray") == sharded
+
+
+@pytest.mark.slow
+@pytest.mark.one_client
+def test_the_shards_logprobs_are_gathered_where_the_trainer_reads_them(tmp_path, server, env_key, ray_cluster):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", 30),
+                          provider="openai", base_url=server.openai_base_url,
+                          extra_teacher="    logprobs: {top_k: 2}\n", extra="  runner: ray\n  ray: {workers: 2}\n")
+    assert main(["generate", str(recipe)]) == 0
+    for _ in range(2):  # as every run does: gathered again from the shards, the same
+        gathered = read_logprobs(run)
+        assert sorted(gathered) == sorted(r["id"] for r in read_jsonl(run / ACCEPTED)), "one entry per record"
+        assert len(list((run / "logprobs").glob("shard-*.arrow"))) == 2, "each shard's file, none twice"
+        assert merge_sidecars(run, 2) == 2
+    record = read_jsonl(run / ACCEPTED)[0]
+    assert gathered[record["id"]].tokens, "the arrays of the record"
+
+
+@pytest.mark.slow
+@pytest.mark.one_client
+def test_a_worker_killed_mid_run_is_restarted_and_resumes_its_shard(tmp_path, server, env_key, ray_cluster):
+    server.config.latency_s = 0.05
+    total = 400
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", total),
+                          provider="openai", base_url=server.openai_base_url,
+                          extra_teacher="    max_concurrency: 8\n", extra="  runner: ray\n  ray: {workers: 2}\n")
+    codes = []
+    driver = threading.Thread(target=lambda: codes.append(main(["generate", str(recipe)])))
+    driver.start()
+    lock = shard_dir(run, 0) / "run.lock"
+    deadline = time.monotonic() + 60
+    while _lines(shard_dir(run, 0) / ACCEPTED) < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim = int(lock.read_text())
+    os.kill(victim, signal.SIGKILL)
+    driver.join(120)
+    assert codes == [0]
+    assert int(lock.read_text()) != victim, "a new worker made the rest of the shard"
+    records = read_jsonl(run / ACCEPTED)  # every line parses
+    assert sorted(int(r["prompt_id"][1:]) for r in records) == list(range(total)), "every prompt once"
+    paid_twice = sum(count - 1 for count in server.stats.answered.values())
+    assert paid_twice <= 8, f"re-paid only what was in flight in the killed worker (8 at most): {paid_twice}"
+
+
+@pytest.mark.slow
+@pytest.mark.one_client
+def test_kill_9_of_the_driver_then_the_same_command_loses_nothing_and_pays_nothing_twice(
+        tmp_path, server, env_key, ray_cluster):
+    server.config.latency_s = 0.05
+    total = 400
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", total),
+                          provider="openai", base_url=server.openai_base_url, extra_teacher="    max_concurrency: 8\n",
+                          extra=f"  runner: ray\n  ray: {{workers: 2, address: '{ray_cluster}'}}\n")
+    env = dict(os.environ, APPRENTICE_TEST_KEY=API_KEY)
+    command = [PYTHON, "-m", "factory", "generate", str(recipe)]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while _shard_lines(run) < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = _shard_lines(run)
+    assert 100 <= at_kill < total, "the kill must land mid-run"
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = read_jsonl(run / ACCEPTED)
+    assert sorted(int(r["prompt_id"][1:]) for r in records) == list(range(total)), "every prompt once"
+    paid_twice = sum(count - 1 for count in server.stats.answered.values())
+    assert paid_twice <= 2 * 8, f"re-paid only what was in flight in the two workers: {paid_twice}"
+    # Sent: every prompt once, plus what was in flight at the kill (answered or cut off with the driver).
+    assert server.stats.total <= total + 2 * 8, server.stats
+
+
+@pytest.mark.slow
+@pytest.mark.one_client
+def test_ctrl_c_stops_the_shards_after_their_requests_in_flight_and_merges_what_they_made(
+        tmp_path, server, env_key, ray_cluster):
+    server.config.latency_s = 0.05
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", 400),
+                          provider="openai", base_url=server.openai_base_url, extra_teacher="    max_concurrency: 8\n",
+                          extra=f"  runner: ray\n  ray: {{workers: 2, address: '{ray_cluster}'}}\n")
+    env = dict(os.environ, APPRENTICE_TEST_KEY=API_KEY)
+    proc = subprocess.Popen([PYTHON, "-m", "factory", "generate", str(recipe)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while _shard_lines(run) < 60 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopping: the shards finish the requests in flight" in err
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    merged = len(read_jsonl(run / ACCEPTED))
+    assert 60 <= merged < 400, "stopped mid-run"
+    assert merged == _shard_lines(run), "what the shards made is in the run directory"
+    for index in range(2):
+        assert json.loads((shard_dir(run, index) / "manifest.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
+@pytest.mark.one_client
+def test_api_keys_stay_out_of_ray_unless_pass_keys_sends_them(tmp_path, server, ray_cluster, monkeypatch, capsys):
+    """The cluster's workers do not have APPRENTICE_DRIVER_KEY: without ray.pass_keys the shards stop at the
+    server's 401 naming the unset variable, with it the driver's value goes with the tasks and the run completes."""
+    server.config.api_key = "sk-driver-only"
+    monkeypatch.setenv("APPRENTICE_DRIVER_KEY", "sk-driver-only")
+    prompts = write_prompts(tmp_path / "p.jsonl", 6)
+    for pass_keys, expected in ((False, 1), (True, 0)):
+        run = tmp_path / f"run-{pass_keys}"
+        recipe = write_recipe(tmp_path / f"r-{pass_keys}.yaml", output_dir=run, prompts=prompts, provider="openai",
+                              base_url=server.openai_base_url,
+                              extra=f"  runner: ray\n  ray: {{workers: 2, pass_keys: {str(pass_keys).lower()}}}\n")
+        recipe.write_text(recipe.read_text().replace("APPRENTICE_TEST_KEY", "APPRENTICE_DRIVER_KEY"))
+        assert main(["generate", str(recipe)]) == expected
+        if not pass_keys:
+            shown = capsys.readouterr()
+            assert "APPRENTICE_DRIVER_KEY is not set" in shown.out + shown.err, (shown.out + shown.err)[-2000:]
+            assert "sk-driver-only" not in shown.out + shown.err
+            assert server.stats.by_status.get(200, 0) == 0, "nothing answered without the key"
+    assert len(read_jsonl(tmp_path / "run-True" / "accepted.jsonl")) == 6
