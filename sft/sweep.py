@@ -32,7 +32,7 @@ from apprentice.errors import RecipeError
 from eval.config import EvalConfig, ModelConfig
 from eval.run import evaluate
 
-from .config import DistillSettings, SFTConfig
+from .config import DistillSettings, OnPolicySettings, SFTConfig
 from .sweep_config import SweepRange, SweepSettings, SweepSpace
 from .train import last_checkpoint, output_lock, train
 
@@ -66,15 +66,19 @@ def run_sweep(config: SFTConfig, settings: SweepSettings, *, eval_config: EvalCo
         return _run_sweep(config, settings, eval_config, recipe, console, root)
 
 
+# sft.method's values; `distill` is the sweep's older name for kd.
+METHODS = {"sft", "kd", "distill", "on_policy"}
+
+
 def check_sweep(config: SFTConfig, settings: SweepSettings, eval_config: EvalConfig | None) -> None:
     """Every reason the sweep cannot run, before any model loads."""
     space = settings.space.chosen()
     problems = []
-    methods = space.get("method") or []
-    method_field = "method" in SFTConfig.model_fields
-    if not method_field and set(methods) - {"sft", "distill"}:
-        problems.append(f"sft.sweep.space.method: {sorted(set(methods) - {'sft', 'distill'})}: expected sft or distill")
-    distilled = config.distill is not None or "distill" in methods
+    methods = set(space.get("method") or [])
+    if methods - METHODS:
+        problems.append(f"sft.sweep.space.method: {sorted(methods - METHODS)}: expected sft, kd (or distill) or "
+                        "on_policy")
+    distilled = config.distill is not None or bool(methods & {"kd", "distill"})
     for key in DISTILL_KEYS:
         if key in space and not distilled:
             problems.append(f"sft.sweep.space.{key} varies sft.distill.{key}: add sft.distill: {{alpha: 0.8, "
@@ -100,13 +104,11 @@ def trial_config(config: SFTConfig, params: dict[str, Any], output_dir: Path) ->
         update["lora"] = config.lora.model_copy(update={
             "r": rank, "alpha": max(1, round(config.lora.alpha * rank / config.lora.r))})
     distill = config.distill
-    method = params.get("method")
-    if method is not None and "method" in SFTConfig.model_fields:
+    method = {"distill": "kd"}.get(params.get("method"), params.get("method"))
+    if method is not None:  # the fields that go with each method, as SFTConfig's own check sets them
         update["method"] = method
-    elif method == "sft":
-        distill = None
-    elif method == "distill":
-        distill = distill or DistillSettings()
+        distill = (distill or DistillSettings()) if method == "kd" else None
+        update["on_policy"] = (config.on_policy or OnPolicySettings()) if method == "on_policy" else None
     if distill is not None:
         distill = distill.model_copy(update={key: params[key] for key in DISTILL_KEYS if key in params})
     update["distill"] = distill
@@ -447,14 +449,16 @@ def best_recipe(recipe: dict[str, Any] | None, config: SFTConfig, params: dict[s
     if "lora_r" in params:
         lora = section.setdefault("lora", {})
         lora["r"], lora["alpha"] = params["lora_r"], max(1, round(config.lora.alpha * params["lora_r"] / config.lora.r))
-    method = params.get("method")
-    if method is not None and "method" in SFTConfig.model_fields:
+    method = {"distill": "kd"}.get(params.get("method"), params.get("method"))
+    if method is not None:
         section["method"] = method
-    elif method == "sft":
-        section.pop("distill", None)
-    elif method == "distill" and not section.get("distill"):
-        section["distill"] = {}
-    if section.get("distill") is not None or method == "distill":
+        if method != "kd":
+            section.pop("distill", None)
+        elif not section.get("distill"):
+            section["distill"] = {}
+        if method != "on_policy":
+            section.pop("on_policy", None)
+    if section.get("distill") is not None:
         section.setdefault("distill", {}).update({key: params[key] for key in DISTILL_KEYS if key in params})
     note = "# The best trial of `sft sweep`; train it on all the data with `sft train` on this file.\n"
     return note + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -35,7 +35,7 @@ class SweepSpace(Strict):
     epochs: list[float] | SweepRange | None = Field(default=None, description="sft.epochs")
     lora_r: list[int] | None = Field(default=None, description="sft.lora.r (lora.alpha keeps its ratio to r)")
     student: list[str] | None = Field(default=None, description="sft.student: base models of several sizes")
-    method: list[str] | None = Field(default=None, description="sft (plain) or distill (sft.distill on)")
+    method: list[str] | None = Field(default=None, description="sft.method values: sft, kd (or distill: the teacher's logprobs), on_policy")
 
     @model_validator(mode="after")
     def _something_to_vary(self) -> "SweepSpace":
