@@ -121,44 +121,13 @@ def completion_logprobs(model: Any, prompt_ids: list[list[int]], completion_ids:
     return [logprobs[row, :len(ids)] for row, ids in enumerate(completion_ids)]
 
 
-def build_on_policy_trainer(config: Any, hardware: Any, model: Any, tokenizer: Any, teacher_model: Any,
-                            train_set: Any, eval_set: Any, checkpoints: Any, extra: dict[str, Any],
-                            peft_config: Any, callbacks: list[Any]) -> OnPolicyTrainer:
+def build_on_policy_trainer(config: Any, model: Any, tokenizer: Any, teacher_model: Any, train_set: Any,
+                            eval_set: Any, common: dict[str, Any], peft_config: Any,
+                            callbacks: list[Any]) -> OnPolicyTrainer:
+    """`common`: the TrainingArguments every method shares (sft/trainers.py), with sft.trainer_args."""
     settings = config.on_policy
-    has_eval = eval_set is not None
-    early_stop = has_eval and config.early_stopping_patience is not None
-    args = DistillationConfig(
-        output_dir=str(checkpoints),
-        seed=config.seed,
-        data_seed=config.seed,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,
-        per_device_train_batch_size=config.per_device_batch_size,
-        per_device_eval_batch_size=config.per_device_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=config.eval_every_steps,
-        save_strategy="steps",
-        save_steps=config.eval_every_steps,
-        save_total_limit=2,
-        load_best_model_at_end=early_stop,
-        metric_for_best_model="eval_loss" if early_stop else None,
-        logging_steps=config.logging_steps,
-        gradient_checkpointing=config.gradient_checkpointing,
-        use_cpu=hardware.use_cpu,
-        bf16=hardware.bf16,
-        fp16=hardware.fp16,
-        report_to=config.report_to,
-        disable_tqdm=True,
-        beta=settings.beta,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        max_completion_length=settings.max_completion_length,
-        **extra,
-    )
+    args = DistillationConfig(**common, beta=settings.beta, temperature=settings.temperature, top_p=settings.top_p,
+                              max_completion_length=settings.max_completion_length)
     tokenizer.padding_side = "left"  # the trainer generates from left-padded prompts
     return OnPolicyTrainer(
         model=model,

@@ -34,10 +34,8 @@ def build_trainer(config, hardware, model, tokenizer, train_set, eval_set, check
         task_type="CAUSAL_LM",
     )
     peft_config = None if config.init_from is not None else lora  # init_from: the model carries its adapter
-    if config.method == "on_policy":
-        return build_on_policy_trainer(config, hardware, model, tokenizer, teacher, train_set, eval_set, checkpoints,
-                                       trainer_args(config, DistillationConfig), peft_config, callbacks)
-    args = TRLConfig(
+    # What every method's TrainingArguments share; sft.trainer_args last, checked against the method's config.
+    common = dict(
         output_dir=str(checkpoints),
         seed=config.seed,
         data_seed=config.seed,
@@ -58,16 +56,17 @@ def build_trainer(config, hardware, model, tokenizer, train_set, eval_set, check
         metric_for_best_model="eval_loss" if early_stop else None,
         logging_steps=config.logging_steps,
         gradient_checkpointing=config.gradient_checkpointing,
-        max_length=config.max_length,
-        packing=config.packing,
-        completion_only_loss=config.completion_only_loss,
         use_cpu=hardware.use_cpu,
         bf16=hardware.bf16,
         fp16=hardware.fp16,
         report_to=config.report_to,
         disable_tqdm=True,
-        **trainer_args(config, TRLConfig),
     )
+    if config.method == "on_policy":
+        return build_on_policy_trainer(config, model, tokenizer, teacher, train_set, eval_set,
+                                       {**common, **trainer_args(config, DistillationConfig)}, peft_config, callbacks)
+    args = TRLConfig(**common, max_length=config.max_length, packing=config.packing,
+                     completion_only_loss=config.completion_only_loss, **trainer_args(config, TRLConfig))
     columns = ["prompt", "completion"]
     trainer_class, extra = SFTTrainer, {}
     if teacher is not None:
@@ -100,14 +99,20 @@ OWNED = {"output_dir": "sft.output_dir", "seed": "sft.seed", "data_seed": "sft.s
          "metric_for_best_model": None, "use_cpu": None, "bf16": None, "fp16": None, "disable_tqdm": None}
 
 
+# DistillationConfig fields that `sft.on_policy` sets (method: on_policy).
+ON_POLICY_OWNED = {"beta": "sft.on_policy.beta", "temperature": "sft.on_policy.temperature",
+                   "top_p": "sft.on_policy.top_p", "max_completion_length": "sft.on_policy.max_completion_length"}
+
+
 def trainer_args(config: SFTConfig, trl_config: type) -> dict[str, Any]:
     """`sft.trainer_args`, checked against TRL's SFTConfig fields: an unknown key is named with the closest
     known one, and a field this section sets is named with the sft key to set instead."""
     known = {field.name for field in dataclasses.fields(trl_config)}
+    owned = {**OWNED, **(ON_POLICY_OWNED if trl_config is DistillationConfig else {})}
     problems = []
     for key in config.trainer_args:
-        if key in OWNED:
-            owner = OWNED[key]
+        if key in owned:
+            owner = owned[key]
             problems.append(f"sft.trainer_args.{key}: set by Apprentice" + (f"; set {owner} instead" if owner
                                                                           else " from the hardware and the recipe"))
         elif key not in known:

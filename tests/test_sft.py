@@ -347,6 +347,10 @@ def test_trainer_args_are_checked_against_trls_fields_before_anything_loads():
         trainer_args(config(weight_decy=0.1), TRLConfig)
     with pytest.raises(RecipeError, match="sft.trainer_args.learning_rate: set by Apprentice; set sft.learning_rate"):
         trainer_args(config(learning_rate=1.0), TRLConfig)
+    from trl import DistillationConfig  # method: on_policy; its own settings have their sft.on_policy keys
+
+    with pytest.raises(RecipeError, match="sft.trainer_args.beta: set by Apprentice; set sft.on_policy.beta"):
+        trainer_args(config(beta=0.5), DistillationConfig)
 
 
 @pytest.mark.slow
