@@ -203,10 +203,9 @@ def perf(summary: dict[str, Any]) -> Section | None:
         reading = "hosted models are priced, not timed"
     found = models[student].get("frontier") or {}
     if found.get("speedup") or found.get("cost_ratio"):
-        reading += "; " + ", ".join(part for part in (
-            f"{found['speedup']:.3g}× as fast" if found.get("speedup") else "",
+        reading += "; against " + reference + ": " + ", ".join(part for part in (
+            f"{found['speedup']:.3g}× the speed" if found.get("speedup") else "",
             f"{found['cost_ratio']:.3g}× the cost per answer" if found.get("cost_ratio") else "") if part)
-        reading += f" of {reference}"
     timed = mine.get("timed_prompts")
     notes = [f"Latency: {timed} prompts one at a time, as a user waits for them. RSS added by load: the process's "
              "growth while loading, so a model loaded after another of the same base reuses memory and adds less."
