@@ -18,6 +18,7 @@ server that batches better with more requests (throughput rising with concurrenc
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -62,13 +63,19 @@ class LatencyGovernor:
     def limit(self) -> int:
         return max(1, int(self.cap))
 
-    def sent(self, now: float) -> None:
-        """A request left: the first of a window starts its clock."""
+    def sent(self, level: float) -> tuple[float, float]:
+        """A request left under `level` (the concurrency allowed): the first of a window starts its clock. The
+        ticket it returns goes back with the answer."""
+        now = time.monotonic()
         if self._started is None:
             self._started = now
+        return now, level
 
-    def answered(self, latency_s: float, work: float, level: float, now: float) -> None:
-        """An answer came back after `latency_s`, carrying `work` (output tokens, or 1), sent under `level`."""
+    def answered(self, ticket: tuple[float, float], work: float) -> None:
+        """The answer to the request `ticket` came back, carrying `work` (output tokens, or 1)."""
+        now = time.monotonic()
+        sent, level = ticket
+        latency_s = now - sent
         self._latencies.append(latency_s)
         self._fastest = min(self._fastest, latency_s)
         self._levels.append(level)

@@ -418,9 +418,7 @@ class Limiter:
                 if self.closed:
                     raise LimiterClosed()
                 self.stats.requests += 1
-                sent, level = time.monotonic(), self._window()
-                if self.latency:
-                    self.latency.sent(sent)
+                ticket = self.latency.sent(self._window()) if self.latency else None
                 try:
                     response = await call()
                 except TeacherError as error:
@@ -430,9 +428,8 @@ class Limiter:
                         raise
                 else:
                     self._on_success(reservation, response)
-                    if self.latency:
-                        now = time.monotonic()
-                        self.latency.answered(now - sent, response.output_tokens or 1, level, now)
+                    if ticket is not None:
+                        self.latency.answered(ticket, response.output_tokens or 1)
                     return response, attempt
             finally:
                 self._leave()
