@@ -3,10 +3,9 @@ two loopback fake servers: the load is shared, a dead server is drained, and not
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from conftest import API_KEY, read_jsonl, write_prompts
+from conftest import API_KEY, read_jsonl, write_prompts, write_recipe
 
 from apprentice.errors import RecipeError
 from factory.__main__ import main
@@ -28,19 +27,8 @@ def two_servers():
 
 def fleet_recipe(tmp_path, servers, prompts: int, concurrency: int = 8):
     urls = ", ".join(server.openai_base_url for server in servers)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        "factory:\n"
-        f"  output_dir: {tmp_path / 'run'}\n"
-        f"  prompts: {{path: {write_prompts(tmp_path / 'p.jsonl', prompts)}}}\n"
-        "  teacher:\n"
-        "    provider: openai\n"
-        "    model: gpt-4o-mini\n"
-        f"    base_url: [{urls}]\n"
-        "    api_key_env: APPRENTICE_TEST_KEY\n"
-        "    params: {temperature: 0.8, max_tokens: 32}\n"
-        f"    max_concurrency: {concurrency}\n", encoding="utf-8")
-    return recipe
+    return write_recipe(tmp_path / "r.yaml", output_dir=tmp_path / "run",
+                        prompts=write_prompts(tmp_path / "p.jsonl", prompts), provider="openai", base_url=f"[{urls}]", extra_teacher=f"    max_concurrency: {concurrency}\n")
 
 
 def answered(server) -> int:
@@ -81,23 +69,6 @@ def test_a_fleet_is_for_openai_compatible_servers_online(tmp_path):
         load_factory_config(recipe)
 
 
-def one_server_recipe(tmp_path, server, prompts: int, extra: str = "") -> Path:
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        "factory:\n"
-        f"  output_dir: {tmp_path / 'run'}\n"
-        f"  prompts: {{path: {write_prompts(tmp_path / 'p.jsonl', prompts)}}}\n"
-        "  teacher:\n"
-        "    provider: openai\n"
-        "    model: gpt-4o-mini\n"
-        f"    base_url: {server.openai_base_url}\n"
-        "    api_key_env: APPRENTICE_TEST_KEY\n"
-        "    params: {temperature: 0.8, max_tokens: 32}\n"
-        "    max_concurrency: 128\n"
-        f"{extra}", encoding="utf-8")
-    return recipe
-
-
 @pytest.mark.one_client
 def test_a_server_that_queues_is_sent_what_it_serves_not_max_concurrency(tmp_path, env_key):
     """A vLLM-like server serving 4 requests at once and queueing the rest: with a base_url, concurrency follows
@@ -108,7 +79,10 @@ def test_a_server_that_queues_is_sent_what_it_serves_not_max_concurrency(tmp_pat
         with FakeServer(FakeConfig(api_key=API_KEY, latency_s=0.02, capacity=4)) as server:
             folder = tmp_path / follow
             folder.mkdir()
-            recipe = one_server_recipe(folder, server, 240, f"    follow_latency: {follow}\n")
+            recipe = write_recipe(folder / "r.yaml", output_dir=folder / "run",
+                                  prompts=write_prompts(folder / "p.jsonl", 240), provider="openai",
+                                  base_url=server.openai_base_url,
+                                  extra_teacher=f"    max_concurrency: 128\n    follow_latency: {follow}\n")
             assert main(["generate", str(recipe)]) == 0
             assert len(read_jsonl(folder / "run" / "accepted.jsonl")) == 240
             late = sorted(server.stats.snapshot()["queue_waits"][120:])
