@@ -89,6 +89,12 @@ class SFTConfig(Strict):
         default=True, description="recompute activations in backward: less memory, about a third slower"
     )
     max_steps: int | None = Field(default=None, ge=1, description="stop after N optimizer steps (smoke runs)")
+    max_seconds: float | None = Field(
+        default=None, gt=0, description="a time budget: stop at the end of the first optimizer step that ends "
+        "N seconds or more after training began (model loading not counted); methods compared at equal time")
+    max_seconds_clock: Literal["wall", "cpu"] = Field(
+        default="wall", description="the clock of sft.max_seconds: wall, or cpu (this process's CPU time, all "
+        "threads: a budget that a shared, loaded machine does not shrink)")
     report_to: str | list[str] = Field(
         default="none", description="where the trainer logs its figures, as transformers names them: none, "
         "tensorboard, wandb, mlflow, trackio, ... (the tracker's package must be installed)")

@@ -149,7 +149,7 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
                       highlight=False)
 
     # Imported once a training starts: it loads torch, TRL and peft (and our two trainer subclasses).
-    from .trainers import DistillationConfig, TRLConfig, align_with_teacher, build_trainer, trainer_args
+    from .trainers import DistillationConfig, TRLConfig, align_with_teacher, budget_reading, build_trainer, trainer_args
 
     on_policy = config.method == "on_policy"
     trainer_args(config, DistillationConfig if on_policy else TRLConfig)  # misspelt keys stop before any model loads
@@ -207,7 +207,9 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if resume_from is not None and resume:
         console.print(f"[bold]resuming[/] from {escape(str(resume_from))}", highlight=False)
+    train_clock = (time.monotonic(), time.process_time())
     outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume and resume_from else None)
+    train_clock = (time.monotonic() - train_clock[0], time.process_time() - train_clock[1])
     metrics = {k: float(v) for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
     # Tokens trained on (prompt and completion, padding excluded), as SFTTrainer counts them in its logs.
     history = trainer.state.log_history
@@ -244,6 +246,9 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
                    "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1]},
         "resumed_from": str(resume_from) if resume and resume_from else None,
         "global_step": trainer.state.global_step,
+        # trainer.train() alone: wall seconds and this process's CPU seconds (all threads)
+        "train_seconds": round(train_clock[0], 2), "train_cpu_seconds": round(train_clock[1], 2),
+        "budget": budget_reading(trainer, config),
         "metrics": metrics,
         "method": config.method,
         "distill": distill_info,

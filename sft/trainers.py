@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import time
 from typing import Any
 
 from peft import LoraConfig
-from transformers import EarlyStoppingCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 from trl import DistillationConfig, SFTTrainer
 from trl import SFTConfig as TRLConfig
 
@@ -21,10 +22,41 @@ from .kd import align
 from .on_policy_trainer import build_on_policy_trainer
 
 
+class TimeBudget(TrainerCallback):
+    """`sft.max_seconds`: ends training at the first optimizer step that ends past the budget, counted from the
+    start of training on the wall clock or on this process's CPU time. `stopped_at` is that step (None: the
+    steps or epochs ran out first)."""
+
+    def __init__(self, seconds: float, clock: str = "wall") -> None:
+        self.seconds = seconds
+        self.clock = time.process_time if clock == "cpu" else time.monotonic
+        self.started: float | None = None
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.started is not None and self.clock() - self.started >= self.seconds:
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+def budget_reading(trainer, config) -> dict | None:
+    """lineage.json's `budget`: the time budget and the step that spent it (None when the steps ran out first)."""
+    if config.max_seconds is None:
+        return None
+    budget = next(c for c in trainer.callback_handler.callbacks if isinstance(c, TimeBudget))
+    return {"seconds": config.max_seconds, "clock": config.max_seconds_clock, "stopped_at_step": budget.stopped_at}
+
+
 def build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints, teacher=None):
     has_eval = eval_set is not None
     early_stop = has_eval and config.early_stopping_patience is not None
     callbacks = [EarlyStoppingCallback(config.early_stopping_patience)] if early_stop else []
+    if config.max_seconds is not None:
+        callbacks.append(TimeBudget(config.max_seconds, config.max_seconds_clock))
     lora = LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,

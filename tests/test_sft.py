@@ -255,6 +255,23 @@ def test_train_writes_adapter_merged_model_and_lineage_then_resumes(tmp_path, ti
     assert lineage["global_step"] == 6 and lineage["resumed_from"].endswith("checkpoint-4")
 
 
+def test_a_time_budget_ends_training_at_the_step_that_spends_it(tmp_path, tiny_student):
+    from sft.__main__ import main
+
+    run = write_run(tmp_path / "run", upper_task(40))
+    out = tmp_path / "out"
+    # A budget of a microsecond of CPU time: the first optimizer step spends it, long before the 50 steps run out.
+    recipe = write_recipe(tmp_path / "r.yaml", sft_section(tiny_student, [run], out, held_out=0, max_steps=50,
+                                                           max_seconds=1e-6, max_seconds_clock="cpu"))
+    assert main(["train", str(recipe)]) == 0
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["global_step"] == 1
+    assert lineage["budget"] == {"seconds": 1e-6, "clock": "cpu", "stopped_at_step": 1}
+    assert 0 < lineage["train_cpu_seconds"] and 0 < lineage["train_seconds"] <= lineage["seconds"]
+    # A clock that does not exist is refused by its key before anything loads.
+    assert main(["train", str(recipe), "--set", "sft.max_seconds_clock=gpu"]) == 2
+
+
 # ---- learning: a student really learns a task from factory-format data ----------------------------------
 @pytest.mark.slow
 def test_a_tiny_random_llama_learns_a_small_task(tmp_path, tiny_student):

@@ -12,6 +12,9 @@ task that shares no template, name or item with the prompts (the recipes' `conta
             columns; `reference` normalized; eval `normalized`); vllm-70b-distill-to-llama3b.yaml
 - explain/  a golden set for the batch recipe's grid (explanations of topics the grid does not hold, scored by
             a judge); openai-batch-100k.yaml
+- capitals/ a low-data short-answer task on the base model's own knowledge (a country's capital, the city's
+            name only; `reference` normalized; eval `normalized`): 45 training prompts, 50 golden questions about
+            other countries; benchmarks/on_policy.py --task capitals
 """
 from __future__ import annotations
 
@@ -152,6 +155,51 @@ TICKET_SYSTEM = ('Triage the customer\'s message. Answer with JSON only: {"categ
 EXPLAIN_SYSTEM = "You are a patient, accurate teacher. Adapt your answer to the reader."
 
 
+# ---- capitals: a short answer the base model knows, in a format it does not keep ----------------------------
+# Capitals that are unambiguous and spelt in ASCII (no contested or multiple capitals, no accents).
+CAPITALS = """France Paris|Germany Berlin|Italy Rome|Spain Madrid|Portugal Lisbon|Greece Athens|Egypt Cairo|Japan Tokyo
+China Beijing|Russia Moscow|the United Kingdom London|Ireland Dublin|Sweden Stockholm|Finland Helsinki
+Denmark Copenhagen|Poland Warsaw|Austria Vienna|Hungary Budapest|the Czech Republic Prague|Belgium Brussels
+the Netherlands Amsterdam|Switzerland Bern|Canada Ottawa|Mexico Mexico City|Argentina Buenos Aires|Chile Santiago
+Venezuela Caracas|Cuba Havana|Australia Canberra|New Zealand Wellington|India New Delhi|Pakistan Islamabad
+Bangladesh Dhaka|Thailand Bangkok|Vietnam Hanoi|Indonesia Jakarta|the Philippines Manila|South Korea Seoul
+North Korea Pyongyang|Iran Tehran|Iraq Baghdad|Saudi Arabia Riyadh|Turkey Ankara|Syria Damascus|Lebanon Beirut
+Jordan Amman|Afghanistan Kabul|Ethiopia Addis Ababa|Nigeria Abuja|Ghana Accra|Morocco Rabat|Algeria Algiers
+Tunisia Tunis|Libya Tripoli|Sudan Khartoum|Uganda Kampala|Zimbabwe Harare|Zambia Lusaka|Senegal Dakar|Mali Bamako
+Angola Luanda|Belarus Minsk|Romania Bucharest|Bulgaria Sofia|Serbia Belgrade|Croatia Zagreb|Slovakia Bratislava
+Slovenia Ljubljana|Lithuania Vilnius|Latvia Riga|Estonia Tallinn|Malaysia Kuala Lumpur|Nepal Kathmandu
+Mongolia Ulaanbaatar|Kazakhstan Astana|Uzbekistan Tashkent|Georgia Tbilisi|Armenia Yerevan|Azerbaijan Baku
+Qatar Doha|Oman Muscat|the United Arab Emirates Abu Dhabi|Jamaica Kingston|Ecuador Quito|Uruguay Montevideo
+Honduras Tegucigalpa|Nicaragua Managua|the Dominican Republic Santo Domingo|Haiti Port-au-Prince|Malta Valletta
+Cyprus Nicosia|Albania Tirana|North Macedonia Skopje|Bosnia and Herzegovina Sarajevo|Montenegro Podgorica
+Cambodia Phnom Penh|Laos Vientiane|Madagascar Antananarivo|Rwanda Kigali|Somalia Mogadishu|Botswana Gaborone
+Namibia Windhoek|Mozambique Maputo"""
+CAPITALS_MULTIWORD = {"Mexico City", "Buenos Aires", "New Delhi", "Addis Ababa", "Kuala Lumpur", "Abu Dhabi",
+                      "Santo Domingo", "Phnom Penh"}
+CAPITAL_QUESTIONS = ["What is the capital of {}?", "Which city is the capital of {}?", "Name the capital city of {}.",
+                     "What city serves as the capital of {}?"]
+# The teacher's context (benchmarks/on_policy.py): an instruction and three worked examples of countries in neither set.
+CAPITAL_EXAMPLES = [("Peru", "Lima"), ("Kenya", "Nairobi"), ("Norway", "Oslo")]
+
+
+def capital_rows(seed: int) -> tuple[list[dict], list[dict]]:
+    pairs = []
+    for entry in CAPITALS.replace("\n", "|").split("|"):
+        words = entry.split()
+        # the country is every word before the city; cities of more than one word are listed above
+        for size in (3, 2, 1):
+            city = " ".join(words[-size:])
+            if size < len(words) and (size == 1 or city in CAPITALS_MULTIWORD):
+                pairs.append((" ".join(words[:-size]), city))
+                break
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    rows = [{"id": f"c{number:03d}", "prompt": rng.choice(CAPITAL_QUESTIONS).format(country), "reference": city}
+            for number, (country, city) in enumerate(pairs, 1)]
+    return rows[:45], rows[45:]
+
+
+
 def asked(system: str, text: str) -> list[dict]:
     return [{"role": "system", "content": system}, {"role": "user", "content": text}]
 
@@ -178,6 +226,10 @@ def main(out: Path = HERE) -> None:
     write(out / "explain" / "golden.jsonl",
           [{"id": f"eg{number:03d}", "prompt": asked(EXPLAIN_SYSTEM, f"Explain {topic} to a curious teenager, at a beginner level."),
             "metric": "judge", "tags": ["explain"]} for number, topic in enumerate(EXPLAIN_GOLDEN, 1)])
+
+    train, golden = capital_rows(7)
+    write(out / "capitals" / "prompts.jsonl", train)
+    write(out / "capitals" / "golden.jsonl", [row | {"metric": "normalized", "tags": ["capitals"]} for row in golden])
 
 
 if __name__ == "__main__":
