@@ -48,6 +48,9 @@ class ModelRun:
     # Kept for the figures that need two local models at once (divergence, speculative decoding).
     model: Any = None
     tokenizer: Any = None
+    # What this eval paid for the model, by part (answers, timed requests, throughput requests): requests,
+    # tokens and cost; answers taken from the cache cost nothing again.
+    spent: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _rss_mib() -> float:
@@ -154,39 +157,100 @@ def _time_local(model: Any, tokenizer: Any, rows: list[list[int]], params: dict[
 def local_cost(perf: dict[str, Any], gpu_hour_usd: float | None, cpu_hour_usd: float | None) -> float | None:
     """$ per 1k answers of a local model: the machine's hourly price over the measured answers per hour."""
     hour_usd = gpu_hour_usd if str(perf.get("device", "")).startswith("cuda") else cpu_hour_usd
+    return machine_cost(perf, hour_usd)
+
+
+def machine_cost(perf: dict[str, Any], hour_usd: float | None) -> float | None:
+    """$ per 1k answers of a model on a machine of one's own: its hourly price over the answers per hour measured
+    (a local model's answering pass, a served model's throughput pass)."""
     if hour_usd is None or not perf.get("answers_per_s"):
         return None
     return 1000 * hour_usd / (3600 * perf["answers_per_s"])
 
 
 # ---- hosted -----------------------------------------------------------------------------------------
-def time_hosted(config: ModelConfig, items: list[GoldenItem], count: int) -> dict[str, Any]:
-    """Request latency, one request at a time as a user waits for it, past the cache (the answering pass
-    may come from it): `count` golden prompts sent again through the teacher's own client."""
-    async def timed() -> tuple[list[float], float, str | None]:
+@dataclass
+class Sent:
+    """Requests sent past the cache (timing, throughput): each latency, the wall time of them all, what they
+    used and cost, and the first error (failures are data: the report says why a figure is missing)."""
+
+    latencies: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    error: str | None = None
+
+    def spent(self) -> dict[str, float]:
+        return {"requests": len(self.latencies), "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens, "cost_usd": round(self.cost_usd, 6)}
+
+
+def send_past_cache(config: ModelConfig, prompts: list[list[dict[str, str]]], concurrency: int) -> Sent:
+    """Each prompt sent once through the teacher's own client (no cache, no limiter), `concurrency` at a time;
+    after an error no further request starts."""
+    async def sending() -> Sent:
         teacher = make_teacher(config)
         pricer, _ = pricer_for(config, None, f"eval.models.{config.name}")
-        latencies, cost = [], 0.0
-        try:
-            for item in items[:count]:
-                start = time.perf_counter()
-                response = await teacher.complete(teacher.build_request(config.with_context(item.messages), 1))
-                latencies.append(time.perf_counter() - start)
-                cost += pricer.cost_of(response)
-        except TeacherError as exc:  # failures are data: the report says why there is no latency
-            return latencies, cost, str(exc)
-        finally:
-            await teacher.aclose()
-        return latencies, cost, None
+        sent, slots = Sent(), asyncio.Semaphore(concurrency)
 
-    latencies, cost, error = asyncio.run(timed())
-    perf: dict[str, Any] = {"timed_prompts": len(latencies), "timing_cost_usd": round(cost, 6)}
-    if error is not None:
-        perf["timing_error"] = error
-    if latencies:
-        perf.update(latency_p50_s=round(percentile(latencies, 0.5), 4), latency_p99_s=round(percentile(latencies, 0.99), 4),
-                    latency_mean_s=round(statistics.fmean(latencies), 4), latencies_s=[round(t, 4) for t in latencies])
-    return perf
+        async def one(messages: list[dict[str, str]]) -> None:
+            async with slots:
+                if sent.error is not None:
+                    return
+                start = time.perf_counter()
+                try:
+                    response = await teacher.complete(teacher.build_request(config.with_context(messages), 1))
+                except TeacherError as exc:
+                    sent.error = sent.error or str(exc)
+                    return
+                sent.latencies.append(time.perf_counter() - start)
+                sent.input_tokens += response.input_tokens
+                sent.output_tokens += response.output_tokens
+                sent.cost_usd += pricer.cost_of(response)
+
+        began = time.perf_counter()
+        try:
+            await asyncio.gather(*(one(messages) for messages in prompts))
+        finally:
+            sent.wall_s = time.perf_counter() - began
+            await teacher.aclose()
+        return sent
+
+    return asyncio.run(sending())
+
+
+def time_hosted(config: ModelConfig, items: list[GoldenItem], count: int) -> tuple[dict[str, Any], Sent]:
+    """Request latency, one request at a time as a user waits for it, past the cache (the answering pass
+    may come from it): `count` golden prompts sent again through the teacher's own client."""
+    sent = send_past_cache(config, [item.messages for item in items[:count]], 1)
+    perf: dict[str, Any] = {"timed_prompts": len(sent.latencies), "timing_cost_usd": round(sent.cost_usd, 6)}
+    if sent.error is not None:
+        perf["timing_error"] = sent.error
+    if sent.latencies:
+        total = sum(sent.latencies)
+        perf.update(latency_p50_s=round(percentile(sent.latencies, 0.5), 4),
+                    latency_p99_s=round(percentile(sent.latencies, 0.99), 4),
+                    latency_mean_s=round(statistics.fmean(sent.latencies), 4),
+                    latencies_s=[round(t, 4) for t in sent.latencies],
+                    output_tokens_per_s=round(sent.output_tokens / total, 2) if total > 0 else None)
+    return perf, sent
+
+
+def served_throughput(config: ModelConfig, items: list[GoldenItem], concurrency: int) -> tuple[dict[str, Any], Sent]:
+    """Throughput of a model on an OpenAI-compatible server, as the local answering pass measures it: every
+    golden prompt once (repeated until there are `concurrency` of them), `concurrency` in flight at a time,
+    past the cache; answers/s and output tokens/s over the wall time of them all."""
+    count = max(len(items), concurrency)
+    sent = send_past_cache(config, [items[i % len(items)].messages for i in range(count)], concurrency)
+    perf: dict[str, Any] = {"concurrency": concurrency, "throughput_requests": len(sent.latencies),
+                            "throughput_cost_usd": round(sent.cost_usd, 6)}
+    if sent.error is not None:
+        perf["throughput_error"] = sent.error
+    elif sent.wall_s > 0:
+        perf.update(answers_per_s=round(len(sent.latencies) / sent.wall_s, 3),
+                    batch_output_tokens_per_s=round(sent.output_tokens / sent.wall_s, 2))
+    return perf, sent
 
 
 def run_hosted(config: ModelConfig, items: list[GoldenItem], output_dir: Path, console: Any) -> ModelRun:
@@ -202,4 +266,4 @@ def run_hosted(config: ModelConfig, items: list[GoldenItem], output_dir: Path, c
     answered = sum(1 for a in answers.values() if a.error is None)
     perf = {"cost_usd": round(cost, 6), "usd_per_1k_answers": round(1000 * cost / answered, 4) if answered else None,
             "status": result.status}
-    return ModelRun(config, answers, perf)
+    return ModelRun(config, answers, perf, spent={"answers": result.spent})

@@ -8,7 +8,7 @@ in-process, hosted ones go through the factory pipeline (cache, rate limits, cos
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -53,11 +53,15 @@ class GateConfig(Strict):
 
 
 class CostConfig(Strict):
-    """What an hour of the machine a local model runs on costs: its $ per 1k answers follows from the
-    throughput eval measures (hosted models are priced from their tokens)."""
+    """What an hour of the machine a local model (or a served one: your own OpenAI-compatible server, with no
+    price) runs on costs: its $ per 1k answers follows from the throughput eval measures (hosted models are
+    priced from their tokens)."""
 
     gpu_hour_usd: float | None = Field(default=None, ge=0, description="USD per GPU hour (models on cuda)")
     cpu_hour_usd: float | None = Field(default=None, ge=0, description="USD per hour of the CPU machine")
+    served_on: Literal["gpu", "cpu"] = Field(
+        default="gpu", description="what your OpenAI-compatible servers (models with a base_url) run on: "
+        "gpu_hour_usd or cpu_hour_usd prices their throughput")
 
 
 class EvalConfig(Strict):
@@ -93,6 +97,10 @@ class EvalConfig(Strict):
     timed_requests: int = Field(
         default=0, ge=0, description="hosted models: requests sent one at a time, past the cache, for request "
         "latency (paid: they are real requests); 0 = hosted models are priced, not timed")
+    served_concurrency: int = Field(
+        default=0, ge=0, description="models on an OpenAI-compatible server (base_url): every golden prompt sent "
+        "past the cache, this many at once, for throughput (answers/s, output tokens/s) and, with eval.cost and no "
+        "price, $ per 1k answers (real requests to the server); 0 = not measured")
     cost: CostConfig = Field(default_factory=CostConfig)
     bootstrap: int = Field(
         default=1000, ge=100, description="BCa bootstrap resamples (graded means, retention; pass/fail means use Wilson)"
@@ -123,6 +131,9 @@ class EvalConfig(Strict):
         unknown = [m for m in self.metrics if m not in METRIC_NAMES]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(sorted(METRIC_NAMES))}")
+        if self.served_concurrency and not any(m.base_url is not None for m in self.models):
+            raise ValueError(f"served_concurrency: {self.served_concurrency}: no model has a base_url (an "
+                             "OpenAI-compatible server of your own) to measure; set one, or remove served_concurrency")
         for key in ("reference", "student", "base"):
             value = getattr(self, key)
             if value is not None and value not in names:

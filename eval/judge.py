@@ -37,6 +37,7 @@ class JudgeResult:
     inconsistent: int = 0
     unparsed: int = 0
     cost_usd: float = 0.0
+    spent: dict[str, dict[str, float]] = field(default_factory=dict)  # rubric / pairwise → what this eval paid
 
 
 def parse_score(text: str) -> float | None:
@@ -83,6 +84,7 @@ def run_judge(config: JudgeConfig, items: list[GoldenItem], runs: dict[str, Mode
         answers = answer_prompts(teacher, lines, output_dir / "judge", name=name, system=JUDGE_SYSTEM, console=console)
         verdicts.update({key: answer.text for key, answer in answers.by_id.items() if answer.error is None})
         result.cost_usd += sum(answer.cost_usd for answer in answers.by_id.values())
+        result.spent[f"{name} verdicts"] = answers.spent
     for line in rubric_lines:
         _, model, key = line["id"].split("|", 2)
         score = parse_score(verdicts.get(line["id"], ""))

@@ -182,7 +182,7 @@ def perf(summary: dict[str, Any]) -> Section | None:
     rows = [[_label(summary, n), _seconds(p.get("latency_p50_s")), _seconds(p.get("latency_p99_s")),
              _times((m.get("frontier") or {}).get("speedup")),
              _seconds(p.get("ttft_p50_s")), num(p.get("output_tokens_per_s"), 1),
-             "–" if not p.get("answers_per_s") else f"{p['answers_per_s']:.2f} ({p.get('batch_size')})",
+             "–" if not p.get("answers_per_s") else f"{p['answers_per_s']:.2f} ({p.get('batch_size', p.get('concurrency'))})",
              _params(p.get("parameters")),
              _size(p.get("disk_bytes")), "–" if p.get("loaded_mib") is None else f"{p['loaded_mib']:.0f} MiB",
              num(p.get("usd_per_1k_answers"), 4), _times((m.get("frontier") or {}).get("cost_ratio"))]
@@ -212,7 +212,8 @@ def perf(summary: dict[str, Any]) -> Section | None:
              if timed else "Hosted models: cost from the usage of each answer and the price table.",
              "Speed-up: the reference's p50 latency ÷ the model's, one prompt at a time (hosted models timed with "
              "eval.timed_requests, past the cache). Cost ratio: the model's $ per 1k answers ÷ the reference's; a "
-             "local model's is eval.cost's hourly price over its answers per hour at its batch size."]
+             "local model's is eval.cost's hourly price over its answers per hour at its batch size, a served model's "
+             "(a base_url, no price) the same over its answers per hour at eval.served_concurrency requests at once."]
     return Section("latency", "Latency and size", reading + ".", header, rows, notes)
 
 
@@ -424,8 +425,28 @@ def _text(value: Any) -> str:
     return "–" if value is None or value == "" else str(value)
 
 
+def spend(summary: dict[str, Any]) -> Section | None:
+    """What this eval paid, by model and part, and in all."""
+    found = summary.get("spend") or {}
+    parts, total = found.get("parts") or [], found.get("total") or {}
+    if not total.get("requests") and not total.get("cost_usd"):
+        return None  # local models only, or every answer from the cache
+    header = ["model", "part", "requests", "input tokens", "output tokens", "cost"]
+    rows = [[p["model"], p["part"], str(p["requests"]), str(p["input_tokens"]), str(p["output_tokens"]),
+             f"${p['cost_usd']:.4f}"] for p in parts]
+    rows.append(["all", "", str(total["requests"]), str(total["input_tokens"]), str(total["output_tokens"]),
+                 f"${total['cost_usd']:.4f}"])
+    paid_again = sum(p["cost_usd"] for p in parts if p["part"] in ("timed requests", "throughput requests"))
+    reading = f"this eval spent ${total['cost_usd']:.4f} on {total['requests']} request(s)"
+    if paid_again:
+        reading += f", ${paid_again:.4f} of it on timed and throughput requests"
+    return Section("spend", "What this eval spent", reading + ".", header, rows,
+                   ["Answers and verdicts the cache held cost nothing again; timed requests (eval.timed_requests) and "
+                    "throughput requests (eval.served_concurrency) go past the cache, so every eval pays for them."])
+
+
 def sections(summary: dict[str, Any]) -> list[Section]:
     found = [scores(summary), by_metric(summary), by_tag(summary), regression(summary), fidelity(summary), perf(summary),
              frontier(summary), cascade(summary), pairwise(summary), speculative(summary), divergence(summary),
-             examples(summary), lineage(summary)]
+             spend(summary), examples(summary), lineage(summary)]
     return [section for section in found if section is not None]

@@ -10,16 +10,18 @@ from typing import Any
 from rich.markup import escape
 
 from apprentice.errors import RecipeError
+from factory.answers import SPENT_KEYS
 from factory.lock import DirectoryLock
+from factory.pricing import usd
 from sft.lineage import files_content, lineage_path_for, record_eval
 
 from . import distill
-from .answer import ModelRun, local_cost, run_hosted, run_local, time_hosted
+from .answer import ModelRun, local_cost, machine_cost, run_hosted, run_local, served_throughput, time_hosted
 from .config import EvalConfig
 from .fidelity import held_out_items
 from .report import write_reports
 from .golden import GoldenItem, load_golden
-from .judge import run_judge
+from .judge import JudgeResult, run_judge
 from .metrics import INTERVAL_METHODS, METRICS, as_score, load_function, mean_interval, ratio_interval
 
 
@@ -151,7 +153,7 @@ def _frontier_reasons(gate: Any, model: dict[str, Any]) -> list[str]:
         cost_ratio = found.get("cost_ratio")
         if cost_ratio is None:
             reasons.append("cost ratio undefined (a model without $ per 1k answers: set eval.cost for local models, "
-                           "a price for hosted ones)")
+                           "eval.cost and eval.served_concurrency for served ones, a price for hosted ones)")
         elif cost_ratio > gate.max_cost_ratio:
             reasons.append(f"cost ratio {cost_ratio:.3g} > max_cost_ratio {gate.max_cost_ratio:g}")
     if gate.max_latency_p99_s is not None:
@@ -237,6 +239,48 @@ def _default_params(config: EvalConfig) -> None:
             model.params = dict(config.params)
 
 
+def measure_hosted(config: EvalConfig, run: ModelRun, items: list[GoldenItem], console: Any) -> None:
+    """A hosted or served model's timing pass (eval.timed_requests, one at a time) and, on a server of one's
+    own (a base_url), its throughput pass (eval.served_concurrency at once), both past the cache: their
+    figures go to its perf, what they used to its spend. Without a price, a served model's $ per 1k answers
+    is eval.cost's hourly price over the throughput measured, as for a local model."""
+    model = run.config
+    if model.base_url is not None and model.price is None and not run.perf.get("cost_usd"):
+        # A server of one's own prices no token: the machine is what costs, unknown until its throughput is measured
+        # (not $0, which would pass any max_cost_ratio).
+        run.perf["usd_per_1k_answers"] = None
+    if config.timed_requests:
+        console.print(escape(f"{model.name}: timing {min(config.timed_requests, len(items))} request(s) "
+                             "one at a time, past the cache"), highlight=False)
+        perf, sent = time_hosted(model, items, config.timed_requests)
+        run.perf.update(perf)
+        run.spent["timed requests"] = sent.spent()
+    if not config.served_concurrency or model.base_url is None:
+        return
+    count = max(len(items), config.served_concurrency)
+    console.print(escape(f"{model.name}: throughput of {count} request(s), {config.served_concurrency} at once, "
+                         "past the cache"), highlight=False)
+    perf, sent = served_throughput(model, items, config.served_concurrency)
+    run.perf.update(perf)
+    run.spent["throughput requests"] = sent.spent()
+    hour_usd = config.cost.gpu_hour_usd if config.cost.served_on == "gpu" else config.cost.cpu_hour_usd
+    cost = machine_cost(run.perf, hour_usd) if model.price is None else None
+    if cost is not None:
+        run.perf.update(usd_per_1k_answers=cost, priced_by=f"eval.cost.{config.cost.served_on}_hour_usd")
+
+
+def spend(runs: dict[str, ModelRun], judge: JudgeResult | None) -> dict[str, Any]:
+    """What this eval paid, by model and part (answers, the judge's verdicts, timed and throughput requests),
+    and in all: answers the cache held cost nothing again; requests sent past the cache are paid every run."""
+    parts = [{"model": name, "part": part, **figures} for name, run in runs.items()
+             for part, figures in run.spent.items()]
+    if judge is not None:
+        parts += [{"model": "judge", "part": part, **figures} for part, figures in judge.spent.items()]
+    total = {key: sum(part.get(key, 0) for part in parts) for key in SPENT_KEYS}
+    total["cost_usd"] = round(total["cost_usd"], 6)
+    return {"parts": parts, "total": total}
+
+
 def evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | None]:
     """Answer, score, report and gate, holding the output directory's lock (a second eval is refused)."""
     with DirectoryLock(config.output_dir, "eval.output_dir"):
@@ -285,13 +329,10 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
             console.print(escape(f"{model.name}: {model.provider} {model.model} through the factory pipeline"),
                           highlight=False)
             runs[model.name] = run_hosted(model, asked, config.output_dir, console)
-            if config.timed_requests:
-                console.print(escape(f"{model.name}: timing {min(config.timed_requests, len(items))} request(s) "
-                                     "one at a time, past the cache"), highlight=False)
-                runs[model.name].perf.update(time_hosted(model, items, config.timed_requests))
+            measure_hosted(config, runs[model.name], items, console)
 
     judged: dict[str, dict[str, float]] = {}
-    judge_result = None
+    judge_result: JudgeResult | None = None
     if config.judge is not None:
         judge_result = run_judge(config.judge, items, runs, config.student_name(), config.reference_name(),
                                  config.output_dir, console)
@@ -325,11 +366,17 @@ def _evaluate(config: EvalConfig, console: Any) -> tuple[dict[str, Any], Gate | 
         summary["fidelity"] = {"items": len(held_out), "ids": [item.id for item in held_out], "models": set_means(
             config, held_out, score_runs(config, held_out, runs, {}))}
     summary.update(extra)
+    summary["spend"] = spend(runs, judge_result)
     gate = check_gate(config, summary)
     summary["gate"] = None if gate is None else {"passed": gate.passed, "reason": gate.reason}
     summary["elapsed_s"] = round(time.time() - started, 1)
     summary["examples"] = worst_examples(items, runs, scores, student, reference)
 
+    total = summary["spend"]["total"]
+    if total["requests"] or total["cost_usd"]:
+        console.print(escape(f"spent by this eval: {usd(total['cost_usd'])} on {total['requests']} request(s) "
+                             f"({total['input_tokens']} input, {total['output_tokens']} output tokens)"),
+                      highlight=False)
     write_reports(config.output_dir, summary)
     record_in_lineages(config, summary, runs, golden)
     (config.output_dir / "answers.jsonl").write_text(

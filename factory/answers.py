@@ -37,6 +37,8 @@ class Answers:
     by_id: dict[str, Answer] = field(default_factory=dict)
     status: str = "complete"  # the run's status (budget_exhausted, interrupted, ... leave some unanswered)
     run_dir: Path | None = None
+    # What this call paid (the run's manifest `this_run`: answers from the cache cost nothing again).
+    spent: dict[str, float] = field(default_factory=dict)
 
 
 def answer_prompts(teacher: dict[str, Any], prompts: list[dict[str, Any]], folder: Path, *, name: str,
@@ -51,7 +53,7 @@ def answer_prompts(teacher: dict[str, Any], prompts: list[dict[str, Any]], folde
                            teacher=teacher, checks=[])
     run_dir = config.output_dir = folder / f"{name}-{config.fingerprint_hash()[:10]}"
     result = asyncio.run(Run(config, console=console).execute())
-    answers = Answers(status=result.status, run_dir=run_dir)
+    answers = Answers(status=result.status, run_dir=run_dir, spent=_spent(run_dir))
     for record in _records(run_dir, ACCEPTED, REJECTED):
         usage = record["usage"]
         answers.by_id[record["prompt_id"]] = Answer(record["completion"][0]["content"], usage.get("output_tokens", 0),
@@ -59,6 +61,15 @@ def answer_prompts(teacher: dict[str, Any], prompts: list[dict[str, Any]], folde
     for record in _records(run_dir, FAILED):
         answers.by_id.setdefault(record["prompt_id"], Answer("", error=record["error"]))
     return answers
+
+
+SPENT_KEYS = ("requests", "input_tokens", "output_tokens", "cost_usd")
+
+
+def _spent(run_dir: Path) -> dict[str, float]:
+    path = run_dir / "manifest.json"
+    this_run = json.loads(path.read_text(encoding="utf-8")).get("this_run", {}) if path.is_file() else {}
+    return {key: this_run.get(key, 0) for key in SPENT_KEYS}
 
 
 def _records(run_dir: Path, *names: str) -> Iterator[dict[str, Any]]:

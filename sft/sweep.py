@@ -328,10 +328,12 @@ def _trial_eval(eval_config: EvalConfig, models: list[ModelConfig], student: str
     judge = eval_config.judge
     if judge is not None:
         judge = judge.model_copy(update={"pairwise": False}) if judge.rubric else None
-    # Scores only: no timing pass, no gate, no pairwise judging, nothing that needs a second model.
+    # Scores only: no timing or throughput pass (a hosted reference's would be paid), no gate, no pairwise
+    # judging, nothing that needs a second model.
     return eval_config.model_copy(update={
         "models": models, "student": student, "reference": None, "gate": None, "judge": judge, "perf_prompts": 0,
-        "output_dir": output_dir, "cascade": False, "speculative": False})
+        "timed_requests": 0, "served_concurrency": 0, "output_dir": output_dir, "cascade": False,
+        "speculative": False})
 
 
 def _overall(summary: dict[str, Any], name: str) -> float:

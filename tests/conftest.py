@@ -96,8 +96,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_llama(folder: Path, extra_words: tuple[str, ...] = (), seed: int = 0) -> Path:
-    """A 2-layer random Llama with a word-level tokenizer and a chat template, saved as an HF folder."""
+def build_tiny_llama(folder: Path, extra_words: tuple[str, ...] = (), seed: int = 0, *, hidden_size: int = 64,
+                     layers: int = 2) -> Path:
+    """A random Llama (2 layers of width 64 unless told) with a word-level tokenizer and a chat template, saved
+    as an HF folder."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -112,7 +114,7 @@ def build_tiny_llama(folder: Path, extra_words: tuple[str, ...] = (), seed: int 
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(words), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
         pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
     )

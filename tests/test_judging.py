@@ -10,6 +10,7 @@ from eval.answer import Answer, ModelRun
 from eval.config import JudgeConfig, ModelConfig
 from eval.golden import GoldenItem
 from eval.judge import parse_score, run_judge
+from eval.run import spend
 from factory.records import Sample
 from factory.teachers import make_teacher
 from quality_checks.judge import Judge, JudgeOptions
@@ -148,3 +149,14 @@ def test_eval_judge_through_a_forced_anthropic_tool_counts_what_it_cannot_read(t
     assert result.pairwise == {"g/q0": 1.0, "g/q1": 1.0} and result.inconsistent == 0
     assert sorted(path.name.split("-")[0] for path in (tmp_path / "judge").iterdir() if path.is_dir()) == [
         "pairwise", "rubric"]
+    # What the judge's verdicts cost this eval, by kind: 4 rubric and 4 pairwise requests, priced (a known model).
+    assert {kind: spent["requests"] for kind, spent in result.spent.items()} == {
+        "rubric verdicts": 4, "pairwise verdicts": 4}
+    assert all(spent["cost_usd"] > 0 and spent["output_tokens"] > 0 for spent in result.spent.values()), result.spent
+    summary = spend(runs, result)
+    assert [(part["model"], part["part"]) for part in summary["parts"]] == [
+        ("judge", "rubric verdicts"), ("judge", "pairwise verdicts")], "local answers cost nothing and are not listed"
+    assert summary["total"]["cost_usd"] == pytest.approx(sum(s["cost_usd"] for s in result.spent.values()), abs=1e-6)
+    again = run_judge(config, items, runs, "student", "teacher", tmp_path, Console(quiet=True))
+    assert spend(runs, again)["total"] == {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0}, \
+        "verdicts from the cache are not paid again"

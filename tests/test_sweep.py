@@ -320,3 +320,41 @@ def test_a_sweep_killed_mid_trial_resumes_without_retraining_finished_trials(tin
     interrupted = next(Path(row["dir"]) for row in result.rows if Path(row["dir"]) != finished)
     lineage = json.loads((interrupted / "lineage.json").read_text())
     assert lineage["resumed_from"], "the interrupted trial continued from its checkpoint"
+
+
+@pytest.mark.slow
+def test_a_sweep_over_two_base_models_trains_each_on_its_own_base_and_names_the_winner(tiny_sweep, tmp_path):
+    root, small, run, golden = tiny_sweep
+    large = build_tiny_llama(root / "tiny-large", seed=1, hidden_size=96, layers=3)
+    section = sft_section(small, [run], tmp_path / "sft", sweep=sweep_section(
+        trials=2, space={"student": [str(small), str(large)]}))
+    config = SFTConfig(**section)
+    eval_config = EvalConfig(**eval_section(golden, small, tmp_path / "eval", verifier="test_sweep:answer_length",
+                                            metrics=["verifier"]))
+    recipe = {"sft": section, "eval": eval_section(golden, small, tmp_path / "eval")}
+    result = run_sweep(config, config.sweep, eval_config=eval_config, recipe=recipe)
+
+    rows = result.rows
+    assert [row["state"] for row in rows] == ["complete", "complete"], rows
+    assert sorted(row["params"]["student"] for row in rows) == sorted([str(small), str(large)]), "a grid: each once"
+    parameters = {}
+    for row in rows:
+        base, trial_dir = row["params"]["student"], Path(row["dir"])
+        adapter = json.loads((trial_dir / "adapter" / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == base, f"{trial_dir} trained on {adapter['base_model_name_or_path']}"
+        lineage = json.loads((trial_dir / "lineage.json").read_text())
+        assert lineage["base_model"]["name"] == base, lineage["base_model"]
+        assert row["score"] is not None and row["eval_loss"] is not None, row
+        scored = json.loads((trial_dir / "eval" / "results.json").read_text())["models"]["student"]
+        assert scored["metrics"]["overall"]["mean"] == row["score"], "the score is the trial's own eval"
+        parameters[base] = scored["perf"]["parameters"]
+    assert parameters[str(large)] > 2 * parameters[str(small)], f"each trial's eval ran its own base: {parameters}"
+
+    table = (result.root / "sweep.md").read_text()
+    assert "| trial | student | score | retention |" in table, table
+    for row in rows:
+        mark = " (best)" if row is rows[0] else ""
+        assert f"| {row['trial']}{mark} | {row['params']['student']} |" in table, table
+    best = yaml.safe_load((result.root / "best.yaml").read_text())
+    assert best["sft"]["student"] == rows[0]["params"]["student"], "best.yaml trains the winning base"
+    assert validate_sft_section(best["sft"]).student == rows[0]["params"]["student"]
