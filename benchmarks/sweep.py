@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--kill-after", type=int, default=3, help="kill -9 once this many trials have finished")
     parser.add_argument("--prompts", type=int, default=120, help="demo prompts generated (--limit)")
     parser.add_argument("--golden", type=int, default=60, help="golden items each trial is scored on")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="an existing demo run with top-20 logprobs to sweep on (default: generate WORK/demo)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the results from the work folder as it stands (a resumed run stopped early)")
     parser.add_argument("--lr", type=float, nargs=2, default=(1e-4, 3e-3), metavar=("LOW", "HIGH"),
@@ -57,11 +59,12 @@ def main() -> int:
     golden = work / "golden.jsonl"
     golden.write_text("".join((REPO / "data/golden/extraction.jsonl").read_text(encoding="utf-8")
                               .splitlines(keepends=True)[:options.golden]), encoding="utf-8")
-    demo["factory"]["output_dir"] = str(work / "demo")
+    data_dir = options.data.resolve() if options.data else work / "demo"
+    demo["factory"]["output_dir"] = str(data_dir)
     demo["factory"]["teacher"]["logprobs"] = {"top_k": 20}
     demo["sft"].update({
-        "data": [str(work / "demo")], "output_dir": str(work / "sft"), "max_steps": options.max_steps,
-        "eval_every_steps": 2, "distill": {"alpha": 0.8, "temperature": 2.0},
+        "data": [str(data_dir)], "output_dir": str(work / "sft"), "max_steps": options.max_steps,
+        "eval_every_steps": 3, "distill": {"alpha": 0.8, "temperature": 2.0},
         "sweep": {"trials": options.trials, "fraction": options.fraction, "objective": "eval", "prune": True,
                   "prune_after_trials": 3,
                   "space": {"temperature": [1.0, 2.0, 4.0, 8.0], "alpha": {"low": 0.0, "high": 1.0},
@@ -76,9 +79,9 @@ def main() -> int:
         return report(options, json.loads(state_path.read_text(encoding="utf-8")), work / "sft" / "sweep", load_before,
                       resumed_s=None)
     generate_s = None
-    if not (work / "demo" / "accepted.jsonl").is_file():
+    if not (data_dir / "accepted.jsonl").is_file():
         generate_s = run(["-m", "factory", "generate", str(recipe), "--limit", str(options.prompts), "-q"], env)
-    records = [json.loads(line) for line in (work / "demo" / "accepted.jsonl").open(encoding="utf-8") if line.strip()]
+    records = [json.loads(line) for line in (data_dir / "accepted.jsonl").open(encoding="utf-8") if line.strip()]
     accepted = f"{len(records)} accepted samples of {len({r['prompt_id'] for r in records})} prompts"
 
     root = work / "sft" / "sweep"
@@ -135,7 +138,8 @@ def write_results(options, rows, data, generate_s, accepted, killed_at, first_s,
     best = json.loads(json.dumps(rows[0])) if rows and rows[0]["value"] is not None else None
     command = (f".venv/bin/python benchmarks/sweep.py --trials {options.trials} --fraction {options.fraction} "
                f"--max-steps {options.max_steps} --kill-after {options.kill_after} --prompts {options.prompts} "
-               f"--golden {options.golden} --lr {options.lr[0]:g} {options.lr[1]:g}")
+               f"--golden {options.golden} --lr {options.lr[0]:g} {options.lr[1]:g}"
+               + (f" --data {options.data}" if options.data else "") + f" --work {options.work}")
     versions = ", ".join(f"{name} {md.version(name)}" for name in ("torch", "transformers", "trl", "peft", "optuna"))
     lines = [
         "# sweep", "",
@@ -144,7 +148,8 @@ def write_results(options, rows, data, generate_s, accepted, killed_at, first_s,
         f"Command: `{command}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}",
         f"Versions: {versions}",
-        f"Load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}",
+        f"Load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}; torch threads: "
+        f"{os.environ.get('OMP_NUM_THREADS', 'default (all cores)')} (OMP_NUM_THREADS)",
         f"Setup: data/recipes/demo.yaml with the teacher's top-20 logprobs ({accepted}"
         + (f", generated in {generate_s:.0f} s" if generate_s else ", generated before") + "); "
         f"`sft.distill` on; each trial trains on {options.fraction:g} of the training split for at most "

@@ -91,7 +91,9 @@ class SFTConfig(Strict):
     max_steps: int | None = Field(default=None, ge=1, description="stop after N optimizer steps (smoke runs)")
     max_seconds: float | None = Field(
         default=None, gt=0, description="a time budget: stop at the end of the first optimizer step that ends "
-        "N seconds or more after training began (model loading not counted); methods compared at equal time")
+        "N seconds or more after training began (model loading not counted); methods compared at equal time. "
+        "The learning-rate schedule still spans max_steps or the epochs: with a budget, use lr_scheduler constant "
+        "or set max_steps near what the budget allows")
     max_seconds_clock: Literal["wall", "cpu"] = Field(
         default="wall", description="the clock of sft.max_seconds: wall, or cpu (this process's CPU time, all "
         "threads: a budget that a shared, loaded machine does not shrink)")
