@@ -2,7 +2,9 @@
 
 `sft.method: on_policy` trains the student on its own samples: for each prompt of the data runs the student
 samples a completion, the teacher scores every token of that completion (its full next-token distribution,
-in this process), and the student minimises the per-token divergence to it (reverse KL at `beta: 1`). The
+in this process), and the student minimises the per-token divergence to it (reverse KL at `beta: 1`). A teacher
+behind a vLLM server of one's own (`provider: openai` with one `base_url`) scores the sampled tokens over HTTP
+instead, and the loss is the sampled-token estimate of the reverse KL (sft/on_policy_trainer.py). The
 trainer is TRL's `DistillationTrainer` (TRL 1.16; sft/on_policy_trainer.py subclasses it), which sees the
 teacher only through its hidden states, so the teacher must share the student's tokenizer.
 
@@ -56,13 +58,40 @@ def resolve_teacher(config: SFTConfig) -> TeacherConfig:
                 "it): set sft.on_policy.teacher: {provider: local, model: ...}"
             )
         teacher = TeacherConfig(**recipe["teacher"])
-    if teacher.provider not in IN_PROCESS:
+    if teacher.provider not in IN_PROCESS and not is_served(teacher):
         raise RecipeError(
-            f"sft.on_policy.teacher: provider {teacher.provider} ({teacher.model}) serves only top-k logprobs; "
-            "on-policy training needs the teacher's full distribution in this process: set "
-            "sft.on_policy.teacher: {provider: local, model: <the served model's weights>}"
+            f"sft.on_policy.teacher: provider {teacher.provider} ({teacher.model}) cannot score the student's tokens: "
+            "on-policy training needs the teacher in this process (provider local or vllm) or behind a vLLM server "
+            "of yours (provider openai with one base_url: it scores with prompt_logprobs); hosted APIs do not "
+            "score text they did not write"
         )
     return teacher
+
+
+def is_served(teacher: TeacherConfig) -> bool:
+    """A teacher behind one OpenAI-compatible vLLM server: it scores the student's tokens over HTTP."""
+    return teacher.provider == "openai" and isinstance(teacher.base_url, str)
+
+
+def served_tokenizer(teacher: TeacherConfig) -> str:
+    """Where a served teacher's tokenizer is read for the guards: `teacher.logprobs.tokenizer`, else its model
+    name when that is a local folder or a cached model id."""
+    if teacher.logprobs is not None and teacher.logprobs.tokenizer:
+        return str(teacher.logprobs.tokenizer)
+    name = resolve_model(teacher.model)
+    if Path(name).exists():
+        return name
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError):
+        raise RecipeError(
+            f"sft.on_policy.teacher: the served model {teacher.model!r} names no tokenizer this machine can read, so "
+            "the student's and the teacher's tokens cannot be checked to be the same: set "
+            "sft.on_policy.teacher.logprobs.tokenizer to the served model's folder or model id"
+        ) from None
+    return name
 
 
 def teacher_messages(teacher: TeacherConfig, prompt: list[dict[str, str]], use_context: bool) -> list[dict[str, str]]:
@@ -107,15 +136,24 @@ def load_teacher(teacher: TeacherConfig, student_tokenizer: Any, config: SFTConf
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model(teacher.model)
-    teacher_tokenizer = AutoTokenizer.from_pretrained(path)
-    student_vocab = AutoConfig.from_pretrained(resolve_model(config.student)).get_text_config().vocab_size
-    teacher_vocab = AutoConfig.from_pretrained(path).get_text_config().vocab_size
-    check_pair(student_tokenizer, teacher_tokenizer, student_vocab, teacher_vocab, config.student, teacher.model)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    model.eval()
     settings = config.on_policy
     assert settings is not None
+    served = is_served(teacher)
+    path = served_tokenizer(teacher) if served else resolve_model(teacher.model)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(path)
+    student_vocab = AutoConfig.from_pretrained(resolve_model(config.student)).get_text_config().vocab_size
+    # A served teacher's vocabulary is its tokenizer's (its config may not be beside it): the fingerprint decides.
+    teacher_vocab = student_vocab if served else AutoConfig.from_pretrained(path).get_text_config().vocab_size
+    check_pair(student_tokenizer, teacher_tokenizer, student_vocab, teacher_vocab, config.student, teacher.model)
+    if served:
+        console.print(escape(f"on_policy teacher {teacher.model} served at {teacher.base_url} (tokenizer {path}), "
+                             f"{len(teacher.context or [])} context messages, "
+                             f"{'used' if settings.use_context else 'not used'}: scored with prompt_logprobs, the "
+                             f"sampled tokens' reverse KL · max_completion_length={settings.max_completion_length}"),
+                      highlight=False)
+        return None, path
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model.eval()
     console.print(escape(f"on_policy teacher {teacher.model} ({len(teacher.context or [])} context messages, "
                          f"{'used' if settings.use_context else 'not used'}) · beta={settings.beta:g} "
                          f"T={settings.temperature:g} max_completion_length={settings.max_completion_length}"),
@@ -203,7 +241,7 @@ def figures(trainer: Any, teacher: TeacherConfig, teacher_path: str, config: SFT
         "teacher": {"provider": teacher.provider, "model": teacher.model, "path": teacher_path,
                     "context_messages": len(teacher.context or []) if config.on_policy.use_context else 0},
         "scoring": {mode: dict(totals) for mode, totals in trainer.scoring.items()},
-        # A teacher in this process costs compute, not money; a served one would be priced by factory/pricing.py.
+        # A teacher in this process, or on a server of one's own, costs compute, not money: its tokens are above.
         "cost_usd": 0.0,
         "reverse_kl_first": first.get("reverse_kl"),
         "reverse_kl_last": last.get("reverse_kl"),

@@ -10,24 +10,38 @@ hidden states ("the last C positions before the final one") lands on the same co
 position j of the slice predicts completion token j in each model, whatever the prompts' lengths. Rotary
 positions shift with left padding, uniformly within a row, which leaves attention unchanged.
 
+A served teacher (a vLLM server, factory/teachers/scoring.py) returns log-probabilities, not hidden states:
+the loss is then the sampled-token estimate of the reverse KL (as Thinking Machines' on-policy distillation):
+for each completion token y the advantage is log p_teacher(y) - log p_student(y), held constant, and the
+student's loss is -advantage * log p_student(y), whose gradient is the per-token reverse KL's in expectation over
+the student's own samples; `reverse_kl` is then the mean of log p_student(y) - log p_teacher(y).
+
 Figures, per logging step: `reverse_kl` (KL(student ‖ teacher) at temperature 1, per completion token, from
 the same hidden states the loss used), `completions/mean_length` (TRL's), `teacher_tokens` (tokens the
 teacher read: its prompt with context and the completion) and `scored_tokens` (completion tokens scored).
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import torch
 from trl import DistillationConfig, DistillationTrainer
 from trl.trainer.utils import pad
 
+from factory.teachers.scoring import ServedScorer
+
 ROWS_PER_CHUNK = 256  # completion positions projected to the vocabulary at once for the reverse-KL figure
 
 
 class OnPolicyTrainer(DistillationTrainer):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, served_teacher: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # A TeacherConfig of a served teacher: its scorer lives on this trainer's own event loop.
+        self.served_teacher = served_teacher
+        self._loop = asyncio.new_event_loop() if served_teacher is not None else None
+        self._scorer: ServedScorer | None = None
+        self._served_kl: float | None = None
         # Totals over the run: what the teacher scored for training, and for the held-out divergence.
         self.scoring = {mode: {"samples": 0, "scored_tokens": 0, "teacher_tokens": 0} for mode in ("train", "eval")}
         self._teacher_inputs: tuple[Any, Any] | None = None
@@ -45,6 +59,8 @@ class OnPolicyTrainer(DistillationTrainer):
         return output
 
     def _compute_loss(self, unwrapped_student: Any, inputs: dict[str, Any], num_items_in_batch: Any):
+        if self.served_teacher is not None:
+            return self._served_loss(unwrapped_student, inputs, num_items_in_batch)
         prompt_ids = inputs.get("teacher_prompt_ids", inputs["prompt_ids"])
         prompt_mask = inputs.get("teacher_prompt_mask", inputs["prompt_mask"])
         self._teacher_inputs = (torch.cat([prompt_ids, inputs["completion_ids"]], dim=1),
@@ -54,6 +70,56 @@ class OnPolicyTrainer(DistillationTrainer):
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
         finally:
             self._teacher_inputs = None
+
+    def _served_loss(self, unwrapped_student: Any, inputs: dict[str, Any], num_items_in_batch: Any):
+        """The sampled-token reverse KL against a served teacher's log-probabilities of the student's tokens."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, completion_ids.size(1))
+        head = unwrapped_student.get_output_embeddings()
+        logprobs = torch.log_softmax(head(hidden.to(head.weight.device)).float() / self.temperature, dim=-1)
+        mask = completion_mask.to(logprobs.device).bool()
+        student = logprobs.gather(-1, completion_ids.to(logprobs.device).unsqueeze(-1)).squeeze(-1)
+        teacher = self._served_scores(inputs).to(logprobs.device)
+        advantage = (teacher - student).detach()
+        count = mask.sum()
+        denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+        loss = -(advantage * student * mask).sum() / denominator
+        self._served_kl = float(((student - teacher).detach() * mask).sum() / count.clamp(min=1))
+        entropy_sum = -(logprobs.exp() * logprobs).sum(-1)[mask].sum()
+        return loss, entropy_sum.detach(), count
+
+    def _served_scores(self, inputs: dict[str, Any]) -> Any:
+        """[B, C]: the served teacher's log-probability of each completion token (0 past a completion's end),
+        its prompt being the teacher's (context included) and the tokens the student sampled."""
+        prompt_ids = inputs.get("teacher_prompt_ids", inputs["prompt_ids"]).cpu()
+        prompt_mask = inputs.get("teacher_prompt_mask", inputs["prompt_mask"]).cpu().bool()
+        completion_ids, completion_mask = inputs["completion_ids"].cpu(), inputs["completion_mask"].cpu().bool()
+        rows = [(prompt_ids[row][prompt_mask[row]].tolist(), completion_ids[row][completion_mask[row]].tolist())
+                for row in range(completion_ids.size(0))]
+
+        async def score_all() -> list[Any]:
+            if self._scorer is None:  # made on the loop it will run on (its HTTP session binds to it)
+                self._scorer = ServedScorer(self.served_teacher, top_k=1)
+            return await asyncio.gather(*(self._scorer.score(prompt, completion) if completion else _nothing()
+                                          for prompt, completion in rows))
+
+        assert self._loop is not None
+        scores = self._loop.run_until_complete(score_all())
+        table = torch.zeros(completion_ids.shape, dtype=torch.float32)
+        for row, score in enumerate(scores):
+            if score is not None:
+                values = torch.as_tensor(score.logprobs.sampled_logprobs, dtype=torch.float32)
+                table[row, :len(values)] = values
+        return table
+
+    def close_served_teacher(self) -> None:
+        if self._loop is not None:
+            if self._scorer is not None:
+                self._loop.run_until_complete(self._scorer.aclose())
+            self._loop.close()
+            self._loop = self._scorer = None
 
     def _get_last_hidden_state(self, unwrapped_model: Any, input_ids: Any, attention_mask: Any, logits_to_keep: int,
                                **kwargs: Any):
@@ -77,13 +143,20 @@ class OnPolicyTrainer(DistillationTrainer):
         totals["teacher_tokens"] += read
         self._metrics[mode]["teacher_tokens"].append(float(read))
         self._metrics[mode]["scored_tokens"].append(float(scored))
-        if "student" in self._hidden and "teacher" in self._hidden:
+        if self._served_kl is not None:
+            self._metrics[mode]["reverse_kl"].append(self._served_kl)
+            self._served_kl = None
+        elif "student" in self._hidden and "teacher" in self._hidden:
             kl = reverse_kl(self._hidden["student"], self._hidden["teacher"], mask,
                             self.accelerator.unwrap_model(model).get_output_embeddings(),
                             self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings())
             self._metrics[mode]["reverse_kl"].append(kl)
         self._hidden = {}
         return result
+
+
+async def _nothing() -> None:
+    return None
 
 
 @torch.no_grad()
@@ -123,8 +196,9 @@ def completion_logprobs(model: Any, prompt_ids: list[list[int]], completion_ids:
 
 def build_on_policy_trainer(config: Any, model: Any, tokenizer: Any, teacher_model: Any, train_set: Any,
                             eval_set: Any, common: dict[str, Any], peft_config: Any,
-                            callbacks: list[Any]) -> OnPolicyTrainer:
-    """`common`: the TrainingArguments every method shares (sft/trainers.py), with sft.trainer_args."""
+                            callbacks: list[Any], served_teacher: Any = None) -> OnPolicyTrainer:
+    """`common`: the TrainingArguments every method shares (sft/trainers.py), with sft.trainer_args.
+    `served_teacher`: the TeacherConfig of a teacher behind a vLLM server (then `teacher_model` is None)."""
     settings = config.on_policy
     args = DistillationConfig(**common, beta=settings.beta, temperature=settings.temperature, top_p=settings.top_p,
                               max_completion_length=settings.max_completion_length)
@@ -132,6 +206,7 @@ def build_on_policy_trainer(config: Any, model: Any, tokenizer: Any, teacher_mod
     return OnPolicyTrainer(
         model=model,
         teacher_model=teacher_model,
+        served_teacher=served_teacher,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,

@@ -38,7 +38,7 @@ from .config import SFTConfig
 from .data import load_splits
 from .kd import TeacherLogprobs
 from .lineage import latest_eval, run_content, weights_content
-from .on_policy import figures, load_teacher, prompt_splits, resolve_teacher, start_from
+from .on_policy import figures, is_served, load_teacher, prompt_splits, resolve_teacher, start_from
 from .progress import RichProgress
 
 PACKAGES = ("apprentice", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes")
@@ -185,8 +185,10 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
         teacher.check_student(tokenizer, config.student)
     if teacher_config is not None:
         teacher_model, teacher_path = load_teacher(teacher_config, tokenizer, config, hardware.dtype, console)
+    served = teacher_config is not None and is_served(teacher_config)  # scored over HTTP: no weights here
     trainer = build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints,
-                            teacher_model if teacher_config is not None else teacher)
+                            teacher_model if teacher_config is not None else teacher,
+                            served_teacher=teacher_config if served else None)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints each log dict raw; the progress line says the same
@@ -219,6 +221,8 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
     on_policy_info = figures(trainer, teacher_config, teacher_path, config) if teacher_config is not None else None
     if eval_set is not None:
         metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+    if served:
+        trainer.close_served_teacher()
 
     adapter_dir, merged_dir = output_dir / "adapter", output_dir / "merged"
     trainer.save_model(str(adapter_dir))  # every process: under FSDP the adapter is gathered from the shards

@@ -51,7 +51,8 @@ def budget_reading(trainer, config) -> dict | None:
     return {"seconds": config.max_seconds, "clock": config.max_seconds_clock, "stopped_at_step": budget.stopped_at}
 
 
-def build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints, teacher=None):
+def build_trainer(config, hardware, model, tokenizer, train_set, eval_set, checkpoints, teacher=None,
+                  served_teacher=None):
     has_eval = eval_set is not None
     early_stop = has_eval and config.early_stopping_patience is not None
     callbacks = [EarlyStoppingCallback(config.early_stopping_patience)] if early_stop else []
@@ -96,7 +97,8 @@ def build_trainer(config, hardware, model, tokenizer, train_set, eval_set, check
     )
     if config.method == "on_policy":
         return build_on_policy_trainer(config, model, tokenizer, teacher, train_set, eval_set,
-                                       {**common, **trainer_args(config, DistillationConfig)}, peft_config, callbacks)
+                                       {**common, **trainer_args(config, DistillationConfig)}, peft_config, callbacks,
+                                       served_teacher)
     args = TRLConfig(**common, max_length=config.max_length, packing=config.packing,
                      completion_only_loss=config.completion_only_loss, **trainer_args(config, TRLConfig))
     columns = ["prompt", "completion"]

@@ -126,10 +126,14 @@ def test_a_teacher_that_cannot_run_here_or_is_not_named_is_refused(tmp_path):
     run.mkdir()
     with pytest.raises(RecipeError, match="no teacher named and .*manifest.json records none"):
         resolve_teacher(SFTConfig(data=[str(run)], method="on_policy"))
-    served = SFTConfig(data=[str(run)], method="on_policy",
+    hosted = SFTConfig(data=[str(run)], method="on_policy",
                        on_policy={"teacher": {"provider": "openai", "model": "gpt-4o-mini"}})
-    with pytest.raises(RecipeError, match="provider openai .*gpt-4o-mini.* needs the teacher's full distribution"):
-        resolve_teacher(served)
+    with pytest.raises(RecipeError, match="provider openai .*gpt-4o-mini.* cannot score the student's tokens.*"
+                                          "base_url"):
+        resolve_teacher(hosted)
+    served = SFTConfig(data=[str(run)], method="on_policy", on_policy={"teacher": {
+        "provider": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1"}})
+    assert resolve_teacher(served).base_url == "http://127.0.0.1:1/v1", "a server of one's own scores over HTTP"
 
 
 # ---- the guards ------------------------------------------------------------------------------------------------
@@ -247,6 +251,95 @@ def test_on_policy_steps_lower_the_reverse_kl_to_a_fixed_teacher(tmp_path, model
     scoring = lineage["on_policy"]["scoring"]["train"]
     assert scoring["samples"] == 16 * 8, "16 steps of 8 samples scored in training"
     assert scoring["teacher_tokens"] > scoring["scored_tokens"] > 0, "the teacher reads prompts and completions"
+
+
+class ScoringServer:
+    """A loopback stand-in for a vLLM server's `/v1/completions` with `prompt_logprobs`, its scores computed by a
+    real model: the served-teacher path (factory/teachers/scoring.py over HTTP, the trainer's sampled-token loss)
+    runs for real without a vLLM. Counts its requests; tests/test_vllm.py runs the same against vLLM itself."""
+
+    def __init__(self, model) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        server = self
+        self.requests = 0
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                ids, k = body["prompt"], body["prompt_logprobs"]
+                with lock, torch.no_grad():
+                    server.requests += 1
+                    logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+                rows = [None]
+                for position in range(1, len(ids)):
+                    row = logprobs[position - 1]
+                    best = torch.topk(row, k).indices.tolist()
+                    rows.append({str(token): {"logprob": float(row[token]), "rank": 1, "decoded_token": ""}
+                                 for token in {*best, ids[position]}})
+                payload = json.dumps({"id": "c", "object": "text_completion", "created": 0, "model": body["model"],
+                                      "choices": [{"index": 0, "text": "", "finish_reason": "length",
+                                                   "prompt_logprobs": rows}],
+                                      "usage": {"prompt_tokens": len(ids), "completion_tokens": 1,
+                                                "total_tokens": len(ids) + 1}}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.slow
+def test_a_served_teacher_trains_the_student_on_the_sampled_tokens_reverse_kl(tmp_path, models):
+    from sft.train import train
+
+    server = ScoringServer(models["teacher_model"])
+    try:
+        run = write_run(tmp_path / "run", models["teacher"], context=None)
+        teacher = {"provider": "openai", "model": "tiny-teacher", "base_url": server.base_url,
+                   "logprobs": {"tokenizer": str(models["teacher"])}}
+        # One sampled token per position is a noisier signal than the whole distribution: a smaller step, more steps.
+        config = on_policy_config(models["student"], run, tmp_path / "out", held_out=0, learning_rate=1e-3,
+                                  max_steps=32, on_policy={"max_completion_length": 6, "teacher": teacher})
+        result = train(config, export_merged=False)
+    finally:
+        server.close()
+    assert server.requests == 32 * 8, "one scoring request per sample, 32 steps of 8, and no more"
+    prompts = [f"{LETTERS[i % 16]} {LETTERS[(i * 7 + 3) % 16]}" for i in range(32)]
+    tokenizer, teacher_model = models["tokenizer"], models["teacher_model"]
+    before = first_token_kl(load_student(models["student"]), teacher_model, tokenizer, prompts, None)
+    after = first_token_kl(load_student(models["student"], result.adapter_dir), teacher_model, tokenizer, prompts,
+                           None)
+    assert after < 0.8 * before, f"reverse KL of the first answer token {before:.3f} → {after:.3f}"
+    lineage = json.loads(result.lineage_path.read_text())
+    assert lineage["on_policy"]["teacher"]["provider"] == "openai"
+    scoring = lineage["on_policy"]["scoring"]["train"]
+    assert scoring["samples"] == 32 * 8 and scoring["teacher_tokens"] > scoring["scored_tokens"] > 0
+    assert lineage["on_policy"]["reverse_kl_first"] is not None and math.isfinite(lineage["on_policy"]["reverse_kl_last"])
+
+
+def test_a_served_teacher_without_a_readable_tokenizer_is_refused_naming_the_key(tmp_path, models):
+    from sft.train import train
+
+    run = write_run(tmp_path / "run", models["teacher"], context=None)
+    config = on_policy_config(models["student"], run, tmp_path / "out", on_policy={"teacher": {
+        "provider": "openai", "model": "no-such-served-model", "base_url": "http://127.0.0.1:1/v1"}})
+    with pytest.raises(RecipeError, match="sft.on_policy.teacher.logprobs.tokenizer"):
+        train(config, export_merged=False)
 
 
 def test_the_context_variant_lowers_the_kl_on_held_out_prompts_to_a_teacher_with_context(tmp_path, models):
