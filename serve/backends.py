@@ -82,9 +82,13 @@ class Backend:
         chars = sum(len(m["content"]) for m in messages)
         asks = [(n, 0)] if n == 1 or self.teacher.supports_n else [(1, i) for i in range(n)]
         try:
-            replies = await asyncio.gather(*(
-                self.asker.ask(self.body(messages, k, max_tokens, sampling or {}), chars=chars, outputs=k,
-                               index=index, max_tokens=max_tokens) for k, index in asks))
+            if len(asks) == 1:  # most requests: awaited here, not wrapped in a task by gather (one less per answer)
+                replies = [await self.asker.ask(self.body(messages, n, max_tokens, sampling or {}), chars=chars,
+                                                outputs=n, max_tokens=max_tokens)]
+            else:
+                replies = await asyncio.gather(*(
+                    self.asker.ask(self.body(messages, k, max_tokens, sampling or {}), chars=chars, outputs=k,
+                                   index=index, max_tokens=max_tokens) for k, index in asks))
         except TeacherError as exc:
             raise BackendDown(f"{self.name}: {exc}") from None
         except ApprenticeError as exc:  # a spent budget, a closed limiter
