@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from apprentice.errors import ApprenticeError, TeacherError
 from apprentice.tokens import mean_logprob
 from factory.asker import Asker, Budget, limiter_for
@@ -21,6 +23,15 @@ from factory.teachers import make_teacher
 
 class BackendDown(ApprenticeError):
     """A backend gave no answer (an error after its retries, a spent budget, an open circuit)."""
+
+
+def _key_json(body: dict[str, Any]) -> str | None:
+    """What the asker keys a request on, to join an identical one in flight; with no cache behind it, any stable
+    encoding does: orjson's, a tenth of canonical_json's 6 µs. None (canonical_json) for what orjson refuses."""
+    try:
+        return orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return None
 
 
 class NoCache:
@@ -83,8 +94,9 @@ class Backend:
         asks = [(n, 0)] if n == 1 or self.teacher.supports_n else [(1, i) for i in range(n)]
         try:
             if len(asks) == 1:  # most requests: awaited here, not wrapped in a task by gather (one less per answer)
-                replies = [await self.asker.ask(self.body(messages, n, max_tokens, sampling or {}), chars=chars,
-                                                outputs=n, max_tokens=max_tokens)]
+                body = self.body(messages, n, max_tokens, sampling or {})
+                replies = [await self.asker.ask(body, chars=chars, outputs=n, max_tokens=max_tokens,
+                                                body_json=_key_json(body))]
             else:
                 replies = await asyncio.gather(*(
                     self.asker.ask(self.body(messages, k, max_tokens, sampling or {}), chars=chars, outputs=k,
