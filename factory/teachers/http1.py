@@ -1,10 +1,10 @@
 """POST over plain HTTP/1.1 with keep-alive, on asyncio's own transports: the lean path's lean path.
 
 For an `http://` endpoint (a vLLM or SGLang server, the fake, anything on the local network) with no proxy in
-the way, `Wire` posts here instead of through aiohttp's client: in one process, against the fake server at 64
-requests in flight, aiohttp's client costs about 240 µs of CPU a request and this about 40–80 µs (its session,
-request and response objects, a task per request to write the body, a timer rescheduled per read). The
-serve router makes one such request per answer, on the same two cores as everything else
+the way, `Wire` posts here instead of through aiohttp's client, whose session, request and response objects, a
+task per request to write the body and a timer moved on every read cost more CPU than the rest of a request's
+trip: against the fake at 64 in flight, 97 µs a request there and 36 µs here (benchmarks/http_client.py). The
+serve router makes one such request per answer, on the same cores as its clients and often its backend
 (benchmarks/serve_overhead.py). TLS and proxies stay with aiohttp.
 
 What is read: the status line, the headers, a body sized by Content-Length, sent chunked, or ended by the
@@ -236,7 +236,7 @@ class Http1Pool:
             raise ValueError(f"{url}: Http1Pool is for http:// URLs")
         self.host, self.port = parts.hostname, parts.port or 80
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        lines = [f"POST {target} HTTP/1.1", f"Host: {parts.netloc}"]
+        lines = [f"POST {target} HTTP/1.1", f"Host: {parts.netloc.rsplit('@', 1)[-1]}"]  # no user:password@
         lines += [f"{key}: {value}" for key, value in headers.items()
                   if key.lower() not in ("host", "content-length", "connection", "transfer-encoding")]
         self.head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
