@@ -26,7 +26,7 @@ import openai
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from factory.teachers.wire import Wire  # noqa: E402  (after the path is set)
+from factory.teachers.wire import Wire  # after the path is set
 
 BODY = {"model": "student", "messages": [{"role": "user", "content": "question number 1"}], "max_tokens": 64,
         "temperature": 0.0}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections import deque
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 MAX_HEAD_BYTES = 1 << 16  # a response head longer than this is not an HTTP server's
@@ -26,11 +27,11 @@ class ProtocolError(ConnectionError):
     """The server's answer is not HTTP/1.1 as this client reads it."""
 
 
+@dataclass(slots=True)
 class Reply:
-    __slots__ = ("status", "headers", "content")
-
-    def __init__(self, status: int, headers: list[tuple[str, str]], content: bytes) -> None:
-        self.status, self.headers, self.content = status, headers, content
+    status: int
+    headers: list[tuple[str, str]]  # as sent: names in their own case, in order
+    content: bytes
 
 
 class _Connection(asyncio.Protocol):
