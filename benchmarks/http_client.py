@@ -1,6 +1,6 @@
 """What one request costs the process that sends it, on each of the lean path's two HTTP clients: `Wire` posting
 through aiohttp's pooled session (what `https://` and proxied endpoints use) and through its own HTTP/1.1 client
-(factory/teachers/http1.py, what a plain `http://` endpoint uses). Same Wire, same bodies, same fake server,
+(factory/teachers/http1.py, what the router uses for a plain `http://` backend). Same Wire, same bodies, same fake server,
 rounds alternating, in one process.
 
     .venv/bin/python benchmarks/http_client.py                           # 64 in flight, 3,000 requests a round
@@ -49,8 +49,7 @@ async def measure(base_url: str, args: argparse.Namespace) -> dict[str, list[tup
     client = openai.AsyncOpenAI(api_key="sk-bench", base_url=base_url)
     wires = {"aiohttp": Wire(client, openai, "chat/completions", timeout_s=60, connections=args.connections),
              "http1": Wire(client, openai, "chat/completions", timeout_s=60, connections=args.connections)}
-    wires["aiohttp"].pool = None  # the session path, as for an https:// endpoint
-    assert wires["http1"].pool is not None
+    assert wires["http1"].prefer_http1()  # the router's choice; the other stays on aiohttp's session
     for wire in wires.values():  # warm-up: connections opened, code paths run once
         await one_round(wire, min(500, args.requests), args.connections)
     rows: dict[str, list[tuple[float, float]]] = {name: [] for name in wires}

@@ -202,9 +202,8 @@ class TeacherConfig(Strict):
     client: Literal["raw", "sdk"] | None = Field(
         default=None,
         description="providers openai and anthropic: raw (default) sends and reads each request on one pooled "
-        "aiohttp session (a plain http:// server: keep-alive HTTP/1.1 connections), sdk through the official SDK; "
-        f"the same bodies, headers and errors either way; not part of the fingerprint (default from ${CLIENT_ENV} "
-        "when set)",
+        "aiohttp session, sdk through the official SDK; the same bodies, headers and errors either way; not part "
+        f"of the fingerprint (default from ${CLIENT_ENV} when set)",
     )
     max_retries: int = Field(default=8, ge=0, description="retries per request for 429, 5xx, timeouts")
     price: Price | None = Field(default=None, description="overrides the price table (genai-prices)")

@@ -64,6 +64,9 @@ class Backend:
         self.name = name
         self.config = config
         self.teacher = make_teacher(config)
+        wire = getattr(self.teacher, "wire", None)  # hosted-style teachers: the lean client to a plain http:// backend
+        if wire is not None:
+            wire.prefer_http1()
         self.limiter = limiter_for(config, self.teacher)
         pricer, _ = pricer_for(config, budget_usd, f"serve.{name}")
         self.usage = Usage()

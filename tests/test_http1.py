@@ -148,7 +148,8 @@ def test_a_server_that_closes_before_the_answer_ends_is_a_connection_error_throu
         async with Scripted(lambda w: close_after(half, w)) as server:
             client = openai.AsyncOpenAI(api_key="sk-test", base_url=server.url.rsplit("/chat/", 1)[0])
             wire = Wire(client, openai, "chat/completions", timeout_s=5.0, connections=2)
-            assert wire.pool is not None, "plain HTTP with no proxy takes this client"
+            assert wire.pool is None, "the factory stays on aiohttp's client unless asked"
+            assert wire.prefer_http1() and wire.pool is not None, "plain HTTP with no proxy takes this client"
             with pytest.raises(TeacherError) as caught:
                 await wire.post({"model": "m"})
             await wire.aclose()

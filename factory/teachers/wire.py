@@ -3,8 +3,9 @@
 Per request, the SDKs build typed options, transform every parameter and wrap the answer in objects: on a
 loopback server that is 2–5 ms of CPU, more than all the rest of the factory, and the CPU bounds a run's speed
 (benchmarks/factory_overhead.py). Here one aiohttp session per teacher, its pool sized to the teacher's
-max_concurrency, posts the body as orjson bytes and hands back the answer's bytes and headers; to a plain
-`http://` endpoint with no proxy, a smaller HTTP/1.1 client on asyncio's transports does (factory/teachers/http1.py).
+max_concurrency, posts the body as orjson bytes and hands back the answer's bytes and headers. The router
+(serve/) asks for a smaller HTTP/1.1 client on asyncio's transports (factory/teachers/http1.py) for its plain
+`http://` backends (`prefer_http1`); the factory stays on aiohttp's.
 
 What the SDK decides is read from the SDK client the teacher builds anyway (the Batch APIs use it): the URL
 (`base_url` as the SDK resolves it, from the recipe or its environment variable) and the headers (the API key,
@@ -47,9 +48,17 @@ class Wire:
         proxies = urllib.request.getproxies()
         self.proxy = None if urllib.request.proxy_bypass(host) else proxies.get(scheme) or proxies.get("all")
         self.session: aiohttp.ClientSession | None = None
-        # Plain HTTP with no proxy (a served model on this machine or the network): the leaner client.
-        self.pool = Http1Pool(self.url, self.headers, connections=connections, timeout_s=timeout_s) \
-            if scheme == "http" and self.proxy is None else None
+        self.pool: Http1Pool | None = None
+        self._http1 = (scheme == "http" and self.proxy is None, connections, timeout_s)
+
+    def prefer_http1(self) -> bool:
+        """Post on the small HTTP/1.1 client (factory/teachers/http1.py) where the endpoint is plain `http://`
+        with no proxy: the router's hop to its own backends (serve/), where its CPU per request counts most.
+        Everything else stays on aiohttp's maintained client. True when it applies."""
+        eligible, connections, timeout_s = self._http1
+        if eligible and self.pool is None:
+            self.pool = Http1Pool(self.url, self.headers, connections=connections, timeout_s=timeout_s)
+        return self.pool is not None
 
     async def post(self, body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
         if self.pool is not None:
