@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 
 from rich.markup import escape
@@ -52,6 +53,10 @@ async def _serve(config: ServeConfig, console: CommandConsole) -> int:
                 raise
             raise ApprenticeError(f"serve.host {config.host}, serve.port {config.port}: {exc.strerror or exc}; "
                                   "choose another (--set serve.port=0 takes any free port)") from None
+        # What is loaded by now (the SDKs, pydantic's models: some 120,000 objects) lives as long as the server;
+        # frozen, the collector no longer walks it while requests come and go.
+        gc.collect()
+        gc.freeze()
         teacher = f", teacher {config.teacher.model}" if config.teacher is not None else ""
         console.print(f"student {escape(config.student.model)}{escape(teacher)}; routing "
                       f"{config.routing.mode}; log {escape(str(config.log_dir))}", highlight=False)

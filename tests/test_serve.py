@@ -32,6 +32,7 @@ from factory.served_log import ServedLog, iter_served, served_files
 from factory.sources import write_prompts
 from fakes import FakeConfig, FakeServer
 from serve.__main__ import main as serve_main
+from serve.backends import _key_json
 from serve.config import ServeConfig, load_serve_config
 from serve.learned import fit
 
@@ -615,3 +616,10 @@ def test_a_served_source_with_nothing_to_read_says_where_it_looked(tmp_path):
     strict = PromptsConfig.model_validate({"served": str(tmp_path / "log"), "where": {"answered_by": "student"}})
     with pytest.raises(PromptError, match="none of the 1 served requests"):
         asyncio.run(write_prompts(strict, SourceEnv(tmp_path / "run", console=None)))  # type: ignore[arg-type]
+
+
+def test_a_backend_keys_equal_bodies_alike_and_leaves_what_orjson_refuses_to_canonical_json():
+    """The key the asker joins identical requests in flight on (no cache behind a served backend)."""
+    assert _key_json({"b": 1, "a": [1, {"y": 2, "x": "é"}]}) == _key_json({"a": [1, {"x": "é", "y": 2}], "b": 1})
+    assert _key_json({"a": 1}) != _key_json({"a": 2})
+    assert _key_json({"seed": 2 ** 70}) is None, "beyond 64 bits: None, so that the asker uses canonical_json"

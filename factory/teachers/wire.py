@@ -3,7 +3,9 @@
 Per request, the SDKs build typed options, transform every parameter and wrap the answer in objects: on a
 loopback server that is 2–5 ms of CPU, more than all the rest of the factory, and the CPU bounds a run's speed
 (benchmarks/factory_overhead.py). Here one aiohttp session per teacher, its pool sized to the teacher's
-max_concurrency, posts the body as orjson bytes and hands back the answer's bytes and headers.
+max_concurrency, posts the body as orjson bytes and hands back the answer's bytes and headers. The router
+(serve/) asks for a smaller HTTP/1.1 client on asyncio's transports (factory/teachers/http1.py) for its plain
+`http://` backends (`prefer_http1`); the factory stays on aiohttp's.
 
 What the SDK decides is read from the SDK client the teacher builds anyway (the Batch APIs use it): the URL
 (`base_url` as the SDK resolves it, from the recipe or its environment variable) and the headers (the API key,
@@ -25,6 +27,7 @@ import orjson
 from apprentice.errors import TeacherError
 
 from .hosted import TIMEOUT_MESSAGE, sdk_status_error, shorten
+from .http1 import Http1Pool
 
 
 class Wire:
@@ -45,8 +48,21 @@ class Wire:
         proxies = urllib.request.getproxies()
         self.proxy = None if urllib.request.proxy_bypass(host) else proxies.get(scheme) or proxies.get("all")
         self.session: aiohttp.ClientSession | None = None
+        self.pool: Http1Pool | None = None
+        self._http1 = (scheme == "http" and self.proxy is None, connections, timeout_s)
+
+    def prefer_http1(self) -> bool:
+        """Post on the small HTTP/1.1 client (factory/teachers/http1.py) where the endpoint is plain `http://`
+        with no proxy: the router's hop to its own backends (serve/), where its CPU per request counts most.
+        Everything else stays on aiohttp's maintained client. True when it applies."""
+        eligible, connections, timeout_s = self._http1
+        if eligible and self.pool is None:
+            self.pool = Http1Pool(self.url, self.headers, connections=connections, timeout_s=timeout_s)
+        return self.pool is not None
 
     async def post(self, body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        if self.pool is not None:
+            return await self._post_http1(self.pool, body)
         session = self.session or self._open()
         try:
             async with session.post(self.url, data=encode(body), proxy=self.proxy) as response:
@@ -63,6 +79,18 @@ class Wire:
                                retryable=True) from None
         return content, headers
 
+    async def _post_http1(self, pool: Http1Pool, body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        try:
+            reply = await pool.post(encode(body))
+        except asyncio.TimeoutError:
+            raise TeacherError(TIMEOUT_MESSAGE, retryable=True) from None
+        except OSError as exc:  # refused, reset, closed halfway, not HTTP
+            raise TeacherError(f"connection error: {shorten(str(exc) or type(exc).__name__)}",
+                               retryable=True) from None
+        if not 200 <= reply.status < 300:
+            raise sdk_status_error(self.client, self.sdk, self.url, reply.status, reply.headers, reply.content)
+        return reply.content, {key.lower(): value for key, value in reply.headers}
+
     def _open(self) -> aiohttp.ClientSession:
         """The session, made on the first request: aiohttp binds it to the running event loop."""
         self.session = aiohttp.ClientSession(
@@ -71,6 +99,8 @@ class Wire:
         return self.session
 
     async def aclose(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
         if self.session is not None:
             await self.session.close()
             self.session = None
