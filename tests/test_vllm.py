@@ -12,6 +12,7 @@ Both check that every record's sampled token ids decode to its stored completion
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -320,3 +321,34 @@ def test_a_served_teacher_scores_a_student_sample_as_the_in_process_teacher_does
     assert np.allclose(scores.logprobs.sampled_logprobs, expected, atol=2e-2), (
         f"served {scores.logprobs.sampled_logprobs} vs in-process {expected}")
     assert scores.logprobs.top_ids[:, 0].tolist() == local.argmax(dim=-1).tolist(), "the same best token each time"
+
+
+
+@pytest.mark.slow
+def test_sft_trains_on_policy_against_the_served_teacher(vllm_server, model_dir, tmp_path):
+    """`sft train` with `method: on_policy` and the vLLM server as its teacher (with a context the student does
+    not see): two steps of two samples, each scored by the server; the lineage records the served teacher."""
+    from sft.config import SFTConfig
+    from sft.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with (run / "accepted.jsonl").open("w", encoding="utf-8") as handle:
+        for i, text in enumerate(["Anna moved to Lisbon last spring.", "Omar works in Cairo.",
+                                  "Lena studies in Oslo.", "Raj was born in Pune."]):
+            handle.write(json.dumps({"id": f"s{i}", "prompt_id": f"p{i}", "prompt": [{"role": "user", "content": text}],
+                                     "completion": [{"role": "assistant", "content": "{}"}]}) + "\n")
+    teacher = {"provider": "openai", "model": "smollm2", "base_url": vllm_server,
+               "logprobs": {"tokenizer": str(model_dir)},
+               "context": [{"role": "system", "content": "Extract the person's name and the city as JSON."}]}
+    config = SFTConfig(student=str(model_dir), data=[str(run)], output_dir=str(tmp_path / "out"), held_out=0,
+                       method="on_policy", max_steps=2, per_device_batch_size=2, learning_rate=1e-4,
+                       gradient_checkpointing=False, logging_steps=1, eval_every_steps=100,
+                       lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                       on_policy={"teacher": teacher, "max_completion_length": 8})
+    result = train(config, export_merged=False)
+    lineage = json.loads(result.lineage_path.read_text())
+    assert lineage["global_step"] == 2 and lineage["on_policy"]["teacher"]["provider"] == "openai"
+    scoring = lineage["on_policy"]["scoring"]["train"]
+    assert scoring["samples"] == 4 and scoring["teacher_tokens"] > scoring["scored_tokens"] > 0
+    assert math.isfinite(lineage["on_policy"]["reverse_kl_first"]), "the server's scores reached the loss"
