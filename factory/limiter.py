@@ -4,7 +4,9 @@
   splits them), sized from the recipe's caps and re-sized from every response's headers
   (`x-ratelimit-*`, `anthropic-ratelimit-*`).
 - A token reservation is the estimated input plus max_tokens; the unused part is refunded from the
-  returned usage, and the chars→tokens estimate calibrates itself from returned usage.
+  returned usage, and the chars→tokens estimate calibrates itself from returned usage. A remainder the
+  headers report is read less the cost of the other requests in flight: the server had not counted them
+  when it answered, and a burst that trusted it would overrun the bucket.
 - Concurrency starts small and doubles every round trip (slow start) until it reaches the recipe's
   max_concurrency: the first responses bring the provider's limits before a burst can exceed them.
 - Sends spend what the headers say is left, then are paced (factory/pacing.py): while a bucket the headers
@@ -116,6 +118,7 @@ class Limiter:
         self.tokens_per_char = 1.0 / chars_per_token
         self.stats = LimiterStats()
         self.recent: deque[bool] = deque(maxlen=RECENT)  # was each recent answer a 429?
+        self._in_flight_cost: dict[str, float] = {}  # each bucket's cost of the requests in flight
         self.pacer = Pacer()  # when each bucket's next send is due: bursting into a full bucket, or paced
         self._first_send: float | None = None
         self.closed = False
@@ -259,6 +262,10 @@ class Limiter:
                     bucket.take(others * cost)
                     self.pacer.start(name, bucket, cost, self.stats.requests, self._since_first())
                 continue
+            if remaining is not None:
+                # The server counted this answer's request and those before it; the others in flight (mostly
+                # sent after it) not yet: without this, refunds and stale headers overstate what is left.
+                remaining -= self._in_flight_cost.get(name, 0.0)
             bucket.observe(limit, remaining, parse_duration(headers.get(reset_h)))
 
     def _since_first(self) -> float:
@@ -302,7 +309,7 @@ class Limiter:
                 self.stats.requests += 1
                 ticket = self.latency.sent(self._window()) if self.latency else None
                 try:
-                    response = await call()
+                    response = await self._in_flight(call, reservation)
                 except TeacherError as error:
                     delay = self._on_failure(error, attempt)
                     if delay is None:
@@ -318,6 +325,18 @@ class Limiter:
             self.stats.retries += 1
             self.stats.waited_s += delay
             await self._sleep(delay)
+
+    async def _in_flight(self, call: Callable[[], Awaitable[TeacherResponse]],
+                         reservation: Reservation) -> TeacherResponse:
+        """The call, its cost counted as in flight meanwhile: the headers of other answers do not count it yet."""
+        charged = [(name, amount(name, reservation)) for name in self.buckets]
+        for name, cost in charged:
+            self._in_flight_cost[name] = self._in_flight_cost.get(name, 0.0) + cost
+        try:
+            return await call()
+        finally:
+            for name, cost in charged:
+                self._in_flight_cost[name] -= cost
 
     def _on_success(self, reservation: Reservation, response: TeacherResponse) -> None:
         self.observe_headers(response.headers, reservation)

@@ -76,7 +76,7 @@ def test_headers_create_buckets_and_recipe_caps_stay_caps():
 
 
 def ok_response(input_tokens=10, output_tokens=5, headers=None):
-    return TeacherResponse([Choice("ok", "stop")], input_tokens, output_tokens, headers or {})
+    return TeacherResponse([Choice("ok", "stop")], input_tokens, output_tokens, headers=headers or {})
 
 
 def test_token_reservation_is_refunded_from_usage():
@@ -199,6 +199,31 @@ def test_a_bucket_with_room_is_spent_faster_than_it_refills_and_a_recipe_cap_bel
     assert limiter.pacer.due["tokens"] - now == pytest.approx(paced / 4), "the ramp sends faster than the pace"
     limiter.buckets["tokens"].level = 100  # below the 2 % reserve: paced again
     assert not limiter.pacer.bursting("tokens", limiter.buckets["tokens"])
+
+
+def test_a_remainder_in_the_headers_is_read_less_what_the_other_requests_in_flight_will_take():
+    async def main():
+        limiter = Limiter(max_concurrency=4, initial_concurrency=4, tpm=100_000)
+        release = asyncio.Event()
+        headers = {"x-ratelimit-limit-tokens": "100000", "x-ratelimit-remaining-tokens": "10000"}
+
+        async def quick():
+            return ok_response(10, 5, headers)
+
+        async def slow():
+            await release.wait()
+            return ok_response(10, 5)
+
+        pending = asyncio.ensure_future(limiter.run(slow, input_tokens=1000, output_tokens=1000))
+        await asyncio.sleep(0)  # the slow request is sent and in flight
+        await limiter.run(quick, input_tokens=10, output_tokens=10)
+        assert limiter.buckets["tokens"].level == 10_000 - 2000 + 5, \
+            "the headers' 10,000 less the 2,000 in flight (the server had not counted it), plus the 5 refunded"
+        release.set()
+        await pending
+        assert limiter._in_flight_cost["tokens"] == 0, "nothing left in flight"
+
+    asyncio.run(main())
 
 
 def test_a_429_with_room_left_while_bursting_paces_that_bucket_and_pauses_everyone_until_its_window_ends():
