@@ -2,7 +2,7 @@
 plain AsyncOpenAI loop beside it (the SDK's own retries, 64 in flight), each against a fresh fake server.
 
     .venv/bin/python benchmarks/limits.py                  # all scenarios, results table on stdout
-    .venv/bin/python benchmarks/limits.py --only faults    # one scenario (faultfree, faults, rpm, tpm)
+    .venv/bin/python benchmarks/limits.py --only faults    # one scenario (faultfree, faults, rpm, tpm, tpm-bucket)
 
 Scenarios (the fake server is `python -m fakes` in its own process; 100 ms before every answer):
 - faultfree / faults: 600 prompts; then 5 % 429s (retry-after 1 s, no rate-limit headers), 5 % 500s,
@@ -11,8 +11,11 @@ Scenarios (the fake server is `python -m fakes` in its own process; 100 ms befor
   describe the per-minute limit); 400 prompts.
 - tpm: 20,000 tokens/min and 600 requests/min, both enforced in 2 s windows, learnt from the headers alone;
   a request costs its input tokens plus max_tokens (64) at the server; 300 prompts.
+- tpm-bucket: 20,000 tokens/min in a token bucket that starts full (no short windows), 6,000 requests/min
+  (never binding); 450 prompts (31,050 tokens: the bucket's 20,000, then 33 s of refill).
 "Use" is what the server admitted over what the binding limit allows in the request phase: answered
-requests / (rpm/60 × seconds), or charged tokens / (tpm/60 × seconds).
+requests / (rpm/60 × seconds), or charged tokens / (tpm/60 × seconds); for the bucket that starts full,
+charged tokens / (tpm × (1 + seconds/60)), the most such a bucket admits in that time.
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ SCENARIOS = {
     "rpm": {"prompts": 400, "server": ["--rpm", "600", "--rate-quantum", "2"], "rpm": 600},
     "tpm": {"prompts": 300, "server": ["--rpm", "600", "--tpm", "20000", "--rate-quantum", "2"], "rpm": 600,
             "tpm": 20000},
+    "tpm-bucket": {"prompts": 450, "server": ["--rpm", "6000", "--tpm", "20000"], "tpm": 20000, "full": True},
 }
 
 
@@ -116,11 +120,12 @@ def plain(url: str, prompts: int) -> dict:
 
 def use(spec: dict, answered: int, input_tokens: int | None, seconds: float) -> str:
     parts = []
+    start = 60 if spec.get("full") else 0  # a bucket that starts full: its capacity, then its refill
     if spec.get("rpm"):
-        parts.append(f"requests {answered / (spec['rpm'] / 60 * seconds):.0%}")
+        parts.append(f"requests {answered / (spec['rpm'] / 60 * (start + seconds)):.0%}")
     if spec.get("tpm") and input_tokens is not None:
         charged = input_tokens + answered * MAX_TOKENS
-        parts.append(f"tokens {charged / (spec['tpm'] / 60 * seconds):.0%}")
+        parts.append(f"tokens {charged / (spec['tpm'] / 60 * (start + seconds)):.0%}")
     return ", ".join(parts) or "—"
 
 

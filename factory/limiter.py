@@ -4,15 +4,20 @@
   splits them), sized from the recipe's caps and re-sized from every response's headers
   (`x-ratelimit-*`, `anthropic-ratelimit-*`).
 - A token reservation is the estimated input plus max_tokens; the unused part is refunded from the
-  returned usage, and the chars→tokens estimate calibrates itself from returned usage.
+  returned usage, and the chars→tokens estimate calibrates itself from returned usage. A remainder the
+  headers report is read less the cost of the other requests in flight: the server had not counted them
+  when it answered, and a burst that trusted it would overrun the bucket.
 - Concurrency starts small and doubles every round trip (slow start) until it reaches the recipe's
   max_concurrency: the first responses bring the provider's limits before a burst can exceed them.
-- Sends are paced: evenly spaced at 97 % of each limit (costs counted as reserved, never refunded). The
-  providers may enforce a per-minute limit in windows of a second or two while the headers describe the
-  minute (OpenAI and Anthropic both say so), and a minute's worth sent at once overruns such a window: a
-  bucket that starts full is only used as fast as the limit refills. A 429 with room left in the headers
-  means the pace is still too fast for the provider's windows: it cuts the pace by 5 % (answers give it
-  back slowly) and retries that request alone.
+- Sends spend what the headers say is left, then are paced (factory/pacing.py): while a bucket the headers
+  describe holds more than its reserve (2 %), sends ramp into it (the pace over its rate doubles every 2 s),
+  so that a bucket that really starts full is spent; below the reserve, sends are evenly spaced at 97 % of
+  the limit. Providers may enforce a per-minute limit in windows of a second or two while the headers
+  describe the minute (OpenAI and Anthropic both say so): a 429 with room left in the headers while a
+  bucket was bursting says so, and that bucket is paced evenly for the rest of the run, every request
+  waiting until the spent window ends (its `retry-after`). A 429 with room left while paced means the pace
+  is still too fast for the provider's windows: it cuts the pace by 5 % (answers give it back slowly) and
+  retries that request alone.
 - A 429 is a limit signal when its headers say the window is spent (a `remaining` of 0) or when 429s come
   together (5 of the last 20 answers): then every request pauses until `retry-after` (or a backoff) has
   passed and concurrency halves, growing back by one per window of successes (AIMD). Any other 429 (a
@@ -28,21 +33,21 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Awaitable, Callable, Mapping
 
 from apprentice.errors import ApprenticeError, TeacherError
 from apprentice.responses import TeacherResponse, parse_retry_after
 
 from .latency import LatencyGovernor
+from .pacing import (BUCKET_OF, HEADER_FAMILIES, Bucket, Pacer, Reservation, amount, header_number, parse_duration,
+                     remaining_values)
+
+__all__ = ["Bucket", "Limiter", "LimiterClosed", "LimiterStats", "Reservation", "estimate_tokens", "parse_duration"]
 
 
-PACE_SHARE = 0.97     # paced, each bucket is sent at most this share of its limit, evenly spaced
-PACE_GAIN = 0.0001    # what each answer gives back to the paced share after a cut
 RECENT = 20           # answers remembered to tell a lone 429 from 429s that come together
 TOGETHER = 5          # 429s among them that make a limit signal
 DEFAULT_CHARS_PER_TOKEN = 4.0  # the input-token estimate before any answer calibrates it
@@ -56,110 +61,6 @@ def estimate_tokens(chars: int, tokens_per_char: float = 1.0 / DEFAULT_CHARS_PER
 
 class LimiterClosed(ApprenticeError):
     """The run is stopping: this request was not sent."""
-
-
-class Bucket:
-    """Leaky token bucket: `capacity` per `window` seconds, refilled continuously."""
-
-    def __init__(self, capacity: float, window: float = 60.0) -> None:
-        self.capacity = capacity
-        self.rate = capacity / window
-        self.level = capacity
-        self.stamp = time.monotonic()
-
-    def _refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def wait_for(self, amount: float, now: float) -> float:
-        """Seconds until `amount` is available (0 when it is now)."""
-        self._refill(now)
-        amount = min(amount, self.capacity)
-        if self.level >= amount:
-            return 0.0
-        return (amount - self.level) / self.rate
-
-    def take(self, amount: float) -> None:
-        self.level -= min(amount, self.capacity)
-
-    def give(self, amount: float) -> None:
-        self.level = min(self.capacity, self.level + amount)
-
-    def observe(self, limit: float | None, remaining: float | None, reset_s: float | None) -> None:
-        """Adopt the server's view: its limit, and never more left than it says remain."""
-        if limit is not None and limit > 0 and limit != self.capacity:
-            self.capacity = limit
-            window = 60.0
-            self.rate = limit / window
-            self.level = min(self.level, limit)
-        if remaining is not None:
-            self.level = min(self.level, remaining)
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(value: str | None) -> float | None:
-    """OpenAI's reset format ('1s', '6m0s', '120ms', '1h2m3.5s') or an RFC 3339 time (Anthropic)."""
-    if not value:
-        return None
-    parts = _DURATION.findall(value)
-    if parts and "".join(a + b for a, b in parts) == value.strip():
-        return sum(float(num) * _UNITS[unit] for num, unit in parts)
-    try:
-        return max(0.0, datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() - time.time())
-    except ValueError:
-        pass
-    try:
-        return float(value)
-    except ValueError:
-        return None
-
-
-def _number(headers: Mapping[str, str], name: str) -> float | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
-
-
-def _anthropic(kind: str) -> tuple[str, str, str]:
-    name = f"anthropic-ratelimit-{kind}"
-    return f"{name}-limit", f"{name}-remaining", f"{name}-reset"
-
-
-# bucket name → (limit header, remaining header, reset header), for each provider's header family
-HEADER_FAMILIES: dict[str, tuple[str, str, str]] = {
-    "requests": ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
-    "tokens": ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
-    "a_requests": _anthropic("requests"),
-    "a_tokens": _anthropic("tokens"),
-    "input_tokens": _anthropic("input-tokens"),
-    "output_tokens": _anthropic("output-tokens"),
-}
-# Anthropic's request and combined-token families feed the same buckets as OpenAI's.
-_BUCKET_OF = {"a_requests": "requests", "a_tokens": "tokens"}
-BUCKETS = ("requests", "tokens", "input_tokens", "output_tokens")
-
-
-@dataclass(slots=True)
-class Reservation:
-    input_tokens: float
-    output_tokens: float
-
-
-def _amount(bucket: str, reservation: Reservation) -> float:
-    if bucket == "requests":
-        return 1.0
-    if bucket == "input_tokens":
-        return reservation.input_tokens
-    if bucket == "output_tokens":
-        return reservation.output_tokens
-    return reservation.input_tokens + reservation.output_tokens
 
 
 @dataclass(slots=True)
@@ -217,9 +118,8 @@ class Limiter:
         self.tokens_per_char = 1.0 / chars_per_token
         self.stats = LimiterStats()
         self.recent: deque[bool] = deque(maxlen=RECENT)  # was each recent answer a 429?
-        self.pace_share = PACE_SHARE
-        self._due: dict[str, float] = {}  # paced: when each bucket's next send is due
-        self._last_pace_cut = 0.0
+        self._in_flight_cost: dict[str, float] = {}  # each bucket's cost of the requests in flight
+        self.pacer = Pacer()  # when each bucket's next send is due: bursting into a full bucket, or paced
         self._first_send: float | None = None
         self.closed = False
         self._closed_event: asyncio.Event | None = None
@@ -304,7 +204,7 @@ class Limiter:
 
     # ---- rate buckets ---------------------------------------------------------------------------
     def _needs(self, reservation: Reservation) -> list[tuple[Bucket, float]]:
-        return [(bucket, _amount(name, reservation)) for name, bucket in self.buckets.items()]
+        return [(bucket, amount(name, reservation)) for name, bucket in self.buckets.items()]
 
     async def _admit(self, reservation: Reservation) -> None:
         while not self.closed:
@@ -312,39 +212,22 @@ class Limiter:
             wait = self.pause_until - now
             if wait <= 0:
                 needs = self._needs(reservation)
-                wait = max((bucket.wait_for(amount, now) for bucket, amount in needs), default=0.0)
-                wait = max(wait, self._pace_wait(reservation, now))
+                wait = max((bucket.wait_for(cost, now) for bucket, cost in needs), default=0.0)
+                wait = max(wait, self.pacer.wait(self.buckets, now))
                 if wait <= 0:
-                    for bucket, amount in needs:
-                        bucket.take(amount)
-                    self._record_send(reservation, now)
+                    for bucket, cost in needs:
+                        bucket.take(cost)
+                    self.pacer.sent(self.buckets, reservation, now)
                     if self._first_send is None:
                         self._first_send = now
                     return
             self.stats.waited_s += wait
             await self._sleep(wait)
 
-    # ---- pacing: sends spaced evenly, so that no short window at the server is overrun -----------------
-    def _pace_wait(self, reservation: Reservation, now: float) -> float:
-        """Seconds until this send keeps to the paced rate of every bucket (`_paced_at`)."""
-        return max((self._due.get(name, 0.0) - now for name in self.buckets), default=0.0)
-
-    def _record_send(self, reservation: Reservation, now: float) -> None:
-        """The next send of each bucket is due once this one's cost has flowed at the paced rate."""
-        for name, bucket in self.buckets.items():
-            rate = bucket.rate * self.pace_share
-            self._due[name] = max(self._due.get(name, now), now) + _amount(name, reservation) / rate
-
-    def _paced_at(self, now: float, refused: bool) -> None:
-        """The paced rate, as a share of each limit: PACE_SHARE to start; a 429 with room left cuts it by 5 %
-        (at most once a second: a window's worth of 429s is one overrun); each answer gives a little back.
-        Whole requests per window cap what can be used (a window of 666 tokens holds 9 requests of 69)."""
-        if refused:
-            if now - self._last_pace_cut >= 1.0:
-                self.pace_share = max(0.5, self.pace_share * 0.95)
-                self._last_pace_cut = now
-        else:
-            self.pace_share = min(PACE_SHARE, self.pace_share + PACE_GAIN)
+    @property
+    def pace_share(self) -> float:
+        """The share of each limit a paced bucket is sent at (factory/pacing.py)."""
+        return self.pacer.share
 
     def observe_headers(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:
         """Adopt the limits a response reports. A bucket made here starts from the reported remainder
@@ -354,17 +237,20 @@ class Limiter:
             return
         others = max(0, self.in_flight - 1)
         for family, (limit_h, remaining_h, reset_h) in HEADER_FAMILIES.items():
-            limit = _number(headers, limit_h)
-            remaining = _number(headers, remaining_h)
+            limit = header_number(headers, limit_h)
+            remaining = header_number(headers, remaining_h)
             if limit is None and remaining is None:
                 continue
             if self.share != 1.0:  # the headers speak for every process that shares the limit
                 limit = limit * self.share if limit is not None else None
                 remaining = remaining * self.share if remaining is not None else None
-            name = _BUCKET_OF.get(family, family)
+            name = BUCKET_OF.get(family, family)
             cap = self._caps.get(name)
+            capped = cap is not None and (limit is None or cap < limit)
             if cap is not None and limit is not None:
                 limit = min(limit, cap)  # the recipe's cap stays a cap
+            if remaining is not None:
+                self.pacer.learnt(name, capped, time.monotonic())
             bucket = self.buckets.get(name)
             if bucket is None:
                 if limit is None:
@@ -372,11 +258,14 @@ class Limiter:
                 bucket = self.buckets[name] = Bucket(limit)
                 bucket.observe(limit, remaining, parse_duration(headers.get(reset_h)))
                 if reservation is not None:
-                    bucket.take(others * _amount(name, reservation))
-                    # Pacing starts as if the requests sent before the limit was known had been paced.
-                    sent = (self.stats.requests * _amount(name, reservation)) / (bucket.rate * self.pace_share)
-                    self._due[name] = time.monotonic() + max(0.0, sent - self._since_first())
+                    cost = amount(name, reservation)
+                    bucket.take(others * cost)
+                    self.pacer.start(name, bucket, cost, self.stats.requests, self._since_first())
                 continue
+            if remaining is not None:
+                # The server counted this answer's request and those before it; the others in flight (mostly
+                # sent after it) not yet: without this, refunds and stale headers overstate what is left.
+                remaining -= self._in_flight_cost.get(name, 0.0)
             bucket.observe(limit, remaining, parse_duration(headers.get(reset_h)))
 
     def _since_first(self) -> float:
@@ -385,14 +274,14 @@ class Limiter:
     def _refund(self, reservation: Reservation, response: TeacherResponse) -> None:
         unused_in = max(0.0, reservation.input_tokens - response.input_tokens)
         unused_out = max(0.0, reservation.output_tokens - response.output_tokens)
-        for name, amount in (
+        for name, unused in (
             ("tokens", unused_in + unused_out),
             ("input_tokens", unused_in),
             ("output_tokens", unused_out),
         ):
             bucket = self.buckets.get(name)
-            if bucket is not None and amount:
-                bucket.give(amount)
+            if bucket is not None and unused:
+                bucket.give(unused)
 
     # ---- one request with retries ---------------------------------------------------------------
     def backoff(self, attempt: int) -> float:
@@ -420,7 +309,7 @@ class Limiter:
                 self.stats.requests += 1
                 ticket = self.latency.sent(self._window()) if self.latency else None
                 try:
-                    response = await call()
+                    response = await self._in_flight(call, reservation)
                 except TeacherError as error:
                     delay = self._on_failure(error, attempt)
                     if delay is None:
@@ -437,29 +326,42 @@ class Limiter:
             self.stats.waited_s += delay
             await self._sleep(delay)
 
+    async def _in_flight(self, call: Callable[[], Awaitable[TeacherResponse]],
+                         reservation: Reservation) -> TeacherResponse:
+        """The call, its cost counted as in flight meanwhile: the headers of other answers do not count it yet."""
+        charged = [(name, amount(name, reservation)) for name in self.buckets]
+        for name, cost in charged:
+            self._in_flight_cost[name] = self._in_flight_cost.get(name, 0.0) + cost
+        try:
+            return await call()
+        finally:
+            for name, cost in charged:
+                self._in_flight_cost[name] -= cost
+
     def _on_success(self, reservation: Reservation, response: TeacherResponse) -> None:
         self.observe_headers(response.headers, reservation)
         self._refund(reservation, response)
         self.consecutive_failures = 0
         self.recent.append(False)
-        if self.pace_share < PACE_SHARE:
-            self._paced_at(time.monotonic(), refused=False)
+        self.pacer.answered()
         if self.breaker_open:
             self.breaker_open = False
             self._wake()  # the window grew back from 1
         self._increase()
 
-    def _limit_signal(self, headers: Mapping[str, str]) -> bool:
-        """Whether a 429 speaks for every request (see the module docstring), not just its own."""
-        remaining = [value for _, remaining_h, _ in HEADER_FAMILIES.values()
-                     if (value := _number(headers, remaining_h)) is not None]
+    def _limit_signal(self, headers: Mapping[str, str], now: float) -> str:
+        """What a 429 speaks for (see the module docstring): "limit" (every request), "short" (a burst
+        overran the provider's short window: every request, until it ends) or "lone" (its own request)."""
+        remaining = remaining_values(headers)
         if any(value <= 0 for value in remaining):
-            return True  # the headers say the window is spent
+            return "limit"  # the headers say the window is spent
         if sum(self.recent) >= TOGETHER:
-            return True  # 429s come together: whatever the headers say, the limit is reached
-        if remaining:  # refused with room left: the pace is too fast for the provider's short windows
-            self._paced_at(time.monotonic(), refused=True)
-        return False
+            return "limit"  # 429s come together: whatever the headers say, the limit is reached
+        if remaining:  # refused with room left: sent too fast for the provider's short windows
+            if self.pacer.short_window(self.buckets, now):
+                return "short"
+            self.pacer.refused(now)
+        return "lone"
 
     def _on_failure(self, error: TeacherError, attempt: int) -> float | None:
         """Bookkeeping for a failed attempt; the delay before the next, or None to give up."""
@@ -474,10 +376,13 @@ class Limiter:
             if retry_after is None:
                 retry_after = parse_retry_after(error.headers)
             delay = retry_after if retry_after is not None else self.backoff(attempt)
-            if self._limit_signal(error.headers):
-                self._decrease(now)
-                # Everyone waits: the limit is shared, so other requests would hit it too.
+            signal = self._limit_signal(error.headers, now)
+            if signal != "lone":
+                # Everyone waits: the limit (or the provider's short window) is shared, so other requests
+                # would hit it too; a short window ends at its retry-after, and the pace holds from then on.
                 self.pause_until = max(self.pause_until, now + delay)
+            if signal == "limit":
+                self._decrease(now)
                 # A 429 means the bucket is empty, whatever we thought.
                 for name in ("requests",):
                     if name in self.buckets:

@@ -82,6 +82,8 @@ class FakeStats:
     over_max_requests: requests refused because the lifetime `max_requests` was passed.
     client_gone: responses not sent because the client had closed the connection first.
     queue_waits: with a capacity, each chat request's wait for a serving slot, in arrival order.
+    admitted_at, refused_at: with rate limits set, the seconds since the server started at which each chat
+    request was admitted by them, or refused (429), in arrival order: requests per window, on the server's clock.
     batches_created, files_uploaded: batch endpoints' creations (both providers) and accepted uploads.
     batch_items: custom_id → times it was in a created batch; batch_answered: custom_id → times a batch
     answered it successfully (batch answers are not in `answered`, which counts online bodies).
@@ -98,6 +100,8 @@ class FakeStats:
         self.over_max_requests = 0
         self.client_gone = 0
         self.queue_waits: list[float] = []  # capacity: how long each chat request waited for a serving slot
+        self.admitted_at: list[float] = []  # rate limits: when each request was admitted (s since start)
+        self.refused_at: list[float] = []   # rate limits: when each request was refused with a 429
         self.batches_created = 0
         self.files_uploaded = 0
         self.batch_items: Counter = Counter()
@@ -114,6 +118,8 @@ class FakeStats:
             self.over_max_requests = 0
             self.client_gone = 0
             self.queue_waits.clear()
+            self.admitted_at.clear()
+            self.refused_at.clear()
             self.batches_created = 0
             self.files_uploaded = 0
             self.batch_items.clear()
@@ -131,6 +137,8 @@ class FakeStats:
                 "over_max_requests": self.over_max_requests,
                 "client_gone": self.client_gone,
                 "queue_waits": list(self.queue_waits),
+                "admitted_at": list(self.admitted_at),
+                "refused_at": list(self.refused_at),
                 "batches_created": self.batches_created,
                 "files_uploaded": self.files_uploaded,
                 "batch_items": dict(self.batch_items),

@@ -652,6 +652,8 @@ class ChatServer:
                     window = self._quanta[name] = _Quantum(share, quantum, self._started)
                 active[i] = (name, family, limit, bucket, cost, max(wait, window.wait(cost, now)))
         worst = max(active, key=lambda item: item[5])
+        with self.stats.lock:
+            (self.stats.admitted_at if worst[5] <= 0 else self.stats.refused_at).append(now - self._started)
         if worst[5] <= 0:
             for name, _, _, bucket, cost, _ in active:
                 bucket.take(cost)

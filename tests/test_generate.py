@@ -267,6 +267,9 @@ def test_kill_9_mid_run_then_resume_loses_nothing_and_pays_nothing_twice(tmp_pat
 def test_a_limit_enforced_in_one_second_windows_gives_few_429s_and_uses_most_of_the_limit(tmp_path, server, env_key):
     # 3,000 requests per minute, enforced as 50 a second (the headers describe the minute): a full minute's
     # bucket sent at once would overrun the first second's window. 300 prompts: about 6 s at the limit.
+    # The limiter ramps into the bucket the headers show until a 429 with room left says the window is short:
+    # that probe costs the request that overran one window and those in flight behind it (50 a second over a
+    # round trip of 50 ms and the client's own time: 2 to 5), then none.
     server.config.rpm = 3000
     server.config.rate_quantum_s = 1.0
     server.config.latency_s = 0.05
@@ -276,7 +279,9 @@ def test_a_limit_enforced_in_one_second_windows_gives_few_429s_and_uses_most_of_
                           provider="openai", base_url=server.openai_base_url)
     assert generate(recipe) == 0
     assert len(read_jsonl(run / "accepted.jsonl")) == total
-    assert server.stats.rate_limited <= total // 100, server.stats
+    refused = server.stats.snapshot()["refused_at"]
+    assert len(refused) <= 1 + 50 * 0.1, f"one window's overrun and what was in flight behind it: {refused}"
+    assert not refused or max(refused) - min(refused) < 1.0, f"all in the one window the probe overran: {refused}"
     elapsed = manifest(run)["this_run"]["elapsed_s"]
     allowed_s = total / 50
     assert elapsed >= allowed_s * 0.9, "the limit was obeyed"

@@ -76,7 +76,7 @@ def test_headers_create_buckets_and_recipe_caps_stay_caps():
 
 
 def ok_response(input_tokens=10, output_tokens=5, headers=None):
-    return TeacherResponse([Choice("ok", "stop")], input_tokens, output_tokens, headers or {})
+    return TeacherResponse([Choice("ok", "stop")], input_tokens, output_tokens, headers=headers or {})
 
 
 def test_token_reservation_is_refunded_from_usage():
@@ -156,10 +156,21 @@ def test_429s_that_come_together_are_a_limit_signal_whatever_the_headers():
     assert limiter.pause_until > 0 and limiter.limit == 4, "the fifth of twenty: everyone pauses, concurrency halves"
 
 
-def test_sends_are_paced_evenly_at_97_percent_of_the_limit_the_headers_give():
+LOW = {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "5"}
+
+
+@pytest.mark.parametrize("learnt", ["little left", "a short window"])
+def test_sends_are_paced_evenly_at_97_percent_of_the_limit_once_little_is_left_or_a_short_window_was_seen(learnt):
     async def main():
         limiter = Limiter(max_concurrency=64, initial_concurrency=64, max_retries=3)
-        limiter.observe_headers(ROOM)  # 600 a minute, 590 left: a full bucket, used only as fast as it refills
+        if learnt == "little left":
+            limiter.observe_headers(LOW)  # 5 of 600 left: below the reserve, sends keep to the refill
+        else:
+            limiter.observe_headers(ROOM)  # 590 left: a full bucket, until a 429 with room left shows a window
+            refused = TeacherError("429", retryable=True, status=429, retry_after=0.0, rate_limited=True,
+                                   headers=ROOM)
+            limiter._on_failure(refused, 1)
+            assert limiter.pacer.short == {"requests"}, "the bursting bucket is paced from now on"
         sent = []
 
         async def call():
@@ -169,14 +180,70 @@ def test_sends_are_paced_evenly_at_97_percent_of_the_limit_the_headers_give():
         await asyncio.gather(*(limiter.run(call, input_tokens=1, output_tokens=1) for _ in range(25)))
         windows = [sum(1 for t in sent if start <= t < start + 1.0) for start in sent]
         assert max(windows) <= 10, f"no second holds more than a second's share of the limit: {max(windows)}"
-        assert sent[-1] - sent[0] >= 24 / 9.7 - 0.05, "25 sends, evenly spaced at 9.7 a second"
+        assert sent[-1] - sent[0] >= 19 / 9.7 - 0.05, "after the few left, evenly spaced at 9.7 a second"
 
     asyncio.run(main())
 
 
-def test_a_429_with_room_left_cuts_the_pace_once_a_second_and_answers_give_it_back():
+def test_a_bucket_with_room_is_spent_faster_than_it_refills_and_a_recipe_cap_below_the_limit_is_not():
+    limiter = Limiter(max_concurrency=64, rpm=30)
+    limiter.observe_headers({**ROOM, "x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": "29000"})
+    assert not limiter.pacer.bursting("requests", limiter.buckets["requests"]), "the recipe's 30 a minute binds"
+    assert limiter.pacer.bursting("tokens", limiter.buckets["tokens"]), "the headers' room may be spent"
+    reservation = Reservation(10, 10)
+    now = limiter.pacer.ramp_start["tokens"] + 4.0  # 4 s into the ramp: 4 times the paced rate
+    for _ in range(100):
+        limiter.buckets["tokens"].take(20)
+        limiter.pacer.sent({"tokens": limiter.buckets["tokens"]}, reservation, now)
+    paced = 100 * 20 / (500 * 0.97)  # 30,000 a minute is 500 a second
+    assert limiter.pacer.due["tokens"] - now == pytest.approx(paced / 4), "the ramp sends faster than the pace"
+    limiter.buckets["tokens"].level = 100  # below the 2 % reserve: paced again
+    assert not limiter.pacer.bursting("tokens", limiter.buckets["tokens"])
+
+
+def test_a_remainder_in_the_headers_is_read_less_what_the_other_requests_in_flight_will_take():
+    async def main():
+        limiter = Limiter(max_concurrency=4, initial_concurrency=4, tpm=100_000)
+        release = asyncio.Event()
+        headers = {"x-ratelimit-limit-tokens": "100000", "x-ratelimit-remaining-tokens": "10000"}
+
+        async def quick():
+            return ok_response(10, 5, headers)
+
+        async def slow():
+            await release.wait()
+            return ok_response(10, 5)
+
+        pending = asyncio.ensure_future(limiter.run(slow, input_tokens=1000, output_tokens=1000))
+        await asyncio.sleep(0)  # the slow request is sent and in flight
+        await limiter.run(quick, input_tokens=10, output_tokens=10)
+        assert limiter.buckets["tokens"].level == 10_000 - 2000 + 5, \
+            "the headers' 10,000 less the 2,000 in flight (the server had not counted it), plus the 5 refunded"
+        release.set()
+        await pending
+        assert limiter._in_flight_cost["tokens"] == 0, "nothing left in flight"
+
+    asyncio.run(main())
+
+
+def test_a_429_with_room_left_while_bursting_paces_that_bucket_and_pauses_everyone_until_its_window_ends():
     limiter = Limiter(max_concurrency=16)
     limiter.observe_headers(ROOM)
+    assert limiter.pacer.bursting("requests", limiter.buckets["requests"])
+    refused = TeacherError("429", retryable=True, status=429, retry_after=0.5, rate_limited=True, headers=ROOM)
+    before = time.monotonic()
+    assert limiter._on_failure(refused, 1) == 0.5
+    assert limiter.pacer.short == {"requests"}, "a short window: the bucket is paced for the rest of the run"
+    assert limiter.pause_until >= before + 0.5, "everyone waits until the spent window ends"
+    assert limiter.limit == 8 and limiter.pace_share == pytest.approx(0.97), "no halving, no cut of the pace"
+    assert limiter.buckets["requests"].level > 500, "the minute's room is still there"
+
+
+def test_a_429_with_room_left_while_paced_cuts_the_pace_once_a_second_and_answers_give_it_back():
+    limiter = Limiter(max_concurrency=16)
+    limiter.observe_headers(ROOM)
+    limiter.pacer.short.add("requests")  # paced already: a short window was seen
+    limiter.pacer._last_cut = 0.0
     refused = TeacherError("429", retryable=True, status=429, retry_after=0.01, rate_limited=True, headers=ROOM)
     assert limiter._on_failure(refused, 1) is not None
     assert limiter.pace_share == pytest.approx(0.97 * 0.95), "a 429 with room left: the pace was too fast"
