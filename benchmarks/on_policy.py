@@ -104,6 +104,10 @@ def arms(work: Path, batch: int, tokens: int, budget: float | None, sft_steps: i
                                     f"sft.init_from={work / 'sft_half'}"],
             "sft → on_policy ½": [data, f"sft.output_dir={work / 'sft_on_policy'}", *on_policy(budget / 2),
                                   f"sft.init_from={work / 'sft'}"],
+            # Longer on-policy runs (--arms): what more compute buys when the teacher's verified samples are few.
+            "on_policy 4": [data, f"sft.output_dir={work / 'on_policy_4b'}", *on_policy(budget * 4)],
+            "sft → on_policy 2": [data, f"sft.output_dir={work / 'sft_on_policy_2b'}", *on_policy(budget * 2),
+                                  f"sft.init_from={work / 'sft'}"],
         })
     return every
 
