@@ -25,8 +25,12 @@ class RichProgress:
     this class does not handle are no-ops, as on TrainerCallback (a None result leaves `control` as it is).
     """
 
-    def __init__(self, console: Any) -> None:
+    def __init__(self, console: Any, budget_s: float | None = None, budget_clock: str = "wall") -> None:
         self.console = console
+        # sft.max_seconds: the ETA is the budget's when it ends first (a budgeted run's max_steps is a ceiling)
+        self.budget_s = budget_s
+        self.clock = time.process_time if budget_clock == "cpu" else time.monotonic
+        self.budget_started = 0.0
         self.progress: Any = None
         self.task: Any = None
         self.started = 0.0
@@ -47,11 +51,19 @@ class RichProgress:
             parts.append(f"held-out {self.eval_loss:.4f}")
         if self.tokens:
             parts.append(f"{self.tokens / elapsed:,.0f} tok/s")
+        if self.budget_s is not None:
+            used = self.clock() - self.budget_started
+            cpu = self.clock is time.process_time
+            parts.append(f"budget {used:,.0f}/{self.budget_s:,.0f} {'CPU ' if cpu else ''}s")
+            if used > 0:  # the budget's remainder in wall seconds, at the pace the clock has kept so far
+                left = max(0.0, self.budget_s - used) * (elapsed / used if cpu else 1.0)
+                remaining = left if remaining is None else min(remaining, left)
         parts.append(f"ETA {fmt_duration(remaining)}")
         return " · ".join(parts)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = self.last_line = time.monotonic()
+        self.budget_started = self.clock()
         self.first_step = state.global_step
         if self.console.is_terminal and not self.console.quiet:  # -q: no bar
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn

@@ -192,7 +192,7 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints each log dict raw; the progress line says the same
-    trainer.add_callback(RichProgress(console))
+    trainer.add_callback(RichProgress(console, config.max_seconds, config.max_seconds_clock))
     for callback in callbacks:  # after the progress bar: a pruner ending the run at on_train_end stops it first
         trainer.add_callback(callback)
     distill_info = None

@@ -1,6 +1,7 @@
 """sft: recipe section, run loading, and LoRA training of a tiny random Llama on the CPU (offline)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -270,6 +271,23 @@ def test_a_time_budget_ends_training_at_the_step_that_spends_it(tmp_path, tiny_s
     assert 0 < lineage["train_cpu_seconds"] and 0 < lineage["train_seconds"] <= lineage["seconds"]
     # A clock that does not exist is refused by its key before anything loads.
     assert main(["train", str(recipe), "--set", "sft.max_seconds_clock=gpu"]) == 2
+
+
+def test_the_progress_line_of_a_budgeted_run_shows_the_budget_and_takes_its_eta():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from sft.progress import RichProgress
+
+    progress = RichProgress(Console(file=io.StringIO(), force_terminal=False), budget_s=60.0, budget_clock="wall")
+    state = SimpleNamespace(global_step=0, max_steps=100000)
+    progress.on_train_begin(None, state, None)
+    progress.started -= 30.0  # 30 s into training, 10 steps done: the steps would take days, the budget 30 s more
+    progress.budget_started -= 30.0
+    state.global_step = 10
+    line = progress._stats(state)
+    assert "budget 30/60 s" in line and ("ETA 0:00:29" in line or "ETA 0:00:30" in line), line
 
 
 # ---- learning: a student really learns a task from factory-format data ----------------------------------
