@@ -112,6 +112,9 @@ def arms(work: Path, batch: int, tokens: int, budget: float | None, sft_steps: i
     return every
 
 
+ARMS = "sft,kd,on_policy,sft ½,sft ½ → on_policy ½,sft → on_policy ½"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=["demo", "capitals"], default="demo")
@@ -120,7 +123,7 @@ def main() -> None:
     parser.add_argument("--on-policy-batch", type=int, default=8, help="prompts per on-policy step")
     parser.add_argument("--on-policy-tokens", type=int, default=None,
                         help="max_completion_length of the samples (default: the eval's max_tokens)")
-    parser.add_argument("--arms", default="sft,kd,on_policy,sft ½,sft ½ → on_policy ½,sft → on_policy ½",
+    parser.add_argument("--arms", default=ARMS,
                         help="the arms to train, in this order (comma-separated); the eval scores every finished one")
     parser.add_argument("--train-only", action="store_true", help="train the arms, then stop (no eval, no table)")
     parser.add_argument("--references-only", action="store_true", help="evaluate the teacher and the base, then stop")
@@ -264,6 +267,7 @@ def write_table(work: Path, models: dict[str, dict], data_tokens: int, walls: di
         "",
         f"Command: `OMP_NUM_THREADS={threads} .venv/bin/python benchmarks/on_policy.py --task {args.task} "
         f"--on-policy-batch {args.on_policy_batch} --on-policy-tokens {tokens}`"
+        + (f" (the default arms; this table after `--arms \"{args.arms}\"`)" if args.arms != ARMS else "")
         + (" (this table: `--table-only`)" if args.table_only else ""),
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only, float32, "
         f"torch threads per process: {threads}",
