@@ -85,8 +85,11 @@ class OnPolicyTrainer(DistillationTrainer):
         advantage = (teacher - student).detach()
         count = mask.sum()
         denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
-        loss = -(advantage * student * mask).sum() / denominator
-        self._served_kl = float(((student - teacher).detach() * mask).sum() / count.clamp(min=1))
+        kl = ((student - teacher).detach() * mask).sum() / count.clamp(min=1)
+        self._served_kl = float(kl)
+        # Training: the surrogate whose gradient is the reverse KL's. Held out: the KL estimate itself, so that
+        # eval_loss reads as a divergence (the surrogate's value means nothing on its own).
+        loss = -(advantage * student * mask).sum() / denominator if unwrapped_student.training else kl
         entropy_sum = -(logprobs.exp() * logprobs).sum(-1)[mask].sum()
         return loss, entropy_sum.detach(), count
 

@@ -313,12 +313,14 @@ def test_a_served_teacher_trains_the_student_on_the_sampled_tokens_reverse_kl(tm
         teacher = {"provider": "openai", "model": "tiny-teacher", "base_url": server.base_url,
                    "logprobs": {"tokenizer": str(models["teacher"])}}
         # One sampled token per position is a noisier signal than the whole distribution: a smaller step, more steps.
-        config = on_policy_config(models["student"], run, tmp_path / "out", held_out=0, learning_rate=1e-3,
+        config = on_policy_config(models["student"], run, tmp_path / "out", learning_rate=1e-3,
                                   max_steps=32, on_policy={"max_completion_length": 6, "teacher": teacher})
         result = train(config, export_merged=False)
     finally:
         server.close()
-    assert server.requests == 32 * 8, "one scoring request per sample, 32 steps of 8, and no more"
+    # One scoring request per sample: 32 steps of 8, and the 8 held-out prompts at each of the two evaluations
+    # (the trainer's at its last step, and sft train's own after it).
+    assert server.requests == 32 * 8 + 2 * 8
     prompts = [f"{LETTERS[i % 16]} {LETTERS[(i * 7 + 3) % 16]}" for i in range(32)]
     tokenizer, teacher_model = models["tokenizer"], models["teacher_model"]
     before = first_token_kl(load_student(models["student"]), teacher_model, tokenizer, prompts, None)
@@ -327,6 +329,8 @@ def test_a_served_teacher_trains_the_student_on_the_sampled_tokens_reverse_kl(tm
     assert after < 0.8 * before, f"reverse KL of the first answer token {before:.3f} → {after:.3f}"
     lineage = json.loads(result.lineage_path.read_text())
     assert lineage["on_policy"]["teacher"]["provider"] == "openai"
+    metrics = lineage["metrics"]  # held out, the loss is the divergence estimate, not the training surrogate
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_reverse_kl"], abs=1e-5)
     scoring = lineage["on_policy"]["scoring"]["train"]
     assert scoring["samples"] == 32 * 8 and scoring["teacher_tokens"] > scoring["scored_tokens"] > 0
     assert lineage["on_policy"]["reverse_kl_first"] is not None and math.isfinite(lineage["on_policy"]["reverse_kl_last"])
