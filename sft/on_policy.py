@@ -75,23 +75,10 @@ def is_served(teacher: TeacherConfig) -> bool:
 
 def served_tokenizer(teacher: TeacherConfig) -> str:
     """Where a served teacher's tokenizer is read for the guards: `teacher.logprobs.tokenizer`, else its model
-    name when that is a local folder or a cached model id."""
+    name (a local folder or a cached model id; load_teacher refuses one it cannot read)."""
     if teacher.logprobs is not None and teacher.logprobs.tokenizer:
         return str(teacher.logprobs.tokenizer)
-    name = resolve_model(teacher.model)
-    if Path(name).exists():
-        return name
-    from transformers import AutoTokenizer
-
-    try:
-        AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError):
-        raise RecipeError(
-            f"sft.on_policy.teacher: the served model {teacher.model!r} names no tokenizer this machine can read, so "
-            "the student's and the teacher's tokens cannot be checked to be the same: set "
-            "sft.on_policy.teacher.logprobs.tokenizer to the served model's folder or model id"
-        ) from None
-    return name
+    return resolve_model(teacher.model)
 
 
 def teacher_messages(teacher: TeacherConfig, prompt: list[dict[str, str]], use_context: bool) -> list[dict[str, str]]:
@@ -140,7 +127,16 @@ def load_teacher(teacher: TeacherConfig, student_tokenizer: Any, config: SFTConf
     assert settings is not None
     served = is_served(teacher)
     path = served_tokenizer(teacher) if served else resolve_model(teacher.model)
-    teacher_tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        if not served:
+            raise
+        raise RecipeError(
+            f"sft.on_policy.teacher: the served model {teacher.model!r} names no tokenizer this machine can read, so "
+            "the student's and the teacher's tokens cannot be checked to be the same: set "
+            "sft.on_policy.teacher.logprobs.tokenizer to the served model's folder or model id"
+        ) from None
     student_vocab = AutoConfig.from_pretrained(resolve_model(config.student)).get_text_config().vocab_size
     # A served teacher's vocabulary is its tokenizer's (its config may not be beside it): the fingerprint decides.
     teacher_vocab = student_vocab if served else AutoConfig.from_pretrained(path).get_text_config().vocab_size

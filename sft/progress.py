@@ -6,7 +6,7 @@ loss, and in a log file it is a wall of carriage returns.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from factory.progress import fmt_duration
 
@@ -15,6 +15,11 @@ LOG_EVERY_S = 10.0
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def clock_named(name: str) -> Callable[[], float]:
+    """The clock of `sft.max_seconds_clock`: wall (monotonic), or cpu (this process's CPU time, all threads)."""
+    return time.process_time if name == "cpu" else time.monotonic
 
 
 class RichProgress:
@@ -29,7 +34,7 @@ class RichProgress:
         self.console = console
         # sft.max_seconds: the ETA is the budget's when it ends first (a budgeted run's max_steps is a ceiling)
         self.budget_s = budget_s
-        self.clock = time.process_time if budget_clock == "cpu" else time.monotonic
+        self.clock = clock_named(budget_clock)
         self.budget_started = 0.0
         self.progress: Any = None
         self.task: Any = None

@@ -209,20 +209,22 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if resume_from is not None and resume:
         console.print(f"[bold]resuming[/] from {escape(str(resume_from))}", highlight=False)
-    train_clock = (time.monotonic(), time.process_time())
-    outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume and resume_from else None)
-    train_clock = (time.monotonic() - train_clock[0], time.process_time() - train_clock[1])
-    metrics = {k: float(v) for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
-    # Tokens trained on (prompt and completion, padding excluded), as SFTTrainer counts them in its logs.
-    history = trainer.state.log_history
-    tokens = next((entry["num_tokens"] for entry in reversed(history) if "num_tokens" in entry), None)
-    if tokens is not None:
-        metrics["train_tokens"] = float(tokens)
-    on_policy_info = figures(trainer, teacher_config, teacher_path, config) if teacher_config is not None else None
-    if eval_set is not None:
-        metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
-    if served:
-        trainer.close_served_teacher()
+    wall_start, cpu_start = time.monotonic(), time.process_time()
+    try:
+        outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume and resume_from else None)
+        train_seconds, train_cpu_seconds = time.monotonic() - wall_start, time.process_time() - cpu_start
+        metrics = {k: float(v) for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
+        # Tokens trained on (prompt and completion, padding excluded), as SFTTrainer counts them in its logs.
+        history = trainer.state.log_history
+        tokens = next((entry["num_tokens"] for entry in reversed(history) if "num_tokens" in entry), None)
+        if tokens is not None:
+            metrics["train_tokens"] = float(tokens)
+        on_policy_info = figures(trainer, teacher_config, teacher_path, config) if teacher_config is not None else None
+        if eval_set is not None:
+            metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+    finally:
+        if served:  # its HTTP session and event loop, on an error too
+            trainer.close_served_teacher()
 
     adapter_dir, merged_dir = output_dir / "adapter", output_dir / "merged"
     trainer.save_model(str(adapter_dir))  # every process: under FSDP the adapter is gathered from the shards
@@ -251,7 +253,7 @@ def _train(config: SFTConfig, *, resume: bool = False, console: Any = None, frac
         "resumed_from": str(resume_from) if resume and resume_from else None,
         "global_step": trainer.state.global_step,
         # trainer.train() alone: wall seconds and this process's CPU seconds (all threads)
-        "train_seconds": round(train_clock[0], 2), "train_cpu_seconds": round(train_clock[1], 2),
+        "train_seconds": round(train_seconds, 2), "train_cpu_seconds": round(train_cpu_seconds, 2),
         "budget": budget_reading(trainer, config),
         "metrics": metrics,
         "method": config.method,

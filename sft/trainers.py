@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import time
 from typing import Any
 
 from peft import LoraConfig
@@ -20,6 +19,7 @@ from .config import SFTConfig
 from .distill_trainer import DistillTrainer
 from .kd import align
 from .on_policy_trainer import build_on_policy_trainer
+from .progress import clock_named
 
 
 class TimeBudget(TrainerCallback):
@@ -29,7 +29,7 @@ class TimeBudget(TrainerCallback):
 
     def __init__(self, seconds: float, clock: str = "wall") -> None:
         self.seconds = seconds
-        self.clock = time.process_time if clock == "cpu" else time.monotonic
+        self.clock = clock_named(clock)
         self.started: float | None = None
         self.stopped_at: int | None = None
 
