@@ -336,6 +336,22 @@ def test_a_served_teacher_trains_the_student_on_the_sampled_tokens_reverse_kl(tm
     assert lineage["on_policy"]["reverse_kl_first"] is not None and math.isfinite(lineage["on_policy"]["reverse_kl_last"])
 
 
+def test_a_served_teacher_that_is_down_stops_training_with_the_connection_error(tmp_path, models):
+    from apprentice.errors import TeacherError
+    from sft.train import train
+
+    server = ScoringServer(models["teacher_model"])
+    server.close()  # nothing listens on its port any more
+    run = write_run(tmp_path / "run", models["teacher"], context=None)
+    teacher = {"provider": "openai", "model": "tiny-teacher", "base_url": server.base_url, "max_retries": 0,
+               "logprobs": {"tokenizer": str(models["teacher"])}}
+    config = on_policy_config(models["student"], run, tmp_path / "out", held_out=0, max_steps=2,
+                              on_policy={"max_completion_length": 4, "teacher": teacher})
+    with pytest.raises(TeacherError, match="connection error"):
+        train(config, export_merged=False)
+    assert not (tmp_path / "out" / "lineage.json").exists(), "no lineage for a student that did not train"
+
+
 def test_a_served_teacher_without_a_readable_tokenizer_is_refused_naming_the_key(tmp_path, models):
     from sft.train import train
 
