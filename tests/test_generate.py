@@ -91,6 +91,25 @@ def test_transient_faults_are_retried_and_counted(tmp_path, server, env_key):
     assert this_run["retries"] == 5 and this_run["rate_limited"] == 1 and this_run["server_errors"] == 4
 
 
+def test_prompts_waiting_out_a_retry_after_leave_their_sending_slots_to_the_next_prompts(tmp_path, server, env_key):
+    # Four sending slots; the first four requests are refused with a 429 that asks for 0.4 s (twenty round trips).
+    # The refused prompts wait without holding a slot: the next prompts are answered meanwhile.
+    server.config.latency_s = 0.02
+    server.config.retry_after = 0.4
+    for seq in range(1, 5):
+        server.config.faults[seq] = "429"
+    answered: list[str] = []
+    server.config.responder = lambda messages, index, body: answered.append(messages[-1]["content"]) or "ok"
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", 12),
+                          provider="openai", base_url=server.openai_base_url,
+                          extra_teacher="    max_concurrency: 4\n    follow_latency: false\n")
+    assert generate(recipe) == 0
+    assert len(read_jsonl(run / "accepted.jsonl")) == 12 and server.stats.faults["429"] == 4
+    refused = {f"question {i}" for i in range(4)}  # prompts go out in order: the first four are the refused
+    assert refused.isdisjoint(answered[:8]), f"the next prompts were answered while they waited: {answered}"
+
+
 def test_persistent_errors_become_failed_records_and_are_retried_on_resume(tmp_path, server, env_key):
     server.config.fault_rates["500"] = 1.0
     run = tmp_path / "run"
