@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import signal
+from typing import Any, Callable, Coroutine
 
 from rich.markup import escape
 from rich.table import Table
@@ -17,6 +18,11 @@ from .app import ServeApp
 from .config import ServeConfig, load_serve_config
 from .learned import fit
 
+try:  # the router's event loop where it is installed (serve.event_loop)
+    import uvloop
+except ImportError:  # Windows, or a build without it: asyncio's own loop
+    uvloop = None
+
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -27,11 +33,22 @@ def serve(args: argparse.Namespace) -> int:
         console.detail_json(config.model_dump(mode="json"))
         if args.fit_router:
             return _fit_router(config, console)
-        return asyncio.run(_serve(config, console))
+        return event_loop(config.event_loop)(_serve(config, console))
     except (ApprenticeError, OSError) as exc:  # one line naming the fault, and its exit code
         return console.stopped(exc)
     except KeyboardInterrupt:
         return 130
+
+
+def event_loop(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
+    """What runs the server: uvloop's loop (about a third less CPU per request in the router than asyncio's,
+    benchmarks/results/serve_overhead.md) unless serve.event_loop says asyncio or uvloop is not installed."""
+    if choice == "asyncio" or (choice == "auto" and uvloop is None):
+        return asyncio.run
+    if uvloop is None:
+        raise ApprenticeError("serve.event_loop: uvloop is not installed; pip install uvloop, or set "
+                              "serve.event_loop: auto (asyncio's loop where uvloop is missing)")
+    return uvloop.run
 
 
 async def _serve(config: ServeConfig, console: CommandConsole) -> int:

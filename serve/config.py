@@ -81,6 +81,9 @@ class ServeConfig(Strict):
                                   "the next one opened")
     budget_usd: float | None = Field(default=None, ge=0, description="what the teacher may cost while serving; "
                                      "once spent, the student answers and the answer is marked")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto", description="auto: uvloop where it is installed (it is a dependency on Linux and macOS: "
+        "the router's CPU per request, benchmarks/results/serve_overhead.md), else asyncio's own loop")
 
     @model_validator(mode="after")
     def _routable(self) -> "ServeConfig":
