@@ -5,6 +5,8 @@ side by side, rounds alternating.
     .venv/bin/python benchmarks/serve_overhead.py                          # 64 connections, 2,000 requests
     .venv/bin/python benchmarks/serve_overhead.py --latency 0 --rounds 3   # a backend that answers at once
     .venv/bin/python benchmarks/serve_overhead.py --cpus 0,1               # pin every process to these cores
+    .venv/bin/python benchmarks/serve_overhead.py --loops asyncio,uvloop   # a router on each loop, same rounds
+    .venv/bin/python benchmarks/serve_overhead.py --rate 1000              # open loop: 1,000 requests a second
 
 Three processes: the fake server (`python -m fakes`), the router (`python -m serve`), and the load generator
 (aiohttp, `--connections` requests in flight, each request timed). The added latency is the median of the routed
@@ -37,22 +39,30 @@ LOAD = textwrap.dedent(
     """
     import asyncio, json, sys, time
     import aiohttp
-    url, count, connections = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    url, count, connections, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
     async def main():
         latencies = []
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
-            queue = iter(range(count))
-            async def worker():
-                for i in queue:
-                    body = {"model": "student", "messages": [{"role": "user", "content": f"question number {i}"}],
-                            "max_tokens": 64}
-                    start = time.perf_counter()
-                    async with session.post(url, json=body, headers={"Authorization": "Bearer sk-bench"}) as reply:
-                        await reply.read()
-                        assert reply.status == 200, reply.status
-                    latencies.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(connections)))
+            async def send(i, start):
+                body = {"model": "student", "messages": [{"role": "user", "content": f"question number {i}"}],
+                        "max_tokens": 64}
+                async with session.post(url, json=body, headers={"Authorization": "Bearer sk-bench"}) as reply:
+                    await reply.read()
+                    assert reply.status == 200, reply.status
+                latencies.append(time.perf_counter() - start)
+            if rate:  # open loop: request i is due at i / rate, timed from then (a wait for a connection counts)
+                async def due(i, at):
+                    await asyncio.sleep(max(0.0, at - time.perf_counter()))
+                    await send(i, at)
+                start = time.perf_counter()
+                await asyncio.gather(*(due(i, start + i / rate) for i in range(count)))
+            else:  # closed loop: each connection sends its next request when the last is answered
+                queue = iter(range(count))
+                async def worker():
+                    for i in queue:
+                        await send(i, time.perf_counter())
+                start = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(connections)))
             wall = time.perf_counter() - start
         print(json.dumps({"wall": wall, "latencies": latencies}))
     asyncio.run(main())
@@ -77,11 +87,12 @@ def start_fake(latency: float, cpus: str | None) -> tuple[subprocess.Popen, int]
     return process, int(line.split()[1])
 
 
-def start_router(fake_port: int, folder: Path, cpus: str | None,
-                 profile: Path | None = None) -> tuple[subprocess.Popen, str]:
-    recipe = folder / "serve.yaml"
+def start_router(fake_port: int, folder: Path, cpus: str | None, profile: Path | None = None,
+                 event_loop: str = "auto") -> tuple[subprocess.Popen, str]:
+    recipe = folder / f"serve-{event_loop}.yaml"
     recipe.write_text(json.dumps({"serve": {
-        "port": 0, "log_dir": str(folder / "served"), "routing": {"mode": "student"},
+        "port": 0, "log_dir": str(folder / f"served-{event_loop}"), "routing": {"mode": "student"},
+        "event_loop": event_loop,
         "api_keys_env": "BENCH_KEYS",
         "student": {"provider": "openai", "model": "student", "base_url": f"http://127.0.0.1:{fake_port}/v1",
                     "api_key_env": "BENCH_BACKEND_KEY", "max_concurrency": 256,
@@ -98,9 +109,9 @@ def start_router(fake_port: int, folder: Path, cpus: str | None,
     return process, line.split(" on ", 1)[1].strip()
 
 
-def load(url: str, count: int, connections: int, cpus: str | None) -> dict:
-    done = subprocess.run(pinned([PY, "-c", LOAD, url, str(count), str(connections)], cpus), capture_output=True,
-                          text=True, check=True)
+def load(url: str, count: int, connections: int, cpus: str | None, rate: float = 0.0) -> dict:
+    done = subprocess.run(pinned([PY, "-c", LOAD, url, str(count), str(connections), str(rate)], cpus),
+                          capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
 
@@ -160,33 +171,44 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cpus", default=None, help="taskset -c list for every process, e.g. 0,1")
     parser.add_argument("--profile", action="store_true", help="run the router under cProfile; print its top functions")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="open loop: send this many requests a second, evenly spaced, each timed from when it was "
+                             "due (at most --connections in flight); 0 (default): closed loop, as fast as answered")
+    parser.add_argument("--loops", default="auto",
+                        help="serve.event_loop of the routers to compare, comma-separated (auto, uvloop, asyncio): "
+                             "one router each, all measured in the same rounds")
     args = parser.parse_args()
+    loops = args.loops.split(",")
 
     fake, port = start_fake(args.latency, args.cpus)
     folder = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     profile = folder / "router.prof" if args.profile else None
-    router, base_url = start_router(port, folder, args.cpus, profile)
-    direct_url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    routed_url = f"{base_url}/chat/completions"
-    rows: dict[str, list[dict]] = {"direct": [], "routed": []}
+    routers = {}  # path name → (router process or None, URL)
+    routers["direct"] = (None, f"http://127.0.0.1:{port}/v1/chat/completions")
     try:
-        load(routed_url, min(args.requests, 500), args.connections, args.cpus)  # warm-up: imports, connections
-        load(direct_url, min(args.requests, 500), args.connections, args.cpus)
+        for loop in loops:
+            router, base_url = start_router(port, folder, args.cpus, profile if loop == loops[0] else None, loop)
+            routers["routed" if len(loops) == 1 else f"routed ({loop})"] = (router, f"{base_url}/chat/completions")
+        rows: dict[str, list[dict]] = {name: [] for name in routers}
+        for _, url in routers.values():  # warm-up: imports, connections
+            load(url, min(args.requests, 500), args.connections, args.cpus)
+        names = list(routers)
         for round_ in range(args.rounds):
-            order = ("direct", "routed") if round_ % 2 == 0 else ("routed", "direct")
-            for name in order:
-                before = cpu_seconds(router.pid), cpu_seconds(fake.pid)
-                result = load(direct_url if name == "direct" else routed_url, args.requests, args.connections,
-                              args.cpus)
-                after = cpu_seconds(router.pid), cpu_seconds(fake.pid)
+            shift = round_ % len(names)  # each path goes first in turn
+            for name in names[shift:] + names[:shift]:
+                router, url = routers[name]
+                watched = router or routers[names[1]][0]
+                before = cpu_seconds(watched.pid), cpu_seconds(fake.pid)
+                result = load(url, args.requests, args.connections, args.cpus, args.rate)
+                after = cpu_seconds(watched.pid), cpu_seconds(fake.pid)
                 result["router_cpu"] = after[0] - before[0]
                 result["fake_cpu"] = after[1] - before[1]
                 rows[name].append(result)
     finally:
-        for process in (router, fake):
+        for process in [router for router, _ in routers.values() if router is not None] + [fake]:
             process.terminate()
             process.wait(30)
-    logged = sum(1 for path in (folder / "served").glob("served-*.jsonl") for _ in path.open(encoding="utf-8"))
+    logged = sum(1 for path in folder.glob("served-*/served-*.jsonl") for _ in path.open(encoding="utf-8"))
     report(args, rows, logged)
     micro = routing_cpu(folder)
     print(f"the router's own CPU per request, in process, no network: routing and logging "
@@ -205,25 +227,28 @@ def report(args: argparse.Namespace, rows: dict[str, list[dict]], logged: int) -
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"{platform.platform()}; cpus {args.cpus or 'any'}; load average {os.getloadavg()[0]:.2f}")
     print(f"command: {' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}")
-    print(f"{args.requests} requests a round, {args.connections} connections, backend latency {args.latency} s, "
+    offered = f"open loop at {args.rate:g} requests/s" if args.rate else "closed loop"
+    print(f"{offered}; {args.requests} requests a round, {args.connections} connections, "
+          f"backend latency {args.latency} s, "
           f"{args.rounds} rounds; {logged} lines in the served log (warm-up included)")
     print()
     print("| path | requests/s (median) | p50 ms | p90 ms | p99 ms | router CPU ms per request | "
           "backend CPU ms per request |")
     print("|---|---|---|---|---|---|---|")
     summary = {}
-    for name, results in rows.items():
+    for name, results in rows.items():  # the router's CPU is counted on the routed paths only
         rate = statistics.median(args.requests / r["wall"] for r in results)
         lat = [v for r in results for v in r["latencies"]]
         router_ms = statistics.median(1000 * r["router_cpu"] / args.requests for r in results)
         fake_ms = statistics.median(1000 * r["fake_cpu"] / args.requests for r in results)
         summary[name] = (rate, p(lat, 0.5) * 1000)
         print(f"| {name} | {rate:.1f} | {p(lat, 0.5) * 1000:.2f} | {p(lat, 0.9) * 1000:.2f} | "
-              f"{p(lat, 0.99) * 1000:.2f} | {router_ms if name == 'routed' else 0:.3f} | {fake_ms:.3f} |")
+              f"{p(lat, 0.99) * 1000:.2f} | {router_ms if name != 'direct' else 0:.3f} | {fake_ms:.3f} |")
     print()
-    (direct_rate, direct_p50), (routed_rate, routed_p50) = summary["direct"], summary["routed"]
-    print(f"added p50 latency: {routed_p50 - direct_p50:.2f} ms; throughput routed ÷ direct: "
-          f"{routed_rate / direct_rate:.2f}")
+    direct_rate, direct_p50 = summary.pop("direct")
+    for name, (routed_rate, routed_p50) in summary.items():
+        print(f"{name}: added p50 latency: {routed_p50 - direct_p50:.2f} ms; throughput routed ÷ direct: "
+              f"{routed_rate / direct_rate:.2f}")
     for name, results in rows.items():
         print(f"per round {name} req/s: " + ", ".join(f"{args.requests / r['wall']:.1f}" for r in results))
 
