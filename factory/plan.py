@@ -32,7 +32,7 @@ from quality_checks import build_checks
 
 from .cache import cache_key
 from .decide import work_items
-from .limiter import estimate_tokens
+from .limiter import FRAMING_TOKENS, MIN_TOKENS_PER_CHAR, estimate_tokens
 from .pricing import Pricer, pricer_for, usd
 from .prompts import SourceEnv, check_prompts, iter_prompts
 from .recipe import IN_PROCESS, FactoryConfig
@@ -58,6 +58,7 @@ class Pilot:
     output_tokens: float = 0.0  # per sample, summed
     input_tokens: float = 0.0  # per request, summed (each record's share)
     input_chars: float = 0.0
+    requests: float = 0.0  # the requests behind input_tokens (a request of n samples counts 1/n a record)
 
     @property
     def mean_output(self) -> float | None:
@@ -65,7 +66,10 @@ class Pilot:
 
     @property
     def tokens_per_char(self) -> float | None:
-        return self.input_tokens / self.input_chars if self.input_tokens and self.input_chars else None
+        if not (self.input_tokens and self.input_chars):
+            return None
+        # estimate_tokens adds each request's framing: what is learnt per character leaves it out
+        return max(MIN_TOKENS_PER_CHAR, (self.input_tokens - FRAMING_TOKENS * self.requests) / self.input_chars)
 
 
 @dataclass
@@ -256,6 +260,7 @@ def read_pilot(run_dir: Path, config: FactoryConfig) -> Pilot:
             pilot.output_tokens += usage.get("output_tokens", 0) / shared
             if usage.get("input_tokens"):
                 pilot.input_tokens += usage["input_tokens"] / shared
+                pilot.requests += 1 / shared
                 pilot.input_chars += (sum(len(m["content"]) for m in record["prompt"]) + context_chars) / shared
     return pilot
 
