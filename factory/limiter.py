@@ -135,12 +135,19 @@ class Limiter:
                 waiter.set_result(None)
 
     def set_share(self, share: float) -> None:
-        """A new part of the shared limits (another worker finished): the caps and buckets scale to it."""
+        """A new part of the shared limits (another worker finished, or one started): the caps, the buckets and
+        the pace scale to it. The requests in flight keep their cost: a bucket's level is what is left of this
+        worker's part after them, so the part they were taken from (level + their cost) is what scales, and
+        their cost is taken from it again. Scaling the level alone would leave a worker whose share doubled
+        short by the cost in flight, and one whose share halved that much over."""
+        if share == self.share:
+            return
         ratio, self.share = share / self.share, share
+        now = time.monotonic()
         self._caps = {name: cap * ratio if cap else cap for name, cap in self._caps.items()}
-        for bucket in self.buckets.values():
-            bucket.capacity, bucket.rate, bucket.level = (value * ratio for value in (bucket.capacity, bucket.rate,
-                                                                                   bucket.level))
+        for name, bucket in self.buckets.items():
+            bucket.rescale(ratio, self._in_flight_cost.get(name, 0.0), now)
+        self.pacer.rescale(ratio, now)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when the limiter closes."""

@@ -21,6 +21,7 @@ from conftest import API_KEY, PYTHON, REPO, read_jsonl, write_prompts, write_rec
 from rich.console import Console
 
 from apprentice.errors import ApprenticeError, RecipeError
+from apprentice.responses import Choice, TeacherResponse
 from factory.__main__ import main
 from factory.limiter import Limiter
 from factory.logprobs import read_logprobs
@@ -105,6 +106,54 @@ def test_a_limiter_takes_a_larger_share_when_a_worker_is_done():
     assert (requests.capacity, requests.rate, requests.level) == (300, 5, 300)
     limiter.observe_headers({"x-ratelimit-limit-requests": "1000"})
     assert requests.capacity == 300, "the recipe's cap, at the new share, stays a cap"
+
+
+def _in_flight_then(limiter: Limiter, count: int, during) -> None:
+    """`count` requests admitted by the limiter and held in flight (their answers wait) while `during(limiter)` runs."""
+    answer = TeacherResponse(choices=[Choice(text="ok", finish_reason="stop")], input_tokens=0, output_tokens=0)
+
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def call() -> TeacherResponse:
+            await release.wait()
+            return answer
+
+        sent = [asyncio.create_task(limiter.run(call, input_tokens=10, output_tokens=10)) for _ in range(count)]
+        while limiter.stats.requests < count:  # sent (admitted by the buckets and the pace), not answered
+            await asyncio.sleep(0.001)
+        during(limiter)
+        release.set()
+        await asyncio.gather(*sent)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("new_share", [1.0, 0.25])
+def test_a_new_share_keeps_the_cost_of_the_requests_in_flight(new_share):
+    # 6,000 a minute at a half share: 50 a second, so the 4 sends are spaced 21 ms apart and refill little.
+    limiter = Limiter(max_concurrency=8, rpm=6000, share=0.5)
+    requests = limiter.buckets["requests"]
+    requests.level = 10.0  # most of the window spent: what is in flight matters
+    seen = {}
+
+    def change(limiter: Limiter) -> None:
+        now = time.monotonic()
+        requests.wait_for(0, now)  # the level refilled up to now
+        seen["before"] = requests.level
+        seen["wait_before"] = limiter.pacer.due["requests"] - now
+        limiter.set_share(new_share)
+        seen["after"] = requests.level
+        seen["wait_after"] = limiter.pacer.due["requests"] - time.monotonic()
+
+    _in_flight_then(limiter, 4, change)
+    ratio = new_share / 0.5
+    # This worker's part before the 4 in flight was level + 4; that part scales, and the 4 are still owed.
+    assert seen["after"] == pytest.approx((seen["before"] + 4) * ratio - 4, abs=0.05), seen
+    assert abs(seen["after"] - seen["before"] * ratio) >= 4 * abs(ratio - 1) - 0.05, "not the level alone scaled"
+    assert seen["wait_after"] == pytest.approx(seen["wait_before"] / ratio, abs=0.002), "the next send's spacing too"
+    assert (requests.capacity, requests.rate) == (6000 * new_share, 100 * new_share)
+    assert limiter._in_flight_cost["requests"] == 0, "answered: nothing left in flight"
 
 
 class _Sleeps:
