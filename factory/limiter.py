@@ -14,7 +14,8 @@
   so that a bucket that really starts full is spent; below the reserve, sends are evenly spaced at 97 % of
   the limit. Providers may enforce a per-minute limit in windows of a second or two while the headers
   describe the minute (OpenAI and Anthropic both say so): a 429 with room left in the headers while a
-  bucket was bursting says so, and that bucket is paced evenly for the rest of the run, every request
+  bucket was bursting says so, and that bucket is paced evenly for the rest of the run (and from the first
+  request of the next run of the directory: factory/learnt_limits.py), every request
   waiting until the spent window ends (its `retry-after`). A 429 with room left while paced means the pace
   is still too fast for the provider's windows: it cuts the pace by 5 % (answers give it back slowly) and
   retries that request alone.
@@ -137,12 +138,36 @@ class Limiter:
                 waiter.set_result(None)
 
     def set_share(self, share: float) -> None:
-        """A new part of the shared limits (another worker finished): the caps and buckets scale to it."""
+        """A new part of the shared limits (another worker finished, or one started): the caps, the buckets and
+        the pace scale to it. The requests in flight keep their cost: a bucket's level is what is left of this
+        worker's part after them, so the part they were taken from (level + their cost) is what scales, and
+        their cost is taken from it again. Scaling the level alone would leave a worker whose share doubled
+        short by the cost in flight, and one whose share halved that much over."""
+        if share == self.share:
+            return
         ratio, self.share = share / self.share, share
+        now = time.monotonic()
         self._caps = {name: cap * ratio if cap else cap for name, cap in self._caps.items()}
-        for bucket in self.buckets.values():
-            bucket.capacity, bucket.rate, bucket.level = (value * ratio for value in (bucket.capacity, bucket.rate,
-                                                                                   bucket.level))
+        for name, bucket in self.buckets.items():
+            bucket.rescale(ratio, self._in_flight_cost.get(name, 0.0), now)
+        self.pacer.rescale(ratio, now)
+
+    def short_windows(self) -> dict[str, float]:
+        """The buckets a 429 with room left showed a short window in, with their whole limits (not this
+        worker's share): what a resumed run recalls (factory/learnt_limits.py)."""
+        return {name: self.buckets[name].capacity / self.share for name in sorted(self.pacer.short)
+                if name in self.buckets}
+
+    def recall_short_window(self, name: str, limit: float) -> None:
+        """A bucket an earlier run of the directory found enforced in short windows: made now from the limit
+        it learnt, and paced evenly from the first request on (the first headers correct it if it changed)."""
+        limit *= self.share
+        cap = self._caps.get(name)
+        if cap is not None:
+            limit = min(limit, cap)
+        if name not in self.buckets:
+            self.buckets[name] = Bucket(limit)
+        self.pacer.short.add(name)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when the limiter closes."""

@@ -59,6 +59,14 @@ class Bucket:
     def give(self, amount: float) -> None:
         self.level = min(self.capacity, self.level + amount)
 
+    def rescale(self, ratio: float, in_flight: float, now: float) -> None:
+        """This bucket as `ratio` times its part of a shared limit. `in_flight`: the cost of the requests sent
+        from it and not answered yet (taken from the level, and still owed whatever the share)."""
+        self._refill(now)  # the time before the change refills at the old rate
+        self.capacity *= ratio
+        self.rate *= ratio
+        self.level = min(self.capacity, (self.level + in_flight) * ratio - in_flight)
+
     def observe(self, limit: float | None, remaining: float | None, reset_s: float | None) -> None:
         """Adopt the server's view: its limit, and never more left than it says remain."""
         if limit is not None and limit > 0 and limit != self.capacity:
@@ -183,6 +191,13 @@ class Pacer:
         the limit was known had been paced."""
         sent = sent_before * cost / (bucket.rate * self.share)
         self.due[name] = time.monotonic() + max(0.0, sent - since_first)
+
+    def rescale(self, ratio: float, now: float) -> None:
+        """The buckets' rates scaled by `ratio` (a new share of a shared limit): a send not yet due waits what
+        is left of its spacing at the new rate."""
+        for name, due in self.due.items():
+            if due > now:
+                self.due[name] = now + (due - now) / ratio
 
     def short_window(self, buckets: Mapping[str, Bucket], now: float) -> bool:
         """A 429 with room left in the headers: the buckets that were bursting are paced from now on (the

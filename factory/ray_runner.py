@@ -15,6 +15,12 @@ and of the limits the provider's headers report (factory/limiter.py, `share`; th
 to shards/share as tasks end, and the workers follow it), so W workers send what one process would.
 `budget_usd` is split between the shards by their prompt counts.
 
+A teacher loaded in the process (`provider: local` or `vllm`) is loaded once per worker, not once per shard:
+each worker is a Ray actor (`TeacherEngine`, `ray.gpus_per_worker` GPUs) that builds the teacher as the
+factory does (`make_teacher`) and runs the shards given to it one after another, in one event loop, each with
+the factory's own `Run` handed that teacher. A killed actor is restarted by Ray (`max_restarts`), loads the
+teacher again and runs its shard again, which resumes from its own records and cache.
+
 `ray` is imported inside `run_on_ray`, the one function that needs it: `python -m factory --help` and the
 local runner never load it.
 """
@@ -39,27 +45,31 @@ from .lock import DirectoryInUse, DirectoryLock
 from .progress import Counters
 from .prompt_config import PromptsConfig
 from .prompts import SourceEnv, check_prompts
-from .recipe import FactoryConfig
+from .recipe import IN_PROCESS, FactoryConfig, TeacherConfig
 from .run import RUN_LOG, Run, RunResult, check_compatible, package_versions
 from .shards import PROMPTS, SHARDS, merge_shards, merge_sidecars, shard_dir, split_prompts
 from .sources import write_prompts
 from .stats import compute_stats
 from .store import read_manifest, write_manifest
+from .teachers import Teacher, make_teacher
 
 PROGRESS_EVERY_S = 30.0  # a line of figures from the shards' manifests (each run writes its own every 10 s)
 SHARE = "share"  # in shards/: each worker's part of the rate limits now, 1 / the tasks running
 SHARE_EVERY_S = 1.0  # how often a worker reads it
 LOCK_WAIT_S = 60.0  # a task of a killed driver may still hold its shard's lock for a moment
 WORKER_LOG = "worker.log"
+ENGINE_CLOSE_S = 60.0  # a worker's teacher engine is given this long to shut down, then its actor is ended
 # The worse status wins when the shards' statuses differ.
 STATUS_ORDER = ("complete", "complete_with_failures", "interrupted", "budget_exhausted", "stopped")
 SUMMED = ("cpu_s", "requests", "cache_hits", "resumed_records", "input_tokens", "output_tokens", "cached_input_tokens",
           "cache_write_tokens", "cost_usd", "retries", "rate_limited", "server_errors", "breaker_opened")
 
 
-def run_shard(config: FactoryConfig, share: float) -> dict[str, Any]:
+def run_shard(config: FactoryConfig, share: float, teacher: Teacher | None = None,
+              loop: asyncio.AbstractEventLoop | None = None) -> dict[str, Any]:
     """One shard, in a Ray worker: the factory's own run of the shard's prompts into the shard's directory.
-    What it printed is in the shard's worker.log; its figures are in the shard's manifest.json."""
+    What it printed is in the shard's worker.log; its figures are in the shard's manifest.json. `teacher` and
+    `loop`: a worker's teacher engine, loaded once, and the event loop it is bound to (TeacherEngine)."""
     started = time.time()
     config.output_dir.mkdir(parents=True, exist_ok=True)
     with open(config.output_dir / WORKER_LOG, "a", encoding="utf-8") as log:
@@ -67,8 +77,9 @@ def run_shard(config: FactoryConfig, share: float) -> dict[str, Any]:
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
-                result = asyncio.run(_run_sharing(Run(config, console=console, rate_share=share),
-                                                  config.output_dir.parent / SHARE))
+                sharing = _run_sharing(Run(config, console=console, rate_share=share, teacher=teacher),
+                                       config.output_dir.parent / SHARE)
+                result = asyncio.run(sharing) if loop is None else loop.run_until_complete(sharing)
                 break
             except DirectoryInUse:
                 if time.monotonic() > deadline:
@@ -97,6 +108,31 @@ async def _run_sharing(run: Run, share_file: Path) -> RunResult:
         return await run.execute()
     finally:
         follower.cancel()
+
+
+class TeacherEngine:
+    """A Ray actor's body (`runner: ray` with provider local or vllm): the teacher built once, as the factory
+    builds it, and the shards given to this worker run one after another with it. One event loop for the
+    actor's life: a vLLM teacher is bound to the loop that first used it, and a local one keeps its batcher."""
+
+    def __init__(self, teacher: TeacherConfig, share: float) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.teacher = make_teacher(teacher, share)
+
+    def run(self, config: FactoryConfig, share: float) -> dict[str, Any]:
+        return run_shard(config, share, self.teacher, self.loop)
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.teacher.aclose())
+        finally:
+            self.loop.close()
+
+
+def actor_options(settings: Any, max_restarts: int) -> dict[str, Any]:
+    """Ray's options for one worker's TeacherEngine: its CPUs and GPUs, and restarts that run its shard again."""
+    return {"num_cpus": settings.cpus_per_worker, "num_gpus": settings.gpus_per_worker or 0,
+            "max_restarts": max_restarts, "max_task_retries": max_restarts}
 
 
 def _write_share(shards_dir: Path, running: int) -> None:
@@ -149,8 +185,11 @@ def _drive(ray: Any, config: FactoryConfig, limit: int | None, console: Console)
     open_shards = [index for index, count in enumerate(counts) if count]
     workers = min(settings.workers, len(open_shards))
     share = 1.0 / workers
+    in_process = config.teacher.provider in IN_PROCESS
+    each = (f"one {config.teacher.provider} teacher engine per worker, {settings.gpus_per_worker:g} GPU(s) each"
+            if in_process else f"each worker's share of the rate limits: 1/{workers}")
     console.print(f"[bold]ray[/]     {total:,} prompts in {shards} shard(s) ({escape(str(run_dir / 'shards'))}), "
-                  f"{workers} at a time; each worker's share of the rate limits: 1/{workers}", highlight=False)
+                  f"{workers} at a time; {each}", highlight=False)
     started_ray = not ray.is_initialized()
     ray_at = time.monotonic()
     if started_ray:
@@ -164,8 +203,30 @@ def _drive(ray: Any, config: FactoryConfig, limit: int | None, console: Console)
     env_vars = ({name: os.environ[name] for name in sorted(keys) if name and name in os.environ}
                 if settings.pass_keys else {})
     ray_start_s = time.monotonic() - ray_at
+    runtime = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+    engines: list[Any] = []
+    if in_process:  # a teacher loaded in the process: one engine per worker (an actor), given shards in turn
+        try:
+            _check_gpus(ray, workers, settings.gpus_per_worker or 0.0)
+        except RecipeError:
+            if started_ray:
+                ray.shutdown()
+            raise
+        engine = ray.remote(TeacherEngine).options(**actor_options(settings, settings.max_restarts), **runtime)
+        engines = [engine.remote(config.teacher, share) for _ in range(workers)]
     task = ray.remote(run_shard).options(num_cpus=settings.cpus_per_worker, max_retries=settings.max_restarts,
-                                         **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}))
+                                         **runtime)
+    idle = deque(engines)
+    engine_of: dict[Any, Any] = {}  # a running shard's engine, back to idle when the shard is done
+
+    def submit(shard: FactoryConfig) -> Any:
+        if not engines:
+            return task.remote(shard, share)
+        engine = idle.popleft()
+        ref = engine.run.remote(shard, share)
+        engine_of[ref] = engine
+        return ref
+
     results: dict[int, dict[str, Any]] = {}
     sharing = 0  # the tasks the share was last written for
     waiting = deque(open_shards)
@@ -174,7 +235,7 @@ def _drive(ray: Any, config: FactoryConfig, limit: int | None, console: Console)
         while waiting or running:
             while waiting and len(running) < workers:
                 index = waiting.popleft()
-                running[task.remote(shard_config(config, index, counts[index], total), share)] = index
+                running[submit(shard_config(config, index, counts[index], total))] = index
             if running and len(running) != sharing:
                 sharing = len(running)
                 _write_share(run_dir / SHARDS, sharing)
@@ -183,17 +244,23 @@ def _drive(ray: Any, config: FactoryConfig, limit: int | None, console: Console)
                 console.print(_progress(run_dir, shards, total * config.samples_per_prompt), highlight=False)
             for ref in done:
                 index = running.pop(ref)
+                if ref in engine_of:
+                    idle.append(engine_of.pop(ref))
                 results[index] = _outcome(ray, ref, index, settings.max_restarts)
                 console.print(f"shard {index}: {escape(results[index]['status'])}", highlight=False)
     except KeyboardInterrupt:
         # Each task's run stops as on Ctrl-C: it finishes its requests in flight and writes its manifest.
         console.print("[yellow]stopping: the shards finish the requests in flight[/]")
         for ref in running:
-            ray.cancel(ref)
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - an engine's shard may not take a cancel; it stops with the engine
+                pass
         ray.wait(list(running), num_returns=len(running), timeout=30)
         for index in running.values():
             results[index] = {"status": "interrupted", "message": ""}
     finally:
+        _close_engines(ray, engines, busy=list(engine_of.values()))
         if started_ray:
             ray.shutdown()
     merge_at = time.monotonic()
@@ -246,6 +313,28 @@ def _drive(ray: Any, config: FactoryConfig, limit: int | None, console: Console)
                         output_tokens=this_run["output_tokens"], cost_usd=this_run["cost_usd"], started=started)
     counters.finished = time.monotonic()
     return RunResult(status, counters, _message(status, results, merged.failed))
+
+
+def _check_gpus(ray: Any, workers: int, gpus: float) -> None:
+    """Refuse engines the cluster cannot place: Ray would keep them (and their shards) waiting for ever."""
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if workers * gpus > have:
+        raise RecipeError(
+            f"ray.gpus_per_worker: {gpus:g} for {workers} worker(s) needs {workers * gpus:g} GPU(s); the Ray cluster "
+            f"has {have:g}. Lower factory.ray.workers, run on a cluster with the GPUs, or (provider local) set "
+            "factory.ray.gpus_per_worker: 0 to run the teacher on the CPU")
+
+
+def _close_engines(ray: Any, engines: list[Any], busy: list[Any]) -> None:
+    """Each idle worker's teacher closed (a vLLM engine shuts its processes down), then every actor ended. A
+    busy one (a shard that did not stop when interrupted) is ended at once: its close would wait for the shard."""
+    idle = [engine for engine in engines if not any(engine is other for other in busy)]
+    try:
+        ray.get([engine.close.remote() for engine in idle], timeout=ENGINE_CLOSE_S)
+    except Exception:  # noqa: BLE001 - a dead or stuck engine is ended below all the same
+        pass
+    for engine in engines:
+        ray.kill(engine)
 
 
 def _progress(run_dir: Path, shards: int, total: int) -> str:

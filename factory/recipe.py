@@ -346,6 +346,12 @@ class RayConfig(Strict):
     )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs each shard's task reserves")
     max_restarts: int = Field(default=3, ge=0, description="times Ray restarts a shard whose worker died")
+    gpus_per_worker: float | None = Field(
+        default=None, ge=0,
+        description="provider local or vllm: GPUs each worker's teacher engine reserves (Ray's num_gpus for its "
+        "actor); default: 1 for vllm, 0 for local (on the CPU); set tensor_parallel_size's count for a vLLM engine "
+        "over several GPUs",
+    )
     pass_keys: bool = Field(
         default=False,
         description="send the API key variables the recipe names from the driver's environment with each task "
@@ -422,8 +428,11 @@ class FactoryConfig(Strict):
             if self.teacher.mode == "batch":
                 raise ValueError("runner: ray sends online requests; a Batch API needs no workers (runner: local)")
             if self.teacher.provider in IN_PROCESS:
-                raise ValueError(f"runner: ray is for teachers behind an API; provider {self.teacher.provider} "
-                                 "loads its model in each process (serve it with vLLM and use provider: openai)")
+                if self.ray.gpus_per_worker is None:  # a vLLM engine needs its GPU; transformers runs on the CPU
+                    self.ray.gpus_per_worker = 1.0 if self.teacher.provider == "vllm" else 0.0
+            elif self.ray.gpus_per_worker:
+                raise ValueError(f"ray.gpus_per_worker is for a teacher loaded in each worker (provider local or "
+                                 f"vllm); provider {self.teacher.provider} is behind an API: remove it")
             if self.prompts.self_instruct is not None:
                 raise ValueError("runner: ray takes a prompts file, grid or dataset; run the self-instruct "
                                  "expansion with runner: local first, then point prompts.path at its prompts file")

@@ -34,6 +34,7 @@ from .asker import Asker, Budget, limiter_for
 from .batch import BatchDriver
 from .cache import ResponseCache
 from .decide import Decider, Stop
+from .learnt_limits import LIMITS, limiter_key, read_limits, recall, snapshot, write_limits
 from .limiter import Limiter
 from .lock import DirectoryLock
 from .logprobs import open_sidecar
@@ -106,6 +107,8 @@ class Run:
         self.console = console or CommandConsole()
         self._teacher = teacher
         self.limiters: list[Limiter] = []
+        self.endpoint_limiters: dict[str, Limiter] = {}  # the limiters of APIs, by endpoint (limits.json)
+        self._limits_kept: dict[str, Any] | None = None
         self.stop = Stop(self._close_limiters)
         self.self_instruct: dict[str, Any] | None = None  # the expansion's figures, with prompts.self_instruct
         self.spent_usd = 0.0  # paid before the samples (the self-instruct expansion), for the budget
@@ -243,6 +246,12 @@ class Run:
         for check, check_config, check_teacher, check_pricer in self.check_models:
             limiter = self.limiter if _same_endpoint(check_config, config.teacher) else self._limiter(check_config, check_teacher)
             check.connect(Asker(check_teacher, check_config, limiter, cache, check_pricer, counters.judge, budget))
+        learnt, warning = read_limits(run_dir)
+        if warning:
+            self.console.print(f"[yellow]{escape(warning)}[/]")
+        if recall(self.endpoint_limiters, learnt):
+            self.console.print("limits   paced from the first request where an earlier run found short windows "
+                               f"({LIMITS})", highlight=False)
         self.decider = Decider(config, store=self.store, asker=self.asker, checks=checks, counters=counters,
                                sidecar=sidecar, stop=self.stop)
         if config.teacher.mode == "batch":
@@ -268,6 +277,7 @@ class Run:
             while True:
                 await asyncio.sleep(0.25)
                 view.refresh()
+                self._keep_limits()
                 if time.monotonic() - last_manifest >= MANIFEST_EVERY_S:
                     last_manifest = time.monotonic()
                     write_manifest(run_dir, self._manifest("running", counters, previous))
@@ -318,6 +328,7 @@ class Run:
                 await check_teacher.aclose()
             if sidecar is not None:
                 sidecar.close()
+            self._keep_limits()
             status = self._status()
             manifest = self._manifest(status, counters, previous)
             if status != "interrupted":  # Ctrl-C wants out now; `factory stats` computes them on demand
@@ -398,7 +409,19 @@ class Run:
     def _limiter(self, config: TeacherConfig, teacher: Teacher) -> Limiter:
         limiter = limiter_for(config, teacher, self.rate_share)
         self.limiters.append(limiter)
+        if config.provider not in IN_PROCESS:
+            self.endpoint_limiters[limiter_key(config)] = limiter
         return limiter
+
+    def _keep_limits(self) -> None:
+        """limits.json, when a limiter learnt something since it was last written (a resumed run starts from it)."""
+        learnt = snapshot(self.endpoint_limiters)
+        if learnt["limiters"] and learnt != self._limits_kept:
+            try:
+                write_limits(self.config.output_dir, learnt)
+            except OSError as exc:  # a hint for the next run: not worth stopping this one
+                self.console.print(f"[yellow]{LIMITS} not written: {escape(os_error_message(exc))}[/]")
+            self._limits_kept = learnt
 
     def _warn_check_order(self, checks: list[Check]) -> None:
         """A judge before another check pays for samples that check would have dropped for (nearly) free."""

@@ -4,13 +4,16 @@ of 429s. Counts are the server's own (`stats.admitted_at`, `stats.refused_at`: i
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, read_jsonl, write_prompts, write_recipe
 
+from factory.__main__ import main
+from factory.learnt_limits import LIMITS, limiter_key, read_limits
 from factory.limiter import Limiter
-from factory.recipe import TeacherConfig
+from factory.recipe import TeacherConfig, load_factory_config
 from factory.teachers import make_teacher
 from fakes import FakeConfig, FakeServer
 
@@ -74,3 +77,47 @@ def test_a_provider_that_enforces_the_minute_in_short_windows_gets_no_burst_of_4
     windows = per_window(stats["admitted_at"], 0.5)
     assert max(windows.values()) <= 10, f"no window over its share: {windows}"
     assert max(refused) < min(refused) + 1.0, "the 429s all came from the first overrun, none after it"
+
+
+def _generate(recipe, limit: int | None = None) -> int:
+    return main(["generate", str(recipe), *(["--limit", str(limit)] if limit else [])])
+
+
+def test_a_short_window_learnt_by_a_run_is_paced_from_the_first_request_when_it_resumes(tmp_path, env_key):
+    # The same short windows as above (1,200 a minute, 10 per 0.5 s). The first run learns them with a 429 or
+    # two; the run again, with more prompts, recalls them from limits.json and sends no burst at all.
+    run = tmp_path / "run"
+    prompts = write_prompts(tmp_path / "p.jsonl", 80)
+    with FakeServer(FakeConfig(api_key=API_KEY, latency_s=0.01, rpm=1200, rate_quantum_s=0.5)) as server:
+        recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=prompts, provider="openai",
+                              base_url=server.openai_base_url, extra="  checks: [empty]\n")
+        assert _generate(recipe, limit=40) == 0
+        first = server.stats.snapshot()
+        assert len(first["refused_at"]) >= 1, "the first run must overrun a short window to learn it"
+        learnt = json.loads((run / LIMITS).read_text())
+        assert learnt["limiters"][limiter_key(load_factory_config(recipe).teacher)] == {
+            "short_windows": {"requests": 1200.0}}, learnt
+        assert _generate(recipe) == 0
+        second = server.stats.snapshot()
+    assert len(read_jsonl(run / "accepted.jsonl")) == 80, "every prompt once"
+    assert len(second["admitted_at"]) - len(first["admitted_at"]) == 40, "the resumed run paid only the new prompts"
+    assert second["refused_at"] == first["refused_at"], "no 429 in the resumed run: paced from its first request"
+    resumed = [stamp for stamp in second["admitted_at"] if stamp not in set(first["admitted_at"])]
+    assert max(per_window(resumed, 0.5).values()) <= 10, "no window over its share"
+
+
+def test_an_unreadable_limits_file_is_ignored_with_a_warning_that_names_it(tmp_path, env_key, capsys):
+    assert read_limits(tmp_path) == ({}, None), "no file: nothing learnt, nothing to say"
+    for text, why in (('{"version": 1, "limiters": {"k": {"short_windows": ', "JSONDecodeError"),
+                      ('{"version": 1, "limiters": {"k": {"requests": 1200}}}', "not the limits this run writes"),
+                      ('{"version": 7, "limiters": {}}', "version 7")):
+        (tmp_path / LIMITS).write_text(text)
+        learnt, warning = read_limits(tmp_path)
+        assert learnt == {} and warning is not None
+        assert str(tmp_path / LIMITS) in warning and why in warning, warning
+    with FakeServer(FakeConfig(api_key=API_KEY)) as server:
+        recipe = write_recipe(tmp_path / "r.yaml", output_dir=tmp_path, prompts=write_prompts(tmp_path / "p.jsonl", 3),
+                              provider="openai", base_url=server.openai_base_url)
+        assert _generate(recipe) == 0, "the run goes on"
+    shown = capsys.readouterr()
+    assert f"{LIMITS} cannot be read" in shown.out + shown.err

@@ -17,15 +17,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, PYTHON, REPO, read_jsonl, write_prompts, write_recipe
+import numpy as np
+from conftest import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl, write_prompts, write_recipe
 from rich.console import Console
 
 from apprentice.errors import ApprenticeError, RecipeError
+from apprentice.responses import Choice, TeacherResponse
 from factory.__main__ import main
 from factory.limiter import Limiter
-from factory.logprobs import read_logprobs
+from factory.logprobs import read_logprobs, read_meta
 from factory import ray_runner
-from factory.ray_runner import _outcome, run_on_ray
+from factory.ray_runner import _outcome, actor_options, run_on_ray
 from factory.recipe import load_factory_config
 from factory.records import CheckResult, Sample
 from factory.run import Run, check_compatible
@@ -107,6 +109,54 @@ def test_a_limiter_takes_a_larger_share_when_a_worker_is_done():
     assert requests.capacity == 300, "the recipe's cap, at the new share, stays a cap"
 
 
+def _in_flight_then(limiter: Limiter, count: int, during) -> None:
+    """`count` requests admitted by the limiter and held in flight (their answers wait) while `during(limiter)` runs."""
+    answer = TeacherResponse(choices=[Choice(text="ok", finish_reason="stop")], input_tokens=0, output_tokens=0)
+
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def call() -> TeacherResponse:
+            await release.wait()
+            return answer
+
+        sent = [asyncio.create_task(limiter.run(call, input_tokens=10, output_tokens=10)) for _ in range(count)]
+        while limiter.stats.requests < count:  # sent (admitted by the buckets and the pace), not answered
+            await asyncio.sleep(0.001)
+        during(limiter)
+        release.set()
+        await asyncio.gather(*sent)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("new_share", [1.0, 0.25])
+def test_a_new_share_keeps_the_cost_of_the_requests_in_flight(new_share):
+    # 6,000 a minute at a half share: 50 a second, so the 4 sends are spaced 21 ms apart and refill little.
+    limiter = Limiter(max_concurrency=8, rpm=6000, share=0.5)
+    requests = limiter.buckets["requests"]
+    requests.level = 10.0  # most of the window spent: what is in flight matters
+    seen = {}
+
+    def change(limiter: Limiter) -> None:
+        now = time.monotonic()
+        requests.wait_for(0, now)  # the level refilled up to now
+        seen["before"] = requests.level
+        seen["wait_before"] = limiter.pacer.due["requests"] - now
+        limiter.set_share(new_share)
+        seen["after"] = requests.level
+        seen["wait_after"] = limiter.pacer.due["requests"] - time.monotonic()
+
+    _in_flight_then(limiter, 4, change)
+    ratio = new_share / 0.5
+    # This worker's part before the 4 in flight was level + 4; that part scales, and the 4 are still owed.
+    assert seen["after"] == pytest.approx((seen["before"] + 4) * ratio - 4, abs=0.05), seen
+    assert abs(seen["after"] - seen["before"] * ratio) >= 4 * abs(ratio - 1) - 0.05, "not the level alone scaled"
+    assert seen["wait_after"] == pytest.approx(seen["wait_before"] / ratio, abs=0.002), "the next send's spacing too"
+    assert (requests.capacity, requests.rate) == (6000 * new_share, 100 * new_share)
+    assert limiter._in_flight_cost["requests"] == 0, "answered: nothing left in flight"
+
+
 class _Sleeps:
     """Stands in for a Run: its limiters, and an execute that takes a while."""
 
@@ -168,8 +218,24 @@ def test_the_ray_settings_are_checked_with_the_recipe(tmp_path):
         load_factory_config(recipe, ["factory.runner=local"])
     with pytest.raises(RecipeError, match="a Batch API needs no workers"):
         load_factory_config(recipe, ["factory.teacher.mode=batch"])
-    with pytest.raises(RecipeError, match="serve it with vLLM and use provider: openai"):
-        load_factory_config(recipe, ["factory.teacher.provider=local", "factory.teacher.base_url=null"])
+    with pytest.raises(RecipeError, match="ray.gpus_per_worker is for a teacher loaded in each worker"):
+        load_factory_config(recipe, ["factory.ray.gpus_per_worker=1"])
+
+
+def test_a_teacher_loaded_in_the_process_gets_one_engine_per_worker_with_its_gpus(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=tmp_path / "run", prompts=write_prompts(tmp_path / "p.jsonl", 2),
+                          provider="vllm", model="Qwen/Qwen2.5-0.5B-Instruct", base_url="null", extra=RAY)
+    vllm = load_factory_config(recipe)
+    assert vllm.ray.gpus_per_worker == 1, "a vLLM engine takes a GPU unless told"
+    assert actor_options(vllm.ray, 3) == {"num_cpus": 1.0, "num_gpus": 1.0, "max_restarts": 3, "max_task_retries": 3}
+    tensor_parallel = load_factory_config(recipe, ["factory.ray.gpus_per_worker=2",
+                                                   "factory.teacher.engine_args={tensor_parallel_size: 2}"])
+    assert actor_options(tensor_parallel.ray, 0)["num_gpus"] == 2
+    local = load_factory_config(recipe, ["factory.teacher.provider=local"])
+    assert local.ray.gpus_per_worker == 0, "transformers on the CPU unless told"
+    with pytest.raises(RecipeError, match="runner: ray takes a prompts file"):
+        load_factory_config(recipe, ["factory.teacher.provider=local", "factory.prompts.path=null",
+                                     f"factory.prompts.self_instruct={{seeds: {tmp_path / 'p.jsonl'}, count: 4}}"])
 
 
 def test_without_ray_installed_the_runner_says_which_extra_to_install(tmp_path, monkeypatch):
@@ -391,3 +457,90 @@ def test_api_keys_stay_out_of_ray_unless_pass_keys_sends_them(tmp_path, server, 
             assert "sk-driver-only" not in shown.out + shown.err
             assert server.stats.by_status.get(200, 0) == 0, "nothing answered without the key"
     assert len(read_jsonl(tmp_path / "run-True" / "accepted.jsonl")) == 6
+
+
+def _local_teacher_recipe(path: Path, run: Path, prompts: Path, model: Path, extra: str) -> Path:
+    path.write_text(
+        "factory:\n"
+        f"  output_dir: {run}\n"
+        f"  prompts: {{path: {prompts}}}\n"
+        "  teacher:\n"
+        "    provider: local\n"
+        f"    model: {model}\n"
+        "    params: {temperature: 0, max_tokens: 6}\n"
+        "    device: cpu\n"
+        "    batch_size: 1\n"  # each answer alone: no padding that could differ between the runners' batches
+        "    logprobs: {top_k: 3}\n"
+        "  checks: [empty, {name: regex, pattern: 'f f', mode: must_not_match}]\n" + extra, encoding="utf-8")
+    return path
+
+
+def _letter_prompts(path: Path, count: int) -> Path:
+    letters = "abcdefghijklmnop"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"{letters[i % 16]} {letters[(3 * i + 1) % 16]} "
+                                        f"{letters[(i // 16) % 16]}"}) + "\n" for i in range(count)), encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_a_local_teacher_on_ray_makes_the_single_process_run_s_records_and_logprobs(tmp_path, ray_cluster):
+    """`provider: local` under `runner: ray`: one engine per worker (an actor that loads the tiny Llama once and
+    runs its shards one after another); greedy, the records and the logprobs sidecar are the local runner's."""
+    model = build_tiny_llama(tmp_path / "tiny")
+    prompts = _letter_prompts(tmp_path / "p.jsonl", 12)
+    runs = {}
+    for runner, extra in (("local", ""), ("ray", "  runner: ray\n  ray: {workers: 2, shards: 3}\n")):
+        recipe = _local_teacher_recipe(tmp_path / f"{runner}.yaml", tmp_path / runner, prompts, model, extra)
+        assert main(["generate", str(recipe)]) == 0, runner
+        runs[runner] = tmp_path / runner
+    local, sharded = _by_id(runs["local"]), _by_id(runs["ray"])
+    assert len(local) == 12 and sorted(local) == sorted(sharded), "the same record ids"
+    assert 0 < sum(record["rejected_by"] is None for record in local.values()) < 12, "accepted and rejected records"
+    for record_id, record in sharded.items():
+        assert record == local[record_id], record_id  # completion, finish_reason, checks, rejected_by: all of it
+    assert read_meta(runs["ray"]) == read_meta(runs["local"]), "the sidecar's tokenizer fingerprint"
+    ours, theirs = read_logprobs(runs["ray"]), read_logprobs(runs["local"])
+    assert sorted(ours) == sorted(theirs) and len(ours) >= 6, "a sidecar entry per record, as the local runner's"
+    for record_id, entry in ours.items():
+        assert entry.sampled_ids.tolist() == theirs[record_id].sampled_ids.tolist(), record_id
+        assert entry.top_ids.tolist() == theirs[record_id].top_ids.tolist(), record_id
+        np.testing.assert_allclose(entry.top_logprobs, theirs[record_id].top_logprobs, atol=1e-5)
+    # Two engines for three shards: one ran two shards with the teacher it had loaded for the first.
+    shards = [json.loads((shard_dir(runs["ray"], index) / "manifest.json").read_text()) for index in range(3)]
+    loads = [shard["this_run"]["teacher_load_s"] for shard in shards]
+    assert len(set(loads)) == 2, f"the model loaded once per worker, not once per shard: {loads}"
+    # A vLLM engine per worker takes a GPU: on this cluster (none) it is refused before any actor waits for ever.
+    vllm = load_factory_config(tmp_path / "ray.yaml", ["factory.teacher.provider=vllm", "factory.teacher.device=null",
+                                                       f"factory.output_dir={tmp_path / 'vllm'}"])
+    with pytest.raises(RecipeError, match=r"gpus_per_worker: 1 for 2 worker\(s\) needs 2 GPU\(s\); the Ray cluster has 0"):
+        run_on_ray(vllm, console=Console(file=io.StringIO()))
+
+
+@pytest.mark.slow
+def test_a_killed_teacher_engine_is_restarted_and_resumes_its_shard(tmp_path, ray_cluster):
+    model = build_tiny_llama(tmp_path / "tiny")
+    total = 80
+    run = tmp_path / "run"
+    recipe = _local_teacher_recipe(tmp_path / "r.yaml", run, _letter_prompts(tmp_path / "p.jsonl", total), model,
+                                   "  runner: ray\n  ray: {workers: 2}\n")
+    codes = []
+    driver = threading.Thread(target=lambda: codes.append(main(["generate", str(recipe)])))
+    driver.start()
+
+    def written() -> int:
+        return _lines(shard_dir(run, 0) / ACCEPTED) + _lines(shard_dir(run, 0) / REJECTED)
+
+    deadline = time.monotonic() + 60
+    while written() < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lock = shard_dir(run, 0) / "run.lock"
+    victim = int(lock.read_text())
+    os.kill(victim, signal.SIGKILL)
+    at_kill = written()
+    driver.join(120)
+    assert codes == [0]
+    assert int(lock.read_text()) != victim, "a new engine (the actor restarted) made the rest of the shard"
+    records = read_jsonl(run / ACCEPTED) + read_jsonl(run / REJECTED)  # every line parses
+    assert sorted(int(r["prompt_id"][1:]) for r in records) == list(range(total)), "every prompt once"
+    assert at_kill < _lines(shard_dir(run, 0) / ACCEPTED) + _lines(shard_dir(run, 0) / REJECTED), "killed mid-shard"
+    assert len(read_logprobs(run)) == total, "the sidecar has every record, those made before the kill too"
