@@ -29,6 +29,7 @@ from factory.served_log import ServedLog
 
 from .backends import Backend
 from .config import ServeConfig
+from .judge import ShadowJudge
 from .learned import LearnedRouter
 from .metrics import Metrics
 from .router import AllDown, ChatRequest, Router, Served
@@ -177,12 +178,14 @@ class ServeApp:
         config = self.config
         assert config.routing.router is not None  # the config fills it in
         learned = LearnedRouter.load(config.routing.router) if config.routing.mode == "learned" else None
+        # the judge first: its price is what a recipe most likely lacks (a budget needs one)
+        judge = ShadowJudge(config.shadow_judge) if config.shadow_judge is not None else None
         student = Backend("student", config.student)
         teacher = Backend("teacher", config.teacher, config.budget_usd) if config.teacher is not None else None
         log = ServedLog(config.log_dir, config.log_rotate_bytes)
         if log.repaired:
             self.warn(f"served log: cut a partial last line ({log.repaired} bytes) left by a crash in {log.path}")
-        self.router = Router(config, student, teacher, log, self.metrics, self.rng, self.warn, learned)
+        self.router = Router(config, student, teacher, log, self.metrics, self.rng, self.warn, learned, judge)
         self.runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, config.host, config.port)
@@ -199,7 +202,7 @@ class ServeApp:
         if router is not None:
             await router.drain()
             await asyncio.gather(*self._background, return_exceptions=True)
-            for backend in (router.student, router.teacher):
+            for backend in (router.student, router.teacher, router.judge):
                 if backend is not None:
                     await backend.aclose()
             router.log.close()
@@ -323,7 +326,8 @@ class ServeApp:
         alarms = sorted(self.metrics.alarms.values())
         body = {"status": "alarm" if alarms else "ok", "alarms": alarms,
                 "rolling_agreement": self.metrics.rolling_agreement(),
-                "rolling_confidence": self.metrics.rolling_confidence()}
+                "rolling_confidence": self.metrics.rolling_confidence(),
+                "rolling_judge_preference": self.metrics.rolling_preference()}
         return json_response(body, status=503 if alarms else 200)
 
     # ---- admin -----------------------------------------------------------------------------------------------

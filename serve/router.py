@@ -3,7 +3,7 @@
 `cascade`: the student answers; when its confidence is below `routing.threshold` the teacher answers instead.
 `canary`: that share goes to the teacher regardless. `shadow`: that share is also asked of the model that did not
 answer, off the response path (a task started after the answer is logged), and the two answers compared with
-the eval's normaliser (`fold_answer`). Faults: the teacher fails or its budget is spent → the student's answer
+the eval's normaliser (`fold_answer`), and by the shadow judge where one is configured (serve/judge.py). Faults: the teacher fails or its budget is spent → the student's answer
 is served and marked; the student fails → the teacher answers; both fail → AllDown (the server's 503).
 
 Every answer is logged (factory/served_log.py) before it is returned, so before the client sees it.
@@ -23,6 +23,7 @@ from factory.served_log import ServedLog
 
 from .backends import Answer, Backend, BackendDown
 from .config import ServeConfig
+from .judge import JudgeFailed, JudgeSpent, ShadowJudge
 from .learned import LearnedRouter
 from .metrics import Metrics
 
@@ -52,7 +53,8 @@ class Served:
 class Router:
     def __init__(self, config: ServeConfig, student: Backend, teacher: Backend | None, log: ServedLog,
                  metrics: Metrics, rng: random.Random | None = None,
-                 warn: Callable[[str], None] | None = None, learned: LearnedRouter | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, learned: LearnedRouter | None = None,
+                 judge: ShadowJudge | None = None) -> None:
         self.config = config
         self.routing = config.routing
         self.student = student
@@ -62,6 +64,7 @@ class Router:
         self.rng = rng or random.Random(config.routing.seed)
         self.warn = warn or (lambda message: None)
         self.learned = learned
+        self.judge = judge
         self.shadow_tasks: set[asyncio.Task] = set()
 
     async def _ask(self, backend: Backend, request: ChatRequest) -> Answer:
@@ -168,13 +171,38 @@ class Router:
         else:
             agree = fold_answer(theirs.texts[0]) == fold_answer(served.answer.texts[0])
             self.metrics.shadow(agree)
-            record.update(time=round(time.time(), 3),
-                          completion=[{"role": "assistant", "content": theirs.texts[0]}],
+            record.update(completion=[{"role": "assistant", "content": theirs.texts[0]}],
                           confidence=theirs.confidence, agree=agree, latency_ms=round(theirs.latency_s * 1000, 3))
+            if self.judge is not None:
+                student, teacher = served.answer.texts[0], theirs.texts[0]
+                if served.answered_by == "teacher":
+                    student, teacher = teacher, student
+                record["judge"] = await self._judged(served.id, request.messages, student, teacher)
+            record["time"] = round(time.time(), 3)
         try:
             self.log.write(record)
         except OSError as exc:  # off the response path: nobody to answer, so say it
             self.warn(f"served log: the shadow comparison of {served.id} was not written: {exc}")
+
+    async def _judged(self, request_id: str, messages: list[dict[str, str]], student: str,
+                      teacher: str) -> dict[str, Any]:
+        """The judge's verdict on one shadow pair, for its log line; a judge that fails or whose budget is spent
+        costs the comparison its verdict, never the request its answer."""
+        assert self.judge is not None
+        spent_before = self.judge.spent
+        try:
+            judgement = await self.judge.judge(messages, student, teacher)
+        except JudgeSpent as exc:
+            self.metrics.judge_skipped()
+            if not spent_before:
+                self.warn(f"{exc} (${self.judge.cost_usd:.4f} paid); shadow comparisons go on with agreement only")
+            return {"skipped": "budget_spent"}
+        except JudgeFailed as exc:
+            self.metrics.judge_failed()
+            self.warn(f"shadow judge: no verdict on the shadow pair of {request_id}: {exc}")
+            return {"error": str(exc)}
+        self.metrics.judged(judgement.preference, judgement.cost_usd)
+        return judgement.record()
 
     async def drain(self) -> None:
         """Wait for the shadow comparisons in flight (a clean shutdown logs them)."""
