@@ -146,6 +146,5 @@ def test_a_shadow_judge_that_cannot_work_is_refused_with_its_key(tmp_path, extra
 def test_a_judge_with_no_price_stops_the_server_before_it_binds(tmp_path, servers):
     config = judged_config(tmp_path / "log", servers)
     config.shadow_judge.price = None  # an unknown model at a base_url: a budget needs its price
-    with pytest.raises(RecipeError, match=r"serve\.shadow_judge\.price"):
-        with RunningRouter(config):
-            pass
+    with pytest.raises(RecipeError, match=r"serve\.shadow_judge\.price"), RunningRouter(config):
+        pass
