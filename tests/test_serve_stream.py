@@ -3,6 +3,8 @@ the real openai SDK against loopback fake servers that stream (fakes/streaming.p
 the rest of its stream until released, and its counters say what it had not sent when the client got a chunk."""
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
 from conftest import API_KEY
@@ -136,3 +138,23 @@ def test_a_backend_that_cannot_stream_answers_whole_and_the_router_chunks_it(tmp
         text = text_of(list(stream))
     assert text == ANSWER and student.stats.streams == 0
     assert next(iter_served(tmp_path / "log"))["completion"][0]["content"] == ANSWER
+
+
+def test_a_client_that_leaves_mid_stream_does_not_stop_the_answer_being_read_and_logged(tmp_path, fakes):
+    student, teacher = fakes
+    student.config.stream_hold_after = 1
+    config = serve_config(tmp_path / "log", student.openai_base_url, teacher.openai_base_url)
+    with RunningRouter(config) as router:
+        _, stream = open_stream(router)
+        for chunk in stream:
+            if text_of([chunk]):
+                break
+        stream.close()  # the client hangs up with the rest of the answer still held by the backend
+        student.release_streams()
+        # Not a timing: wait (up to 10 s) for the router to read the rest and log it.
+        for _ in range(200):
+            if list(iter_served(tmp_path / "log")):
+                break
+            time.sleep(0.05)
+    (record,) = list(iter_served(tmp_path / "log"))
+    assert record["completion"][0]["content"] == ANSWER and record["fault"] is None, "read to its end and logged"
