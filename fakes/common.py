@@ -70,7 +70,8 @@ class FakeConfig:
     batch_create_lost: list[str] = field(default_factory=list)
     # Streamed answers (`stream: true`, OpenAI; fakes/streaming.py): the pause between two chunks; after this many
     # content chunks a stream holds the rest until `server.release_streams()`; where a "stream_error" or
-    # "stream_drop" fault cuts a stream (after this many content chunks).
+    # "stream_drop" fault cuts a stream (after this many content chunks). A whole (not streamed) answer waits as
+    # long as its stream would have paused in all, as a server generating it would take.
     stream_chunk_s: float = 0.0
     stream_hold_after: int | None = None
     stream_cut_after: int = 1
@@ -173,7 +174,7 @@ class FakeStats:
 class Reply:
     """One response, as bytes ready to write, plus what `FakeServer.record` counts."""
 
-    __slots__ = ("data", "status", "close", "digest", "stream")
+    __slots__ = ("data", "status", "close", "digest", "stream", "generation_s")
 
     def __init__(self, data: bytes | None, status: int | str, close: bool = False, digest: str | None = None):
         self.data = data          # None: drop the connection
@@ -181,6 +182,7 @@ class Reply:
         self.close = close
         self.digest = digest      # set on real 200 answers
         self.stream: Any = None   # a streamed answer: the fakes.streaming.StreamPlan sent after `data` (its head)
+        self.generation_s = 0.0   # a whole answer's wait for the chunks a stream of it would have paused between
 
 
 def error_body(provider: str, status: int, message: str, code: str | None = None) -> dict[str, Any]:

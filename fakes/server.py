@@ -48,7 +48,8 @@ a provider-shaped error body. "stream_error" and "stream_drop" cut a streamed an
 a request that does not stream is answered as if there were no fault.
 
 Streaming (OpenAI, `stream: true`): the answer as server-sent events, one HTTP chunk each, `stream_chunk_s`
-apart; with `stream_hold_after: k` a stream sends its first k content chunks and holds the rest until
+apart (a whole answer waits as long as its stream would have paused in all); with `stream_hold_after: k` a
+stream sends its first k content chunks and holds the rest until
 `server.release_streams()` (stats: `streams`, `stream_chunks_sent`, `stream_chunks_held`), so that a test can
 see what a client received while the backend still had chunks unsent, without timing anything.
 
@@ -462,7 +463,7 @@ class ChatServer:
             return delay, self.error(provider, 401, "Incorrect API key provided" if provider == "openai"
                                      else "invalid x-api-key")
 
-        fault = config.faults.get(seq)
+        fault, cut = config.faults.get(seq), None
         if fault is None and config.fault_rates:
             draw, edge = self._rng.random(), 0.0
             for kind, rate in list(config.fault_rates.items()):
@@ -473,14 +474,14 @@ class ChatServer:
         if fault is not None:
             with stats.lock:
                 stats.faults[fault] += 1
-            if fault in ("stream_error", "stream_drop"):
-                return self._queued(delay), self._chat(provider, body, seq, cut=fault)
             if fault == "drop":
                 return delay, Reply(None, "drop")
             if fault == "malformed":
                 return delay, http_reply(200, MALFORMED_BODY, ())
             if fault in ("slow", "timeout"):
                 delay += config.slow_s
+            elif fault in ("stream_error", "stream_drop"):
+                cut = fault
             elif fault.isdigit() and 400 <= int(fault) <= 599:
                 status = int(fault)
                 extra = self._retry_headers(config.retry_after) if status == 429 else ()
@@ -488,7 +489,8 @@ class ChatServer:
             else:
                 return delay, self.error(provider, 500, f"fake server: unknown fault kind {fault!r}")
 
-        return self._queued(delay), self._chat(provider, body, seq)
+        reply = self._chat(provider, body, seq, cut)
+        return self._queued(delay + reply.generation_s), reply
 
     def _queued(self, service_s: float) -> float:
         """With a capacity: the delay of a request served in the earliest free slot after those queued before it."""
@@ -523,7 +525,10 @@ class ChatServer:
             return self.error(provider, 500, answer, headers)
         if provider == "openai" and body.get("stream") is True:
             return self._streamed(body, answer, headers, cut)
-        return self._success(body, answer, headers)
+        reply = self._success(body, answer, headers)
+        if self.config.stream_chunk_s > 0 and provider == "openai":
+            reply.generation_s = self.config.stream_chunk_s * (len(stream_plan(answer, body).parts) - 1)
+        return reply
 
     @staticmethod
     def _validate(provider: str, body: dict) -> _Parsed | str:
