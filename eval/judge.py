@@ -19,6 +19,7 @@ from quality_checks.judging import (
     PAIRWISE_OUTPUT,
     RUBRIC_OUTPUT,
     judge_teacher,
+    pair_outcome,
     pairwise_prompt,
     parse_judgement,
     parse_verdict,
@@ -44,15 +45,6 @@ def parse_score(text: str) -> float | None:
     """The rubric score in [0, 1] (score / 10); None when the verdict holds no clear score."""
     parsed = parse_judgement(text)
     return parsed[0] / 10 if parsed is not None else None
-
-
-def pair_outcome(first: str | None, second: str | None) -> tuple[float, bool]:
-    """Student as A in `first`, as B in `second` → (score for the student, consistent?)."""
-    win_first = {"A": 1.0, "B": 0.0, "tie": 0.5}.get(first or "", 0.5)
-    win_second = {"B": 1.0, "A": 0.0, "tie": 0.5}.get(second or "", 0.5)
-    if win_first == win_second:
-        return win_first, True
-    return 0.5, False
 
 
 def run_judge(config: JudgeConfig, items: list[GoldenItem], runs: dict[str, ModelRun], student: str,

@@ -8,7 +8,7 @@ twice, whoever asked it.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from apprentice.errors import ApprenticeError
 from apprentice.hashing import canonical_json
@@ -123,17 +123,31 @@ class Asker:
         return answer
 
     async def _send(self, key: str, body: dict[str, Any], chars: int, max_out: int) -> tuple[TeacherResponse, float]:
+        return await self._paid(lambda: self.teacher.complete(body), chars, max_out, key)
+
+    async def read(self, call: Callable[[], Awaitable[TeacherResponse]], *, chars: int,
+                   max_tokens: int | None = None, outputs: int = 1) -> tuple[TeacherResponse, float]:
+        """An answer that `call` reads as it comes (a streamed one, passed on as it arrives): limited, retried
+        (while `call` raises a retryable TeacherError), budgeted and priced like `ask`; never cached.
+
+        Raises TeacherError after retries, LimiterClosed when the run is stopping, BudgetExhausted."""
+        if self.limiter.closed:
+            raise LimiterClosed()
+        return await self._paid(call, chars + self.context_chars, (max_tokens or self.config.max_tokens) * outputs)
+
+    async def _paid(self, call: Callable[[], Awaitable[TeacherResponse]], chars: int, max_out: int,
+                    key: str | None = None) -> tuple[TeacherResponse, float]:
+        """Sent through the limiter within the budget, priced and counted; committed to the cache under `key`."""
         est_in = self.limiter.estimate_tokens(chars)
         worst = self.pricer.worst(est_in, max_out)
         self.budget.reserve(worst)
         try:
-            response, _ = await self.limiter.run(
-                lambda: self.teacher.complete(body), input_tokens=est_in, output_tokens=max_out
-            )
+            response, _ = await self.limiter.run(call, input_tokens=est_in, output_tokens=max_out)
         finally:
             self.budget.release(worst)
         cost = self.pricer.cost_of(response)
-        self.cache.put(key, response.to_cache(), cost)
+        if key is not None:
+            self.cache.put(key, response.to_cache(), cost)
         self.limiter.calibrate(chars, response.input_tokens)
         self.usage.count(response, cost)
         return response, cost

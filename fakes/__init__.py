@@ -21,8 +21,13 @@ imports it.
 
 Modules: fakes/common.py (config, stats, replies, error vocabulary: what both halves share),
 fakes/server.py (the chat endpoints, rate limits, faults, HTTP), fakes/structured.py (response_format,
-tools: request checks and schema-bound answers), fakes/batch.py (the Batch APIs),
+tools: request checks and schema-bound answers), fakes/streaming.py (streamed answers), fakes/batch.py (the Batch APIs),
 fakes/app.py (`FakeServer`: the two composed), fakes/__main__.py (the command line).
+
+Streaming: an OpenAI request with `stream: true` is answered as server-sent events, one HTTP chunk each
+(fakes/streaming.py), `stream_chunk_s` apart; `stream_hold_after: k` holds a stream after k content chunks
+until `server.release_streams()`, and the "stream_error" / "stream_drop" faults cut one after
+`stream_cut_after` content chunks (stats: `streams`, `stream_chunks_sent`, `stream_chunks_held`).
 
 Endpoints: POST to any path ending in `/chat/completions` (OpenAI) or `/messages` (Anthropic); the
 batch APIs (fakes/batch.py) below; any other path is a 404 with an OpenAI-shaped JSON error.

@@ -68,6 +68,13 @@ class FakeConfig:
     # One entry per batch create, first to last: the batch is created, then its answer is lost: "drop"
     # (the connection closes) or an HTTP status as digits ("500"). Entries are used up.
     batch_create_lost: list[str] = field(default_factory=list)
+    # Streamed answers (`stream: true`, OpenAI; fakes/streaming.py): the pause between two chunks; after this many
+    # content chunks a stream holds the rest until `server.release_streams()`; where a "stream_error" or
+    # "stream_drop" fault cuts a stream (after this many content chunks). A whole (not streamed) answer waits as
+    # long as its stream would have paused in all, as a server generating it would take.
+    stream_chunk_s: float = 0.0
+    stream_hold_after: int | None = None
+    stream_cut_after: int = 1
 
 
 class FakeStats:
@@ -85,6 +92,8 @@ class FakeStats:
     admitted_at, refused_at: with rate limits set, the seconds since the server started at which each chat
     request was admitted by them, or refused (429), in arrival order: requests per window, on the server's clock.
     batches_created, files_uploaded: batch endpoints' creations (both providers) and accepted uploads.
+    streams: streamed answers begun; stream_chunks_sent: their chunks (events) written so far; stream_chunks_held:
+    chunks of streams held by `stream_hold_after`, not sent yet (until `release_streams()`).
     batch_items: custom_id → times it was in a created batch; batch_answered: custom_id → times a batch
     answered it successfully (batch answers are not in `answered`, which counts online bodies).
     """
@@ -102,6 +111,9 @@ class FakeStats:
         self.queue_waits: list[float] = []  # capacity: how long each chat request waited for a serving slot
         self.admitted_at: list[float] = []  # rate limits: when each request was admitted (s since start)
         self.refused_at: list[float] = []   # rate limits: when each request was refused with a 429
+        self.streams = 0
+        self.stream_chunks_sent = 0
+        self.stream_chunks_held = 0
         self.batches_created = 0
         self.files_uploaded = 0
         self.batch_items: Counter = Counter()
@@ -120,6 +132,7 @@ class FakeStats:
             self.queue_waits.clear()
             self.admitted_at.clear()
             self.refused_at.clear()
+            self.streams = self.stream_chunks_sent = self.stream_chunks_held = 0
             self.batches_created = 0
             self.files_uploaded = 0
             self.batch_items.clear()
@@ -139,6 +152,9 @@ class FakeStats:
                 "queue_waits": list(self.queue_waits),
                 "admitted_at": list(self.admitted_at),
                 "refused_at": list(self.refused_at),
+                "streams": self.streams,
+                "stream_chunks_sent": self.stream_chunks_sent,
+                "stream_chunks_held": self.stream_chunks_held,
                 "batches_created": self.batches_created,
                 "files_uploaded": self.files_uploaded,
                 "batch_items": dict(self.batch_items),
@@ -158,13 +174,15 @@ class FakeStats:
 class Reply:
     """One response, as bytes ready to write, plus what `FakeServer.record` counts."""
 
-    __slots__ = ("data", "status", "close", "digest")
+    __slots__ = ("data", "status", "close", "digest", "stream", "generation_s")
 
     def __init__(self, data: bytes | None, status: int | str, close: bool = False, digest: str | None = None):
         self.data = data          # None: drop the connection
         self.status = status
         self.close = close
         self.digest = digest      # set on real 200 answers
+        self.stream: Any = None   # a streamed answer: the fakes.streaming.StreamPlan sent after `data` (its head)
+        self.generation_s = 0.0   # a whole answer's wait for the chunks a stream of it would have paused between
 
 
 def error_body(provider: str, status: int, message: str, code: str | None = None) -> dict[str, Any]:

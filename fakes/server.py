@@ -43,7 +43,15 @@ restarts at `reset_stats()`) to a kind; `config.fault_rates` maps kinds to proba
 `random.Random(seed)` once per request (explicit `faults` win). Kinds: "drop" (close the connection,
 no response), "malformed" (200 with a body that is not JSON), "slow" / "timeout" (answer normally,
 `slow_s` later), or an HTTP status as digits ("429" with `retry-after`, "500", "503", "529", ...) with
-a provider-shaped error body.
+a provider-shaped error body. "stream_error" and "stream_drop" cut a streamed answer (`stream: true`) after
+`stream_cut_after` content chunks with OpenAI's error event, or by closing the connection (fakes/streaming.py);
+a request that does not stream is answered as if there were no fault.
+
+Streaming (OpenAI, `stream: true`): the answer as server-sent events, one HTTP chunk each, `stream_chunk_s`
+apart (a whole answer waits as long as its stream would have paused in all); with `stream_hold_after: k` a
+stream sends its first k content chunks and holds the rest until
+`server.release_streams()` (stats: `streams`, `stream_chunks_sent`, `stream_chunks_held`), so that a test can
+see what a client received while the backend still had chunks unsent, without timing anything.
 
 Prompt caching (`prompt_cache_min_tokens`, off when None): the server remembers prompt prefixes, cut at
 message boundaries (Anthropic's `system` is the first block), and reports the longest one it has seen
@@ -75,6 +83,7 @@ from typing import Any, NamedTuple
 
 import fakes.structured as structured
 from fakes.common import HOST, FakeConfig, FakeStats, Reply, error_body, http_reply
+from fakes.streaming import stream_plan
 
 MAX_HEADER_BYTES = 64 * 1024
 PROMPT_CACHE_ENTRIES = 100_000  # prefixes remembered, oldest forgotten first
@@ -287,6 +296,7 @@ class ChatServer:
         self._warned = False
         self.batches: Any = None  # the batch APIs, set by whoever assembles the fake (fakes.app)
         self._prompt_cache: OrderedDict[str, None] = OrderedDict()  # digests of cached prompt prefixes
+        self._held: set[_Connection] = set()  # streams waiting for release_streams()
 
     # -- addresses -----------------------------------------------------------------------------------
 
@@ -303,6 +313,17 @@ class ChatServer:
     @property
     def anthropic_base_url(self) -> str:
         return self.url
+
+    def release_streams(self) -> None:
+        """Let the streams held by `stream_hold_after` go on (from any thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._release)
+
+    def _release(self) -> None:
+        held, self._held = self._held, set()
+        for conn in held:
+            conn.release()
 
     def reset_stats(self) -> None:
         """Clear the stats; request sequence numbers (for `faults`) start again at 1."""
@@ -442,7 +463,7 @@ class ChatServer:
             return delay, self.error(provider, 401, "Incorrect API key provided" if provider == "openai"
                                      else "invalid x-api-key")
 
-        fault = config.faults.get(seq)
+        fault, cut = config.faults.get(seq), None
         if fault is None and config.fault_rates:
             draw, edge = self._rng.random(), 0.0
             for kind, rate in list(config.fault_rates.items()):
@@ -459,6 +480,8 @@ class ChatServer:
                 return delay, http_reply(200, MALFORMED_BODY, ())
             if fault in ("slow", "timeout"):
                 delay += config.slow_s
+            elif fault in ("stream_error", "stream_drop"):
+                cut = fault
             elif fault.isdigit() and 400 <= int(fault) <= 599:
                 status = int(fault)
                 extra = self._retry_headers(config.retry_after) if status == 429 else ()
@@ -466,7 +489,8 @@ class ChatServer:
             else:
                 return delay, self.error(provider, 500, f"fake server: unknown fault kind {fault!r}")
 
-        return self._queued(delay), self._chat(provider, body, seq)
+        reply = self._chat(provider, body, seq, cut)
+        return self._queued(delay + reply.generation_s), reply
 
     def _queued(self, service_s: float) -> float:
         """With a capacity: the delay of a request served in the earliest free slot after those queued before it."""
@@ -487,7 +511,7 @@ class ChatServer:
             return True
         return provider == "anthropic" and headers.get("x-api-key") == key
 
-    def _chat(self, provider: str, body: dict, seq: int) -> Reply:
+    def _chat(self, provider: str, body: dict, seq: int, cut: str | None = None) -> Reply:
         """An online answer: validate, charge the rate limits, and only then run the responder."""
         parsed = self._validate(provider, body)
         if isinstance(parsed, str):
@@ -499,7 +523,12 @@ class ChatServer:
                              f"chatcmpl-fake{seq:08d}" if provider == "openai" else f"msg_fake{seq:016x}")
         if isinstance(answer, str):
             return self.error(provider, 500, answer, headers)
-        return self._success(body, answer, headers)
+        if provider == "openai" and body.get("stream") is True:
+            return self._streamed(body, answer, headers, cut)
+        reply = self._success(body, answer, headers)
+        if self.config.stream_chunk_s > 0 and provider == "openai":
+            reply.generation_s = self.config.stream_chunk_s * (len(stream_plan(answer, body).parts) - 1)
+        return reply
 
     @staticmethod
     def _validate(provider: str, body: dict) -> _Parsed | str:
@@ -622,6 +651,16 @@ class ChatServer:
         reply.digest = digest
         return reply
 
+    def _streamed(self, body: dict, answer: dict, headers: list, cut: str | None) -> Reply:
+        plan = stream_plan(answer, body, headers, cut, self.config.stream_cut_after)
+        reply = Reply(plan.head, 200)
+        reply.stream = plan
+        if cut is None:  # a stream cut short was not answered
+            reply.digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        with self.stats.lock:
+            self.stats.streams += 1
+        return reply
+
     def _admit(self, provider: str, input_tokens: int, output_tokens: int):
         """(True, rate-limit headers) or (False, a 429 reply)."""
         config = self.config
@@ -714,6 +753,9 @@ class _Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.continued = False
+        self.streaming: Reply | None = None  # a streamed answer being sent
+        self.part = 0                        # its next part
+        self.released = False                # its hold is over
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -724,6 +766,7 @@ class _Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self._unhold()
         if self.pending is not None:
             self.server.record(self.pending, delivered=False)
             self.pending = None
@@ -733,6 +776,7 @@ class _Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self._unhold()
         self.pending = None
         self.closed = True
         if self.transport is not None:
@@ -740,11 +784,11 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if self.pending is None:
+        if self.pending is None and self.streaming is None:
             self._pump()
 
     def _pump(self) -> None:
-        while self.pending is None and not self.closed:
+        while self.pending is None and self.streaming is None and not self.closed:
             request = self._next_request()
             if request is None:
                 return
@@ -765,7 +809,8 @@ class _Connection(asyncio.Protocol):
         reply, self.pending = self.pending, None
         if reply is not None and not self.closed:
             self._deliver(reply)
-            self._pump()
+            if self.streaming is None:
+                self._pump()
 
     def _deliver(self, reply: Reply) -> None:
         if reply.data is None:  # "drop"
@@ -784,9 +829,61 @@ class _Connection(asyncio.Protocol):
         # Count before writing: once a client holds the response, the stats already show it.
         self.server.record(reply, delivered=True)
         self.transport.write(data)
+        if reply.stream is not None:
+            self.streaming, self.part, self.released = reply, 0, False
+            self._send_parts()
+            return
         if reply.close:
             self.closed = True
             self.transport.close()
+
+    def _send_parts(self) -> None:
+        """The streamed answer's next parts: paced by `stream_chunk_s`, held by `stream_hold_after`."""
+        self.timer = None
+        reply, server = self.streaming, self.server
+        assert reply is not None
+        plan, config = reply.stream, server.config
+        while self.part < len(plan.parts):
+            if self.closed or self.transport.is_closing():
+                self.streaming = None
+                return
+            hold = config.stream_hold_after
+            if (hold is not None and not self.released and hold < len(plan.content_at)
+                    and self.part == plan.content_at[hold]):
+                server._held.add(self)
+                with server.stats.lock:
+                    server.stats.stream_chunks_held += len(plan.parts) - self.part
+                return
+            self.transport.write(plan.parts[self.part])
+            self.part += 1
+            with server.stats.lock:
+                server.stats.stream_chunks_sent += 1
+            if config.stream_chunk_s > 0 and self.part < len(plan.parts):
+                self.timer = asyncio.get_running_loop().call_later(config.stream_chunk_s, self._send_parts)
+                return
+        self.streaming = None
+        if plan.drop or reply.close:
+            self.closed = True
+            self.transport.abort() if plan.drop else self.transport.close()
+            return
+        self._pump()
+
+    def release(self) -> None:
+        """The hold is over: send the rest."""
+        if self.streaming is None:
+            return
+        with self.server.stats.lock:
+            self.server.stats.stream_chunks_held -= len(self.streaming.stream.parts) - self.part
+        self.released = True
+        self._send_parts()
+
+    def _unhold(self) -> None:
+        if self in self.server._held:
+            self.server._held.discard(self)
+            if self.streaming is not None:
+                with self.server.stats.lock:
+                    self.server.stats.stream_chunks_held -= len(self.streaming.stream.parts) - self.part
+        self.streaming = None
 
     def _reject(self, status: int, message: str) -> None:
         reply = self.server.error("openai", status, message)

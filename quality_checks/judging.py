@@ -101,6 +101,16 @@ def judge_messages(prompt: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
 
 
+def pair_outcome(first: str | None, second: str | None) -> tuple[float, bool]:
+    """Student as A in `first`, as B in `second` → (score for the student, consistent?). A pair whose two
+    verdicts disagree (position bias), or one with no clear verdict, counts as a tie."""
+    win_first = {"A": 1.0, "B": 0.0, "tie": 0.5}.get(first or "", 0.5)
+    win_second = {"B": 1.0, "A": 0.0, "tie": 0.5}.get(second or "", 0.5)
+    if win_first == win_second:
+        return win_first, True
+    return 0.5, False
+
+
 # ---- reading a verdict ---------------------------------------------------------------------------------
 # A number that is the whole number: not the 7 of 7.5, not the 1 of 11, optionally "/10" or "out of 10".
 _NUMBER = r"(?P<n>\d+)(?:\s*/\s*10|\s+out\s+of\s+10)?(?!\d)(?![.,]\d)"

@@ -1,13 +1,15 @@
 """The HTTP side: the OpenAI chat-completions API on aiohttp, who may call it, and the server's own endpoints.
 
-    POST /v1/chat/completions   non-streaming or streaming (SSE), `n`, `usage`, `stream_options.include_usage`
+    POST /v1/chat/completions   non-streaming or streaming (SSE: passed on token by token where the route is
+                                known before the answer, serve/router.py), `n`, `usage`, `stream_options.include_usage`
     GET  /v1/models             the one model name this server answers as (`serve.model`)
     GET  /metrics               Prometheus text (serve/metrics.py)
     GET  /health                200 while no alarm is on, 503 with the alarms otherwise (no key needed)
     POST /admin/reload          load the student again (optionally `{"model": PATH}`: a new folder), no restart
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad request, 401 for a
-missing or wrong key, 413 for a body over `serve.max_body_bytes`, 503 when neither model answers. Keys are
+missing or wrong key, 413 for a body over `serve.max_body_bytes`, 503 when neither model answers; a stream
+that breaks after some text was sent ends with OpenAI's error event instead of [DONE]. Keys are
 compared in constant time (`hmac.compare_digest`) and never written anywhere: not to the served log, the
 metrics, an error message or an access log (there is none).
 """
@@ -27,11 +29,12 @@ from aiohttp import web
 from apprentice.errors import ApprenticeError, RecipeError
 from factory.served_log import ServedLog
 
-from .backends import Backend
+from .backends import Backend, StreamBroken
 from .config import ServeConfig
+from .judge import ShadowJudge
 from .learned import LearnedRouter
 from .metrics import Metrics
-from .router import AllDown, ChatRequest, Router, Served
+from .router import AllDown, ChatRequest, Opening, Router, Served
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", None: "stop"}
@@ -177,12 +180,14 @@ class ServeApp:
         config = self.config
         assert config.routing.router is not None  # the config fills it in
         learned = LearnedRouter.load(config.routing.router) if config.routing.mode == "learned" else None
+        # the judge first: its price is what a recipe most likely lacks (a budget needs one)
+        judge = ShadowJudge(config.shadow_judge) if config.shadow_judge is not None else None
         student = Backend("student", config.student)
         teacher = Backend("teacher", config.teacher, config.budget_usd) if config.teacher is not None else None
         log = ServedLog(config.log_dir, config.log_rotate_bytes)
         if log.repaired:
             self.warn(f"served log: cut a partial last line ({log.repaired} bytes) left by a crash in {log.path}")
-        self.router = Router(config, student, teacher, log, self.metrics, self.rng, self.warn, learned)
+        self.router = Router(config, student, teacher, log, self.metrics, self.rng, self.warn, learned, judge)
         self.runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, config.host, config.port)
@@ -199,7 +204,7 @@ class ServeApp:
         if router is not None:
             await router.drain()
             await asyncio.gather(*self._background, return_exceptions=True)
-            for backend in (router.student, router.teacher):
+            for backend in (router.student, router.teacher, router.judge):
                 if backend is not None:
                     await backend.aclose()
             router.log.close()
@@ -256,22 +261,32 @@ class ServeApp:
             chat, stream, include_usage = parse_chat(body, self.config)
         except BadRequest as exc:
             return error_response(400, str(exc), param=exc.param)
+        events = EventStream(request, self.config.model, include_usage) if stream else None
         try:
-            served = await self.router.complete(chat)
+            if events is None:
+                served = await self.router.complete(chat)
+            else:
+                served = await self.router.stream(chat, events.text)
         except AllDown as exc:  # the details (backend addresses, their errors) are for the operator, not the client
             self.warn(f"503: {exc}")
             return error_response(503, "no model could answer this request; try again later", kind="server_error",
                                   code="models_down")
+        except StreamBroken as exc:  # logged with its fault; the client has part of the answer
+            self.warn(f"stream broken: {exc}")
+            assert events is not None and events.response is not None
+            await events.error("the model's answer broke off; try again", "stream_broken")
+            return events.response
         except OSError as exc:  # the served log could not be written: the request is not answered unlogged
             self.warn(f"served log: {exc}")
-            return error_response(500, "the server could not log the request; it was not answered",
-                                  kind="server_error", code="log_failed")
-        headers = {"x-apprentice-model": served.answered_by, "x-apprentice-route": served.route}
-        if served.fault:
-            headers["x-apprentice-fault"] = served.fault.split(":", 1)[0]
-        if stream:
-            return await self._stream(request, served, include_usage, headers)
-        return json_response(self._completion(served), headers=headers)
+            message = "the server could not log the request; it was not answered"
+            if events is not None and events.response is not None:  # some text is out: the stream ends unfinished
+                await events.error(message, "log_failed")
+                return events.response
+            return error_response(500, message, kind="server_error", code="log_failed")
+        if events is not None:
+            return await events.finish(served, self._usage(served))
+        return json_response(self._completion(served), headers=served_headers(served.answered_by, served.route,
+                                                                              served.fault))
 
     def _usage(self, served: Served) -> dict[str, int]:
         prompt, completion = served.answer.usage.get("input_tokens", 0), served.answer.usage.get("output_tokens", 0)
@@ -288,29 +303,6 @@ class ServeApp:
             "usage": self._usage(served),
         }
 
-    async def _stream(self, request: web.Request, served: Served, include_usage: bool,
-                      headers: dict[str, str]) -> web.StreamResponse:
-        """The whole answer is known (the cascade needs it), sent as OpenAI's chunks: role, content, finish."""
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               **headers})
-        await response.prepare(request)
-        base = {"id": f"chatcmpl-{served.id}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": self.config.model, "system_fingerprint": None}
-        events = []
-        for i, (text, reason) in enumerate(zip(served.answer.texts, served.answer.finish_reasons)):
-            for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": text}, None),
-                                  ({}, FINISH.get(reason, reason))):
-                chunk = {**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-                if include_usage:
-                    chunk["usage"] = None
-                events.append(chunk)
-        if include_usage:
-            events.append({**base, "choices": [], "usage": self._usage(served)})
-        payload = b"".join(b"data: " + orjson.dumps(event) + b"\n\n" for event in events) + b"data: [DONE]\n\n"
-        await response.write(payload)
-        await response.write_eof()
-        return response
-
     async def models(self, request: web.Request) -> web.Response:
         return json_response({"object": "list", "data": [
             {"id": self.config.model, "object": "model", "created": 0, "owned_by": "apprentice"}]})
@@ -323,7 +315,8 @@ class ServeApp:
         alarms = sorted(self.metrics.alarms.values())
         body = {"status": "alarm" if alarms else "ok", "alarms": alarms,
                 "rolling_agreement": self.metrics.rolling_agreement(),
-                "rolling_confidence": self.metrics.rolling_confidence()}
+                "rolling_confidence": self.metrics.rolling_confidence(),
+                "rolling_judge_preference": self.metrics.rolling_preference()}
         return json_response(body, status=503 if alarms else 200)
 
     # ---- admin -----------------------------------------------------------------------------------------------
@@ -384,6 +377,93 @@ class ServeApp:
             raise ApprenticeError(f"{url}: {type(exc).__name__} {exc}".rstrip()) from None
         if response.status != 200:
             raise ApprenticeError(f"{url} answered {response.status}: {text[:300]}")
+
+
+def served_headers(answered_by: str, route: str, fault: str | None) -> dict[str, str]:
+    headers = {"x-apprentice-model": answered_by, "x-apprentice-route": route}
+    if fault:
+        headers["x-apprentice-fault"] = fault.split(":", 1)[0]
+    return headers
+
+
+class EventStream:
+    """A streamed answer in OpenAI's chunks (role, content, finish per choice; a usage chunk when asked; [DONE]).
+    It opens at the first text a backend passes on (its headers then name who answers), or at the end with the
+    whole answer. A client that goes away stops the writing, not the answer: it is still read and logged."""
+
+    def __init__(self, request: web.Request, model: str, include_usage: bool) -> None:
+        self.request = request
+        self.include_usage = include_usage
+        self.response: web.StreamResponse | None = None
+        self.base: dict[str, Any] = {}
+        self.model = model
+        self.sent: dict[int, int] = {}  # choice → characters of its text sent
+        self.gone = False
+
+    async def _open(self, opening: Opening) -> None:
+        self.response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+            **served_headers(opening.answered_by, opening.route, opening.fault)})
+        self.base = {"id": f"chatcmpl-{opening.id}", "object": "chat.completion.chunk", "created": int(time.time()),
+                     "model": self.model, "system_fingerprint": None}
+        try:
+            await self.response.prepare(self.request)
+        except ConnectionError:
+            self.gone = True
+
+    def _chunk(self, index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        chunk = {**self.base, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def _content(self, index: int, text: str) -> bytes:
+        head = b"" if index in self.sent else self._chunk(index, {"role": "assistant", "content": ""})
+        self.sent[index] = self.sent.get(index, 0) + len(text)
+        return head + (self._chunk(index, {"content": text}) if text else b"")
+
+    async def _write(self, data: bytes) -> None:
+        if self.gone or self.response is None:
+            return
+        try:
+            await self.response.write(data)
+        except ConnectionError:  # the client went away: the answer is still read to its end and logged
+            self.gone = True
+
+    async def text(self, opening: Opening, index: int, text: str) -> None:
+        """A backend's text as it arrives."""
+        if self.response is None:
+            await self._open(opening)
+        await self._write(self._content(index, text))
+
+    async def finish(self, served: Served, usage: dict[str, int]) -> web.StreamResponse:
+        """The rest (all of it for an answer that came whole), each choice's finish, the usage, [DONE]: sent
+        after the answer is logged."""
+        if self.response is None:
+            await self._open(Opening(served.id, served.answered_by, served.route, served.fault))
+        answer, payload = served.answer, []
+        for index, (text, reason) in enumerate(zip(answer.texts, answer.finish_reasons)):
+            payload.append(self._content(index, text[self.sent.get(index, 0):]))
+            payload.append(self._chunk(index, {}, FINISH.get(reason, reason)))
+        if self.include_usage:
+            payload.append(b"data: " + orjson.dumps({**self.base, "choices": [], "usage": usage}) + b"\n\n")
+        await self._write(b"".join(payload) + b"data: [DONE]\n\n")
+        return await self._end()
+
+    async def error(self, message: str, code: str) -> None:
+        """OpenAI's error event, in place of the rest: the SDKs raise it; no [DONE] follows."""
+        error = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+        await self._write(b"data: " + orjson.dumps(error) + b"\n\n")
+        await self._end()
+
+    async def _end(self) -> web.StreamResponse:
+        assert self.response is not None
+        if not self.gone:
+            try:
+                await self.response.write_eof()
+            except ConnectionError:
+                self.gone = True
+        return self.response
 
 
 async def _retire(backend: Backend) -> None:

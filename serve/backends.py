@@ -2,17 +2,23 @@
 budget), without the response cache (a served request samples anew, as a client expects).
 
 The student's confidence is read here, with the eval's measure (`apprentice.tokens.mean_logprob`).
+
+`stream` passes a backend's answer on as it arrives (an OpenAI-compatible server: the teacher's `can_stream`),
+through the same asker: a failure before any text was passed on is retried and then a BackendDown like any
+other; after, it is StreamBroken, carrying what was passed on (the client holds it: no retry, no fallback).
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from apprentice.errors import ApprenticeError, TeacherError
+from apprentice.responses import TeacherResponse
 from apprentice.tokens import mean_logprob
 from factory.asker import Asker, Budget, limiter_for
 from factory.pricing import pricer_for
@@ -23,6 +29,14 @@ from factory.teachers import make_teacher
 
 class BackendDown(ApprenticeError):
     """A backend gave no answer (an error after its retries, a spent budget, an open circuit)."""
+
+
+class StreamBroken(BackendDown):
+    """A streamed answer failed after part of it was passed on; `texts`: each choice's text passed on."""
+
+    def __init__(self, message: str, texts: list[str]) -> None:
+        super().__init__(message)
+        self.texts = texts
 
 
 def _key_json(body: dict[str, Any]) -> str | None:
@@ -75,6 +89,10 @@ class Backend:
         self.stop_row = config.provider in IN_PROCESS  # in-process models' logprobs hold the end-of-turn token
 
     @property
+    def can_stream(self) -> bool:
+        return self.teacher.can_stream
+
+    @property
     def down(self) -> bool:
         """The limiter's circuit is open after consecutive failures: fall back at once instead of waiting."""
         return self.limiter.breaker_open
@@ -108,6 +126,43 @@ class Backend:
             raise BackendDown(f"{self.name}: {exc}") from None
         except ApprenticeError as exc:  # a spent budget, a closed limiter
             raise BackendDown(f"{self.name}: {type(exc).__name__} {exc}".rstrip()) from None
+        return self._answer(replies, start)
+
+    async def stream(self, messages: list[dict[str, str]], n: int, max_tokens: int | None,
+                     sampling: dict[str, Any] | None, on_text: Callable[[int, str], Awaitable[None]]) -> Answer:
+        """The backend's answer, each piece of text passed to `on_text(choice, text)` as it arrives; raises
+        BackendDown when nothing was passed on, StreamBroken when some was."""
+        if self.down:
+            raise BackendDown(f"{self.name}: circuit open after repeated failures")
+        start = time.perf_counter()
+        body = self.body(messages, n, max_tokens, sampling or {})
+        passed: dict[int, list[str]] = {}
+
+        async def pass_on(index: int, text: str) -> None:
+            passed.setdefault(index, []).append(text)
+            await on_text(index, text)
+
+        async def read() -> TeacherResponse:
+            try:
+                return await self.teacher.stream(body, pass_on)
+            except TeacherError as exc:
+                if passed:  # the client holds part of this answer: asking again would send it twice
+                    raise TeacherError(str(exc), retryable=False, status=exc.status) from None
+                raise
+
+        try:
+            reply = await self.asker.read(read, chars=sum(len(m["content"]) for m in messages),
+                                          max_tokens=max_tokens, outputs=n)
+        except TeacherError as exc:
+            if passed:
+                texts = ["".join(passed.get(i, ())) for i in range(max(passed) + 1)]
+                raise StreamBroken(f"{self.name}: {exc}", texts) from None
+            raise BackendDown(f"{self.name}: {exc}") from None
+        except ApprenticeError as exc:  # a spent budget, a closed limiter
+            raise BackendDown(f"{self.name}: {type(exc).__name__} {exc}".rstrip()) from None
+        return self._answer([reply], start)
+
+    def _answer(self, replies: list[tuple[TeacherResponse, float]], start: float) -> Answer:
         answer = Answer([], [], [], latency_s=time.perf_counter() - start)
         totals = {"input_tokens": 0, "output_tokens": 0}
         for response, _ in replies:

@@ -7,7 +7,7 @@ a factory teacher: `local`, `vllm`, any OpenAI-compatible server, or a hosted AP
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -44,6 +44,24 @@ class RoutingConfig(Strict):
     seed: int | None = Field(default=None, description="seed of the canary and shadow draws (default: random)")
 
 
+class ShadowJudgeConfig(TeacherConfig):
+    """The judge of shadow pairs: any factory teacher (the eval's and the factory's pairwise judge,
+    quality_checks/judging.py), asked off the response path which answer serves the request better, in both
+    orders, until `budget_usd` is spent; then the comparisons go on with agreement only."""
+
+    params: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.0, "max_tokens": 256})
+    budget_usd: float = Field(ge=0, description="what the judge may cost while serving (it needs a price: "
+                              "a known model, or price: {input, output})")
+
+    @model_validator(mode="after")
+    def _what_a_judge_takes(self) -> "ShadowJudgeConfig":
+        if self.logprobs is not None:
+            raise ValueError("logprobs: a judge's logprobs are not read; remove shadow_judge.logprobs")
+        if self.structured_output is not None:
+            raise ValueError("structured_output: the judge asks for its own verdict format; remove it")
+        return self
+
+
 class AlarmConfig(Strict):
     """The alarm: a log line and `/health` answering 503 while a rolling figure is below its floor."""
 
@@ -51,6 +69,9 @@ class AlarmConfig(Strict):
         default=None, ge=0, le=1, description="rolling share of shadow comparisons where both models agree")
     confidence_floor: float | None = Field(
         default=None, le=0, description="rolling mean confidence of the student's answers")
+    judge_floor: float | None = Field(
+        default=None, ge=0, le=1, description="rolling judge preference for the student's answers (1 the student's "
+        "preferred, 0.5 a tie, 0 the teacher's preferred; needs serve.shadow_judge)")
     window: int = Field(default=200, ge=1, description="the last N shadow comparisons / student answers")
     min_samples: int = Field(default=20, ge=1, description="no alarm before this many in the window")
     webhook: str | None = Field(
@@ -84,6 +105,8 @@ class ServeConfig(Strict):
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         default="auto", description="auto: uvloop where it is installed (it is a dependency on Linux and macOS: "
         "the router's CPU per request, benchmarks/results/serve_overhead.md), else asyncio's own loop")
+    shadow_judge: ShadowJudgeConfig | None = Field(
+        default=None, description="an LLM judge of the shadow pairs, within its own budget_usd (needs routing.shadow)")
 
     @model_validator(mode="after")
     def _routable(self) -> "ServeConfig":
@@ -100,7 +123,15 @@ class ServeConfig(Strict):
                              "routing.mode: student without canary and shadow")
         if self.student.mode == "batch" or (self.teacher is not None and self.teacher.mode == "batch"):
             raise ValueError("mode: batch cannot answer a waiting client; use mode: online")
-        for backend in (self.student, self.teacher):
+        if self.shadow_judge is not None and routing.shadow == 0:
+            raise ValueError("shadow_judge: it judges shadow comparisons; set routing.shadow (e.g. 0.1), or remove "
+                             "serve.shadow_judge")
+        if self.alarm.judge_floor is not None and self.shadow_judge is None:
+            raise ValueError("alarm.judge_floor: the judge preference comes from serve.shadow_judge; add it, or "
+                             "remove alarm.judge_floor")
+        if self.shadow_judge is not None and self.shadow_judge.mode == "batch":
+            raise ValueError("shadow_judge.mode: batch is not served; use mode: online")
+        for backend in (self.student, self.teacher, self.shadow_judge):
             # A waiting client is better served by the other model now than by this one after minutes of retries:
             # unless the recipe says otherwise, one retry and a minute's timeout.
             if backend is not None and "max_retries" not in backend.model_fields_set:

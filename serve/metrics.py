@@ -1,8 +1,9 @@
 """What the router counts, the alarm it rings, and `/metrics` in the Prometheus text format (version 0.0.4).
 
 Counters and histograms are plain numbers kept on the event loop (one thread: no locks). The rolling figures
-are the last `alarm.window` shadow comparisons and student confidences; the alarm is on while one of them,
-over at least `alarm.min_samples` values, is below its floor.
+are the last `alarm.window` shadow comparisons, student confidences and shadow judge preferences (1 the judge
+preferred the student's answer, 0.5 a tie, 0 the teacher's); the alarm is on while one of them, over at least
+`alarm.min_samples` values, is below its floor.
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ class Metrics:
         self.shadows = 0
         self.agreement: deque[bool] = deque(maxlen=alarm.window)
         self.confidence: deque[float] = deque(maxlen=alarm.window)
+        self.preference: deque[float] = deque(maxlen=alarm.window)
+        self.judge_outcomes: Counter = Counter()  # judged | unparsed | error | budget_spent → shadow comparisons
+        self.judge_cost_usd = 0.0
+        self.judge_spent = False
         self.alarms: dict[str, str] = {}  # kind → the reason, while on
 
     # ---- counting ------------------------------------------------------------------------------------------
@@ -68,6 +73,24 @@ class Metrics:
         self.agreement.append(agree)
         self._check()
 
+    def judged(self, preference: float | None, cost_usd: float) -> None:
+        """A shadow pair judged: its preference for the student (None: a verdict the parser could not read)."""
+        self.judge_cost_usd += cost_usd
+        if preference is None:
+            self.judge_outcomes["unparsed"] += 1
+            return
+        self.judge_outcomes["judged"] += 1
+        self.preference.append(preference)
+        self._check()
+
+    def judge_failed(self) -> None:
+        self.judge_outcomes["error"] += 1
+
+    def judge_skipped(self) -> None:
+        """A shadow pair compared by agreement only: the judge's budget is spent."""
+        self.judge_spent = True
+        self.judge_outcomes["budget_spent"] += 1
+
     # ---- the alarm -----------------------------------------------------------------------------------------
     def rolling_agreement(self) -> float | None:
         return sum(self.agreement) / len(self.agreement) if self.agreement else None
@@ -75,9 +98,13 @@ class Metrics:
     def rolling_confidence(self) -> float | None:
         return sum(self.confidence) / len(self.confidence) if self.confidence else None
 
+    def rolling_preference(self) -> float | None:
+        return sum(self.preference) / len(self.preference) if self.preference else None
+
     def _check(self) -> None:
         floors = (("agreement", self.alarm.agreement_floor, self.agreement, self.rolling_agreement()),
-                  ("confidence", self.alarm.confidence_floor, self.confidence, self.rolling_confidence()))
+                  ("confidence", self.alarm.confidence_floor, self.confidence, self.rolling_confidence()),
+                  ("judge", self.alarm.judge_floor, self.preference, self.rolling_preference()))
         for kind, floor, values, value in floors:
             on = floor is not None and value is not None and len(values) >= self.alarm.min_samples and value < floor
             if on and kind not in self.alarms:
@@ -129,8 +156,18 @@ class Metrics:
         lines.append(f"{PREFIX}_rolling_agreement {_value(self.rolling_agreement())}")
         family("rolling_confidence", "gauge", "mean confidence (mean token logprob) of the last student answers")
         lines.append(f"{PREFIX}_rolling_confidence {_value(self.rolling_confidence())}")
+        family("judge_comparisons_total", "counter", "shadow comparisons by the judge's outcome")
+        for outcome, count in sorted(self.judge_outcomes.items()):
+            lines.append(f'{PREFIX}_judge_comparisons_total{{outcome="{outcome}"}} {count}')
+        family("judge_cost_usd_total", "counter", "what the shadow judge's verdicts cost")
+        lines.append(f"{PREFIX}_judge_cost_usd_total {self.judge_cost_usd}")
+        family("judge_budget_spent", "gauge", "1 once the shadow judge's budget is spent (agreement only since)")
+        lines.append(f"{PREFIX}_judge_budget_spent {int(self.judge_spent)}")
+        family("rolling_judge_preference", "gauge", "mean judge preference for the student over the last judged "
+               "shadow comparisons (1 the student's answer, 0.5 a tie, 0 the teacher's)")
+        lines.append(f"{PREFIX}_rolling_judge_preference {_value(self.rolling_preference())}")
         family("alarm", "gauge", "1 while the rolling figure is below its floor")
-        for kind in ("agreement", "confidence"):
+        for kind in ("agreement", "confidence", "judge"):
             lines.append(f'{PREFIX}_alarm{{kind="{kind}"}} {int(kind in self.alarms)}')
         return "\n".join(lines) + "\n"
 

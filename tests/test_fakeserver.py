@@ -503,3 +503,33 @@ def test_without_prompt_cache_usage_has_no_cache_fields(server):
             return json.loads(raw.content)["usage"]
 
     assert "prompt_tokens_details" not in run(go())
+
+
+def test_openai_streams_chunk_by_chunk_holds_on_request_and_cuts_with_an_error_or_a_drop(fake):
+    server = fake(responder=lambda messages, i, body: "one two three four", stream_hold_after=1, stream_cut_after=2)
+    client = openai.OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0, timeout=10)
+
+    def stream(**options):
+        return client.chat.completions.create(model="m", messages=USER, stream=True, **options)
+
+    chunks = []
+    for chunk in stream(logprobs=True, top_logprobs=1, stream_options={"include_usage": True}):
+        chunks.append(chunk)
+        if len(chunks) == 2:  # the role chunk and the first content chunk; the fake holds the rest
+            assert server.stats.stream_chunks_held == 8, "4 content chunks, the finish, usage, [DONE], the end"
+            server.release_streams()
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert pieces == ["one ", "two ", "thre", "e fo", "ur"], "one 4-character token a chunk"
+    assert [c.choices[0].logprobs.content[0].token for c in chunks[1:6]] == pieces, "each with its logprobs"
+    assert chunks[-1].usage.completion_tokens == 4 and server.stats.stream_chunks_held == 0
+    server.config.stream_hold_after = None
+    server.config.faults.update({2: "stream_error", 3: "stream_drop", 4: "stream_error"})
+    for kind, error in (("stream_error", openai.APIError), ("stream_drop", openai.APIConnectionError)):
+        got = []
+        with pytest.raises(error):
+            for chunk in stream():
+                got.append(chunk.choices[0].delta.content)
+        assert got == ["", "one ", "two "], f"{kind}: cut after stream_cut_after content chunks"
+    answer = client.chat.completions.create(model="m", messages=USER)  # a fault of a stream's kind, not streamed
+    assert answer.choices[0].message.content == "one two three four"
+    assert server.stats.streams == 3 and len(server.stats.answered) == 2, "a cut stream is not an answer"

@@ -23,6 +23,7 @@ STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "leng
 class AnthropicTeacher:
     provider = "anthropic"
     supports_n = False
+    can_stream = False  # answers whole (see base.Teacher.can_stream)
     max_useful_concurrency = None
     load_s = None  # nothing loads in this process
     batch_tagged = False  # find_batch matches by request count and creation time (see there)

@@ -21,6 +21,9 @@ class Teacher(Protocol):
     max_useful_concurrency: int | None
     # Seconds an in-process model took to load (None for an API, or before it loaded): part of the run's time.
     load_s: float | None
+    # True when it also has `async stream(body, on_text) -> TeacherResponse`: the answer's text passed on as it
+    # arrives (the serve router's streamed responses); an in-process model answers whole.
+    can_stream: bool
 
     def build_request(self, messages: list[dict[str, str]], n: int) -> dict[str, Any]:
         """The exact body that will be sent for `messages` asking for `n` completions."""

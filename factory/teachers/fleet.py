@@ -48,6 +48,7 @@ class Endpoint:
 class FleetTeacher:
     provider = "openai"
     supports_n = True
+    can_stream = False  # answers whole (see base.Teacher.can_stream)
     max_useful_concurrency = None
     load_s = None  # nothing loads in this process
 

@@ -52,6 +52,7 @@ class LocalTeacher:
 
     provider = "local"
     supports_n = True
+    can_stream = False  # answers whole (see base.Teacher.can_stream)
 
     def __init__(self, config: "TeacherConfig") -> None:
         self.config = config

@@ -5,13 +5,18 @@ OpenAI API answers with token *strings* only (and their UTF-8 bytes), never ids:
 strings, says so in its metadata, and the trainer refuses it for distillation. vLLM answers with ids
 when asked (`logprobs.token_ids: true` sends its `return_tokens_as_token_ids`; tokens come back as
 "token_id:123"); name the served tokenizer in `logprobs.tokenizer` so the sidecar carries its fingerprint.
+
+`stream` (the raw client only: `can_stream`) asks for a streamed answer and passes each choice's text on as it
+arrives; the whole answer, gathered from the chunks, is the TeacherResponse `complete` would have returned
+(usage from the last chunk, logprobs from each content chunk's).
 """
 from __future__ import annotations
 
 import json
 import os
+from contextlib import aclosing
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from apprentice.errors import TeacherError
 from apprentice.responses import Choice, TeacherResponse
@@ -21,7 +26,14 @@ from ..builtin import resolve_model
 from ..logprobs import tokenizer_fingerprint
 from ..recipe import StructuredOutput, TeacherConfig
 from .batching import BatchState, Call, Outcome
-from .hosted import RETRYABLE_STATUS, api_key, lower_headers, map_sdk_error, parse_json_body, sdk_call_args
+from .hosted import (
+    RETRYABLE_STATUS,
+    api_key,
+    lower_headers,
+    map_sdk_error,
+    parse_json_body,
+    sdk_call_args,
+)
 from .wire import Wire
 
 # Batch states in which the batch still runs (or is being cancelled).
@@ -52,6 +64,7 @@ class OpenAITeacher:
         self._create = self.client.chat.completions.with_raw_response.create
         self.wire = None if config.client == "sdk" else Wire(
             self.client, openai, "chat/completions", timeout_s=config.timeout_s, connections=config.concurrency_cap)
+        self.can_stream = self.wire is not None
         self.logprobs = config.logprobs
         self.response_format = _response_format(config.structured_output)
         # The signature of the typed method (create), not of its raw-response wrapper.
@@ -103,6 +116,36 @@ class OpenAITeacher:
             content, headers = raw.content, lower_headers(raw.headers)
         # Read the JSON directly: building the SDK's pydantic objects costs more CPU than the rest.
         return self.parse(parse_json_body(content, "OpenAI"), headers)
+
+    async def stream(self, body: dict[str, Any],
+                     on_text: Callable[[int, str], Awaitable[None]]) -> TeacherResponse:
+        """A streamed answer: `on_text(choice index, text)` for each piece of text as it arrives, then the whole
+        answer. Raises TeacherError (before or after text was passed on: the caller knows which)."""
+        assert self.wire is not None, "can_stream is False with client: sdk"
+        seen: set[int] = set()
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str | None] = {}
+        entries: dict[int, list[Any]] = {}
+        usage: dict[str, Any] = {}
+        events = self.wire.stream({**body, "stream": True, "stream_options": {"include_usage": True}})
+        async with aclosing(events):
+            async for event in events:
+                usage = event.get("usage") or usage
+                for choice in event.get("choices") or ():
+                    index = choice.get("index") or 0
+                    seen.add(index)
+                    if choice.get("finish_reason"):
+                        finish[index] = choice["finish_reason"]
+                    rows = (choice.get("logprobs") or {}).get("content")
+                    if rows:
+                        entries.setdefault(index, []).extend(rows)
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        texts.setdefault(index, []).append(text)
+                        await on_text(index, text)
+        choices = [{"index": i, "message": {"content": "".join(texts.get(i, ()))}, "finish_reason": finish.get(i),
+                    "logprobs": {"content": entries.get(i, [])} if entries else None} for i in sorted(seen)]
+        return self.parse({"choices": choices, "usage": usage})
 
     def parse(self, data: dict[str, Any], headers: dict[str, str] | None = None) -> TeacherResponse:
         """A chat.completion as JSON (an online answer, or one line of a Batch API output file)."""

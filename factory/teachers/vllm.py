@@ -90,6 +90,7 @@ _STOP = object()  # the inbox's last item: the worker aborts what is running and
 class VLLMTeacher:
     provider = "vllm"
     supports_n = True
+    can_stream = False  # answers whole (see base.Teacher.can_stream)
 
     def __init__(self, config: "TeacherConfig") -> None:
         self.config = config

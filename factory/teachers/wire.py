@@ -12,12 +12,18 @@ What the SDK decides is read from the SDK client the teacher builds anyway (the 
 organisation, project, API version). So both paths send the same request to the same place. An error status
 is worded by the SDK itself and becomes the TeacherError that `hosted.map_sdk_error` makes of the SDK's; so do
 a timeout and a dropped connection (whose message ends with aiohttp's words for it instead of httpx's).
+
+`stream` posts a streamed request (`stream: true`) on aiohttp's client (the small HTTP/1.1 client reads whole
+answers only) and yields each server-sent event's JSON as it arrives: the serve router passes an answer on
+token by token. An error event (`data: {"error": …}`) or a stream that ends before its `[DONE]` is a
+retryable TeacherError; whether it may still be retried is the caller's to say (nothing passed on yet).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import urllib.request
+from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
 
@@ -91,6 +97,29 @@ class Wire:
             raise sdk_status_error(self.client, self.sdk, self.url, reply.status, reply.headers, reply.content)
         return reply.content, {key.lower(): value for key, value in reply.headers}
 
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The events of a streamed answer, as they arrive (a generator: close it to stop reading)."""
+        session = self.session or self._open()
+        try:
+            async with session.post(self.url, data=encode(body), proxy=self.proxy) as response:
+                if not 200 <= response.status < 300:
+                    content = await response.read()
+                    raise sdk_status_error(self.client, self.sdk, self.url, response.status,
+                                           list(response.headers.items()), content)
+                async for line in response.content:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments, `event:` lines
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        return
+                    yield _event(data)
+        except asyncio.TimeoutError:
+            raise TeacherError(TIMEOUT_MESSAGE, retryable=True) from None
+        except aiohttp.ClientError as exc:
+            raise TeacherError(f"connection error: {shorten(str(exc) or type(exc).__name__)}",
+                               retryable=True) from None
+        raise TeacherError("connection error: the stream ended before its [DONE]", retryable=True)
+
     def _open(self) -> aiohttp.ClientSession:
         """The session, made on the first request: aiohttp binds it to the running event loop."""
         self.session = aiohttp.ClientSession(
@@ -104,6 +133,22 @@ class Wire:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+
+def _event(data: bytes) -> dict[str, Any]:
+    """One event's JSON; an error event is the TeacherError it reports."""
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise TeacherError(f"the stream sent an event that is not JSON: {shorten(data.decode('utf-8', 'replace'))}",
+                           retryable=True) from None
+    if not isinstance(event, dict):
+        raise TeacherError("the stream sent an event that is not a JSON object", retryable=True)
+    error = event.get("error")
+    if error:
+        message = error.get("message") if isinstance(error, dict) else error
+        raise TeacherError(f"the stream ended with an error: {shorten(str(message))}", retryable=True)
+    return event
 
 
 def encode(body: dict[str, Any]) -> bytes:
