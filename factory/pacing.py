@@ -184,7 +184,11 @@ class Pacer:
             rate = bucket.rate * self.share
             if self.bursting(name, bucket):
                 rate *= min(MAX_BOOST, 2.0 ** ((now - self.ramp_start[name]) / RAMP_DOUBLING_S))
-            self.due[name] = max(self.due.get(name, now), now) + amount(name, reservation) / rate
+            spacing = amount(name, reservation) / rate
+            # From when this send was due, not from now: a send the event loop woke a little late for would
+            # otherwise push every later one back, and the lateness would add up (a 2 s window got 95 % of
+            # its share at a pace of 97 %). A bucket idle for longer gets at most one send's catch-up.
+            self.due[name] = max(self.due.get(name, now), now - spacing) + spacing
 
     def start(self, name: str, bucket: Bucket, cost: float, sent_before: int, since_first: float) -> None:
         """A bucket made from the first headers: pacing starts as if the `sent_before` requests sent before
