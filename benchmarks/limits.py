@@ -2,15 +2,21 @@
 plain AsyncOpenAI loop beside it (the SDK's own retries, 64 in flight), each against a fresh fake server.
 
     .venv/bin/python benchmarks/limits.py                  # all scenarios, results table on stdout
-    .venv/bin/python benchmarks/limits.py --only faults    # one scenario (faultfree, faults, rpm, tpm, tpm-bucket)
+    .venv/bin/python benchmarks/limits.py --only faults    # one scenario (faultfree, faults, faults-short, rpm, tpm,
+                                                           # tpm-fine, tpm-bucket)
 
 Scenarios (the fake server is `python -m fakes` in its own process; 100 ms before every answer):
 - faultfree / faults: 600 prompts; then 5 % 429s (retry-after 1 s, no rate-limit headers), 5 % 500s,
   2 % dropped connections and 2 % malformed 200 bodies, drawn per request with a fixed seed.
+- faults-short: the same faults, the 429s asking for 0.1 s instead of 1 s: a prompt refused twice with
+  `retry-after: 1` cannot finish sooner than 2.3 s after it is first sent, which bounds the faults row; this
+  row shows what the factory adds beyond the waits it is told to keep.
 - rpm: 600 requests/min enforced in fixed 2 s windows (20 a window), learnt from the headers alone (which
   describe the per-minute limit); 400 prompts.
 - tpm: 20,000 tokens/min and 600 requests/min, both enforced in 2 s windows, learnt from the headers alone;
   a request costs its input tokens plus max_tokens (64) at the server; 300 prompts.
+- tpm-fine: the tpm limits (600 requests/min raised to 6,000, not binding) with max_tokens 16: requests of about
+  21 tokens, which can fill 97.7 % of a window (the tpm scenario's 69-token requests: 93.2 %); 600 prompts.
 - tpm-bucket: 20,000 tokens/min in a token bucket that starts full (no short windows), 6,000 requests/min
   (never binding); 450 prompts (31,050 tokens: the bucket's 20,000, then 33 s of refill).
 "Use" is what the server admitted over what the binding limit allows in the request phase: answered
@@ -38,7 +44,7 @@ MAX_TOKENS = 64
 PLAIN = textwrap.dedent(
     """
     import asyncio, json, sys, time, openai
-    url, n, conc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    url, n, conc, max_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     async def main():
         client = openai.AsyncOpenAI(base_url=url, api_key="sk-bench")  # the SDK's defaults: 2 retries
         sem = asyncio.Semaphore(conc)
@@ -47,7 +53,7 @@ PLAIN = textwrap.dedent(
                 try:
                     r = await client.chat.completions.create(
                         model="gpt-4o-mini", messages=[{"role": "user", "content": f"question number {i}"}],
-                        temperature=0.8, max_tokens=%d)
+                        temperature=0.8, max_tokens=max_tokens)
                     return r.choices[0].message.content is not None
                 except Exception:
                     return False
@@ -55,7 +61,7 @@ PLAIN = textwrap.dedent(
         out = await asyncio.gather(*(one(i) for i in range(n)))
         print(json.dumps({"loop_s": time.perf_counter() - t, "kept": sum(out)}))
     asyncio.run(main())
-    """ % MAX_TOKENS
+    """
 )
 
 SCENARIOS = {
@@ -63,9 +69,17 @@ SCENARIOS = {
     "faults": {"prompts": 600, "server": ["--fault-rate", "429=0.05", "--fault-rate", "500=0.05",
                                           "--fault-rate", "drop=0.02", "--fault-rate", "malformed=0.02",
                                           "--seed", "7"]},
+    # the same faults, the 429s asking for a tenth of the wait: what the factory adds beyond the waits it is told
+    "faults-short": {"prompts": 600, "server": ["--fault-rate", "429=0.05", "--fault-rate", "500=0.05",
+                                                "--fault-rate", "drop=0.02", "--fault-rate", "malformed=0.02",
+                                                "--seed", "7", "--retry-after", "0.1"]},
     "rpm": {"prompts": 400, "server": ["--rpm", "600", "--rate-quantum", "2"], "rpm": 600},
     "tpm": {"prompts": 300, "server": ["--rpm", "600", "--tpm", "20000", "--rate-quantum", "2"], "rpm": 600,
             "tpm": 20000},
+    # the tpm limits with requests of about 21 tokens (max_tokens 16): whole requests can fill 97.7 % of a
+    # 2 s window's 666 tokens, where the tpm row's 69-token requests fill at most 93.2 % (9 of them)
+    "tpm-fine": {"prompts": 600, "server": ["--rpm", "6000", "--tpm", "20000", "--rate-quantum", "2"],
+                 "tpm": 20000, "max_tokens": 16},
     "tpm-bucket": {"prompts": 450, "server": ["--rpm", "6000", "--tpm", "20000"], "tpm": 20000, "full": True},
 }
 
@@ -90,7 +104,7 @@ class Server:
         return {"total": total, "by_status": by_status}
 
 
-def factory(workdir: Path, url: str, prompts: int, name: str) -> dict:
+def factory(workdir: Path, url: str, prompts: int, name: str, max_tokens: int) -> dict:
     prompt_file = workdir / f"{name}.jsonl"
     prompt_file.write_text("".join(json.dumps({"id": str(i), "prompt": f"question number {i}"}) + "\n"
                                    for i in range(prompts)))
@@ -99,7 +113,7 @@ def factory(workdir: Path, url: str, prompts: int, name: str) -> dict:
     recipe.write_text(
         f"factory:\n  output_dir: {run_dir}\n  prompts: {{path: {prompt_file}}}\n  checks: []\n"
         f"  teacher:\n    provider: openai\n    model: gpt-4o-mini\n    base_url: {url}\n"
-        f"    params: {{temperature: 0.8, max_tokens: {MAX_TOKENS}}}\n    max_concurrency: 64\n"
+        f"    params: {{temperature: 0.8, max_tokens: {max_tokens}}}\n    max_concurrency: 64\n"
         "    follow_latency: false\n")  # the fake stands for a hosted API, which answers 429 rather than queueing
     env = dict(os.environ, OPENAI_API_KEY="sk-bench")
     started = time.perf_counter()
@@ -112,9 +126,9 @@ def factory(workdir: Path, url: str, prompts: int, name: str) -> dict:
             "input_tokens": manifest["this_run"]["input_tokens"]}
 
 
-def plain(url: str, prompts: int) -> dict:
-    done = subprocess.run([PY, "-c", PLAIN, url, str(prompts), "64"], cwd=REPO, capture_output=True, text=True,
-                          check=True)
+def plain(url: str, prompts: int, max_tokens: int) -> dict:
+    done = subprocess.run([PY, "-c", PLAIN, url, str(prompts), "64", str(max_tokens)], cwd=REPO,
+                          capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
 
@@ -124,7 +138,7 @@ def use(spec: dict, answered: int, input_tokens: int | None, seconds: float) -> 
     if spec.get("rpm"):
         parts.append(f"requests {answered / (spec['rpm'] / 60 * (start + seconds)):.0%}")
     if spec.get("tpm") and input_tokens is not None:
-        charged = input_tokens + answered * MAX_TOKENS
+        charged = input_tokens + answered * spec.get("max_tokens", MAX_TOKENS)
         parts.append(f"tokens {charged / (spec['tpm'] / 60 * (start + seconds)):.0%}")
     return ", ".join(parts) or "—"
 
@@ -142,14 +156,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only or list(SCENARIOS):
             spec = SCENARIOS[name]
+            tokens = spec.get("max_tokens", MAX_TOKENS)
             clients = [("factory", None)] + ([] if args.no_plain else [("plain AsyncOpenAI", None)])
             for client, _ in clients:
                 server = Server(args.latency, spec["server"])
                 try:
                     if client == "factory":
-                        result = factory(Path(tmp), server.url, spec["prompts"], name)
+                        result = factory(Path(tmp), server.url, spec["prompts"], name, tokens)
                     else:
-                        result = plain(server.url, spec["prompts"])
+                        result = plain(server.url, spec["prompts"], tokens)
                         result["input_tokens"] = None
                 finally:
                     seen = server.stop()

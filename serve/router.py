@@ -3,8 +3,9 @@
 `cascade`: the student answers; when its confidence is below `routing.threshold` the teacher answers instead.
 `canary`: that share goes to the teacher regardless. `shadow`: that share is also asked of the model that did not
 answer, off the response path (a task started after the answer is logged), and the two answers compared with
-the eval's normaliser (`fold_answer`), and by the shadow judge where one is configured (serve/judge.py). Faults: the teacher fails or its budget is spent → the student's answer
-is served and marked; the student fails → the teacher answers; both fail → AllDown (the server's 503).
+the eval's normaliser (`fold_answer`), and by the shadow judge where one is configured (serve/judge.py).
+Faults: the teacher fails or its budget is spent → the student's answer is served and marked; the student
+fails → the teacher answers; both fail → AllDown (the server's 503).
 
 Every answer is logged (factory/served_log.py) before it is returned, so before the client sees it.
 
