@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=sorted(SCENARIOS), help="run only these scenarios")
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--no-plain", action="store_true", help="skip the plain AsyncOpenAI loop")
+    parser.add_argument("--prompts", type=int, default=None, help="this many prompts in every scenario run")
     args = parser.parse_args()
     print(f"Command: `.venv/bin/python benchmarks/limits.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`")
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
@@ -155,7 +156,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only or list(SCENARIOS):
-            spec = SCENARIOS[name]
+            spec = dict(SCENARIOS[name], **({"prompts": args.prompts} if args.prompts else {}))
             tokens = spec.get("max_tokens", MAX_TOKENS)
             clients = [("factory", None)] + ([] if args.no_plain else [("plain AsyncOpenAI", None)])
             for client, _ in clients:
