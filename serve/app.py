@@ -180,6 +180,9 @@ class ServeApp:
         config = self.config
         assert config.routing.router is not None  # the config fills it in
         learned = LearnedRouter.load(config.routing.router) if config.routing.mode == "learned" else None
+        if learned is not None and learned.embedding != config.routing.embedding:
+            self.warn(f"routing.embedding is {config.routing.embedding}, but {config.routing.router} was fitted with "
+                      f"{learned.embedding}: serving with {learned.embedding} (--fit-router refits with the recipe's)")
         # the judge first: its price is what a recipe most likely lacks (a budget needs one)
         judge = ShadowJudge(config.shadow_judge) if config.shadow_judge is not None else None
         student = Backend("student", config.student)
@@ -208,6 +211,8 @@ class ServeApp:
                 if backend is not None:
                     await backend.aclose()
             router.log.close()
+            if router.learned is not None:
+                router.learned.close()
         if self._http is not None:
             await self._http.close()
             self._http = None

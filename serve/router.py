@@ -152,8 +152,9 @@ class Router:
                 raise AllDown(f"the student is down ({down}) and no teacher is configured") from None
             return await self._teacher_only(request_id, request, "fallback", f"student_down: {down}")
         confidence = mine.confidence
-        if not self._unsure(request, mine):
-            return Served(request_id, mine, "student", "student", confidence, None)
+        unsure, fault = await self._unsure(request, mine)
+        if not unsure:
+            return Served(request_id, mine, "student", "student", confidence, fault)
         assert self.teacher is not None  # the config requires a teacher for modes cascade and learned
         try:
             theirs = await self._ask(self.teacher, request)
@@ -201,16 +202,21 @@ class Router:
             self.metrics.fallback("stream_broken")
             raise
 
-    def _unsure(self, request: ChatRequest, mine: Answer) -> bool:
-        """Whether the router sends this request on to the teacher (modes cascade and learned)."""
+    async def _unsure(self, request: ChatRequest, mine: Answer) -> tuple[bool, str | None]:
+        """Whether the router sends this request on to the teacher (modes cascade and learned), and the fault when
+        it could not tell."""
         confidence = mine.confidence
         if confidence is None:
-            return False
+            return False, None
         if self.routing.mode == "cascade":
-            return self.routing.threshold is not None and confidence < self.routing.threshold
+            return self.routing.threshold is not None and confidence < self.routing.threshold, None
         if self.routing.mode == "learned" and self.learned is not None:
-            return self.learned.agreement(request.messages, mine.texts[0], confidence) < self.routing.min_agreement
-        return False
+            try:
+                agreement = await self.learned.agreement_served(request.messages, mine.texts[0], confidence)
+            except Exception as exc:  # the embedding model failed (torch, memory): the student's answer, marked
+                return False, f"embedding_failed: {type(exc).__name__}: {exc}"
+            return agreement < self.routing.min_agreement, None
+        return False, None
 
     async def _teacher_first(self, request_id: str, request: ChatRequest, route: str) -> Served:
         assert self.teacher is not None
