@@ -8,12 +8,31 @@ import random
 import threading
 import urllib.error
 import urllib.request
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
+from conftest import API_KEY
+
+from fakes import FakeConfig, FakeServer
 from serve.app import ServeApp
 from serve.config import ServeConfig
 
 KEY_ENV = "APPRENTICE_TEST_KEY"  # the fakes' key (tests/conftest.py API_KEY)
+
+
+@contextmanager
+def student_and_teacher(student_answer: str = "Paris", teacher_answer: str = "Paris.") -> Iterator[
+        tuple[FakeServer, FakeServer]]:
+    """A student and a teacher, each a fake OpenAI server with its own answer (their key: API_KEY in KEY_ENV)."""
+    student = FakeServer(FakeConfig(api_key=API_KEY, responder=lambda messages, i, body: student_answer))
+    teacher = FakeServer(FakeConfig(api_key=API_KEY, responder=lambda messages, i, body: teacher_answer))
+    student.start()
+    teacher.start()
+    try:
+        yield student, teacher
+    finally:
+        student.stop()
+        teacher.stop()
 
 
 def backend(url: str, model: str, **extra: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from aiohttp import web
 from conftest import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl
-from serving import KEY_ENV, LoopThread, RunningRouter, backend, http, serve_config
+from serving import KEY_ENV, LoopThread, RunningRouter, backend, http, serve_config, student_and_teacher
 
 from apprentice.config import validate_section
 from apprentice.errors import ApprenticeError, RecipeError
@@ -30,7 +30,6 @@ from factory.prompts import PromptError, SourceEnv
 from factory.recipe import Price
 from factory.served_log import ServedLog, iter_served, served_files
 from factory.sources import write_prompts
-from fakes import FakeConfig, FakeServer
 from serve.__main__ import main as serve_main
 from serve.backends import _key_json
 from serve.config import ServeConfig, load_serve_config
@@ -46,15 +45,8 @@ HARD = "a hard question"
 def fakes(monkeypatch):
     """A student and a teacher, each a fake OpenAI server with its own answers."""
     monkeypatch.setenv(KEY_ENV, API_KEY)
-    student = FakeServer(FakeConfig(api_key=API_KEY, responder=lambda messages, i, body: "Paris"))
-    teacher = FakeServer(FakeConfig(api_key=API_KEY, responder=lambda messages, i, body: "Paris."))
-    student.start()
-    teacher.start()
-    try:
-        yield student, teacher
-    finally:
-        student.stop()
-        teacher.stop()
+    with student_and_teacher() as pair:
+        yield pair
 
 
 def ask(client: openai.OpenAI, text: str = "capital of France?", **options):

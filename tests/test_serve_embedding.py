@@ -17,11 +17,10 @@ import openai
 import pytest
 import torch
 from conftest import API_KEY, read_jsonl
-from serving import KEY_ENV, RunningRouter, backend
+from serving import KEY_ENV, RunningRouter, backend, student_and_teacher
 
 from apprentice.errors import ApprenticeError
 from factory.served_log import ServedLog, served_files
-from fakes import FakeConfig, FakeServer
 from serve.__main__ import main as serve_main
 from serve.config import ServeConfig
 from serve.learned import (
@@ -46,15 +45,8 @@ MINILM_DIMENSIONS = 384
 @pytest.fixture
 def fakes(monkeypatch):
     monkeypatch.setenv(KEY_ENV, API_KEY)
-    student = FakeServer(FakeConfig(api_key=API_KEY, responder=lambda messages, i, body: "Paris"))
-    teacher = FakeServer(FakeConfig(api_key=API_KEY, responder=lambda messages, i, body: "Paris."))
-    student.start()
-    teacher.start()
-    try:
-        yield student, teacher
-    finally:
-        student.stop()
-        teacher.stop()
+    with student_and_teacher() as pair:
+        yield pair
 
 
 def topic_log(log_dir, comparisons: int = 400) -> None:

@@ -8,10 +8,9 @@ import time
 import openai
 import pytest
 from conftest import API_KEY
-from serving import KEY_ENV, RunningRouter, http, serve_config
+from serving import KEY_ENV, RunningRouter, http, serve_config, student_and_teacher
 
 from factory.served_log import iter_served
-from fakes import FakeConfig, FakeServer
 
 ANSWER = "Paris is the capital of France."  # eight 4-character chunks from the fake
 
@@ -19,15 +18,8 @@ ANSWER = "Paris is the capital of France."  # eight 4-character chunks from the 
 @pytest.fixture
 def fakes(monkeypatch):
     monkeypatch.setenv(KEY_ENV, API_KEY)
-    student = FakeServer(FakeConfig(api_key=API_KEY, responder=lambda messages, i, body: ANSWER))
-    teacher = FakeServer(FakeConfig(api_key=API_KEY, responder=lambda messages, i, body: "Paris."))
-    student.start()
-    teacher.start()
-    try:
-        yield student, teacher
-    finally:
-        student.stop()
-        teacher.stop()
+    with student_and_teacher(ANSWER) as pair:
+        yield pair
 
 
 def client(router: RunningRouter) -> openai.OpenAI:
