@@ -76,8 +76,25 @@ def snapshot(limiters: Mapping[str, Limiter]) -> dict[str, Any]:
     return {"version": VERSION, "limiters": {key: entry for key, entry in kept.items() if entry["short_windows"]}}
 
 
+def exchange(run_dir: Path, limiters: Mapping[str, Limiter]) -> int:
+    """The short windows these limiters learnt, added to `run_dir`'s file, and those other processes added
+    there, recalled by these limiters: how many were new to them. The Ray runner's workers each call it on
+    the run's `shards/` folder, so that a window one worker overran is paced by all from then on, instead of
+    each worker paying for it with 429s of its own (an unreadable file is replaced)."""
+    shared, _ = read_limits(run_dir)
+    mine = snapshot(limiters)["limiters"]
+    if any(name not in shared.get(key, {}) for key, entry in mine.items() for name in entry["short_windows"]):
+        for key, entry in mine.items():
+            shared.setdefault(key, {}).update(entry["short_windows"])
+        write_limits(run_dir, {"version": VERSION,
+                               "limiters": {key: {"short_windows": windows} for key, windows in shared.items()}})
+    new = {key: {name: limit for name, limit in shared.get(key, {}).items() if name not in limiter.pacer.short}
+           for key, limiter in limiters.items()}
+    return recall(limiters, new)
+
+
 def write_limits(run_dir: Path, learnt: dict[str, Any]) -> None:
     path = run_dir / LIMITS
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_name(f"{LIMITS}.{os.getpid()}.tmp")  # several processes may write the same file
     tmp.write_text(json.dumps(learnt, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)

@@ -41,6 +41,7 @@ from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError, RecipeError
 from quality_checks import build_checks
 
+from .learnt_limits import exchange
 from .lock import DirectoryInUse, DirectoryLock
 from .progress import Counters
 from .prompt_config import PromptsConfig
@@ -55,7 +56,7 @@ from .teachers import Teacher, make_teacher
 
 PROGRESS_EVERY_S = 30.0  # a line of figures from the shards' manifests (each run writes its own every 10 s)
 SHARE = "share"  # in shards/: each worker's part of the rate limits now, 1 / the tasks running
-SHARE_EVERY_S = 1.0  # how often a worker reads it
+SHARE_EVERY_S = 0.25  # how often a worker reads it, and the short windows the workers learnt (shards/limits.json)
 LOCK_WAIT_S = 60.0  # a task of a killed driver may still hold its shard's lock for a moment
 WORKER_LOG = "worker.log"
 ENGINE_CLOSE_S = 60.0  # a worker's teacher engine is given this long to shut down, then its actor is ended
@@ -90,18 +91,23 @@ def run_shard(config: FactoryConfig, share: float, teacher: Teacher | None = Non
 
 
 async def _run_sharing(run: Run, share_file: Path) -> RunResult:
-    """The run, its limiters following the share the driver writes as the tasks running change: when a
-    worker is done, the others take its part of the rate limits instead of leaving it unused."""
+    """The run, its limiters following the share the driver writes as the tasks running change (when a
+    worker is done, the others take its part of the rate limits instead of leaving it unused), and the short
+    windows every worker learnt (shards/limits.json: one worker's 429 teaches them all)."""
     async def follow() -> None:
         while True:
             await asyncio.sleep(SHARE_EVERY_S)
             try:
-                share = float(share_file.read_text())
+                share: float | None = float(share_file.read_text())
             except (OSError, ValueError):
-                continue
+                share = None
             for limiter in run.limiters:
-                if limiter.share != share:
+                if share is not None and limiter.share != share:
                     limiter.set_share(share)
+            try:
+                exchange(share_file.parent, run.endpoint_limiters)
+            except OSError:  # the shared folder is unwritable for a moment: the next round tries again
+                pass
 
     follower = asyncio.create_task(follow())
     try:

@@ -11,7 +11,8 @@ import pytest
 from conftest import API_KEY, read_jsonl, write_prompts, write_recipe
 
 from factory.__main__ import main
-from factory.learnt_limits import LIMITS, limiter_key, read_limits
+from apprentice.errors import TeacherError
+from factory.learnt_limits import LIMITS, exchange, limiter_key, read_limits
 from factory.limiter import Limiter
 from factory.recipe import TeacherConfig, load_factory_config
 from factory.teachers import make_teacher
@@ -121,3 +122,24 @@ def test_an_unreadable_limits_file_is_ignored_with_a_warning_that_names_it(tmp_p
         assert _generate(recipe) == 0, "the run goes on"
     shown = capsys.readouterr()
     assert f"{LIMITS} cannot be read" in shown.out + shown.err
+
+
+def test_a_short_window_one_worker_learns_is_paced_by_the_others_through_the_shared_folder(tmp_path):
+    # The Ray runner's workers exchange what they learnt through shards/limits.json every quarter second.
+    key = "openai http://127.0.0.1:1/v1 gpt-4o-mini"
+    room = {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "590"}
+    learner, other = Limiter(max_concurrency=8, share=0.5), Limiter(max_concurrency=8, share=0.5)
+    for limiter in (learner, other):
+        limiter.observe_headers(room)
+    assert exchange(tmp_path, {key: learner}) == 0 and not (tmp_path / LIMITS).exists(), "nothing learnt yet"
+    learner._on_failure(TeacherError("429", retryable=True, status=429, retry_after=0.0, rate_limited=True,
+                                     headers=room), 1)
+    assert learner.pacer.short == {"requests"}
+    assert exchange(tmp_path, {key: learner}) == 0, "its own window is not new to it"
+    assert read_limits(tmp_path)[0] == {key: {"requests": 600.0}}, "the whole limit, not the worker's share"
+    assert exchange(tmp_path, {key: other}) == 1 and other.pacer.short == {"requests"}
+    assert other.buckets["requests"].capacity == 300.0, "taken at the other worker's share"
+    assert exchange(tmp_path, {key: other}) == 0, "once"
+    (tmp_path / LIMITS).write_text("{not json", encoding="utf-8")
+    assert exchange(tmp_path, {key: other}) == 0 and read_limits(tmp_path)[0] == {key: {"requests": 600.0}}, \
+        "an unreadable file is replaced by what the worker knows"
