@@ -159,6 +159,7 @@ class Pacer:
         self.ramp_start: dict[str, float] = {}   # buckets the headers showed room in, and since when
         self.paced: set[str] = set()             # buckets that never burst: the recipe's cap binds
         self.short: set[str] = set()             # buckets a 429 with room left showed a short window in
+        self.ramp_delay_s = 0.0  # how long a bucket is paced before it ramps (Ray's workers ramp in turn)
         self._last_cut = 0.0
 
     def learnt(self, name: str, capped: bool, now: float) -> None:
@@ -166,7 +167,7 @@ class Pacer:
         if capped:
             self.paced.add(name)
         elif name not in self.ramp_start:
-            self.ramp_start[name] = now
+            self.ramp_start[name] = now + self.ramp_delay_s
 
     def bursting(self, name: str, bucket: Bucket) -> bool:
         """Whether this bucket may be spent faster than it refills: the headers showed room, no short window
@@ -182,7 +183,7 @@ class Pacer:
         """The next send of each bucket is due once this one's cost has flowed at its pace (taken already)."""
         for name, bucket in buckets.items():
             rate = bucket.rate * self.share
-            if self.bursting(name, bucket):
+            if self.bursting(name, bucket) and now > self.ramp_start[name]:
                 rate *= min(MAX_BOOST, 2.0 ** ((now - self.ramp_start[name]) / RAMP_DOUBLING_S))
             spacing = amount(name, reservation) / rate
             # From when this send was due, not from now: a send the event loop woke a little late for would

@@ -42,6 +42,7 @@ from apprentice.errors import ApprenticeError, RecipeError
 from quality_checks import build_checks
 
 from .learnt_limits import exchange
+from .pacing import RAMP_DOUBLING_S
 from .lock import DirectoryInUse, DirectoryLock
 from .progress import Counters
 from .prompt_config import PromptsConfig
@@ -67,10 +68,11 @@ SUMMED = ("cpu_s", "requests", "cache_hits", "resumed_records", "input_tokens", 
 
 
 def run_shard(config: FactoryConfig, share: float, teacher: Teacher | None = None,
-              loop: asyncio.AbstractEventLoop | None = None) -> dict[str, Any]:
+              loop: asyncio.AbstractEventLoop | None = None, ramp_delay_s: float = 0.0) -> dict[str, Any]:
     """One shard, in a Ray worker: the factory's own run of the shard's prompts into the shard's directory.
     What it printed is in the shard's worker.log; its figures are in the shard's manifest.json. `teacher` and
-    `loop`: a worker's teacher engine, loaded once, and the event loop it is bound to (TeacherEngine)."""
+    `loop`: a worker's teacher engine, loaded once, and the event loop it is bound to (TeacherEngine).
+    `ramp_delay_s`: how long its limiters pace before ramping into the room the headers show (see _drive)."""
     started = time.time()
     config.output_dir.mkdir(parents=True, exist_ok=True)
     with open(config.output_dir / WORKER_LOG, "a", encoding="utf-8") as log:
@@ -78,7 +80,8 @@ def run_shard(config: FactoryConfig, share: float, teacher: Teacher | None = Non
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
-                sharing = _run_sharing(Run(config, console=console, rate_share=share, teacher=teacher),
+                sharing = _run_sharing(Run(config, console=console, rate_share=share, teacher=teacher,
+                                           ramp_delay_s=ramp_delay_s),
                                        config.output_dir.parent / SHARE)
                 result = asyncio.run(sharing) if loop is None else loop.run_until_complete(sharing)
                 break
@@ -125,8 +128,8 @@ class TeacherEngine:
         self.loop = asyncio.new_event_loop()
         self.teacher = make_teacher(teacher, share)
 
-    def run(self, config: FactoryConfig, share: float) -> dict[str, Any]:
-        return run_shard(config, share, self.teacher, self.loop)
+    def run(self, config: FactoryConfig, share: float, ramp_delay_s: float = 0.0) -> dict[str, Any]:
+        return run_shard(config, share, self.teacher, self.loop, ramp_delay_s)
 
     def close(self) -> None:
         try:
@@ -226,10 +229,14 @@ def _drive(ray: Any, config: FactoryConfig, limit: int | None, console: Console)
     engine_of: dict[Any, Any] = {}  # a running shard's engine, back to idle when the shard is done
 
     def submit(shard: FactoryConfig) -> Any:
+        # The first wave ramps in turn, RAMP_DOUBLING_S apart: a provider that enforces the minute in short
+        # windows is then found by one worker's ramp (a 429 or two), and the others, still paced, learn it from
+        # shards/limits.json before theirs begins. Ramping together, each paid its own 429s for it.
+        delay = RAMP_DOUBLING_S * len(running) if len(results) + len(running) < workers else 0.0
         if not engines:
-            return task.remote(shard, share)
+            return task.remote(shard, share, ramp_delay_s=delay)
         engine = idle.popleft()
-        ref = engine.run.remote(shard, share)
+        ref = engine.run.remote(shard, share, delay)
         engine_of[ref] = engine
         return ref
 

@@ -100,9 +100,11 @@ class Run:
         console: Console | None = None,
         teacher: Teacher | None = None,
         rate_share: float = 1.0,
+        ramp_delay_s: float = 0.0,
     ) -> None:
         self.config = config
         self.rate_share = rate_share  # this process's part of the teacher's rate limits (factory/ray_runner.py)
+        self.ramp_delay_s = ramp_delay_s  # how long its limiters pace before they ramp (factory/pacing.py)
         self.limit = limit
         self.console = console or CommandConsole()
         self._teacher = teacher
@@ -408,6 +410,7 @@ class Run:
 
     def _limiter(self, config: TeacherConfig, teacher: Teacher) -> Limiter:
         limiter = limiter_for(config, teacher, self.rate_share)
+        limiter.pacer.ramp_delay_s = self.ramp_delay_s
         self.limiters.append(limiter)
         if config.provider not in IN_PROCESS:
             self.endpoint_limiters[limiter_key(config)] = limiter

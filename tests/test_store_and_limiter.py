@@ -395,3 +395,18 @@ def test_the_input_estimate_calibrates_to_what_the_answers_report_framing_includ
     for _ in range(100):
         limiter.calibrate(chars, actual)
     assert abs(limiter.estimate_tokens(chars) - actual) <= 1
+
+
+def test_a_ramp_delayed_bucket_is_paced_until_its_turn_then_ramps():
+    # The Ray runner's first workers ramp in turn (factory/ray_runner.py): until then a worker sends at the pace.
+    limiter = Limiter(max_concurrency=64)
+    limiter.pacer.ramp_delay_s = 4.0
+    limiter.observe_headers({**ROOM, "x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": "29000"})
+    pacer, bucket = limiter.pacer, limiter.buckets["tokens"]
+    start = pacer.ramp_start["tokens"]
+    reservation = Reservation(10, 10)
+    paced = 20 / (500 * 0.97)  # 30,000 a minute is 500 a second
+    for now, boost in ((start - 1.0, 1.0), (start + 2.0, 2.0)):
+        pacer.due.clear()
+        pacer.sent({"tokens": bucket}, reservation, now)
+        assert pacer.due["tokens"] - now == pytest.approx(paced / boost), f"{now - start:+.0f} s from its turn"
