@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,6 +29,7 @@ from .limiter import Limiter
 from .recipe import TeacherConfig
 
 LIMITS = "limits.json"
+PAUSES = "pauses.json"  # in the Ray runner's shards/: until when (epoch seconds) each endpoint's workers wait
 VERSION = 1
 
 
@@ -91,6 +93,32 @@ def exchange(run_dir: Path, limiters: Mapping[str, Limiter]) -> int:
     new = {key: {name: limit for name, limit in shared.get(key, {}).items() if name not in limiter.pacer.short}
            for key, limiter in limiters.items()}
     return recall(limiters, new)
+
+
+def exchange_pauses(run_dir: Path, limiters: Mapping[str, Limiter]) -> int:
+    """A pause of every request one worker's limiter entered (a spent window's `retry-after`, a limit signal, an
+    open breaker), added to `run_dir`'s pauses.json, and the other workers' pauses from there taken by these
+    limiters: how many limiters it paused. Without it, the workers that had not been refused yet kept sending
+    into the window another one found spent, and each paid a 429 of its own for it."""
+    path = run_dir / PAUSES
+    try:
+        shared = {str(key): float(until) for key, until in json.loads(path.read_text(encoding="utf-8")).items()}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
+        shared = {}  # none yet, or unreadable: this worker's pauses replace it
+    now, clock = time.time(), time.monotonic()
+    mine = {key: now + limiter.pause_until - clock for key, limiter in limiters.items() if limiter.pause_until > clock}
+    if any(until > shared.get(key, 0.0) + 0.001 for key, until in mine.items()):
+        shared.update({key: max(until, shared.get(key, 0.0)) for key, until in mine.items()})
+        tmp = path.with_name(f"{PAUSES}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(shared, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    paused = 0
+    for key, limiter in limiters.items():
+        until = clock + shared.get(key, 0.0) - now
+        if until > limiter.pause_until + 0.001:
+            limiter.pause_until = until
+            paused += 1
+    return paused
 
 
 def write_limits(run_dir: Path, learnt: dict[str, Any]) -> None:

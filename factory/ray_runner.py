@@ -41,7 +41,7 @@ from apprentice.console import CommandConsole
 from apprentice.errors import ApprenticeError, RecipeError
 from quality_checks import build_checks
 
-from .learnt_limits import exchange
+from .learnt_limits import exchange, exchange_pauses
 from .pacing import RAMP_DOUBLING_S
 from .lock import DirectoryInUse, DirectoryLock
 from .progress import Counters
@@ -57,7 +57,7 @@ from .teachers import Teacher, make_teacher
 
 PROGRESS_EVERY_S = 30.0  # a line of figures from the shards' manifests (each run writes its own every 10 s)
 SHARE = "share"  # in shards/: each worker's part of the rate limits now, 1 / the tasks running
-SHARE_EVERY_S = 0.25  # how often a worker reads it, and the short windows the workers learnt (shards/limits.json)
+SHARE_EVERY_S = 0.1  # how often a worker reads it, and what the workers learnt (shards/limits.json, pauses.json)
 LOCK_WAIT_S = 60.0  # a task of a killed driver may still hold its shard's lock for a moment
 WORKER_LOG = "worker.log"
 ENGINE_CLOSE_S = 60.0  # a worker's teacher engine is given this long to shut down, then its actor is ended
@@ -109,6 +109,7 @@ async def _run_sharing(run: Run, share_file: Path) -> RunResult:
                     limiter.set_share(share)
             try:
                 exchange(share_file.parent, run.endpoint_limiters)
+                exchange_pauses(share_file.parent, run.endpoint_limiters)
             except OSError:  # the shared folder is unwritable for a moment: the next round tries again
                 pass
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import API_KEY, read_jsonl, write_prompts, write_recipe
 
 from factory.__main__ import main
 from apprentice.errors import TeacherError
-from factory.learnt_limits import LIMITS, exchange, limiter_key, read_limits
+from factory.learnt_limits import LIMITS, PAUSES, exchange, exchange_pauses, limiter_key, read_limits
 from factory.limiter import Limiter
 from factory.recipe import TeacherConfig, load_factory_config
 from factory.teachers import make_teacher
@@ -142,4 +143,22 @@ def test_a_short_window_one_worker_learns_is_paced_by_the_others_through_the_sha
     assert exchange(tmp_path, {key: other}) == 0, "once"
     (tmp_path / LIMITS).write_text("{not json", encoding="utf-8")
     assert exchange(tmp_path, {key: other}) == 0 and read_limits(tmp_path)[0] == {key: {"requests": 600.0}}, \
+        "an unreadable file is replaced by what the worker knows"
+
+
+def test_a_pause_one_worker_enters_holds_the_others_until_the_same_moment(tmp_path):
+    # A spent window found by one Ray worker: the others stop sending into it too (shards/pauses.json).
+    key = "openai http://127.0.0.1:1/v1 gpt-4o-mini"
+    refused, other = Limiter(max_concurrency=8, share=0.5), Limiter(max_concurrency=8, share=0.5)
+    assert exchange_pauses(tmp_path, {key: refused}) == 0 and not (tmp_path / PAUSES).exists(), "no pause yet"
+    refused._on_failure(TeacherError("429", retryable=True, status=429, retry_after=1.5, rate_limited=True,
+                                     headers={"x-ratelimit-limit-requests": "600",
+                                              "x-ratelimit-remaining-requests": "0"}), 1)
+    assert refused.pause_until > time.monotonic() + 1.0, "a spent window pauses its own worker"
+    assert exchange_pauses(tmp_path, {key: refused}) == 0, "its own pause is not new to it"
+    assert exchange_pauses(tmp_path, {key: other}) == 1
+    assert other.pause_until == pytest.approx(refused.pause_until, abs=0.05), "until the same moment"
+    assert exchange_pauses(tmp_path, {"another endpoint": Limiter(max_concurrency=8)}) == 0, "per endpoint"
+    (tmp_path / PAUSES).write_text("[1, 2", encoding="utf-8")
+    assert exchange_pauses(tmp_path, {key: other}) == 0 and key in json.loads((tmp_path / PAUSES).read_text()), \
         "an unreadable file is replaced by what the worker knows"
