@@ -126,7 +126,7 @@ def test_an_unreadable_limits_file_is_ignored_with_a_warning_that_names_it(tmp_p
 
 
 def test_a_short_window_one_worker_learns_is_paced_by_the_others_through_the_shared_folder(tmp_path):
-    # The Ray runner's workers exchange what they learnt through shards/limits.json every quarter second.
+    # The Ray runner's workers exchange what they learnt through shards/limits.json every 0.1 s.
     key = "openai http://127.0.0.1:1/v1 gpt-4o-mini"
     room = {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "590"}
     learner, other = Limiter(max_concurrency=8, share=0.5), Limiter(max_concurrency=8, share=0.5)
