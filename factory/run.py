@@ -261,12 +261,12 @@ class Run:
                 self.decider, prompts_path, limit=self.limit, limiter=self.limiter, stop=self.stop,
                 console=self.console)
         else:
-            # Workers: enough to keep the teacher and every judge busy at once (each limiter bounds its own model
-            # in flight), twice over: an item waiting out a retry's backoff or retry-after holds a worker but
-            # sends nothing, and with one worker per slot the faults would idle the slots it leaves.
+            # Workers: two per slot of the teacher's and judges' limiters (an item waiting out a retry's backoff
+            # holds a worker and sends nothing); one slot keeps one worker: prompts decided strictly in order.
+            slots = sum(limiter.max_concurrency for limiter in self.limiters)
             self.dispatch = OnlineDispatch(
                 self.decider, prompts_path, system=config.prompts.system, limit=self.limit, stop=self.stop,
-                concurrency=2 * sum(limiter.max_concurrency for limiter in self.limiters))
+                concurrency=slots if slots == 1 else 2 * slots)
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_manifest(run_dir, self._manifest("running", counters, previous))
         self._print_summary(prompts_path, count, teacher, checks, budget_before=spent_before.cost_usd)
