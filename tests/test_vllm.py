@@ -96,8 +96,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def vllm_server(vllm_python, model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def vllm_server(vllm_python, model_dir, tmp_path_factory):
+    """One server for the module's tests (each start costs 40 s of the suite's budget on 2 cores)."""
+    tmp_path = tmp_path_factory.mktemp("vllm-server")
     port = free_port()
     log = (tmp_path / "vllm-server.log").open("w")
     args = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
