@@ -41,7 +41,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def event_loop(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
-    """What runs the server: uvloop's loop (about a third less CPU per request in the router than asyncio's,
+    """What runs the server: uvloop's loop (8–20 % less CPU per request in the router than asyncio's,
     benchmarks/results/serve_overhead.md) unless serve.event_loop says asyncio or uvloop is not installed."""
     if choice == "asyncio" or (choice == "auto" and uvloop is None):
         return asyncio.run
