@@ -20,13 +20,13 @@ teacher and are not kept here.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from .limiter import Limiter
 from .recipe import TeacherConfig
+from .store import replace_whole
 
 LIMITS = "limits.json"
 PAUSES = "pauses.json"  # in the Ray runner's shards/: until when (epoch seconds) each endpoint's workers wait
@@ -109,9 +109,7 @@ def exchange_pauses(run_dir: Path, limiters: Mapping[str, Limiter]) -> int:
     mine = {key: now + limiter.pause_until - clock for key, limiter in limiters.items() if limiter.pause_until > clock}
     if any(until > shared.get(key, 0.0) + 0.001 for key, until in mine.items()):
         shared.update({key: max(until, shared.get(key, 0.0)) for key, until in mine.items()})
-        tmp = path.with_name(f"{PAUSES}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(shared, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        replace_whole(path, json.dumps(shared, sort_keys=True))
     paused = 0
     for key, limiter in limiters.items():
         until = clock + shared.get(key, 0.0) - now
@@ -122,7 +120,4 @@ def exchange_pauses(run_dir: Path, limiters: Mapping[str, Limiter]) -> int:
 
 
 def write_limits(run_dir: Path, learnt: dict[str, Any]) -> None:
-    path = run_dir / LIMITS
-    tmp = path.with_name(f"{LIMITS}.{os.getpid()}.tmp")  # several processes may write the same file
-    tmp.write_text(json.dumps(learnt, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    replace_whole(run_dir / LIMITS, json.dumps(learnt, indent=2, sort_keys=True) + "\n")  # several workers write it

@@ -154,6 +154,14 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
         return None  # written atomically, so this is a hand-edited file; it is rewritten below
 
 
+def replace_whole(path: Path, text: str) -> None:
+    """`path` replaced by `text` at once (a temporary file of this process, then `os.replace`): a reader, or a
+    crash, never sees half of it, and processes that write the same file do not share a temporary one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
     path = run_dir / MANIFEST
     tmp = path.with_suffix(".json.tmp")
