@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from apprentice.tokens import TokenLogprobs
 
-from .store import StoreError, id_key
+from .store import StoreError, id_key, replace_whole
 
 if TYPE_CHECKING:
     from .recipe import TeacherConfig
@@ -227,9 +227,7 @@ def _settle_meta(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
                 "use a new output directory, or delete the run directory to start over"
             )
         return before
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    replace_whole(path, json.dumps(meta, indent=2) + "\n")
     return meta
 
 

@@ -52,7 +52,7 @@ from .run import RUN_LOG, Run, RunResult, check_compatible, package_versions
 from .shards import PROMPTS, SHARDS, merge_shards, merge_sidecars, shard_dir, split_prompts
 from .sources import write_prompts
 from .stats import compute_stats
-from .store import read_manifest, write_manifest
+from .store import read_manifest, replace_whole, write_manifest
 from .teachers import Teacher, make_teacher
 
 PROGRESS_EVERY_S = 30.0  # a line of figures from the shards' manifests (each run writes its own every 10 s)
@@ -146,9 +146,7 @@ def actor_options(settings: Any, max_restarts: int) -> dict[str, Any]:
 
 
 def _write_share(shards_dir: Path, running: int) -> None:
-    tmp = shards_dir / (SHARE + ".tmp")
-    tmp.write_text(f"{1.0 / running!r}")
-    os.replace(tmp, shards_dir / SHARE)
+    replace_whole(shards_dir / SHARE, f"{1.0 / running!r}")
 
 
 def shard_config(config: FactoryConfig, index: int, prompts: int, total: int) -> FactoryConfig:

@@ -163,7 +163,4 @@ def replace_whole(path: Path, text: str) -> None:
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
-    path = run_dir / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    replace_whole(run_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +22,7 @@ from factory.grid import GRID_FILE
 from factory.prompt_dataset import DATASET_FILE
 from factory.review_ledger import REVIEW
 from factory.self_instruct import PROMPTS_FILE
-from factory.store import ACCEPTED, REJECTED, iter_ids
+from factory.store import ACCEPTED, REJECTED, iter_ids, replace_whole
 
 LINEAGE = "lineage.json"
 WEIGHTS = (".safetensors", ".bin")
@@ -116,9 +115,7 @@ def read_lineage(student_dir: Path | str) -> dict[str, Any]:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write through a temporary file and a rename: a reader (or a crash) never sees half a lineage."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    replace_whole(path, json.dumps(data, indent=2) + "\n")
 
 
 def record_eval(lineage_path: Path, entry: dict[str, Any]) -> None:

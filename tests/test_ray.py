@@ -160,11 +160,13 @@ def test_a_new_share_keeps_the_cost_of_the_requests_in_flight(new_share):
 class _Sleeps:
     """Stands in for a Run: its limiters, and an execute that takes a while."""
 
-    def __init__(self) -> None:
+    def __init__(self, seconds: float = 0.5) -> None:
         self.limiters = [Limiter(max_concurrency=8, rpm=600, share=0.5)]
+        self.endpoint_limiters = {"http://127.0.0.1:9/v1": self.limiters[0]}
+        self.seconds = seconds
 
     async def execute(self) -> str:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(self.seconds)
         return "complete"
 
 
@@ -175,6 +177,33 @@ def test_a_worker_follows_the_share_the_driver_writes(tmp_path, monkeypatch):
     assert asyncio.run(ray_runner._run_sharing(run, tmp_path / ray_runner.SHARE)) == "complete"
     assert run.limiters[0].share == 1.0
     assert run.limiters[0].buckets["requests"].capacity == 600
+
+
+def test_a_worker_whose_shared_folder_fails_for_a_moment_goes_on_sharing(tmp_path, monkeypatch):
+    """An OSError from the shared folder (limits.json, pauses.json) skips that round only: the follower keeps
+    running, so the next rounds exchange again and a share the driver writes later is still followed."""
+    monkeypatch.setattr(ray_runner, "SHARE_EVERY_S", 0.02)
+    calls = {"exchange": 0}
+
+    def flaky(run_dir, limiters):
+        calls["exchange"] += 1
+        if calls["exchange"] <= 3:
+            raise OSError(28, "No space left on device")
+        return 0
+
+    monkeypatch.setattr(ray_runner, "exchange", flaky)
+    run = _Sleeps(seconds=0.6)
+    ray_runner._write_share(tmp_path, 2)
+
+    async def scenario() -> str:
+        running = asyncio.create_task(ray_runner._run_sharing(run, tmp_path / ray_runner.SHARE))
+        await asyncio.sleep(0.2)
+        ray_runner._write_share(tmp_path, 1)  # written after the failing rounds
+        return await running
+
+    assert asyncio.run(scenario()) == "complete"
+    assert calls["exchange"] > 3, "the rounds after the failures exchanged again"
+    assert run.limiters[0].share == 1.0
 
 
 def test_workers_that_share_a_limit_share_its_first_probe(tmp_path, env_key):
