@@ -27,7 +27,8 @@ from .export import export_run
 from .plan import plan_run, print_plan
 from .ray_runner import run_on_ray
 from .recipe import load_factory_config
-from .run import Run, print_result
+from .run import Run
+from .run_report import print_result
 from .stats import compute_stats, render_stats, stats_figures
 from .store import read_manifest
 

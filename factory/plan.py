@@ -36,7 +36,7 @@ from .limiter import FRAMING_TOKENS, MIN_TOKENS_PER_CHAR, estimate_tokens
 from .pricing import Pricer, pricer_for, usd
 from .prompts import SourceEnv, check_prompts, iter_prompts
 from .recipe import IN_PROCESS, FactoryConfig
-from .run import check_compatible, describe_teacher
+from .run_report import check_compatible, describe_teacher
 from .self_instruct import INSTRUCTION, check_seeds, finished_expansion, user_text
 from .sources import source_name, write_prompts
 from .store import ACCEPTED, CACHE, REJECTED, id_key

@@ -48,7 +48,8 @@ from .progress import Counters
 from .prompt_config import PromptsConfig
 from .prompts import SourceEnv, check_prompts
 from .recipe import IN_PROCESS, FactoryConfig, TeacherConfig
-from .run import RUN_LOG, Run, RunResult, check_compatible, package_versions
+from .run import Run
+from .run_report import RUN_LOG, RunResult, check_compatible, package_versions
 from .shards import PROMPTS, SHARDS, merge_shards, merge_sidecars, shard_dir, split_prompts
 from .sources import write_prompts
 from .stats import compute_stats

@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import signal
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
-from apprentice import __version__
 from apprentice.console import CommandConsole
-from apprentice.errors import RecipeError, os_error_message
+from apprentice.errors import os_error_message
 from quality_checks import Check, build_checks, prime
 
 from .asker import Asker, Budget, limiter_for
@@ -40,55 +36,16 @@ from .lock import DirectoryLock
 from .logprobs import open_sidecar
 from .online import OnlineDispatch
 from .pricing import Pricer, pricer_for, usd
-from .progress import Counters, ProgressView, Usage, summary_line
+from .progress import Counters, ProgressView, Usage
 from .prompts import SourceEnv, check_prompts
 from .recipe import IN_PROCESS, FactoryConfig, TeacherConfig
+from .run_report import (RUN_LOG, RunResult, check_compatible, count_rejected, describe_teacher, package_versions,
+                         run_stats)
 from .sources import ASKS_TEACHER, source_name, write_prompts
-from .stats import compute_stats
-from .store import ACCEPTED, CACHE, FAILED, REJECTED, Store, read_manifest, write_manifest
+from .store import ACCEPTED, CACHE, REJECTED, Store, write_manifest
 from .teachers import Teacher, make_teacher
 
 MANIFEST_EVERY_S = 10.0
-RUN_LOG = "run.log"  # what the terminal showed, each run appended (factory generate's transcript)
-
-
-@dataclass
-class RunResult:
-    status: str  # complete | complete_with_failures | interrupted | budget_exhausted | stopped
-    counters: Counters
-    message: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "complete"
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0], "apprentice": __version__}
-    for name in ("openai", "anthropic", "transformers", "torch", "pydantic", "rich"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def check_compatible(run_dir: Path, config: FactoryConfig) -> dict[str, Any] | None:
-    """Refuse to mix samples of a different teacher or settings into an existing run directory."""
-    manifest = read_manifest(run_dir)
-    if manifest is None:
-        return None
-    before = manifest.get("fingerprint", {})
-    now = config.fingerprint()
-    changed = [key for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
-    if changed:
-        diffs = "\n".join(f"  {key}: was {before.get(key)!r}, now {now.get(key)!r}" for key in changed)
-        raise RecipeError(
-            f"{run_dir} holds samples made with other settings; mixing them would mix incompatible samples:\n"
-            f"{diffs}\nUse a new output directory (--set factory.output_dir={run_dir}-2), "
-            f"or delete {run_dir} to start over."
-        )
-    return manifest
 
 
 class Run:
@@ -236,7 +193,7 @@ class Run:
         primed_at = time.monotonic()
         primed = prime(checks, run_dir / ACCEPTED)
         primed_s = time.monotonic() - primed_at
-        self.resumed_rejected_by = _count_rejected(run_dir / REJECTED) if self.store.resumed_rejected else Counter()
+        self.resumed_rejected_by = count_rejected(run_dir / REJECTED) if self.store.resumed_rejected else Counter()
         counters = self.counters = Counters(total=count * config.samples_per_prompt)
         # budget_usd is for the whole run directory: what earlier runs of it paid (teacher and judge), and the
         # self-instruct expansion of this one, count against it.
@@ -334,7 +291,7 @@ class Run:
             status = self._status()
             manifest = self._manifest(status, counters, previous)
             if status != "interrupted":  # Ctrl-C wants out now; `factory stats` computes them on demand
-                manifest["stats"] = _run_stats(run_dir, manifest, self.console)
+                manifest["stats"] = run_stats(run_dir, manifest, self.console)
             try:
                 write_manifest(run_dir, manifest)
             except OSError as exc:  # the last manifest is a summary; the records and the cache are the truth
@@ -446,54 +403,7 @@ class _Spent:
     cost_usd: float
 
 
-def describe_teacher(teacher: TeacherConfig) -> str:
-    """The teacher in one line: provider, model, where it runs, the mode and the sampling parameters."""
-    where = f"at {teacher.base_url}" if teacher.base_url else {
-        "openai": "at api.openai.com", "anthropic": "at api.anthropic.com",
-        "local": f"in this process ({teacher.device or 'auto device'})", "vllm": "in this process (vLLM)"}[teacher.provider]
-    mode = f"batch at {teacher.batch.discount:g}× the price" if teacher.mode == "batch" else "online"
-    params = ", ".join(f"{key} {value}" for key, value in teacher.params.items())
-    if teacher.param_ranges is not None:
-        params += "; drawn per sample: " + ", ".join(f"{key} {low:g}–{high:g}"
-                                                     for key, (low, high) in teacher.param_ranges.ranges().items())
-    return f"{teacher.provider} {teacher.model} {where} · {mode} · {params}"
-
-
 def _same_endpoint(a: TeacherConfig, b: TeacherConfig) -> bool:
     """Two models whose requests count against the same rate limits share a limiter."""
     return (a.provider, a.base_url, a.api_key_env, a.model) == (b.provider, b.base_url, b.api_key_env, b.model) \
         and a.provider not in IN_PROCESS
-
-
-def _run_stats(run_dir: Path, manifest: dict[str, Any], console: Console) -> dict[str, Any]:
-    """The `stats` figures for the manifest: one streaming pass over the run files, bounded memory."""
-    try:
-        return compute_stats(run_dir, manifest)
-    except Exception as exc:  # noqa: BLE001 - the final manifest matters more than its statistics
-        console.print(f"[yellow]stats not computed ({escape(f'{type(exc).__name__}: {exc}')}); "
-                      "run `python -m factory stats`[/]")
-        return {"error": f"{type(exc).__name__}: {exc}"}
-
-
-def _count_rejected(path: Path) -> Counter:
-    counts: Counter = Counter()
-    with path.open("r", encoding="utf-8") as handle:
-        for line in handle:
-            counts[json.loads(line).get("rejected_by")] += 1
-    return counts
-
-
-def print_result(result: RunResult, console: CommandConsole, run_dir: Path) -> None:
-    """The run's figures; when it did not complete, the last line says why and what to do (shown with -q)."""
-    console.print(f"this run: {summary_line(result.counters)}", highlight=False)
-    counts = (read_manifest(run_dir) or {}).get("counts", {})
-    by = counts.get("rejected_by") or {}
-    reasons = ", ".join(f"{name} {n}" for name, n in sorted(by.items(), key=lambda kv: -kv[1]))
-    console.print(
-        escape(f"{run_dir}: {counts.get('accepted', 0)} accepted, {counts.get('rejected', 0)} rejected"
-               + (f" ({reasons})" if reasons else "")
-               + f", {counts.get('failed', 0)} failed — {ACCEPTED}, {REJECTED}, {FAILED}, manifest.json, {RUN_LOG}"),
-        highlight=False,
-    )
-    if not result.ok:
-        console.final(f"[yellow]{escape(result.message)}[/]")

@@ -27,7 +27,7 @@ ALLOWED_LATE = {
 CONFIG = {"apprentice.config", "factory.recipe", "factory.prompt_config", "sft.config", "sft.sweep_config",
           "eval.config", "serve.config", "quality_checks.registry"}
 STORAGE = {"factory.records", "factory.store", "factory.cache", "factory.logprobs", "factory.review_ledger"}
-ENGINE = {"factory.run", "factory.decide", "factory.online", "factory.batch", "factory.batch_ledger", "factory.asker",
+ENGINE = {"factory.run", "factory.run_report", "factory.decide", "factory.online", "factory.batch", "factory.batch_ledger", "factory.asker",
           "factory.sources", "factory.answers", "factory.commands", "factory.plan", "factory.export",
           "factory.kd_export"}
 

@@ -30,7 +30,8 @@ from factory import ray_runner
 from factory.ray_runner import _outcome, actor_options, run_on_ray
 from factory.recipe import load_factory_config
 from factory.records import CheckResult, Sample
-from factory.run import Run, check_compatible
+from factory.run import Run
+from factory.run_report import check_compatible
 from factory.shards import merge_shards, merge_sidecars, shard_dir, shard_of, split_prompts
 from factory.store import ACCEPTED, REJECTED, write_manifest
 from factory.teachers import make_teacher
