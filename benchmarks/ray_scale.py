@@ -8,7 +8,7 @@ Scenarios:
 - scale: N prompts, 50 ms before every answer, 64 requests in flight per worker, checks
   [empty, truncated, refusal, exact_dup] (the last one run-wide: the merge checks it across shards).
   The client's CPU is the limit: 64 in flight at 50 ms allow 1,280 requests/s per worker.
-- limit: 400 prompts; the server enforces 600 requests/min in fixed 2 s windows (20 a window), the
+- limit: 400 prompts (--limit-prompts); the server enforces 600 requests/min in fixed 2 s windows (20 a window), the
   headers describing the minute (the `rpm` scenario of benchmarks/limits.py); the recipe gives no rpm, so each worker learns the limit from the headers
   and takes its share (1/workers) of it.
 
@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--only", choices=["scale", "limit"])
     parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--limit-prompts", type=int, default=LIMIT_PROMPTS,
+                        help="the limit scenario's prompts (400: 40 s at the limit)")
     args = parser.parse_args()
     print(f"Command: `.venv/bin/python benchmarks/ray_scale.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`")
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -111,16 +113,18 @@ def main() -> None:
             for label, workers in runners:
                 server = Server(args.latency, ["--rpm", str(RPM), "--rate-quantum", "2"])
                 try:
-                    r = build(Path(tmp), server.url, LIMIT_PROMPTS, f"limit-{workers or 0}", workers)
+                    r = build(Path(tmp), server.url, args.limit_prompts, f"limit-{workers or 0}", workers)
                 finally:
                     seen = server.stop()
                 answered = seen["by_status"].get(200, 0)
                 limited = seen["by_status"].get(429, 0)
-                rows.append(f"| {label} | {r['kept']}/{LIMIT_PROMPTS} | {r['generation']:.1f} | {seen['total']} | "
+                rows.append(f"| {label} | {r['kept']}/{args.limit_prompts} | {r['generation']:.1f} | "
+                            f"{seen['total']} | "
                             f"{limited} ({limited / max(1, seen['total']):.1%}) | "
                             f"{answered / (RPM / 60 * r['generation']):.0%} |")
                 print(rows[-1], flush=True)
-            print(f"\n### limit: {RPM:,} requests/min in 2 s windows, learnt from the headers, {LIMIT_PROMPTS} prompts\n")
+            print(f"\n### limit: {RPM:,} requests/min in 2 s windows, learnt from the headers, "
+                  f"{args.limit_prompts} prompts\n")
             print("| runner | kept | generation s | requests sent | 429s | use of the limit |")
             print("|---|---|---|---|---|---|")
             print("\n".join(rows))
