@@ -18,7 +18,8 @@ shard task's start to the last one's end (each task's set-up included: imports, 
 run-wide index); client CPU s is what the
 run processes spent from their start (manifest `this_run.cpu_s`, summed over the shards), so the driver's
 Ray start-up and the Ray daemons are not in it. "Use" is answered requests over what the limit allows in
-the generation time.
+the generation time; "pace at the end" is each shard's manifest `this_run.pace_share`, the share of the learnt
+limit its limiter sent at when it finished (0.97 unless 429s with room left cut it; answers give it back slowly).
 """
 from __future__ import annotations
 
@@ -63,10 +64,13 @@ def build(workdir: Path, url: str, prompts: int, name: str, workers: int | None)
         raise SystemExit(f"{name}: exit {done.returncode}\n{done.stderr[-3000:]}")
     manifest = json.loads((run_dir / "manifest.json").read_text())
     this_run, ray = manifest["this_run"], manifest.get("ray") or {}
+    shards = [json.loads(path.read_text())["this_run"] for path in sorted(run_dir.glob("shards/*/manifest.json"))]
+    paces = [entry.get("pace_share") for entry in (shards or [this_run])]
     return {"kept": manifest["counts"]["accepted"] + manifest["counts"]["rejected"], "wall": wall,
             "generation": ray.get("longest_shard_s", this_run["elapsed_s"]), "tasks": ray.get("shards_s"),
             "cpu": this_run["cpu_s"],
-            "start": ray.get("start_s"), "merge": ray.get("merge_s"), "requests": this_run["requests"]}
+            "start": ray.get("start_s"), "merge": ray.get("merge_s"), "requests": this_run["requests"],
+            "paces": [pace for pace in paces if pace is not None]}
 
 
 def show(value: float | None, digits: int) -> str:
@@ -121,12 +125,14 @@ def main() -> None:
                 rows.append(f"| {label} | {r['kept']}/{args.limit_prompts} | {r['generation']:.1f} | "
                             f"{seen['total']} | "
                             f"{limited} ({limited / max(1, seen['total']):.1%}) | "
-                            f"{answered / (RPM / 60 * r['generation']):.0%} |")
+                            f"{answered / (RPM / 60 * r['generation']):.0%} | "
+                            f"{', '.join(f'{pace:.3f}' for pace in r['paces']) or '—'} |")
                 print(rows[-1], flush=True)
             print(f"\n### limit: {RPM:,} requests/min in 2 s windows, learnt from the headers, "
                   f"{args.limit_prompts} prompts\n")
-            print("| runner | kept | generation s | requests sent | 429s | use of the limit |")
-            print("|---|---|---|---|---|---|")
+            print("| runner | kept | generation s | requests sent | 429s | use of the limit "
+                  "| pace at the end (each shard) |")
+            print("|---|---|---|---|---|---|---|")
             print("\n".join(rows))
 
 

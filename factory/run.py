@@ -118,6 +118,8 @@ class Run:
                 "rate_limited": limiter.rate_limited,
                 "server_errors": limiter.server_errors,
                 "breaker_opened": limiter.breaker_opened,
+                # The share of the learnt limits the pace ended at (0.97 unless 429s with room left cut it).
+                "pace_share": round(self.limiter.pace_share, 4),
                 # An in-process teacher's model load, part of elapsed_s: generation alone took the difference.
                 **({"teacher_load_s": round(load_s, 3)} if load_s is not None else {}),
             },

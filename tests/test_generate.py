@@ -305,6 +305,8 @@ def test_a_limit_enforced_in_one_second_windows_gives_few_429s_and_uses_most_of_
     allowed_s = total / 50
     assert elapsed >= allowed_s * 0.9, "the limit was obeyed"
     assert elapsed <= allowed_s / 0.9 + 1, "and mostly used"
+    # The overrun's 429s came while everyone waited out the spent window: none of them cut the pace.
+    assert manifest(run)["this_run"]["pace_share"] == pytest.approx(0.97), "the pace the run ended at, uncut"
 
 
 def test_slow_answer_times_out_and_is_retried(tmp_path, server, env_key):
