@@ -11,13 +11,13 @@ import urllib.request
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from conftest import API_KEY
+from helpers import API_KEY
 
 from fakes import FakeConfig, FakeServer
 from serve.app import ServeApp
 from serve.config import ServeConfig
 
-KEY_ENV = "APPRENTICE_TEST_KEY"  # the fakes' key (tests/conftest.py API_KEY)
+KEY_ENV = "APPRENTICE_TEST_KEY"  # the fakes' key (tests/helpers.py API_KEY)
 
 
 @contextmanager

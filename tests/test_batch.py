@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, PYTHON, REPO, read_jsonl, write_prompts, write_recipe
+from helpers import API_KEY, PYTHON, REPO, read_jsonl, write_prompts, write_recipe
 
 from factory.__main__ import main
 from factory.pricing import lookup

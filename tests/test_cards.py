@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_llama
+from helpers import build_tiny_llama
 
 import apprentice_cli
 from sft.card import CardError, find_evaluations, model_card, read_lineage, write_cards

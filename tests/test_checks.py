@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, write_recipe
+from helpers import read_jsonl, write_recipe
 
 from apprentice.errors import RecipeError
 from factory.__main__ import main
@@ -337,7 +337,7 @@ def dedup_answers(messages, index, body):
 
 
 def test_resumed_run_finds_the_same_duplicates_as_an_uninterrupted_one(tmp_path, server, env_key):
-    from conftest import write_prompts
+    from helpers import write_prompts
 
     server.config.responder = dedup_answers
     prompts = write_prompts(tmp_path / "p.jsonl", 12)

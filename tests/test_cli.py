@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, PYTHON, REPO, read_jsonl, write_prompts, write_recipe
+from helpers import API_KEY, PYTHON, REPO, read_jsonl, write_prompts, write_recipe
 
 import apprentice_cli
 from apprentice import __version__

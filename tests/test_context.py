@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import read_jsonl, write_prompts, write_recipe
+from helpers import read_jsonl, write_prompts, write_recipe
 
 from factory.__main__ import main
 from factory.recipe import TeacherConfig

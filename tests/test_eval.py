@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 from test_sft import tiny_student  # noqa: F401  (a module-scoped fixture: a 2-layer random Llama)
 
 from apprentice.errors import RecipeError

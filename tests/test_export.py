@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_llama, read_jsonl, write_prompts, write_recipe
+from helpers import build_tiny_llama, read_jsonl, write_prompts, write_recipe
 
 import apprentice_cli
 from factory import review_ledger

@@ -14,7 +14,7 @@ from anthropic.types.messages import (
     MessageBatchExpiredResult,
     MessageBatchSucceededResult,
 )
-from conftest import API_KEY
+from helpers import API_KEY
 from openai.types.chat import ChatCompletion
 
 # The SDKs against the fake, no teacher: one run, not one per teacher.client.

@@ -11,7 +11,7 @@ import time
 import anthropic
 import openai
 import pytest
-from conftest import API_KEY, PYTHON, REPO
+from helpers import API_KEY, PYTHON, REPO
 
 from factory.limiter import parse_duration
 from fakes import FakeConfig, FakeServer, count_tokens, openai_duration

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_tiny_llama
+from helpers import build_tiny_llama
 
 from eval.__main__ import main
 from sft.config import SFTConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import API_KEY, read_jsonl, write_prompts, write_recipe
+from helpers import API_KEY, read_jsonl, write_prompts, write_recipe
 
 from apprentice.errors import RecipeError
 from factory.__main__ import main

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from helpers import build_tiny_llama
 
 from apprentice.config import validate_section
 from apprentice.errors import RecipeError

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from conftest import read_jsonl
+from helpers import read_jsonl
 from pydantic import ValidationError
 
 from factory.__main__ import main

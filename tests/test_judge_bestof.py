@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, write_recipe
+from helpers import read_jsonl, write_recipe
 
 from apprentice.errors import RecipeError
 from factory.__main__ import main

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_llama
+from helpers import build_tiny_llama
 
 from apprentice.errors import RecipeError
 from sft.config import SFTConfig

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import build_tiny_llama
+from helpers import build_tiny_llama
 
 import apprentice_cli
 from apprentice.tokens import TokenLogprobs

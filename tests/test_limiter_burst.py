@@ -9,7 +9,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import API_KEY, read_jsonl, write_prompts, write_recipe
+from helpers import API_KEY, read_jsonl, write_prompts, write_recipe
 
 from factory.__main__ import main
 from apprentice.errors import TeacherError

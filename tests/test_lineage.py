@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import build_tiny_llama
+from helpers import build_tiny_llama
 
 from rich.console import Console
 

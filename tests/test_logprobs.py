@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl, write_prompts, write_recipe
+from helpers import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl, write_prompts, write_recipe
 
 from apprentice.errors import RecipeError
 from apprentice.responses import Choice, TeacherResponse

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, build_tiny_llama
+from helpers import CHAT_TEMPLATE, build_tiny_llama
 
 from apprentice.errors import RecipeError
 from sft.config import SFTConfig

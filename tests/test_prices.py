@@ -8,7 +8,7 @@ from pathlib import Path
 
 import genai_prices
 import pytest
-from conftest import PYTHON, REPO, read_jsonl, write_prompts, write_recipe
+from helpers import PYTHON, REPO, read_jsonl, write_prompts, write_recipe
 
 from apprentice.responses import Choice, TeacherResponse
 from factory.__main__ import main

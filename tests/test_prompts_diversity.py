@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from conftest import read_jsonl, write_prompts, write_recipe
+from helpers import read_jsonl, write_prompts, write_recipe
 from pydantic import ValidationError
 
 from apprentice.errors import RecipeError

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, read_jsonl
+from helpers import REPO, read_jsonl
 from test_sft import tiny_student  # noqa: F401  (a module-scoped fixture: a 2-layer random Llama)
 
 import apprentice_cli

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import numpy as np
-from conftest import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl, write_prompts, write_recipe
+from helpers import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl, write_prompts, write_recipe
 from rich.console import Console
 
 from apprentice.errors import ApprenticeError, RecipeError

@@ -12,7 +12,7 @@ import re
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 README = REPO / "README.md"
 FACTORY_KEYS = {"output_dir", "prompts", "samples_per_prompt", "teacher", "checks", "best_of", "budget_usd"}

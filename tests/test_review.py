@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_jsonl, write_prompts, write_recipe
+from helpers import REPO, read_jsonl, write_prompts, write_recipe
 
 from factory import review, review_ledger
 from factory.__main__ import main

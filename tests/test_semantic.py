@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from conftest import read_jsonl, write_recipe
+from helpers import read_jsonl, write_recipe
 
 from factory.__main__ import main
 from factory.records import Sample

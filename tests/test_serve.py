@@ -19,7 +19,7 @@ import openai
 import pytest
 import torch
 from aiohttp import web
-from conftest import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl
+from helpers import API_KEY, PYTHON, REPO, build_tiny_llama, read_jsonl
 from serving import KEY_ENV, LoopThread, RunningRouter, backend, http, serve_config, student_and_teacher
 
 from apprentice.config import validate_section

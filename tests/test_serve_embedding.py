@@ -16,7 +16,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from conftest import API_KEY, read_jsonl
+from helpers import API_KEY, read_jsonl
 from serving import KEY_ENV, RunningRouter, backend, student_and_teacher
 
 from apprentice.errors import ApprenticeError

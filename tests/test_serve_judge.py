@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import API_KEY
+from helpers import API_KEY
 from serving import KEY_ENV, RunningRouter, backend, http, serve_config
 
 from apprentice.errors import RecipeError

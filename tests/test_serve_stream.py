@@ -7,7 +7,7 @@ import time
 
 import openai
 import pytest
-from conftest import API_KEY
+from helpers import API_KEY
 from serving import KEY_ENV, RunningRouter, http, serve_config, student_and_teacher
 
 from factory.served_log import iter_served

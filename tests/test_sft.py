@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_llama
+from helpers import build_tiny_llama
 
 from apprentice.errors import RecipeError
 from sft.config import SFTConfig, load_sft_config

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, PYTHON, REPO, read_jsonl, write_prompts, write_recipe
+from helpers import API_KEY, PYTHON, REPO, read_jsonl, write_prompts, write_recipe
 
 from factory import run as run_module
 from factory.__main__ import main

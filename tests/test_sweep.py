@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_tiny_llama
+from helpers import build_tiny_llama
 
 from apprentice.errors import RecipeError
 from eval.config import EvalConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_prompts, write_recipe
+from helpers import write_prompts, write_recipe
 from test_eval import _eval_recipe, _responder
 
 import apprentice_cli

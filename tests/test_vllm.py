@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_jsonl
+from helpers import REPO, read_jsonl
 
 from factory.__main__ import main as factory_main
 

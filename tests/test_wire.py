@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import API_KEY, read_jsonl, write_prompts, write_recipe
+from helpers import API_KEY, read_jsonl, write_prompts, write_recipe
 from pydantic import ValidationError
 
 from apprentice.errors import TeacherError
