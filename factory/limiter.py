@@ -167,7 +167,7 @@ class Limiter:
             limit = min(limit, cap)
         if name not in self.buckets:
             self.buckets[name] = Bucket(limit)
-        self.pacer.learnt_short(name, time.monotonic())
+        self.pacer.short.add(name)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when the limiter closes."""
@@ -391,10 +391,7 @@ class Limiter:
         if remaining:  # refused with room left: sent too fast for the provider's short windows
             if self.pacer.short_window(self.buckets, now):
                 return "short"
-            if now >= self.pause_until:
-                self.pacer.refused(now)
-            # else: sent before the pause began, into a window known spent (this process's burst overran it, or
-            # another Ray worker's did and wrote the pause): no sign that this pace is too fast
+            self.pacer.refused(now)
         return "lone"
 
     def _on_failure(self, error: TeacherError, attempt: int) -> float | None:

@@ -215,13 +215,6 @@ class Pacer:
             self._last_cut = now  # the burst's other 429s, already on their way, are no sign of a fast pace
         return bool(found)
 
-    def learnt_short(self, name: str, now: float) -> None:
-        """A short window told, not found (an earlier run's limits.json, another Ray worker's find): the bucket
-        is paced from now on, and the 429s of the burst that found it, maybe on their way here, cut nothing."""
-        if name not in self.short:
-            self.short.add(name)
-            self._last_cut = now
-
     def refused(self, now: float) -> None:
         """A 429 with room left while paced: the pace is still too fast for the provider's windows; cut
         it by 5 % (at most once a second: a window's worth of 429s is one overrun)."""

@@ -255,25 +255,6 @@ def test_a_429_with_room_left_while_paced_cuts_the_pace_once_a_second_and_answer
     assert limiter.pace_share == pytest.approx(0.97 * 0.95 + 0.01), "each answer gives a little back"
 
 
-def test_a_429_in_a_window_another_worker_overran_does_not_cut_the_pace():
-    """Ray's workers tell each other the short windows they find and the pauses they enter: a 429 that comes
-    back from such a window (sent before the news arrived) says nothing of this worker's own pace."""
-    limiter = Limiter(max_concurrency=16, share=0.5)
-    limiter.observe_headers(ROOM)
-    refused = TeacherError("429", retryable=True, status=429, retry_after=0.01, rate_limited=True, headers=ROOM)
-    limiter.recall_short_window("requests", 1000)  # another worker's burst found it just now
-    assert limiter.pacer.short == {"requests"}
-    limiter._on_failure(refused, 1)
-    assert limiter.pace_share == pytest.approx(0.97), "that worker's overrun, still on its way: no cut"
-    limiter.pacer._last_cut = 0.0  # long after
-    limiter.pause_until = time.monotonic() + 5.0  # the pause another worker wrote to shards/pauses.json
-    limiter._on_failure(refused, 1)
-    assert limiter.pace_share == pytest.approx(0.97), "sent into a window known spent: no cut"
-    limiter.pause_until = 0.0
-    limiter._on_failure(refused, 1)
-    assert limiter.pace_share == pytest.approx(0.97 * 0.95), "after the pause, a 429 with room left: too fast"
-
-
 def test_non_retryable_errors_are_raised_at_once_and_retries_are_bounded():
     async def main():
         limiter = Limiter(max_concurrency=2, max_retries=2, base_backoff_s=0.001)
