@@ -21,8 +21,12 @@ factory does (`make_teacher`) and runs the shards given to it one after another,
 the factory's own `Run` handed that teacher. A killed actor is restarted by Ray (`max_restarts`), loads the
 teacher again and runs its shard again, which resumes from its own records and cache.
 
-`ray` is imported inside `run_on_ray`, the one function that needs it: `python -m factory --help` and the
-local runner never load it.
+`ray` is imported inside `run_on_ray`, the one function that needs it (and in `TeacherEngine.run`, which runs
+in a Ray actor): `python -m factory --help` and the local runner never load it.
+
+Ctrl-C at the driver cancels the shards running: a task's run gets it as a Ctrl-C of its own; an engine's, as
+the flag Ray raises for an actor's method, which the run reads every 0.1 s. Either run finishes the requests in
+flight, writes its manifest as interrupted, and the driver merges what the shards made.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +74,13 @@ SUMMED = ("cpu_s", "requests", "cache_hits", "resumed_records", "input_tokens", 
 
 
 def run_shard(config: FactoryConfig, share: float, teacher: Teacher | None = None,
-              loop: asyncio.AbstractEventLoop | None = None, ramp_delay_s: float = 0.0) -> dict[str, Any]:
+              loop: asyncio.AbstractEventLoop | None = None, ramp_delay_s: float = 0.0,
+              cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
     """One shard, in a Ray worker: the factory's own run of the shard's prompts into the shard's directory.
     What it printed is in the shard's worker.log; its figures are in the shard's manifest.json. `teacher` and
     `loop`: a worker's teacher engine, loaded once, and the event loop it is bound to (TeacherEngine).
-    `ramp_delay_s`: how long its limiters pace before ramping into the room the headers show (see _drive)."""
+    `ramp_delay_s`: how long its limiters pace before ramping into the room the headers show (see _drive).
+    `cancelled`: whether the driver cancelled this shard, where a cancel arrives as a flag (see TeacherEngine)."""
     started = time.time()
     config.output_dir.mkdir(parents=True, exist_ok=True)
     with open(config.output_dir / WORKER_LOG, "a", encoding="utf-8") as log:
@@ -83,7 +90,7 @@ def run_shard(config: FactoryConfig, share: float, teacher: Teacher | None = Non
             try:
                 sharing = _run_sharing(Run(config, console=console, rate_share=share, teacher=teacher,
                                            ramp_delay_s=ramp_delay_s),
-                                       config.output_dir.parent / SHARE)
+                                       config.output_dir.parent / SHARE, cancelled)
                 result = asyncio.run(sharing) if loop is None else loop.run_until_complete(sharing)
                 break
             except DirectoryInUse:
@@ -94,13 +101,16 @@ def run_shard(config: FactoryConfig, share: float, teacher: Teacher | None = Non
             "finished": time.time()}
 
 
-async def _run_sharing(run: Run, share_file: Path) -> RunResult:
+async def _run_sharing(run: Run, share_file: Path, cancelled: Callable[[], bool] | None = None) -> RunResult:
     """The run, its limiters following the share the driver writes as the tasks running change (when a
     worker is done, the others take its part of the rate limits instead of leaving it unused), and the short
-    windows every worker learnt (shards/limits.json: one worker's 429 teaches them all)."""
+    windows every worker learnt (shards/limits.json: one worker's 429 teaches them all). When `cancelled()`
+    turns true, the run stops as on a first Ctrl-C: it finishes the requests in flight and writes its manifest."""
     async def follow() -> None:
         while True:
             await asyncio.sleep(SHARE_EVERY_S)
+            if cancelled is not None and not run.stop.stopping and cancelled():
+                run.stop()
             try:
                 share: float | None = float(share_file.read_text())
             except (OSError, ValueError):
@@ -131,7 +141,12 @@ class TeacherEngine:
         self.teacher = make_teacher(teacher, share)
 
     def run(self, config: FactoryConfig, share: float, ramp_delay_s: float = 0.0) -> dict[str, Any]:
-        return run_shard(config, share, self.teacher, self.loop, ramp_delay_s)
+        # The driver's Ctrl-C cancels this method: Ray does not interrupt a running method of an actor (it
+        # holds state), it raises a flag, which the run reads with its other shared state, every 0.1 s.
+        import ray
+
+        context = ray.get_runtime_context()
+        return run_shard(config, share, self.teacher, self.loop, ramp_delay_s, cancelled=context.is_canceled)
 
     def close(self) -> None:
         try:

@@ -547,6 +547,37 @@ def test_a_local_teacher_on_ray_makes_the_single_process_run_s_records_and_logpr
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_a_teacher_engine_s_shards_after_their_answers_in_flight(tmp_path, ray_cluster):
+    """Ray does not interrupt a running method of an actor: the engine's run reads the cancel flag instead. So
+    Ctrl-C stops the shards as it stops a task's: each finishes what it is answering and writes its manifest as
+    interrupted, and the driver merges what they made. 3,000 prompts: without the flag the engines go on and
+    the driver ends them when its 30 s wait is up, leaving manifests that say running, or complete."""
+    model = build_tiny_llama(tmp_path / "tiny")
+    total = 3000
+    run = tmp_path / "run"
+    recipe = _local_teacher_recipe(tmp_path / "r.yaml", run, _letter_prompts(tmp_path / "p.jsonl", total), model,
+                                   f"  runner: ray\n  ray: {{workers: 2, address: '{ray_cluster}'}}\n")
+    proc = subprocess.Popen([PYTHON, "-m", "factory", "generate", str(recipe)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 90
+    while _shard_lines(run) < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopping: the shards finish the requests in flight" in err
+    for index in range(2):
+        shard = json.loads((shard_dir(run, index) / "manifest.json").read_text())
+        assert shard["status"] == "interrupted", f"shard {index} stopped as on Ctrl-C, not ended or run out"
+    assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
+    records = read_jsonl(run / ACCEPTED) + read_jsonl(run / REJECTED)
+    assert 20 <= len(records) < total, "stopped mid-run"
+    made = sum(_lines(shard_dir(run, index) / name) for index in range(2) for name in (ACCEPTED, REJECTED))
+    assert len(records) == made, "what the shards made is in the run directory"
+
+
+@pytest.mark.slow
 def test_a_killed_teacher_engine_is_restarted_and_resumes_its_shard(tmp_path, ray_cluster):
     model = build_tiny_llama(tmp_path / "tiny")
     total = 30
