@@ -358,7 +358,10 @@ def test_concurrency_follows_latency_on_a_server_that_queues(capacity):
     """Slow start alone fills a queueing server's queue up to max_concurrency: every answer waits its turn
     for no gain. Following latency keeps the concurrency near what the server serves at once, with the same
     throughput and a fraction of the latency."""
-    service_s, requests = 0.02, 40 * capacity
+    # 80 answers per slot: with 40, the governor's first cut came after the run's first half once in 8 runs
+    # (capacity 16), and that half's median wait was 0.53 of the blind one's (CI failed on it once, 0.166 s
+    # against 0.313); with 80, 20 runs out of 20 were at 0.06-0.13.
+    service_s, requests = 0.02, 80 * capacity
     blind_call, blind = queueing_server(capacity, service_s)
     blind_time = asyncio.run(drive(Limiter(max_concurrency=256), blind_call, requests))
     follow_call, followed = queueing_server(capacity, service_s)
