@@ -322,6 +322,21 @@ def _shard_lines(run: Path) -> int:
     return sum(_lines(directory / ACCEPTED) for directory in (run / "shards").glob("0*"))
 
 
+def _ctrl_c_once_written(recipe: Path, run: Path, lines: int, *, timeout_s: float,
+                         env: dict[str, str] | None = None) -> tuple[int, str]:
+    """`factory generate` in its own process, sent Ctrl-C once its shards hold `lines` accepted samples:
+    its exit code and what it printed on stderr."""
+    proc = subprocess.Popen([PYTHON, "-m", "factory", "generate", str(recipe)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + timeout_s
+    while _shard_lines(run) < lines and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=timeout_s)
+    return proc.returncode, err
+
+
 def _by_id(run: Path) -> dict[str, dict]:
     return {r["id"]: r for r in read_jsonl(run / ACCEPTED) + read_jsonl(run / REJECTED)}
 
@@ -446,16 +461,9 @@ def test_ctrl_c_stops_the_shards_after_their_requests_in_flight_and_merges_what_
     recipe = write_recipe(tmp_path / "r.yaml", output_dir=run, prompts=write_prompts(tmp_path / "p.jsonl", 400),
                           provider="openai", base_url=server.openai_base_url, extra_teacher="    max_concurrency: 8\n",
                           extra=f"  runner: ray\n  ray: {{workers: 2, address: '{ray_cluster}'}}\n")
-    env = dict(os.environ, APPRENTICE_TEST_KEY=API_KEY)
-    proc = subprocess.Popen([PYTHON, "-m", "factory", "generate", str(recipe)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 60
-    while _shard_lines(run) < 60 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    returncode, err = _ctrl_c_once_written(recipe, run, 60, timeout_s=60,
+                                           env=dict(os.environ, APPRENTICE_TEST_KEY=API_KEY))
+    assert returncode == 130, err[-2000:]
     assert "stopping: the shards finish the requests in flight" in err
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "interrupted"
@@ -557,15 +565,8 @@ def test_ctrl_c_stops_a_teacher_engine_s_shards_after_their_answers_in_flight(tm
     run = tmp_path / "run"
     recipe = _local_teacher_recipe(tmp_path / "r.yaml", run, _letter_prompts(tmp_path / "p.jsonl", total), model,
                                    f"  runner: ray\n  ray: {{workers: 2, address: '{ray_cluster}'}}\n")
-    proc = subprocess.Popen([PYTHON, "-m", "factory", "generate", str(recipe)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 90
-    while _shard_lines(run) < 20 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=90)
-    assert proc.returncode == 130, err[-2000:]
+    returncode, err = _ctrl_c_once_written(recipe, run, 20, timeout_s=90)
+    assert returncode == 130, err[-2000:]
     assert "stopping: the shards finish the requests in flight" in err
     for index in range(2):
         shard = json.loads((shard_dir(run, index) / "manifest.json").read_text())
